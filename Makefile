@@ -1,0 +1,26 @@
+# Set-up and the two jobs of the README. `make test` and `make demo` work on a fresh machine with Python 3.11.
+PYTHON ?= python3.11
+VENV ?= .venv
+# The CPU wheel of this machine; on a GPU machine use e.g. `make TORCH=torch test` to keep a CUDA build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup test demo clean
+
+$(VENV)/.ready: pyproject.toml requirements/no-deps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev,embedded,eval]"
+	$(BIN)/pip install --quiet --no-deps -r requirements/no-deps.txt
+	touch $@
+
+setup: $(VENV)/.ready
+
+test: setup
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/accelerate launch --num_processes 1 scripts/train.py configs/smollm2-135m.json
+
+clean:
+	rm -rf $(VENV) runs

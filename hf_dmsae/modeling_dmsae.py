@@ -1,0 +1,251 @@
+"""The Distilled Matryoshka Sparse Autoencoder as a `PreTrainedModel` (SPEC section 2).
+
+Encoder `z = ReLU((x − b_dec) W_encᵀ + b_enc)`, decoder `x̂ = a W_dec + b_dec` with unit-norm rows. Encoder rows
+`0 … frozen_rows-1` are a buffer, not a parameter: no optimiser, weight decay, gradient or mixed-precision cast can
+move them. The loss sums one squared error per Matryoshka prefix (core plus the first i non-core groups), computed
+from one encode by decoding group after group, plus the AuxK loss for dead latents; there is no core-only term.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_dmsae import DMSAEConfig
+from .sparsity import all_reduce_any, mask_batch_topk, mask_threshold, smallest_kept_activation, world_size
+
+
+@dataclass
+class DMSAEOutput(ModelOutput):
+    """Output of [`DMSAEModel.forward`].
+
+    Args:
+        loss: `Σ_i prefix_losses[i] + aux_coef · aux_loss`, the training objective (Eq. 5).
+        prefix_losses: `[G]` mean squared error (summed over `d_in`, normalised units) of the reconstruction from
+            the core and the first `i` non-core groups; the last one uses the full dictionary.
+        aux_loss: AuxK loss: how well the top `aux_k` dead latents reconstruct the residual, relative to its variance.
+        latents: `[B, dict_size]` masked activations (normalised units).
+        reconstruction: `[B, d_in]` reconstruction by the full dictionary, in raw activation units.
+        l0_core: mean number of active core latents per row.
+        l0_noncore: mean number of active non-core latents per row.
+    """
+
+    loss: torch.FloatTensor | None = None
+    prefix_losses: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    l0_core: torch.FloatTensor | None = None
+    l0_noncore: torch.FloatTensor | None = None
+
+
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's iteration for the point minimising the summed Euclidean distance to `points` `[N, d]`."""
+    points = points.float()
+    median = points.mean(0)
+    for _ in range(max_iter):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
+        updated = (weights[:, None] * points).sum(0) / weights.sum()
+        if (updated - median).norm() <= tol * median.norm().clamp_min(1.0):
+            return updated
+        median = updated
+    return median
+
+
+class DMSAEModel(PreTrainedModel):
+    config_class = DMSAEConfig
+    base_model_prefix = "dmsae"
+    main_input_name = "activations"
+
+    def __init__(self, config: DMSAEConfig):
+        super().__init__(config)
+        n, d, f = config.dict_size, config.d_in, config.frozen_rows
+        self.register_buffer("W_enc_frozen", torch.empty(f, d))
+        self.W_enc_trainable = nn.Parameter(torch.empty(n - f, d))
+        self.b_enc = nn.Parameter(torch.empty(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d))
+        self.b_dec = nn.Parameter(torch.empty(d))
+        # Inference threshold of the masked latents; negative until training has estimated it.
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        # Training tokens since each latent last fired; a latent is dead past `dead_tokens_threshold` (AuxK).
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if module is not self:
+            return
+        directions = torch.randn_like(self.W_dec, dtype=torch.float32)
+        directions /= directions.norm(dim=1, keepdim=True)
+        init.copy_(self.W_dec, directions)
+        init.copy_(self.W_enc_trainable, directions[self.config.frozen_rows :])  # tied init
+        init.zeros_(self.W_enc_frozen)  # the core's rows arrive through `from_core`
+        init.zeros_(self.b_enc)
+        init.zeros_(self.b_dec)
+        init.constant_(self.threshold, -1.0)
+        init.zeros_(self.tokens_since_fired)
+
+    @classmethod
+    def from_core(cls, config: DMSAEConfig, core_rows: torch.Tensor, core_ids: list[str]) -> DMSAEModel:
+        """A freshly initialised model whose frozen encoder rows are `core_rows` (copied bit for bit) and whose
+        core latents carry `core_ids`; everything else (decoder, biases, non-core encoder) is new."""
+        core_rows = torch.as_tensor(core_rows)
+        if core_rows.ndim != 2 or core_rows.shape[1] != config.d_in:
+            raise ValueError(f"core_rows must have shape [core_size, d_in={config.d_in}], got {tuple(core_rows.shape)}")
+        if core_rows.shape[0] != config.core_size or config.frozen_rows != config.core_size:
+            raise ValueError(
+                f"config must describe a fully frozen core of {core_rows.shape[0]} rows "
+                f"(got core_size={config.core_size}, frozen_rows={config.frozen_rows})"
+            )
+        config = copy.deepcopy(config)
+        config.core_ids = [str(i) for i in core_ids]
+        config.check()
+        model = cls(config)
+        with torch.no_grad():
+            model.W_enc_frozen.copy_(core_rows)
+        return model
+
+    def get_input_embeddings(self) -> None:
+        """An SAE has no token embeddings (FSDP and the Trainer ask)."""
+        return None
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """`[dict_size, d_in]` encoder: the frozen rows, then the trainable ones."""
+        return torch.cat([self.W_enc_frozen, self.W_enc_trainable])
+
+    def _checked(self, activations: torch.Tensor) -> torch.Tensor:
+        """Check the input is usable, flatten leading dimensions to `[B, d_in]`, cast to the model's dtype."""
+        d = self.config.d_in
+        if not torch.is_tensor(activations) or not activations.is_floating_point():
+            raise ValueError(f"activations must be a floating-point tensor of shape [..., {d}]")
+        if activations.ndim < 1 or activations.shape[-1] != d:
+            raise ValueError(f"activations must have last dimension d_in={d}, got shape {tuple(activations.shape)}")
+        if activations.numel() == 0:
+            raise ValueError("activations are empty: at least one row is needed")
+        if not torch.isfinite(activations).all():
+            raise ValueError("activations contain NaN or inf values")
+        return activations.reshape(-1, d).to(self.W_dec.dtype)
+
+    def _relu_preactivations(self, x: torch.Tensor) -> torch.Tensor:
+        """`ReLU((x − b_dec) W_encᵀ + b_enc)` for normalised `x`, without materialising the joined `W_enc`."""
+        centred = x - self.b_dec
+        frozen = F.linear(centred, self.W_enc_frozen)
+        trainable = F.linear(centred, self.W_enc_trainable)
+        return F.relu(torch.cat([frozen, trainable], dim=1) + self.b_enc)
+
+    def _mask(self, z: torch.Tensor) -> torch.Tensor:
+        """BatchTopK while training (or before a threshold exists), the threshold at inference."""
+        start = self.config.first_masked_latent
+        if self.training or self.threshold < 0:
+            return mask_batch_topk(z, start, self.config.topk_per_row)
+        return mask_threshold(z, start, self.threshold)
+
+    def encode(self, activations: torch.Tensor) -> torch.Tensor:
+        """Raw activations `[..., d_in]` → masked latents `[..., dict_size]`."""
+        x = self._checked(activations) / self.config.norm_factor
+        latents = self._mask(self._relu_preactivations(x))
+        return latents.reshape(*activations.shape[:-1], self.config.dict_size)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents `[..., dict_size]` → reconstruction `[..., d_in]` in raw activation units."""
+        return (latents @ self.W_dec + self.b_dec) * self.config.norm_factor
+
+    def forward(self, activations: torch.Tensor) -> DMSAEOutput:
+        x = self._checked(activations) / self.config.norm_factor
+        z = self._relu_preactivations(x)
+        latents = self._mask(z)
+        if self.training:
+            self._update_statistics(latents)
+
+        c = self.config.core_size
+        prefix_losses = []
+        reconstruction = self.b_dec.expand_as(x)
+        start = 0
+        for end in [c] + self.config.prefix_ends:
+            if end > start:
+                reconstruction = reconstruction + latents[:, start:end] @ self.W_dec[start:end]
+            if end > c:
+                prefix_losses.append(squared_error(x, reconstruction))
+            start = end
+        prefix_losses = torch.stack(prefix_losses)
+        aux_loss = self._aux_loss(x, reconstruction, z)
+        loss = prefix_losses.sum() + self.config.aux_coef * aux_loss
+
+        active = (latents > 0).float()
+        return DMSAEOutput(
+            loss=loss,
+            prefix_losses=prefix_losses,
+            aux_loss=aux_loss,
+            latents=latents,
+            reconstruction=reconstruction * self.config.norm_factor,
+            l0_core=active[:, :c].sum(1).mean(),
+            l0_noncore=active[:, c:].sum(1).mean(),
+        )
+
+    def _aux_loss(self, x: torch.Tensor, reconstruction: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """AuxK (as in dictionary_learning): the top `aux_k` dead latents of each row reconstruct the detached
+        residual `x − x̂`; the squared error is divided by the residual's variance. Zero when none is dead."""
+        dead = self.tokens_since_fired >= self.config.dead_tokens_threshold
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return x.new_zeros((), dtype=torch.float32)
+        residual = (x - reconstruction).detach().float()
+        values, index = torch.where(dead, z, -torch.inf).topk(min(self.config.aux_k, num_dead), dim=1, sorted=False)
+        aux_latents = torch.zeros_like(z).scatter(1, index, values)
+        aux_error = squared_error(residual, aux_latents @ self.W_dec)
+        residual_variance = squared_error(residual, residual.mean(0, keepdim=True))
+        return (aux_error / residual_variance).nan_to_num(0.0)
+
+    @torch.no_grad()
+    def _update_statistics(self, latents: torch.Tensor) -> None:
+        """Dead-latent counters and the inference threshold's EMA, agreed across processes."""
+        fired = all_reduce_any((latents > 0).any(0))
+        self.tokens_since_fired += latents.shape[0] * world_size()
+        self.tokens_since_fired[fired] = 0
+
+        smallest = smallest_kept_activation(latents, self.config.first_masked_latent)
+        beta = self.config.threshold_beta
+        updated = torch.where(self.threshold < 0, smallest, beta * self.threshold + (1 - beta) * smallest)
+        self.threshold.copy_(torch.where(torch.isnan(smallest), self.threshold, updated))
+
+    @torch.no_grad()
+    def init_decoder_bias(self, activations: torch.Tensor) -> None:
+        """Set `b_dec` to the geometric median of a first batch of raw activations (SPEC initialisation)."""
+        x = self._checked(activations) / self.config.norm_factor
+        self.b_dec.copy_(geometric_median(x))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each (unit) decoder row, so a step keeps rows near unit norm.
+        Call between `backward` and the optimiser step."""
+        if self.W_dec.grad is None:
+            return
+        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec.grad -= (self.W_dec.grad * unit).sum(1, keepdim=True) * unit
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Renormalise decoder rows to unit norm. Call after each optimiser step."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`, also writing the inference threshold into `config.json`."""
+        threshold = float(self.threshold)
+        self.config.threshold = threshold if threshold >= 0 else None
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def squared_error(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """`‖x − x̂‖²` summed over features, averaged over rows, in fp32."""
+    return (x.float() - reconstruction.float()).pow(2).sum(-1).mean()
+
+
+__all__ = ["DMSAEModel", "DMSAEOutput", "geometric_median"]

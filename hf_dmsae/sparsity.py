@@ -1,0 +1,62 @@
+"""BatchTopK masks (dense core, sparse core) and the inference threshold that replaces them (SPEC section 2).
+
+The masked region of the latents starts at `start`: the first non-core latent in dense-core mode (core latents
+pass through unmasked), 0 in sparse-core mode (one global BatchTopK over every latent).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def batch_topk(z: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Keep the `k_total` largest entries of `z` across the whole batch and zero the rest (exactly `k_total` kept,
+    ties broken by `topk`). Gradients flow to the kept entries only."""
+    k_total = min(k_total, z.numel())
+    values, flat_index = z.flatten().topk(k_total, sorted=False)
+    return torch.zeros_like(z).flatten().scatter(0, flat_index, values).view_as(z)
+
+
+def mask_batch_topk(z: torch.Tensor, start: int, k_per_row: int) -> torch.Tensor:
+    """Training mask: latents before `start` unmasked, BatchTopK with `k_per_row · B` over the rest."""
+    masked = batch_topk(z[:, start:], k_per_row * z.shape[0])
+    return torch.cat([z[:, :start], masked], dim=1) if start else masked
+
+
+def mask_threshold(z: torch.Tensor, start: int, threshold: torch.Tensor) -> torch.Tensor:
+    """Inference mask: latents before `start` unmasked, the rest kept only above `threshold`."""
+    tail = z[:, start:]
+    masked = tail * (tail > threshold)
+    return torch.cat([z[:, :start], masked], dim=1) if start else masked
+
+
+def smallest_kept_activation(latents: torch.Tensor, start: int) -> torch.Tensor:
+    """The smallest positive activation BatchTopK kept in the masked region (the threshold's EMA target);
+    NaN where nothing fired. Averaged over processes, since each process masks its own batch."""
+    tail = latents[:, start:].detach().float()
+    smallest = torch.where(tail > 0, tail, torch.inf).min()
+    smallest = torch.where(torch.isinf(smallest), torch.nan, smallest)
+    return all_reduce_mean(smallest)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over processes of a scalar, ignoring NaN contributions (a no-op outside `torch.distributed`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    packed = torch.stack([torch.nan_to_num(value, nan=0.0), (~torch.isnan(value)).float()])
+    dist.all_reduce(packed)
+    return packed[0] / packed[1]  # 0 / 0 = NaN where no process saw a firing latent
+
+
+def all_reduce_any(flags: torch.Tensor) -> torch.Tensor:
+    """Logical OR over processes of a boolean tensor (a no-op outside `torch.distributed`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    as_int = flags.to(torch.int32)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+    return as_int.bool()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,0 +1,54 @@
+import pytest
+
+from hf_dmsae import DMSAEConfig, matryoshka_group_sizes, noncore_k
+
+
+def ids(n):
+    return [f"cycle0:{i}" for i in range(n)]
+
+
+def test_defaults_follow_saebench_groups_and_eq4():
+    config = DMSAEConfig(d_in=2304, dict_size=65536, core_size=197, k=80, core_ids=ids(197))
+    assert sum(config.group_sizes) == 65536 - 197
+    assert config.group_sizes[:4] == [int((65536 - 197) * f) for f in (1 / 32, 1 / 16, 1 / 8, 1 / 4)]
+    assert config.k_noncore == round(80 * (65536 - 197) / 65536) == 80
+    assert config.frozen_rows == 197
+    assert config.aux_k == 1152
+    assert config.prefix_ends[-1] == 65536 and config.prefix_ends[0] == 197 + config.group_sizes[0]
+
+
+def test_eq4_scales_k_to_the_noncore_share():
+    assert noncore_k(640, 4096, 1024) == 480
+    assert noncore_k(20, 65536, 197) == 20
+    assert matryoshka_group_sizes(64) == [2, 4, 8, 16, 34]
+
+
+def test_latent_ids_keep_core_identity_and_name_new_latents_by_cycle():
+    config = DMSAEConfig(d_in=4, dict_size=6, core_size=2, k=2, core_ids=["cycle0:7", "cycle1:3"], cycle=2)
+    assert config.latent_ids() == ["cycle0:7", "cycle1:3", "cycle2:2", "cycle2:3", "cycle2:4", "cycle2:5"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(dict_size=8, core_size=9, core_ids=ids(9)), "core_size"),
+        (dict(dict_size=64, core_size=4, core_ids=ids(4), group_sizes=[10, 10]), "group_sizes"),
+        (dict(dict_size=64, core_size=4, core_ids=ids(4), k_noncore=61), "k_noncore"),
+        (dict(dict_size=64, sparsity="topk"), "sparsity"),
+        (dict(dict_size=64, core_size=4, core_ids=ids(3)), "core_ids"),
+        (dict(dict_size=64, core_size=2, core_ids=["a", "a"]), "core_ids"),
+        (dict(dict_size=64, core_size=2, core_ids=ids(2), frozen_rows=3), "frozen_rows"),
+        (dict(dict_size=64, k=0), "k"),
+        (dict(dict_size=64, norm_factor=0.0), "norm_factor"),
+        (dict(dict_size=64, group_sizes=[0, 64]), "group_sizes"),
+    ],
+)
+def test_invalid_configs_raise_one_clear_error_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"DMSAEConfig\.{field}="):
+        DMSAEConfig(**{"d_in": 8, "k": 4, **kwargs})
+
+
+def test_sparse_core_k_is_checked_against_the_whole_dictionary():
+    DMSAEConfig(d_in=8, dict_size=64, core_size=60, core_ids=ids(60), k=32, k_noncore=4, sparsity="sparse_core")
+    with pytest.raises(ValueError, match=r"DMSAEConfig\.k="):
+        DMSAEConfig(d_in=8, dict_size=64, k=65, k_noncore=4, sparsity="sparse_core")

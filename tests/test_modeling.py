@@ -1,0 +1,218 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoConfig, AutoModel
+
+from hf_dmsae import DMSAEModel
+
+
+def naive_latents(model: DMSAEModel, x: torch.Tensor) -> torch.Tensor:
+    """BatchTopK by sorting, from the joined weights: the reference the model's masks must match."""
+    config = model.config
+    z = torch.relu((x - model.b_dec) @ model.W_enc.T + model.b_enc)
+    start = config.first_masked_latent
+    tail = z[:, start:]
+    kth_largest = tail.flatten().sort(descending=True).values[config.topk_per_row * x.shape[0] - 1]
+    return torch.cat([z[:, :start], tail * (tail >= kth_largest)], dim=1)
+
+
+def test_save_then_automodel_reload_is_bit_identical(model, tmp_path):
+    model.train()
+    for _ in range(3):  # move the threshold and counters off their initial values
+        model(torch.randn(32, 16))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path)
+
+    assert type(reloaded) is DMSAEModel
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    saved, loaded = model.config.to_dict(), reloaded.config.to_dict()
+    assert loaded.pop("_name_or_path") == str(tmp_path)
+    saved.pop("_name_or_path")
+    assert loaded == saved
+    assert json.loads((tmp_path / "config.json").read_text())["threshold"] == pytest.approx(float(model.threshold))
+
+    model.eval(), reloaded.eval()
+    x = torch.randn(32, 16)
+    expected, actual = model(x), reloaded(x)
+    for key in expected.keys():
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def test_saved_folder_loads_with_trust_remote_code_without_the_package(model, tmp_path):
+    model.save_pretrained(tmp_path / "repo")
+    torch.save(model.state_dict(), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(tmp_path / "repo")!r}, trust_remote_code=True)
+assert "hf_dmsae" not in sys.modules, "the package was imported"
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+print("remote-code-ok")
+"""
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "remote-code-ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_autoconfig_knows_the_model_type():
+    assert AutoConfig.for_model("dmsae", d_in=4, dict_size=8, k=2).__class__.__name__ == "DMSAEConfig"
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_frozen_rows_stay_bit_identical_while_everything_else_trains(autocast):
+    model = tiny_model()
+    model.train()
+    frozen = model.W_enc_frozen.clone()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    assert not any(p is model.W_enc_frozen for group in optimizer.param_groups for p in group["params"])
+
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        x = torch.randn(64, 16, generator=generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x).loss
+        loss.backward()
+        model.remove_parallel_decoder_grad()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.normalize_decoder()
+
+    assert model.W_enc_frozen.dtype == torch.float32
+    assert torch.equal(model.W_enc_frozen.view(torch.int32), frozen.view(torch.int32))
+    assert torch.equal(model.W_enc[:8], frozen)
+    for name, p in model.named_parameters():
+        assert not torch.equal(p, before[name]), f"{name} did not move"
+    assert not torch.equal(model.b_enc[:8], before["b_enc"][:8]), "core encoder biases must train"
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(128))
+
+
+def test_dense_core_never_masks_the_core_and_keeps_k_noncore_per_row(model):
+    model.train()
+    x = torch.randn(64, 16)
+    latents = model(x).latents
+    z = torch.relu((x - model.b_dec) @ model.W_enc.T + model.b_enc)
+    assert torch.equal(latents[:, :8], z[:, :8])
+    assert (latents[:, :8] > 0).any()
+    assert int((latents[:, 8:] > 0).sum()) == model.config.k_noncore * 64
+    torch.testing.assert_close(latents, naive_latents(model, x), rtol=0, atol=0)
+
+
+def test_sparse_core_keeps_k_per_row_over_all_latents():
+    model = tiny_model(sparsity="sparse_core", k=6)
+    model.train()
+    x = torch.randn(64, 16)
+    latents = model(x).latents
+    assert int((latents > 0).sum()) == 6 * 64
+    torch.testing.assert_close(latents, naive_latents(model, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("core_size", [0, 8])
+def test_every_prefix_loss_equals_a_naive_recomputation(core_size):
+    model = tiny_model(core_size=core_size)
+    model.eval()  # BatchTopK (no threshold yet) without updating the dead counters set here
+    model.tokens_since_fired[40:] = 10**9  # some dead latents, so the AuxK term is live
+    x = torch.randn(64, 16)
+    out = model(x)
+    latents = naive_latents(model, x)
+    expected = []
+    for end in model.config.prefix_ends:
+        reconstruction = latents[:, :end] @ model.W_dec[:end] + model.b_dec
+        expected.append((x - reconstruction).pow(2).sum(-1).mean())
+    torch.testing.assert_close(out.prefix_losses, torch.stack(expected))
+    assert len(out.prefix_losses) == len(model.config.group_sizes)
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, out.prefix_losses.sum() + out.aux_loss / 32)
+    torch.testing.assert_close(out.reconstruction, latents @ model.W_dec + model.b_dec)
+
+
+def test_aux_loss_is_zero_without_dead_latents_and_trains_only_dead_encoders(model):
+    model.eval()  # BatchTopK (no threshold yet) without updating the dead counters set here
+    x = torch.randn(64, 16)
+    assert model(x).aux_loss == 0
+    model.tokens_since_fired[100:] = model.config.dead_tokens_threshold
+    model(x).aux_loss.backward()
+    grad = model.W_enc_trainable.grad  # row j holds latent j + frozen_rows
+    assert grad[100 - 8 :].abs().sum() > 0
+    assert grad[: 100 - 8].abs().sum() == 0
+
+
+def test_dead_counters_count_tokens_since_each_latent_fired(model):
+    model.train()
+    with torch.no_grad():
+        model.b_enc[50] = -1e6  # latent 50 can never fire
+    for _ in range(3):
+        latents = model(torch.randn(32, 16)).latents
+    assert model.tokens_since_fired[50] == 96
+    fired_last = (latents > 0).any(0)
+    assert (model.tokens_since_fired[fired_last] == 0).all()
+
+
+def test_inference_uses_the_threshold_on_noncore_latents_only(model):
+    model.train()
+    for _ in range(20):
+        model(torch.randn(64, 16))
+    threshold = float(model.threshold)
+    assert threshold > 0
+    model.eval()
+    x = torch.randn(64, 16)
+    z = torch.relu((x - model.b_dec) @ model.W_enc.T + model.b_enc)
+    latents = model.encode(x)
+    assert torch.equal(latents[:, :8], z[:, :8])
+    assert torch.equal(latents[:, 8:], z[:, 8:] * (z[:, 8:] > threshold))
+    torch.testing.assert_close(model.decode(latents), model(x).reconstruction)
+
+
+def test_raw_activations_in_and_out_with_a_norm_factor():
+    plain, scaled = tiny_model(), tiny_model(norm_factor=10.0)
+    plain.train(), scaled.train()
+    x = torch.randn(64, 16)
+    out_plain, out_scaled = plain(x), scaled(10.0 * x)
+    torch.testing.assert_close(out_scaled.latents, out_plain.latents)
+    torch.testing.assert_close(out_scaled.reconstruction, 10.0 * out_plain.reconstruction)
+    torch.testing.assert_close(out_scaled.loss, out_plain.loss)
+
+
+def test_encode_keeps_leading_dimensions(model):
+    model.eval()
+    assert model.encode(torch.randn(2, 5, 16)).shape == (2, 5, 128)
+
+
+def test_decoder_bias_starts_at_the_geometric_median(model):
+    points = torch.zeros(101, 16)
+    points[:, 0] = torch.linspace(-1, 1, 101)
+    points[-1, 1] = 1e4  # one far outlier drags the mean, not the median
+    model.init_decoder_bias(points)
+    assert model.b_dec.abs().max() < 1e-2
+
+
+@pytest.mark.parametrize(
+    "activations, message",
+    [
+        (torch.randn(4, 15), "last dimension d_in=16"),
+        (torch.full((4, 16), float("nan")), "NaN or inf"),
+        (torch.tensor([[float("inf")] + [0.0] * 15]), "NaN or inf"),
+        (torch.ones(4, 16, dtype=torch.long), "floating-point"),
+        (torch.empty(0, 16), "empty"),
+    ],
+)
+def test_bad_activations_get_one_clear_error(model, activations, message):
+    with pytest.raises(ValueError, match=message):
+        model(activations)
+    with pytest.raises(ValueError, match=message):
+        model.encode(activations)
+
+
+def test_from_core_rejects_rows_that_do_not_fit_the_config(model):
+    with pytest.raises(ValueError, match="d_in=16"):
+        DMSAEModel.from_core(model.config, torch.randn(8, 15), model.config.core_ids)
+    with pytest.raises(ValueError, match="fully frozen core of 7 rows"):
+        DMSAEModel.from_core(model.config, torch.randn(7, 16), model.config.core_ids[:7])
