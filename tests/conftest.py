@@ -23,3 +23,47 @@ def tiny_model(seed: int = 0, **overrides) -> DMSAEModel:
 @pytest.fixture
 def model() -> DMSAEModel:
     return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny random Llama (4 blocks, width 32) with the real SmolLM2 tokenizer, saved as a local model folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_dmsae.embedded import smollm2_folder
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-lm")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_activation_args(tiny_lm_dir, **overrides):
+    """Activation arguments for the tiny LM on the embedded corpus (fast: a few thousand tokens)."""
+    from hf_dmsae.activations import ActivationArguments
+
+    settings = dict(
+        model_name_or_path=str(tiny_lm_dir),
+        hook_layer=2,
+        context_length=32,
+        lm_batch_size=16,
+        num_tokens=4000,
+        eval_tokens=1000,
+        shuffle_buffer_tokens=1024,
+        norm_tokens=512,
+    )
+    settings.update(overrides)
+    return ActivationArguments(**settings)

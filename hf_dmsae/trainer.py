@@ -1,0 +1,141 @@
+"""`DMSAETrainer`: the `transformers.Trainer` that trains a `DMSAEModel` on activations.
+
+What it adds to the Trainer: the loss and metrics from the model output, the decoder's unit-norm constraint around
+every optimiser step (parallel gradient projected out after backward, rows renormalised after the step), the decoder
+bias started at the geometric median of a first batch, and SAE metrics in the logs (per-prefix loss, FVU, L0s, dead
+fraction, threshold). Everything else (accelerate, DDP/FSDP, bf16, checkpoints and exact resumption, progress bars,
+`report_to`) is the Trainer's own. The dead-latent counters and the threshold are model buffers, so checkpoints carry
+them and a resumed run continues them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .activations import collate_activations, first_rows
+from .modeling_dmsae import DMSAEModel
+
+# Per metric mode: the Trainer's loss key that marks its log, and the prefix of our metric names there.
+_LOG_KEYS = {"train": ("loss", ""), "eval": ("eval_loss", "eval_")}
+
+
+@dataclass
+class DMSAETrainingArguments(TrainingArguments):
+    """`TrainingArguments` with SAE defaults: activations are the only input column; the learning rate warms up,
+    stays constant and decays linearly over the last `decay_fraction` of the steps (as dictionary_learning)."""
+
+    init_decoder_bias_rows: int = field(
+        default=4096, metadata={"help": "Rows of the first batch whose geometric median starts b_dec (0: keep 0)."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Activation datasets have one column."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Adam learning rate."})
+    lr_scheduler_type: str = field(default="warmup_stable_decay", metadata={"help": "Learning-rate schedule."})
+    decay_fraction: float = field(default=0.2, metadata={"help": "Share of steps in the final linear decay."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a fraction: of all steps)."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (0: none)."})
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation gathers no [B, n] latents."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
+    save_steps: float = field(default=100, metadata={"help": "Checkpoint every this many steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+
+
+class _DecoderNormCallback(TrainerCallback):
+    """Renormalises decoder rows right after each optimiser step."""
+
+    def __init__(self, trainer: DMSAETrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.sae.normalize_decoder()
+
+
+class DMSAETrainer(Trainer):
+    """Trains a `DMSAEModel`; `train_dataset` yields `{"activations": [d_in]}` rows (see `hf_dmsae.activations`)."""
+
+    def __init__(self, model: DMSAEModel, args: DMSAETrainingArguments, **kwargs):
+        kwargs.setdefault("data_collator", collate_activations)
+        super().__init__(model=model, args=args, **kwargs)
+        self.add_callback(_DecoderNormCallback(self))
+        # Metric sums since the last log, per mode ("train", "eval"), with their step counts.
+        self._metric_sums = {mode: defaultdict(lambda: torch.zeros((), device=args.device)) for mode in _LOG_KEYS}
+        self._metric_steps = dict.fromkeys(_LOG_KEYS, 0)
+
+    @property
+    def sae(self) -> DMSAEModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """As `Trainer.train`; a fresh run first sets `b_dec` to the geometric median of the first rows (the
+        same rows on every process, read before the model is wrapped)."""
+        if not resume_from_checkpoint and self.state.global_step == 0 and self.args.init_decoder_bias_rows > 0:
+            self.model.init_decoder_bias(first_rows(self.train_dataset, self.args.init_decoder_bias_rows))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.args.lr_scheduler_type == "warmup_stable_decay":
+            decay = int(self.args.decay_fraction * num_training_steps)
+            self.args.lr_scheduler_kwargs = {"num_decay_steps": decay, **(self.args.lr_scheduler_kwargs or {})}
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        self._accumulate_metrics("train" if model.training else "eval", inputs["activations"], outputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Backward, then project the decoder gradient onto the rows' tangent space (linear, so it commutes with
+        gradient accumulation)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.sae.remove_parallel_decoder_grad()
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the loss (and metrics) only; an SAE has no labels and its [B, n] latents are not gathered."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    @torch.no_grad()
+    def _accumulate_metrics(self, mode: str, activations: torch.Tensor, outputs) -> None:
+        x = activations.reshape(-1, activations.shape[-1]).float()
+        metrics = {
+            "fvu": fraction_of_variance_unexplained(x, outputs.reconstruction.float()),
+            "aux_loss": outputs.aux_loss,
+            "l0_core": outputs.l0_core,
+            "l0_noncore": outputs.l0_noncore,
+            "l0": outputs.l0_core + outputs.l0_noncore,
+        }
+        for i, prefix_loss in enumerate(outputs.prefix_losses):
+            metrics[f"prefix_loss_{i}"] = prefix_loss
+        for name, value in metrics.items():
+            self._metric_sums[mode][name] += value.detach().float()
+        self._metric_steps[mode] += 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the SAE metrics of the training steps (or evaluation batches) since the last log, averaged over
+        steps and processes, to the Trainer's own training (or evaluation) log."""
+        for mode, (loss_key, prefix) in _LOG_KEYS.items():
+            sums, steps = self._metric_sums[mode], self._metric_steps[mode]
+            if not steps or loss_key not in logs:
+                continue
+            names = sorted(sums)
+            averaged = self.accelerator.reduce(torch.stack([sums[n] for n in names]) / steps, reduction="mean")
+            logs.update({prefix + name: round(float(v), 6) for name, v in zip(names, averaged)})
+            sums.clear()
+            self._metric_steps[mode] = 0
+        if "loss" in logs:
+            sae = self.sae
+            logs["dead_fraction"] = float((sae.tokens_since_fired >= sae.config.dead_tokens_threshold).float().mean())
+            logs["threshold"] = float(sae.threshold)
+        super().log(logs, *args, **kwargs)
+
+
+
+def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """`Σ‖x − x̂‖² / Σ‖x − x̄‖²` over a batch."""
+    return (x - reconstruction).pow(2).sum() / (x - x.mean(0, keepdim=True)).pow(2).sum()
