@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -142,10 +143,12 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
 
 
 class LayerActivations:
-    """Runs a causal LM only up to a hook point and returns the activations there, `[B, T, d]`.
+    """A causal LM read at one hook point: `resid_post` is the output of block `layer` (= `hidden_states[layer + 1]`
+    of a full forward, except after the last block, where transformers applies the final norm); `resid_pre` is the
+    input of block `layer`.
 
-    `resid_post`: output of block `layer` (= `hidden_states[layer + 1]` of a full forward, except after the last
-    block, where transformers applies the final norm). `resid_pre`: input of block `layer`.
+    Calling it runs the LM only up to the hook and returns the activations `[B, T, d]`; `with_gradient` runs the
+    whole LM and also returns the gradient of the summed next-token loss with respect to those activations.
     """
 
     def __init__(self, lm: nn.Module, layer: int, hook_name: str = "resid_post"):
@@ -153,21 +156,32 @@ class LayerActivations:
             raise ValueError(f"hook_name={hook_name!r} is invalid: must be one of {HOOK_POINTS}")
         self.lm, self.block, self.hook_name = lm, decoder_layers(lm)[layer], hook_name
 
+    def _hook(self, transform):
+        """Register `transform(hidden) -> hidden` at the hook point (it may raise to end the pass)."""
+        if self.hook_name == "resid_post":
+
+            def after_block(module, args, output):
+                if isinstance(output, tuple):
+                    return (transform(output[0]), *output[1:])
+                return transform(output)
+
+            return self.block.register_forward_hook(after_block)
+
+        def before_block(module, args, kwargs):
+            if args:
+                return (transform(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": transform(kwargs["hidden_states"])}
+
+        return self.block.register_forward_pre_hook(before_block, with_kwargs=True)
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         captured: list[torch.Tensor] = []
 
-        def after_block(module, args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
+        def capture_and_stop(hidden):
+            captured.append(hidden)
             raise _StopForward
 
-        def before_block(module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _StopForward
-
-        if self.hook_name == "resid_post":
-            handle = self.block.register_forward_hook(after_block)
-        else:
-            handle = self.block.register_forward_pre_hook(before_block, with_kwargs=True)
+        handle = self._hook(capture_and_stop)
         try:
             self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
@@ -175,6 +189,28 @@ class LayerActivations:
         finally:
             handle.remove()
         return captured[0]
+
+    def with_gradient(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activations and `∂L/∂x` at the hook, `L` the next-token cross-entropy summed over all positions of the
+        batch. The activations become a leaf of the graph, so backward runs through the upper blocks only."""
+        captured: list[torch.Tensor] = []
+
+        def make_leaf(hidden):
+            leaf = hidden.detach().requires_grad_(True)
+            captured.append(leaf)
+            return leaf
+
+        handle = self._hook(make_leaf)
+        try:
+            with torch.enable_grad():
+                logits = self.lm(input_ids=input_ids, use_cache=False).logits
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum"
+                )
+                (gradient,) = torch.autograd.grad(loss, captured[0])
+        finally:
+            handle.remove()
+        return captured[0].detach(), gradient
 
 
 class TrainingPositions:

@@ -141,17 +141,22 @@ class DMSAEModel(PreTrainedModel):
         trainable = F.linear(centred, self.W_enc_trainable)
         return F.relu(torch.cat([frozen, trainable], dim=1) + self.b_enc)
 
-    def _mask(self, z: torch.Tensor) -> torch.Tensor:
-        """BatchTopK while training (or before a threshold exists), the threshold at inference."""
+    def _mask(self, z: torch.Tensor, batch_topk: bool | None = None) -> torch.Tensor:
+        """BatchTopK while training (or before a threshold exists), the threshold at inference; `batch_topk`
+        chooses explicitly."""
         start = self.config.first_masked_latent
-        if self.training or self.threshold < 0:
+        if batch_topk is None:
+            batch_topk = self.training or bool(self.threshold < 0)
+        if batch_topk:
             return mask_batch_topk(z, start, self.config.topk_per_row)
         return mask_threshold(z, start, self.threshold)
 
-    def encode(self, activations: torch.Tensor) -> torch.Tensor:
-        """Raw activations `[..., d_in]` → masked latents `[..., dict_size]`."""
+    def encode(self, activations: torch.Tensor, batch_topk: bool | None = None) -> torch.Tensor:
+        """Raw activations `[..., d_in]` → masked latents `[..., dict_size]`. The mask is BatchTopK over the rows
+        given (training masks, as attribution needs) if `batch_topk`, the inference threshold if not, and by
+        default BatchTopK in training mode only."""
         x = self._checked(activations) / self.config.norm_factor
-        latents = self._mask(self._relu_preactivations(x))
+        latents = self._mask(self._relu_preactivations(x), batch_topk)
         return latents.reshape(*activations.shape[:-1], self.config.dict_size)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,67 @@
+import json
+
+import torch
+from conftest import tiny_model
+
+from hf_dmsae.formats import load_dictionary_learning, save_dictionary_learning
+
+
+def write_dictionary_learning_checkpoint(folder, d=16, n=64, k=4, group_sizes=(2, 4, 8, 16, 34)):
+    """A checkpoint laid out as dictionary_learning's MatryoshkaBatchTopKTrainer saves it (SAEBench's releases)."""
+    torch.manual_seed(0)
+    decoder = torch.randn(n, d)
+    state = {
+        "W_enc": torch.randn(d, n) * 0.3,
+        "b_enc": torch.randn(n) * 0.1,
+        "W_dec": decoder / decoder.norm(dim=1, keepdim=True),
+        "b_dec": torch.randn(d),
+        "k": torch.tensor(k, dtype=torch.int),
+        "threshold": torch.tensor(0.2),
+        "group_sizes": torch.tensor(group_sizes),
+    }
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "ae.pt")
+    trainer = {
+        "trainer_class": "MatryoshkaBatchTopKTrainer", "dict_class": "MatryoshkaBatchTopKSAE",
+        "activation_dim": d, "dict_size": n, "k": k, "group_fractions": [g / n for g in group_sizes],
+        "group_sizes": list(group_sizes), "layer": 12, "lm_name": "google/gemma-2-2b",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"ctx_len": 1024}}))
+    return state
+
+
+def test_dictionary_learning_checkpoint_loads_as_cycle_zero(tmp_path):
+    state = write_dictionary_learning_checkpoint(tmp_path / "trainer_0")
+    model = load_dictionary_learning(tmp_path / "trainer_0").eval()
+    assert model.config.core_size == 0 and model.config.group_sizes == [2, 4, 8, 16, 34]
+    assert model.config.k == 4 and model.config.hook_layer == 12 and model.config.base_model == "google/gemma-2-2b"
+    assert model.config.latent_ids()[:2] == ["cycle0:0", "cycle0:1"]
+    x = torch.randn(32, 16) * 3
+    z = torch.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
+    expected = z * (z > 0.2)
+    torch.testing.assert_close(model.encode(x), expected)
+    torch.testing.assert_close(model.decode(expected), expected @ state["W_dec"] + state["b_dec"])
+
+
+def test_export_is_read_by_saebench_with_the_same_outputs(tmp_path):
+    from sae_bench.custom_saes.batch_topk_sae import BatchTopKSAE
+
+    model = tiny_model(core_size=0, norm_factor=3.0, k=6)
+    model.train()
+    for _ in range(5):
+        model(torch.randn(64, 16) * 3)
+    model.eval()
+    save_dictionary_learning(model, tmp_path / "export")
+
+    params = torch.load(tmp_path / "export" / "ae.pt")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())["trainer"]
+    del params["group_sizes"]  # as SAEBench's Matryoshka loader does
+    sae = BatchTopKSAE(d_in=16, d_sae=128, k=config["k"], model_name="m", hook_layer=0, device="cpu", dtype=torch.float32)
+    sae.load_state_dict(params)
+    assert sae.check_decoder_norms()
+    x = torch.randn(32, 16) * 3
+    torch.testing.assert_close(sae.encode(x), model.encode(x) * 3.0)
+    torch.testing.assert_close(sae(x), model.decode(model.encode(x)))
+
+    reloaded = load_dictionary_learning(tmp_path / "export").eval()
+    torch.testing.assert_close(reloaded.decode(reloaded.encode(x)), model.decode(model.encode(x)))
