@@ -97,6 +97,11 @@ def wiki_summaries(held_out_fraction: float = 0.05, seed: int = 0) -> DatasetDic
     return Dataset.from_list(rows).train_test_split(test_size=held_out_fraction, seed=seed)
 
 
+def hub_name(name: str) -> str:
+    """The public Hub name of an embedded asset (for model cards); other names unchanged."""
+    return {EMBEDDED_LM: "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(name, name)
+
+
 def resolve_model(name_or_path: str) -> str:
     """Hub name or path to load a causal LM from; `embedded:smollm2-135m` becomes the converted local folder."""
     if not is_embedded(name_or_path):

@@ -1,7 +1,19 @@
-import pytest
-import torch
+import os
+import tempfile
 
-from hf_dmsae import DMSAEConfig, DMSAEModel
+from hub_server import HubServer
+
+# The loopback Hub must be the endpoint before huggingface_hub is imported: it reads HF_ENDPOINT once. Subprocesses
+# started by tests inherit it. A fresh HF_HOME keeps downloads from the real cache.
+HUB = HubServer().__enter__()
+os.environ["HF_ENDPOINT"] = HUB.url
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_dmsae import DMSAEConfig, DMSAEModel  # noqa: E402
 
 
 def tiny_config(**overrides) -> DMSAEConfig:
