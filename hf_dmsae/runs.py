@@ -5,6 +5,7 @@ The scripts and the distillation cycles call this; it holds no training logic of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from .activations import ActivationArguments, activation_dataset, load_language_model
@@ -37,6 +37,7 @@ class SAEArguments:
     )
     aux_coef: float = field(default=1 / 32, metadata={"help": "AuxK loss weight."})
     dead_tokens_threshold: int = field(default=10_000_000, metadata={"help": "Tokens without firing = dead."})
+    threshold_beta: float = field(default=0.999, metadata={"help": "EMA decay of the inference threshold."})
 
 
 @dataclass
@@ -51,11 +52,11 @@ class ActivationData:
     norm_factor: float
 
 
-def prepare_activations(args: ActivationArguments) -> ActivationData:
+def prepare_activations(args: ActivationArguments, training_args: DMSAETrainingArguments) -> ActivationData:
     """Load the LM and build (or reopen) the activation datasets; with a cache, the main process writes it while
-    the others wait, then all read it."""
+    the others wait, then all read it. (Going through `training_args` sets up the processes as it says.)"""
     lm, tokenizer = load_language_model(args)
-    with PartialState().main_process_first():
+    with training_args.main_process_first(desc="activations"):
         train = activation_dataset(args, lm, tokenizer, args.dataset_split, args.num_tokens)
         held_out = activation_dataset(args, lm, tokenizer, args.eval_split, args.eval_tokens) if args.eval_tokens else None
     return ActivationData(lm, tokenizer, train, held_out, train.d_in, train.norm_factor)
@@ -73,6 +74,7 @@ def sae_config(sae: SAEArguments, acts: ActivationArguments, data: ActivationDat
         sparsity=sae.sparsity,
         aux_coef=sae.aux_coef,
         dead_tokens_threshold=sae.dead_tokens_threshold,
+        threshold_beta=sae.threshold_beta,
         norm_factor=data.norm_factor,
         base_model=acts.model_name_or_path,
         hook_layer=acts.hook_layer,
@@ -88,12 +90,12 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
-def train_sae(model: DMSAEModel, data: ActivationData, args: DMSAETrainingArguments) -> DMSAETrainer:
+def train_sae(model: DMSAEModel, data: ActivationData, args: DMSAETrainingArguments, callbacks=None) -> DMSAETrainer:
     """Train `model`, resuming from the last complete checkpoint in `args.output_dir` if there is one, and save the
     final model there."""
-    trainer = DMSAETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval)
-    state = PartialState()
-    logger.info("Training process %d of %d on %s", state.process_index, state.num_processes, state.device)
+    trainer = DMSAETrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                           callbacks=callbacks)  # fmt: skip
+    logger.info("Training process %d of %d on %s", args.process_index, args.world_size, args.device)
     checkpoint = last_complete_checkpoint(args.output_dir)
     if checkpoint:
         logger.info("Resuming from %s", checkpoint)
@@ -102,14 +104,18 @@ def train_sae(model: DMSAEModel, data: ActivationData, args: DMSAETrainingArgume
     return trainer
 
 
-def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """Parse `[config.json] [--field value …]`: the JSON file's fields, overridden by the command line."""
+def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None, shared: tuple = ()) -> tuple:
+    """Parse `[config.json] [--field value …]`: the JSON file's fields, overridden by the command line. JSON fields
+    of the `shared` dataclasses (other scripts' arguments in a shared config file) are skipped; unknown ones are
+    an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)}
+    skipped = {f.name for cls in shared for f in dataclasses.fields(cls)} - known
     from_file: list[str] = []
     if argv and argv[0].endswith(".json"):
         for key, value in json.loads(Path(argv.pop(0)).read_text()).items():
-            if value is None:
+            if value is None or key in skipped:
                 continue
             values = value if isinstance(value, list) else [value]
             from_file += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in values)]

@@ -41,6 +41,16 @@ class DMSAETrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     save_steps: float = field(default=100, metadata={"help": "Checkpoint every this many steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    use_cpu: bool | None = field(
+        default=None,
+        metadata={"help": "Train on the CPU (default: when no accelerator is present, so that `accelerate launch "
+                  "--multi_gpu --num_processes N` runs DDP over gloo on a CPU machine)."},
+    )
+
+    def __post_init__(self):
+        if self.use_cpu is None:
+            self.use_cpu = not torch.accelerator.is_available()
+        super().__post_init__()
 
 
 class _DecoderNormCallback(TrainerCallback):

@@ -33,9 +33,10 @@ def core_model(norm_factor: float) -> DMSAEModel:
     torch.manual_seed(0)
     config = DMSAEConfig(
         d_in=32, dict_size=256, core_size=16, k=8, core_ids=[f"cycle0:{i}" for i in range(16)],
-        norm_factor=norm_factor, dead_tokens_threshold=2000,
+        norm_factor=norm_factor, dead_tokens_threshold=2000, threshold_beta=0.9,
     )  # fmt: skip
-    return DMSAEModel.from_core(config, torch.randn(16, 32), config.core_ids)
+    core_rows = torch.randn(16, 32)
+    return DMSAEModel.from_core(config, core_rows / core_rows.norm(dim=1, keepdim=True), config.core_ids)
 
 
 def training_args(tmp_path, **overrides) -> DMSAETrainingArguments:
@@ -52,7 +53,7 @@ def test_trainer_learns_with_a_frozen_core_under_bf16_and_weight_decay(caches, t
     train, held_out = caches
     model = core_model(train.norm_factor)
     frozen = model.W_enc_frozen.clone()
-    args = training_args(tmp_path, bf16=True, weight_decay=0.1)
+    args = training_args(tmp_path, bf16=True, weight_decay=0.1, max_steps=120, logging_steps=20)
     trainer = DMSAETrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
     trainer.train()
 
