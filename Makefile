@@ -20,7 +20,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 demo: setup
-	$(BIN)/accelerate launch --num_processes 1 scripts/train.py configs/smollm2-135m.json
+	$(BIN)/accelerate launch --num_processes 1 scripts/distill.py configs/smollm2-135m.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from .activations import ActivationArguments, LayerActivations, TrainingPositions, batched, load_texts, token_sequences
@@ -179,8 +180,9 @@ def select_core(
 
 
 class AttributionCallback(TrainerCallback):
-    """At the end of training, scores the trained SAE's candidate pool, selects its core, saves it as
-    `<output_dir>/core` and logs its size and coverage."""
+    """At the end of training, scores the trained SAE's candidate pool on the main process, selects its core,
+    saves it as `<output_dir>/core` and logs its size and coverage. `core` stays None where this process did not
+    score (other processes; FSDP-sharded weights, which only the saved model holds whole)."""
 
     def __init__(self, lm, tokenizer, activation_args: ActivationArguments, args: AttributionArguments, **provenance):
         self.lm, self.tokenizer, self.activation_args, self.args = lm, tokenizer, activation_args, args
@@ -188,9 +190,9 @@ class AttributionCallback(TrainerCallback):
         self.core: DMSAECore | None = None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
         sae = model.module if hasattr(model, "module") else model
+        if not state.is_world_process_zero or isinstance(sae.W_dec, DTensor):
+            return  # FSDP-sharded weights: score the saved full model instead (as the distillation does)
         was_training = sae.training
         sae.eval()
         self.core = select_core(sae, self.lm, self.tokenizer, self.activation_args, self.args, **self.provenance)

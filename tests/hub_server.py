@@ -68,6 +68,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo(self, repo_id: str) -> Repo | None:
         return self.state.repos.get(repo_id)
 
+    def _commit_at(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        """The commit a revision names, or None after answering 404."""
+        repo = self._repo(repo_id)
+        if repo is None:
+            return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+        commit = repo.files(revision)
+        if commit is None:
+            return self._error(404, "RevisionNotFound", f"Revision {revision} not found")
+        return commit
+
     # -- routes -------------------------------------------------------------------------------------------------
     def do_POST(self):
         path = urlparse(self.path).path
@@ -150,12 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"commitUrl": f"http://{host}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
 
     def _info(self, repo_id: str, revision: str):
-        repo = self._repo(repo_id)
-        if repo is None:
-            return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
-        commit = repo.files(revision)
-        if commit is None:
-            return self._error(404, "RevisionNotFound", f"Revision {revision} not found")
+        if (commit := self._commit_at(repo_id, revision)) is None:
+            return
         oid, files = commit
         siblings = [{"rfilename": p, "size": len(d), "blobId": _oid(d)} for p, d in sorted(files.items())]
         self._send(200, {"id": repo_id, "modelId": repo_id, "sha": oid, "private": False, "disabled": False,
@@ -163,10 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
                          "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z"})  # fmt: skip
 
     def _tree(self, repo_id: str, revision: str, folder: str, recursive: bool):
-        repo = self._repo(repo_id)
-        commit = repo.files(revision) if repo else None
-        if commit is None:
-            return self._error(404, "RepoNotFound", f"Repository {repo_id}@{revision} not found")
+        if (commit := self._commit_at(repo_id, revision)) is None:
+            return
         prefix = folder.rstrip("/") + "/" if folder else ""
         entries = []
         for path, data in sorted(commit[1].items()):
@@ -175,12 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, entries)
 
     def _resolve(self, repo_id: str, revision: str, path: str):
-        repo = self._repo(repo_id)
-        if repo is None:
-            return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
-        commit = repo.files(revision)
-        if commit is None:
-            return self._error(404, "RevisionNotFound", f"Revision {revision} not found")
+        if (commit := self._commit_at(repo_id, revision)) is None:
+            return
         oid, files = commit
         if path not in files:
             return self._error(404, "EntryNotFound", f"{path} does not exist in {repo_id}@{revision}")

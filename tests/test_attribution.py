@@ -55,19 +55,25 @@ def test_streaming_quantiles_merge_across_processes():
     torch.testing.assert_close(first.compute(), torch.quantile(values, 0.95, dim=0), rtol=0, atol=1e-7)
 
 
+def autograd_reference(lm, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual stream after block `layer` and the gradient of the summed next-token loss there, by plain autograd
+    through the whole model (embeddings requiring grad, `retain_grad` on the hidden state)."""
+    embeds = lm.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    out = lm(inputs_embeds=embeds, output_hidden_states=True)
+    hidden = out.hidden_states[layer + 1]
+    hidden.retain_grad()
+    vocab = out.logits.shape[-1]
+    F.cross_entropy(out.logits[:, :-1].reshape(-1, vocab), input_ids[:, 1:].flatten(), reduction="sum").backward()
+    return hidden.detach(), hidden.grad
+
+
 def test_activation_gradients_equal_autograd(tiny_lm):
     lm, _ = tiny_lm
     input_ids = torch.randint(3, lm.config.vocab_size, (2, 24))
     acts, grads = LayerActivations(lm, 2, "resid_post").with_gradient(input_ids)
-
-    embeds = lm.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    out = lm(inputs_embeds=embeds, output_hidden_states=True)
-    hidden = out.hidden_states[3]
-    hidden.retain_grad()
-    vocab = out.logits.shape[-1]
-    F.cross_entropy(out.logits[:, :-1].reshape(-1, vocab), input_ids[:, 1:].flatten(), reduction="sum").backward()
-    torch.testing.assert_close(acts, hidden.detach())
-    torch.testing.assert_close(grads, hidden.grad)
+    expected_acts, expected_grads = autograd_reference(lm, input_ids, 2)
+    torch.testing.assert_close(acts, expected_acts)
+    torch.testing.assert_close(grads, expected_grads)
     assert grads.abs().sum() > 0
 
 
@@ -84,14 +90,9 @@ def test_gxa_scores_equal_a_brute_force_quantile(tiny_lm, sae):
     unit = sae.W_dec[:pool] / sae.W_dec[:pool].norm(dim=1, keepdim=True)
     rows = []
     for batch in batches:
-        embeds = lm.get_input_embeddings()(batch).detach().requires_grad_(True)
-        out = lm(inputs_embeds=embeds, output_hidden_states=True)
-        hidden = out.hidden_states[3]
-        hidden.retain_grad()
-        vocab = out.logits.shape[-1]
-        F.cross_entropy(out.logits[:, :-1].reshape(-1, vocab), batch[:, 1:].flatten(), reduction="sum").backward()
+        hidden, gradient = autograd_reference(lm, batch, 2)
         keep = batch != tokenizer.bos_token_id
-        x, g = hidden.detach()[keep], hidden.grad[keep]
+        x, g = hidden[keep], gradient[keep]
         z = torch.relu((x / 2.0 - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
         tail = z[:, 6:]
         kth = tail.flatten().sort(descending=True).values[sae.config.k_noncore * len(x) - 1]

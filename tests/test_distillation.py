@@ -141,3 +141,29 @@ def test_a_distillation_killed_during_a_cycle_finishes_with_the_same_cores(strai
     for straight, killed in zip(cores_of(tmp_path / "straight"), cores_of(tmp_path / "killed"), strict=True):
         assert killed.latent_ids == straight.latent_ids
         torch.testing.assert_close(killed.encoder_rows, straight.encoder_rows, rtol=1e-5, atol=1e-6)
+
+
+def test_cycle_zero_from_a_dictionary_learning_checkpoint_seeds_cycle_one(tiny_lm_dir, tmp_path):
+    from test_formats import write_dictionary_learning_checkpoint
+
+    state = write_dictionary_learning_checkpoint(tmp_path / "trainer_0", d=32, n=128, k=8, group_sizes=(8, 24, 96))
+    state.update(b_dec=torch.zeros(32), b_enc=torch.zeros(128))  # biases at the scale of the tiny LM's activations
+    torch.save(state, tmp_path / "trainer_0" / "ae.pt")
+    config = json.loads((tmp_path / "trainer_0" / "config.json").read_text())
+    config["trainer"].update(layer=2, lm_name=str(tiny_lm_dir))
+    (tmp_path / "trainer_0" / "config.json").write_text(json.dumps(config))
+    run = Distillation(
+        DistillationArguments(cycle0_checkpoint=str(tmp_path / "trainer_0")), SAEArguments(dict_size=256, k=8),
+        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache")),
+        AttributionArguments(attribution_tokens=600, tau=0.8), DMSAETrainingArguments(output_dir=str(tmp_path / "run")),
+    )  # fmt: skip
+    core = run._cycle(0, None)
+    assert 0 < len(core) <= 8 and all(i.startswith("cycle0:") for i in core.latent_ids)
+    indices = [int(i.split(":")[1]) for i in core.latent_ids]
+    assert torch.equal(core.encoder_rows, state["W_enc"].T[indices])
+    assert core.provenance["norm_factor"] == 1.0  # the checkpoint reads raw activations
+
+    model = run._new_model(1, core, seed=0)
+    # The new model reads activations divided by the run's norm factor: its frozen rows are rescaled to match.
+    x = torch.randn(4, 32) * 3
+    torch.testing.assert_close(x / run.data.norm_factor @ model.W_enc_frozen.T, x @ core.encoder_rows.T)
