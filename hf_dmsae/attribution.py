@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
@@ -51,6 +53,21 @@ class StreamingQuantile:
         self.top = merged.topk(min(self.keep, merged.shape[1]), dim=1).values
         self.count += count
 
+    def gather(self, device: torch.device) -> None:
+        """Merge the kept values and counts of every process (a no-op outside `torch.distributed`); afterwards
+        each process holds the state of all rows seen anywhere. `device` is where the backend communicates."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        padded = torch.full((self.top.shape[0], self.keep), -torch.inf, device=device)
+        padded[:, : self.top.shape[1]] = self.top
+        gathered = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, padded)
+        count = torch.tensor(self.count, device=device)
+        dist.all_reduce(count)
+        merged = torch.cat(gathered, dim=1)
+        self.count = int(count)
+        self.top = merged.topk(min(self.keep, self.count), dim=1).values.cpu()
+
     def compute(self) -> torch.Tensor:
         """The per-column quantile over all rows seen."""
         if self.count == 0:
@@ -84,20 +101,27 @@ def gxa_scores(
     """Score each candidate latent (core ∪ prefix-0) by the q-quantile of its GxA over up to `max_tokens` positions.
 
     `batches` yields `input_ids` `[B, T]`; `positions` decides which positions count (those an SAE trains on).
+    Under `torch.distributed`, process r of W takes batches r, r+W, … and an equal share of the tokens; the kept
+    values are merged at the end, so every process returns the scores of all positions.
     """
     config = sae.config
     pool = config.candidate_pool_size
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    quota = max_tokens // world + (1 if rank < max_tokens % world else 0)
     layer = LayerActivations(lm, config.hook_layer, config.hook_name)
     quantile = StreamingQuantile(pool, q, max_tokens)
-    for input_ids in batches:
+    for index, input_ids in enumerate(batches):
+        if index % world != rank:
+            continue
         acts, grads = layer.with_gradient(input_ids.to(lm.device))
         keep = positions.mask(input_ids.to(lm.device), acts)
-        remaining = max_tokens - quantile.count
+        remaining = quota - quantile.count
         acts, grads = acts[keep][:remaining], grads[keep][:remaining]
         if len(acts):
             quantile.update(gxa_values(sae, acts, grads, pool).cpu())
-        if quantile.count >= max_tokens:
+        if quantile.count >= quota:
             break
+    quantile.gather(lm.device)
     return quantile.compute()
 
 
@@ -180,9 +204,8 @@ def select_core(
 
 
 class AttributionCallback(TrainerCallback):
-    """At the end of training, scores the trained SAE's candidate pool on the main process, selects its core,
-    saves it as `<output_dir>/core` and logs its size and coverage. `core` stays None where this process did not
-    score (other processes; FSDP-sharded weights, which only the saved model holds whole)."""
+    """At the end of training, scores the trained SAE's candidate pool (every process its share of the tokens),
+    selects its core, saves it as `<output_dir>/core` from the main process and logs its size and coverage."""
 
     def __init__(self, lm, tokenizer, activation_args: ActivationArguments, args: AttributionArguments, **provenance):
         self.lm, self.tokenizer, self.activation_args, self.args = lm, tokenizer, activation_args, args
@@ -190,15 +213,24 @@ class AttributionCallback(TrainerCallback):
         self.core: DMSAECore | None = None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        sae = model.module if hasattr(model, "module") else model
-        if not state.is_world_process_zero or isinstance(sae.W_dec, DTensor):
-            return  # FSDP-sharded weights: score the saved full model instead (as the distillation does)
+        sae = whole_model(model.module if hasattr(model, "module") else model)
         was_training = sae.training
-        sae.eval()
-        self.core = select_core(sae, self.lm, self.tokenizer, self.activation_args, self.args, **self.provenance)
+        self.core = select_core(sae.eval(), self.lm, self.tokenizer, self.activation_args, self.args,
+                                **self.provenance)  # fmt: skip
         sae.train(was_training)
-        self.core.save_pretrained(f"{args.output_dir}/core")
+        if state.is_world_process_zero:
+            self.core.save_pretrained(f"{args.output_dir}/core")
         logger.info("Selected a core of %d latents covering %.3f of the attribution", len(self.core),
                     self.core.coverage)  # fmt: skip
         state.log_history.append({"core_size": len(self.core), "core_coverage": self.core.coverage,
                                   "step": state.global_step})  # fmt: skip
+
+
+def whole_model(sae: DMSAEModel) -> DMSAEModel:
+    """`sae` itself, or for FSDP-sharded weights an unsharded copy on every process (for scoring)."""
+    if not isinstance(sae.W_dec, DTensor):
+        return sae
+    state = get_model_state_dict(sae, options=StateDictOptions(full_state_dict=True))
+    whole = DMSAEModel(sae.config).to(sae.b_enc.device)
+    whole.load_state_dict(state)
+    return whole

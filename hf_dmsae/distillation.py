@@ -140,8 +140,8 @@ class Distillation:
         return dataclasses.replace(self.training_args, output_dir=str(folder), seed=seed, push_to_hub=False)
 
     def _train_and_select(self, name: str, model: DMSAEModel, seed: int, **provenance) -> tuple[DMSAECore, dict]:
-        """Train `model` in `output_dir/name` (resuming), score it and select its core on the main process; returns
-        the core and the held-out metrics. A model trained before a crash is read back instead of trained again."""
+        """Train `model` in `output_dir/name` (resuming), score it and select its core; returns the core and the
+        held-out metrics. A model trained before a crash is read back instead of trained again."""
         folder = self.output_dir / name
         record = self.state.data.setdefault("runs", {}).setdefault(name, {})
         provenance = {"source_model": str(folder), **provenance}
@@ -152,12 +152,14 @@ class Distillation:
             metrics = trainer.evaluate() if self.data.eval is not None else {}
             record.update(trained=True, metrics=metrics, log_history=trainer.state.log_history)
             self.state.save()
-        with self.training_args.main_process_first(local=False, desc="attribution"):
-            if self.training_args.process_index == 0 and attribution.core is None:  # trained before a crash
-                model = DMSAEModel.from_pretrained(folder).eval()
-                select_core(model, self.data.lm, self.data.tokenizer, self.activation_args, self.attribution_args,
-                            **provenance).save_pretrained(folder / "core")  # fmt: skip
-        return DMSAECore.from_pretrained(folder / "core"), record["metrics"]
+        core = attribution.core
+        if core is None:  # trained before a crash: score the saved model (every process its share)
+            model = DMSAEModel.from_pretrained(folder).to(self.training_args.device).eval()
+            core = select_core(model, self.data.lm, self.data.tokenizer, self.activation_args, self.attribution_args,
+                               **provenance)  # fmt: skip
+            if self.state.writer:
+                core.save_pretrained(folder / "core")
+        return core, record["metrics"]
 
     def _cycle(self, t: int, previous: DMSAECore | None) -> DMSAECore:
         record = self.state.cycle(t)

@@ -56,6 +56,7 @@ def prepare_activations(args: ActivationArguments, training_args: DMSAETrainingA
     """Load the LM and build (or reopen) the activation datasets; with a cache, the main process writes it while
     the others wait, then all read it. (Going through `training_args` sets up the processes as it says.)"""
     lm, tokenizer = load_language_model(args)
+    lm.to(training_args.device)
     with training_args.main_process_first(desc="activations"):
         train = activation_dataset(args, lm, tokenizer, args.dataset_split, args.num_tokens)
         held_out = activation_dataset(args, lm, tokenizer, args.eval_split, args.eval_tokens) if args.eval_tokens else None
