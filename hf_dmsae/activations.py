@@ -291,8 +291,12 @@ class StreamingActivations(torch.utils.data.IterableDataset):
     def __init__(self, args: ActivationArguments, lm, tokenizer, split: str, num_tokens: int):
         self.args, self.lm, self.tokenizer, self.split, self.num_tokens = args, lm, tokenizer, split, num_tokens
         self.d_in = lm.config.get_text_config().hidden_size
-        first = torch.cat(list(harvest(args, lm, tokenizer, split, min(args.norm_tokens, num_tokens))))
-        self.norm_factor = norm_factor(first)
+        self._first = torch.cat(list(harvest(args, lm, tokenizer, split, min(args.norm_tokens, num_tokens))))
+        self.norm_factor = norm_factor(self._first)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """Up to `n` rows from the start of the stream (those the normalisation factor was estimated on)."""
+        return self._first[:n]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         blocks = harvest(self.args, self.lm, self.tokenizer, self.split, self.num_tokens)
@@ -309,11 +313,6 @@ def activation_dataset(args: ActivationArguments, lm, tokenizer, split: str, num
     return ActivationCache.build(Path(args.activation_cache) / split, args, lm, tokenizer, split, num_tokens)
 
 
-def first_rows(dataset, n: int) -> torch.Tensor:
-    """The first `n` rows of an activation dataset (for initialising the decoder bias)."""
-    if isinstance(dataset, ActivationCache):
-        return dataset.__getitems__(list(range(min(n, len(dataset)))))
-    return torch.stack([item["activations"] for item in itertools.islice(iter(dataset), n)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,6 +391,10 @@ class ActivationCache(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"activations": self.__getitems__([index])[0]}
 
+    def sample(self, n: int) -> torch.Tensor:
+        """The first `n` rows (already shuffled when the cache was written)."""
+        return self.__getitems__(list(range(min(n, len(self)))))
+
     @classmethod
     def build(
         cls, path: str | os.PathLike, args: ActivationArguments, lm, tokenizer, split: str, num_tokens: int
@@ -409,12 +412,18 @@ class ActivationCache(torch.utils.data.Dataset):
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         dtype = getattr(torch, args.cache_dtype)
-        blocks = shuffled(harvest(args, lm, tokenizer, split, num_tokens), args.shuffle_buffer_tokens, args.harvest_seed)
-        shards, scale, pending = [], None, torch.empty(0)
-        for block in itertools.chain(blocks, [None]):
+        first: list[torch.Tensor] = []  # the first norm_tokens rows in text order, as StreamingActivations sees them
+
+        def noting_first(blocks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+            for block in blocks:
+                if (seen := sum(map(len, first))) < args.norm_tokens:
+                    first.append(block[: args.norm_tokens - seen])
+                yield block
+
+        harvested = noting_first(harvest(args, lm, tokenizer, split, num_tokens))
+        shards, pending = [], torch.empty(0)
+        for block in itertools.chain(shuffled(harvested, args.shuffle_buffer_tokens, args.harvest_seed), [None]):
             if block is not None:
-                if scale is None:
-                    scale = norm_factor(block[: args.norm_tokens])
                 pending = torch.cat([pending, block]) if len(pending) else block
             while len(pending) >= _SHARD_ROWS or (block is None and len(pending)):
                 name = f"shard-{len(shards):05d}.safetensors"
@@ -422,7 +431,7 @@ class ActivationCache(torch.utils.data.Dataset):
                 shards.append(name)
                 pending = pending[_SHARD_ROWS:]
         manifest = {"identity": identity, "shards": shards, "d_in": lm.config.get_text_config().hidden_size,
-                    "norm_factor": scale}  # fmt: skip
+                    "norm_factor": norm_factor(torch.cat(first))}  # fmt: skip
         (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2))
         if path.exists():
             path.rmdir()

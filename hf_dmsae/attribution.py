@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .activations import ActivationArguments, LayerActivations, TrainingPositions, batched, load_texts, token_sequences
@@ -110,6 +111,7 @@ def gxa_scores(
     quota = max_tokens // world + (1 if rank < max_tokens % world else 0)
     layer = LayerActivations(lm, config.hook_layer, config.hook_name)
     quantile = StreamingQuantile(pool, q, max_tokens)
+    progress = tqdm(total=quota, desc="attribution", unit="tok", unit_scale=True, disable=rank != 0)
     for index, input_ids in enumerate(batches):
         if index % world != rank:
             continue
@@ -119,8 +121,10 @@ def gxa_scores(
         acts, grads = acts[keep][:remaining], grads[keep][:remaining]
         if len(acts):
             quantile.update(gxa_values(sae, acts, grads, pool).cpu())
+            progress.update(len(acts))
         if quantile.count >= quota:
             break
+    progress.close()
     quantile.gather(lm.device)
     return quantile.compute()
 

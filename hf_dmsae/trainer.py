@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .activations import collate_activations, first_rows
+from .activations import collate_activations
 from .modeling_dmsae import DMSAEModel
 
 # Per metric mode: the Trainer's loss key that marks its log, and the prefix of our metric names there.
@@ -64,7 +64,8 @@ class _DecoderNormCallback(TrainerCallback):
 
 
 class DMSAETrainer(Trainer):
-    """Trains a `DMSAEModel`; `train_dataset` yields `{"activations": [d_in]}` rows (see `hf_dmsae.activations`)."""
+    """Trains a `DMSAEModel`; `train_dataset` yields `{"activations": [d_in]}` rows and has `sample(n)` (the
+    datasets of `hf_dmsae.activations`)."""
 
     def __init__(self, model: DMSAEModel, args: DMSAETrainingArguments, **kwargs):
         kwargs.setdefault("data_collator", collate_activations)
@@ -79,10 +80,10 @@ class DMSAETrainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """As `Trainer.train`; a fresh run first sets `b_dec` to the geometric median of the first rows (the
-        same rows on every process, read before the model is wrapped)."""
+        """As `Trainer.train`; a fresh run first sets `b_dec` to the geometric median of the dataset's first rows
+        (`train_dataset.sample(n)`: the same rows on every process, read before the model is wrapped)."""
         if not resume_from_checkpoint and self.state.global_step == 0 and self.args.init_decoder_bias_rows > 0:
-            self.model.init_decoder_bias(first_rows(self.train_dataset, self.args.init_decoder_bias_rows))
+            self.model.init_decoder_bias(self.train_dataset.sample(self.args.init_decoder_bias_rows))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):

@@ -7,6 +7,8 @@ from conftest import tiny_activation_args
 from hf_dmsae.activations import (
     ActivationCache,
     LayerActivations,
+    StreamingActivations,
+    activation_dataset,
     collate_activations,
     decoder_layers,
     harvest,
@@ -76,7 +78,7 @@ def test_cache_round_trip_and_batched_gather(tiny_lm, tiny_lm_dir, tmp_path):
     harvested = torch.cat(list(harvest(args, lm, tokenizer, "train", 3000)))
     rows = cache.__getitems__(list(range(3000)))
     torch.testing.assert_close(rows.double().sum(0), harvested.double().sum(0))  # same rows, shuffled
-    assert cache.norm_factor == pytest.approx(float(rows[:512].pow(2).sum(-1).mean().sqrt()), rel=1e-5)
+    assert cache.norm_factor == pytest.approx(float(harvested[:512].pow(2).sum(-1).mean().sqrt()), rel=1e-5)
     picked = [5, 2999, 0, 1234]
     assert torch.equal(cache.__getitems__(picked), torch.stack([cache[i]["activations"] for i in picked]))
     assert torch.equal(collate_activations(cache.__getitems__(picked))["activations"], cache.__getitems__(picked))
@@ -130,3 +132,17 @@ def test_embedded_smollm2_is_a_real_language_model():
         out = lm(input_ids, labels=input_ids, output_hidden_states=True)
     assert out.loss < 4.0, "the converted weights do not model English"
     torch.testing.assert_close(LayerActivations(lm, 15)(input_ids), out.hidden_states[16], rtol=0, atol=0)
+
+
+def test_streamed_activations_are_the_cached_ones_in_the_same_order(tiny_lm, tiny_lm_dir, tmp_path):
+    lm, tokenizer = tiny_lm
+    streamed_args = tiny_activation_args(tiny_lm_dir)
+    stream = activation_dataset(streamed_args, lm, tokenizer, "train", 2500)
+    assert isinstance(stream, StreamingActivations)
+    cached_args = tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"))
+    cache = activation_dataset(cached_args, lm, tokenizer, "train", 2500)
+    assert isinstance(cache, ActivationCache) and (tmp_path / "cache" / "train" / "cache.json").is_file()
+    rows = torch.stack([item["activations"] for item in stream])
+    assert torch.equal(rows, cache.__getitems__(list(range(2500))))
+    assert stream.norm_factor == cache.norm_factor
+    assert stream.sample(100).shape == (100, 32)
