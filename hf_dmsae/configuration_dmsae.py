@@ -90,6 +90,10 @@ class DMSAEConfig(PreTrainedConfig):
     dead_tokens_threshold: int = 10_000_000
     """A latent that has not fired for this many training tokens counts as dead (feeds AuxK)."""
 
+    kernels: str = "sparse"
+    """Training-step implementation: `"sparse"` (only kept activations touched, `hf_dmsae.kernels`) or
+    `"reference"` (plain dense tensors, `hf_dmsae.sparsity`); the two compute the same."""
+
     threshold_beta: float = 0.999
     """EMA decay of the inference threshold (the smallest kept activation of each training batch)."""
 
@@ -143,6 +147,8 @@ class DMSAEConfig(PreTrainedConfig):
             fail("group_sizes", "every Matryoshka group needs at least one latent")
         if sum(self.group_sizes) != self.dict_size - self.core_size:
             fail("group_sizes", f"must sum to dict_size - core_size = {self.dict_size - self.core_size}")
+        if self.kernels not in ("sparse", "reference"):
+            fail("kernels", "must be 'sparse' or 'reference'")
         if self.sparsity not in SPARSITY_MODES:
             fail("sparsity", f"must be one of {SPARSITY_MODES}")
         if self.sparsity == "dense_core" and self.k_noncore > self.dict_size - self.core_size:

@@ -9,6 +9,7 @@ from one encode by decoding group after group, plus the AuxK loss for dead laten
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_dmsae import DMSAEConfig
+from .kernels import SparseEncode, sparse_decode_groups
 from .sparsity import all_reduce_any, mask_batch_topk, mask_threshold, smallest_kept_activation, world_size
 
 
@@ -44,6 +46,19 @@ class DMSAEOutput(ModelOutput):
     reconstruction: torch.FloatTensor | None = None
     l0_core: torch.FloatTensor | None = None
     l0_noncore: torch.FloatTensor | None = None
+
+
+@dataclass
+class _Pass:
+    """What one forward computes, whichever kernels computed it."""
+
+    reconstructions: list[torch.Tensor]  # one per Matryoshka prefix, normalised units
+    latents: torch.Tensor | None  # [B, n] masked latents (None when not asked for on the sparse path)
+    fired: torch.Tensor  # [n] bool: latents active in the batch
+    kept_values: torch.Tensor  # the activations BatchTopK kept (threshold EMA target)
+    l0_core: torch.Tensor
+    l0_noncore: torch.Tensor
+    preactivations_of: Callable[[torch.Tensor], torch.Tensor]  # ReLU pre-activations of given latents, [B, len]
 
 
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
@@ -163,60 +178,95 @@ class DMSAEModel(PreTrainedModel):
         """Latents `[..., dict_size]` → reconstruction `[..., d_in]` in raw activation units."""
         return (latents @ self.W_dec + self.b_dec) * self.config.norm_factor
 
-    def forward(self, activations: torch.Tensor) -> DMSAEOutput:
+    def forward(self, activations: torch.Tensor, return_latents: bool = True) -> DMSAEOutput:
+        """Loss and statistics of a batch. BatchTopK masks run on the sparse kernels (`config.kernels`) unless the
+        threshold masks (inference); `return_latents=False` skips building the dense `[B, n]` latents."""
         x = self._checked(activations) / self.config.norm_factor
-        z = self._relu_preactivations(x)
-        latents = self._mask(z)
+        batch_topk = self.training or bool(self.threshold < 0)
+        if self.config.kernels == "sparse" and batch_topk:
+            step = self._sparse_pass(x, return_latents)
+        else:
+            step = self._dense_pass(x)
         if self.training:
-            self._update_statistics(latents)
-
-        c = self.config.core_size
-        prefix_losses = []
-        reconstruction = self.b_dec.expand_as(x)
-        start = 0
-        for end in [c] + self.config.prefix_ends:
-            if end > start:
-                reconstruction = reconstruction + latents[:, start:end] @ self.W_dec[start:end]
-            if end > c:
-                prefix_losses.append(squared_error(x, reconstruction))
-            start = end
-        prefix_losses = torch.stack(prefix_losses)
-        aux_loss = self._aux_loss(x, reconstruction, z)
-        loss = prefix_losses.sum() + self.config.aux_coef * aux_loss
-
-        active = (latents > 0).float()
+            self._update_statistics(step.fired, step.kept_values, len(x))
+        prefix_losses = torch.stack([squared_error(x, r) for r in step.reconstructions])
+        aux_loss = self._aux_loss(x, step.reconstructions[-1], step.preactivations_of)
         return DMSAEOutput(
-            loss=loss,
+            loss=prefix_losses.sum() + self.config.aux_coef * aux_loss,
             prefix_losses=prefix_losses,
             aux_loss=aux_loss,
-            latents=latents,
-            reconstruction=reconstruction * self.config.norm_factor,
-            l0_core=active[:, :c].sum(1).mean(),
-            l0_noncore=active[:, c:].sum(1).mean(),
+            latents=step.latents if return_latents else None,
+            reconstruction=step.reconstructions[-1] * self.config.norm_factor,
+            l0_core=step.l0_core,
+            l0_noncore=step.l0_noncore,
         )
 
-    def _aux_loss(self, x: torch.Tensor, reconstruction: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _dense_pass(self, x: torch.Tensor) -> _Pass:
+        """The reference: dense latents `[B, n]`, masked, decoded group after group."""
+        c, start = self.config.core_size, self.config.first_masked_latent
+        z = self._relu_preactivations(x)
+        latents = self._mask(z)
+        reconstructions, reconstruction, low = [], self.b_dec.expand_as(x), 0
+        for end in [c] + self.config.prefix_ends:
+            if end > low:
+                reconstruction = reconstruction + latents[:, low:end] @ self.W_dec[low:end]
+            if end > c:
+                reconstructions.append(reconstruction)
+            low = end
+        active = (latents > 0).float()
+        return _Pass(
+            reconstructions=reconstructions, latents=latents, fired=(latents > 0).any(0),
+            kept_values=latents[:, start:], l0_core=active[:, :c].sum(1).mean(), l0_noncore=active[:, c:].sum(1).mean(),
+            preactivations_of=lambda index: z[:, index],
+        )  # fmt: skip
+
+    def _sparse_pass(self, x: torch.Tensor, return_latents: bool) -> _Pass:
+        """The same computation on the kept entries only (`hf_dmsae.kernels`)."""
+        c, start, n, batch = self.config.core_size, self.config.first_masked_latent, self.config.dict_size, len(x)
+        centred = x - self.b_dec
+        core, rows, cols, values = SparseEncode.apply(
+            centred, self.W_enc_frozen, self.W_enc_trainable, self.b_enc, start, self.config.topk_per_row * batch
+        )
+        reconstructions = sparse_decode_groups(core, rows, cols, values, self.W_dec, self.b_dec,
+                                               self.config.prefix_ends, batch)  # fmt: skip
+        active = values > 0
+        fired = torch.zeros(n, dtype=torch.bool, device=x.device)
+        fired[cols[active]] = True
+        fired[:start] |= (core > 0).any(0)
+        core_entries = (active & (cols < c)).sum()
+        latents = None
+        if return_latents:
+            kept = torch.zeros(batch, n - start, device=x.device, dtype=values.dtype)
+            latents = torch.cat([core, kept.index_put((rows, cols - start), values)], dim=1)
+        return _Pass(
+            reconstructions=reconstructions, latents=latents, fired=fired, kept_values=values,
+            l0_core=((core[:, :c] > 0).sum() + core_entries) / batch, l0_noncore=(active.sum() - core_entries) / batch,
+            preactivations_of=lambda index: F.relu(F.linear(centred, self.W_enc[index], self.b_enc[index])),
+        )  # fmt: skip
+
+    def _aux_loss(self, x: torch.Tensor, reconstruction: torch.Tensor, preactivations_of) -> torch.Tensor:
         """AuxK (as in dictionary_learning): the top `aux_k` dead latents of each row reconstruct the detached
-        residual `x − x̂`; the squared error is divided by the residual's variance. Zero when none is dead."""
-        dead = self.tokens_since_fired >= self.config.dead_tokens_threshold
-        num_dead = int(dead.sum())
-        if num_dead == 0:
+        residual `x − x̂`; the squared error is divided by the residual's variance. Zero when none is dead.
+        `preactivations_of(index)` gives the ReLU pre-activations `[B, len(index)]` of those latents."""
+        dead = torch.nonzero(self.tokens_since_fired >= self.config.dead_tokens_threshold).squeeze(1)
+        if len(dead) == 0:
             return x.new_zeros((), dtype=torch.float32)
         residual = (x - reconstruction).detach().float()
-        values, index = torch.where(dead, z, -torch.inf).topk(min(self.config.aux_k, num_dead), dim=1, sorted=False)
-        aux_latents = torch.zeros_like(z).scatter(1, index, values)
-        aux_error = squared_error(residual, aux_latents @ self.W_dec)
+        z_dead = preactivations_of(dead)
+        values, index = z_dead.topk(min(self.config.aux_k, len(dead)), dim=1, sorted=False)
+        aux_latents = torch.zeros_like(z_dead).scatter(1, index, values)
+        aux_error = squared_error(residual, aux_latents @ self.W_dec[dead])
         residual_variance = squared_error(residual, residual.mean(0, keepdim=True))
         return (aux_error / residual_variance).nan_to_num(0.0)
 
     @torch.no_grad()
-    def _update_statistics(self, latents: torch.Tensor) -> None:
+    def _update_statistics(self, fired: torch.Tensor, kept_values: torch.Tensor, batch: int) -> None:
         """Dead-latent counters and the inference threshold's EMA, agreed across processes."""
-        fired = all_reduce_any((latents > 0).any(0))
-        self.tokens_since_fired += latents.shape[0] * world_size()
+        fired = all_reduce_any(fired)
+        self.tokens_since_fired += batch * world_size()
         self.tokens_since_fired[fired] = 0
 
-        smallest = smallest_kept_activation(latents, self.config.first_masked_latent)
+        smallest = smallest_kept_activation(kept_values)
         beta = self.config.threshold_beta
         updated = torch.where(self.threshold < 0, smallest, beta * self.threshold + (1 - beta) * smallest)
         self.threshold.copy_(torch.where(torch.isnan(smallest), self.threshold, updated))

@@ -31,11 +31,11 @@ def mask_threshold(z: torch.Tensor, start: int, threshold: torch.Tensor) -> torc
     return torch.cat([z[:, :start], masked], dim=1) if start else masked
 
 
-def smallest_kept_activation(latents: torch.Tensor, start: int) -> torch.Tensor:
-    """The smallest positive activation BatchTopK kept in the masked region (the threshold's EMA target);
-    NaN where nothing fired. Averaged over processes, since each process masks its own batch."""
-    tail = latents[:, start:].detach().float()
-    smallest = torch.where(tail > 0, tail, torch.inf).min()
+def smallest_kept_activation(kept: torch.Tensor) -> torch.Tensor:
+    """The smallest positive activation among those BatchTopK kept (the threshold's EMA target); NaN where nothing
+    fired. Averaged over processes, since each process masks its own batch."""
+    kept = kept.detach().float()
+    smallest = torch.where(kept > 0, kept, torch.inf).min() if kept.numel() else kept.new_tensor(torch.inf)
     smallest = torch.where(torch.isinf(smallest), torch.nan, smallest)
     return all_reduce_mean(smallest)
 

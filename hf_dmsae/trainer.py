@@ -93,7 +93,7 @@ class DMSAETrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        outputs = model(**inputs, return_latents=False)
         self._accumulate_metrics("train" if model.training else "eval", inputs["activations"], outputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 

@@ -1,0 +1,115 @@
+"""Sparse kernels of the training step: exact BatchTopK without a full sort, and an encoder, decoder and backward
+that touch only the kept activations.
+
+The only dense `[B, n]` work is the encoder's matmul (the cost no sparsity can remove). BatchTopK keeps `K = k · B`
+entries: `batch_topk_entries` finds them among each row's top candidates, and falls back to the flat sort only when a
+row could hold more (then it is exact too). The kept entries travel as `(rows, cols, values)` sorted by row;
+decoding is `embedding_bag` over decoder rows, one call per Matryoshka group; `SparseEncode`'s backward builds the
+encoder gradients from the kept entries alone (sparsify's approach, adapted to a variable count per row).
+
+`hf_dmsae.sparsity` keeps the plain reference implementation; tests check these against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def batch_topk_entries(z: torch.Tensor, k_total: int, candidates_per_row: int | None = None):
+    """The `k_total` largest entries of `z` `[B, m]` over the whole batch, as `(rows, cols, values)` sorted by row
+    then column. Exactly `batch_topk`'s selection (ties aside), without sorting all `B · m` values."""
+    batch, width = z.shape
+    k_total = min(k_total, z.numel())
+    per_row = candidates_per_row or 4 * math.ceil(k_total / batch)
+    if per_row < width:
+        row_values, row_cols = z.topk(per_row, dim=1, sorted=False)
+        values, position = row_values.flatten().topk(k_total, sorted=False)
+        rows = torch.div(position, per_row, rounding_mode="floor")
+        # A row whose every candidate was kept may hold more of the top entries: only then sort everything.
+        if not (torch.bincount(rows, minlength=batch) == per_row).any():
+            flat = rows * width + row_cols.flatten()[position]
+            return _sorted_entries(flat, values, width)
+    values, flat = z.flatten().topk(k_total, sorted=False)
+    return _sorted_entries(flat, values, width)
+
+
+def _sorted_entries(flat: torch.Tensor, values: torch.Tensor, width: int):
+    flat, order = flat.sort()
+    return torch.div(flat, width, rounding_mode="floor"), flat % width, values[order]
+
+
+class SparseEncode(torch.autograd.Function):
+    """`z = ReLU(x_c W_encᵀ + b_enc)`; the first `start` columns (the dense core) returned whole, BatchTopK of
+    `k_total` entries over the rest returned as `(rows, cols, values)` (cols counted from 0 = first latent).
+
+    Backward touches only the kept entries and the core: `∂W_enc`, `∂b_enc`, `∂x_c` without a dense `[B, n]`
+    gradient. The frozen rows get no gradient (they are not an input)."""
+
+    @staticmethod
+    def forward(ctx, x_c, W_frozen, W_trainable, b_enc, start: int, k_total: int):
+        with torch.no_grad():
+            compute_dtype = torch.get_autocast_dtype("cpu" if x_c.device.type == "cpu" else x_c.device.type)
+            autocast = torch.is_autocast_enabled(x_c.device.type)
+            dtype = compute_dtype if autocast else x_c.dtype
+            W_enc = torch.cat([W_frozen, W_trainable]).to(dtype)
+            pre = torch.addmm(b_enc.to(dtype), x_c.to(dtype), W_enc.T).float()
+            pre.relu_()
+            core = pre[:, :start].contiguous()
+            rows, cols, values = batch_topk_entries(pre[:, start:], k_total)
+            cols = cols + start
+        ctx.save_for_backward(x_c, W_enc, core, rows, cols, values)
+        ctx.frozen_rows = W_frozen.shape[0]
+        ctx.mark_non_differentiable(rows, cols)
+        return core, rows, cols, values
+
+    @staticmethod
+    def backward(ctx, grad_core, grad_rows, grad_cols, grad_values):
+        x_c, W_enc, core, rows, cols, values = ctx.saved_tensors
+        batch, d = x_c.shape
+        n, f, start = W_enc.shape[0], ctx.frozen_rows, core.shape[1]
+        grad_values = grad_values * (values > 0)  # ReLU: kept zeros pass no gradient
+        grad_core = grad_core * (core > 0) if grad_core is not None else torch.zeros_like(core)
+        W = W_enc.float()
+
+        grad_b_enc = torch.zeros(n, device=x_c.device).index_add_(0, cols, grad_values)
+        grad_b_enc[:start] += grad_core.sum(0)
+
+        # ∂x_c = (∂pre) W_enc: the dense core part, plus one embedding_bag over the kept entries (sorted by row).
+        grad_x = grad_core @ W[:start] if start else torch.zeros(batch, d, device=x_c.device)
+        offsets = torch.cumsum(torch.bincount(rows, minlength=batch), 0) - torch.bincount(rows, minlength=batch)
+        grad_x = grad_x + F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=grad_values)
+
+        # ∂W_enc[j] = Σ over kept entries of latent j of ∂pre · x_c[row]: entries sorted by column, bagged over x_c.
+        grad_W = None
+        if ctx.needs_input_grad[2]:
+            by_col = torch.argsort(cols, stable=True)
+            counts = torch.bincount(cols, minlength=n)
+            col_offsets = torch.cumsum(counts, 0) - counts
+            grad_W = F.embedding_bag(rows[by_col], x_c.float(), col_offsets, mode="sum",
+                                     per_sample_weights=grad_values[by_col])  # fmt: skip
+            if start > f:  # trainable core rows see the dense core gradient
+                grad_W[f:start] += grad_core[:, f:].T @ x_c.float()
+            grad_W = grad_W[f:].to(W_enc.dtype)
+        return grad_x.to(x_c.dtype), None, grad_W, grad_b_enc, None, None
+
+
+def sparse_decode_groups(core_latents, rows, cols, values, W_dec, b_dec, group_ends: list[int], batch: int):
+    """Cumulative Matryoshka reconstructions `[b_dec + Σ_{j < end} a_j W_dec[j] for end in group_ends]` from the dense
+    core `[B, c]` and the kept entries, touching only decoder rows that are active."""
+    start = core_latents.shape[1]
+    reconstruction = b_dec.expand(batch, -1)
+    if start:
+        reconstruction = reconstruction + core_latents @ W_dec[:start]
+    outputs, low = [], start
+    for end in group_ends:
+        chosen = (cols >= low) & (cols < end)
+        counts = torch.bincount(rows[chosen], minlength=batch)
+        offsets = torch.cumsum(counts, 0) - counts
+        group = F.embedding_bag(cols[chosen], W_dec, offsets, mode="sum", per_sample_weights=values[chosen])
+        reconstruction = reconstruction + group
+        outputs.append(reconstruction)
+        low = end
+    return outputs

@@ -1,0 +1,99 @@
+"""The sparse kernels against the plain reference they replace."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+
+from hf_dmsae import DMSAEModel
+from hf_dmsae.kernels import batch_topk_entries
+from hf_dmsae.sparsity import batch_topk
+
+
+def dense(rows, cols, values, shape):
+    return torch.zeros(shape).index_put((rows, cols), values)
+
+
+@pytest.mark.parametrize("k_total", [1, 37, 256, 1000])
+def test_batch_topk_entries_select_what_the_flat_sort_selects(k_total):
+    z = torch.relu(torch.randn(64, 200))
+    rows, cols, values = batch_topk_entries(z, k_total)
+    assert torch.equal(dense(rows, cols, values, z.shape), batch_topk(z, k_total))
+    flat = rows * 200 + cols
+    assert torch.equal(flat, flat.sort().values), "entries are sorted by row, then column"
+
+
+def test_batch_topk_entries_stay_exact_when_one_row_holds_most_of_the_top():
+    z = torch.rand(32, 100)
+    z[7] += 10.0  # row 7 holds the 100 largest values: more than its candidates
+    rows, cols, values = batch_topk_entries(z, 120, candidates_per_row=8)
+    assert torch.equal(dense(rows, cols, values, z.shape), batch_topk(z, 120))
+    assert int((rows == 7).sum()) == 100
+
+
+def paired_models(**overrides):
+    if "frozen_rows" in overrides:  # from_core freezes whole cores; build a partly frozen one directly
+        torch.manual_seed(0)
+        sparse = DMSAEModel(tiny_config(**overrides))
+        with torch.no_grad():
+            sparse.W_enc_frozen.normal_()
+    else:
+        sparse = tiny_model(**overrides)
+    reference = copy.deepcopy(sparse)
+    reference.config.kernels = "reference"
+    return sparse, reference
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # dense core, frozen core
+        dict(core_size=0),  # plain Matryoshka
+        dict(sparsity="sparse_core", k=6),  # the core competes in the global BatchTopK
+        dict(frozen_rows=3),  # a core with some trainable rows
+    ],
+    ids=["dense-core", "no-core", "sparse-core", "partly-frozen-core"],
+)
+def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides):
+    sparse, reference = paired_models(**overrides)
+    for model in (sparse, reference):
+        model.eval()  # BatchTopK (no threshold yet) without resetting the dead counters set here
+        model.tokens_since_fired[60:90] = 10**9  # dead latents: the AuxK term is live
+    x = torch.randn(96, 16) * 2
+    out_sparse, out_reference = sparse(x), reference(x)
+    for key in ("loss", "prefix_losses", "aux_loss", "latents", "reconstruction", "l0_core", "l0_noncore"):
+        torch.testing.assert_close(out_sparse[key], out_reference[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert out_sparse.aux_loss > 0
+    out_sparse.loss.backward()
+    out_reference.loss.backward()
+    for (name, p_sparse), (_, p_reference) in zip(sparse.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p_sparse.grad, p_reference.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+    for model in (sparse, reference):  # training statistics: dead counters and the threshold
+        model.train()(x)
+    torch.testing.assert_close(sparse.threshold, reference.threshold)
+    assert sparse.threshold > 0
+    assert torch.equal(sparse.tokens_since_fired, reference.tokens_since_fired)
+
+
+def test_sparse_step_under_bf16_autocast_follows_the_reference():
+    sparse, reference = paired_models()
+    x = torch.randn(96, 16) * 2
+    losses = []
+    for model in (sparse, reference):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.loss.backward()
+        losses.append(out.loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0.05, atol=0.05)
+    cosine = torch.nn.functional.cosine_similarity(sparse.W_dec.grad.flatten(), reference.W_dec.grad.flatten(), dim=0)
+    assert cosine > 0.98
+
+
+def test_training_step_can_skip_the_dense_latents():
+    model = tiny_model()
+    model.train()
+    out = model(torch.randn(32, 16), return_latents=False)
+    assert out.latents is None and out.loss.requires_grad
