@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: setup
 
 demo: setup
 	$(BIN)/accelerate launch --num_processes 1 scripts/distill.py configs/smollm2-135m.json
+
+bench: setup
+	$(BIN)/pip install --quiet -r requirements/bench.txt
+	$(BIN)/pip install --quiet --no-deps dictionary-learning==0.1.0 nnsight==0.8.1
+	$(BIN)/python scripts/bench.py --out reports/bench.json
 
 clean:
 	rm -rf $(VENV) runs

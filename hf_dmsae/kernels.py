@@ -2,10 +2,10 @@
 that touch only the kept activations.
 
 The only dense `[B, n]` work is the encoder's matmul (the cost no sparsity can remove). BatchTopK keeps `K = k · B`
-entries: `batch_topk_entries` finds them among each row's top candidates, and falls back to the flat sort only when a
-row could hold more (then it is exact too). The kept entries travel as `(rows, cols, values)` sorted by row;
-decoding is `embedding_bag` over decoder rows, one call per Matryoshka group; `SparseEncode`'s backward builds the
-encoder gradients from the kept entries alone (sparsify's approach, adapted to a variable count per row).
+entries: `batch_topk_entries` finds them among each row's top candidates, widening only rows that could hold more,
+so it stays exact. The kept entries travel as `(rows, cols, values)` grouped by row; decoding is one `embedding_bag`
+over decoder rows for all Matryoshka groups; `SparseEncode`'s backward builds the encoder gradients from the kept
+entries alone (sparsify's approach, adapted to a variable count per row).
 
 `hf_dmsae.sparsity` keeps the plain reference implementation; tests check these against it.
 """
@@ -19,26 +19,41 @@ import torch.nn.functional as F
 
 
 def batch_topk_entries(z: torch.Tensor, k_total: int, candidates_per_row: int | None = None):
-    """The `k_total` largest entries of `z` `[B, m]` over the whole batch, as `(rows, cols, values)` sorted by row
-    then column. Exactly `batch_topk`'s selection (ties aside), without sorting all `B · m` values."""
+    """The `k_total` largest entries of `z` `[B, m]` over the whole batch, as `(rows, cols, values)` grouped by row
+    (in row order). Exactly `batch_topk`'s selection (ties aside), without sorting all `B · m` values.
+
+    Each row offers its top candidates (twice the mean share by default); the `k_total`-th largest candidate is
+    the threshold. A row whose every candidate reaches it may hold more: such rows offer four times as many, until
+    none is saturated (at worst the whole row), so the selection is exact."""
     batch, width = z.shape
     k_total = min(k_total, z.numel())
-    per_row = candidates_per_row or 4 * math.ceil(k_total / batch)
-    if per_row < width:
-        row_values, row_cols = z.topk(per_row, dim=1, sorted=False)
-        values, position = row_values.flatten().topk(k_total, sorted=False)
-        rows = torch.div(position, per_row, rounding_mode="floor")
-        # A row whose every candidate was kept may hold more of the top entries: only then sort everything.
-        if not (torch.bincount(rows, minlength=batch) == per_row).any():
-            flat = rows * width + row_cols.flatten()[position]
-            return _sorted_entries(flat, values, width)
-    values, flat = z.flatten().topk(k_total, sorted=False)
-    return _sorted_entries(flat, values, width)
-
-
-def _sorted_entries(flat: torch.Tensor, values: torch.Tensor, width: int):
-    flat, order = flat.sort()
-    return torch.div(flat, width, rounding_mode="floor"), flat % width, values[order]
+    mean_share = math.ceil(k_total / batch)
+    per_row = min(width, max(mean_share, candidates_per_row or 2 * mean_share))
+    values, cols = z.topk(per_row, dim=1, sorted=False)
+    counts = torch.full((batch,), per_row, device=z.device)
+    values, cols = values.flatten(), cols.flatten()
+    while True:
+        threshold = values.kthvalue(values.numel() - k_total + 1).values
+        rows = torch.repeat_interleave(torch.arange(batch, device=z.device), counts)
+        row_minimum = torch.full((batch,), torch.inf, device=z.device).scatter_reduce(0, rows, values, "amin")
+        saturated = torch.nonzero((row_minimum >= threshold) & (counts < width)).squeeze(1)
+        if len(saturated) == 0:
+            break
+        per_row = min(width, 4 * per_row)
+        more_values, more_cols = z[saturated].topk(per_row, dim=1, sorted=False)
+        keep = ~torch.isin(rows, saturated)
+        counts[saturated] = per_row
+        values, cols, rows = (
+            torch.cat([values[keep], more_values.flatten()]), torch.cat([cols[keep], more_cols.flatten()]),
+            torch.cat([rows[keep], torch.repeat_interleave(saturated, per_row)]),
+        )  # fmt: skip
+        order = torch.argsort(rows, stable=True)
+        values, cols = values[order], cols[order]
+    # Everything above the threshold, then as many entries equal to it as fill k_total (ties in row order).
+    chosen = values > threshold
+    ties = torch.nonzero(values == threshold).squeeze(1)[: k_total - int(chosen.sum())]
+    chosen[ties] = True
+    return rows[chosen], cols[chosen], values[chosen]
 
 
 class SparseEncode(torch.autograd.Function):
@@ -98,18 +113,17 @@ class SparseEncode(torch.autograd.Function):
 
 def sparse_decode_groups(core_latents, rows, cols, values, W_dec, b_dec, group_ends: list[int], batch: int):
     """Cumulative Matryoshka reconstructions `[b_dec + Σ_{j < end} a_j W_dec[j] for end in group_ends]` from the dense
-    core `[B, c]` and the kept entries, touching only decoder rows that are active."""
-    start = core_latents.shape[1]
-    reconstruction = b_dec.expand(batch, -1)
-    if start:
-        reconstruction = reconstruction + core_latents @ W_dec[:start]
-    outputs, low = [], start
-    for end in group_ends:
-        chosen = (cols >= low) & (cols < end)
-        counts = torch.bincount(rows[chosen], minlength=batch)
-        offsets = torch.cumsum(counts, 0) - counts
-        group = F.embedding_bag(cols[chosen], W_dec, offsets, mode="sum", per_sample_weights=values[chosen])
+    core `[B, c]` and the kept entries, touching only decoder rows that are active: one `embedding_bag` whose bags
+    are (row, group) pairs, then a cumulative sum over groups."""
+    start, groups = core_latents.shape[1], len(group_ends)
+    bag = rows * groups + torch.bucketize(cols, torch.tensor(group_ends, device=cols.device), right=True)
+    bag, order = bag.sort(stable=True)
+    counts = torch.bincount(bag, minlength=batch * groups)
+    per_group = F.embedding_bag(cols[order], W_dec, torch.cumsum(counts, 0) - counts, mode="sum",
+                                per_sample_weights=values[order])  # fmt: skip
+    reconstruction = b_dec + core_latents @ W_dec[:start] if start else b_dec.expand(batch, -1)
+    reconstructions = []
+    for group in per_group.view(batch, groups, -1).unbind(1):  # a running sum: cumsum over dim 1 is slow on CPU
         reconstruction = reconstruction + group
-        outputs.append(reconstruction)
-        low = end
-    return outputs
+        reconstructions.append(reconstruction)
+    return reconstructions

@@ -1,0 +1,253 @@
+"""Speed of a DMSAE training step against its peers, and of harvesting and attribution, on this machine.
+
+    python scripts/bench.py [--sizes 4096 16384] [--steps 7] [--out reports/bench.json]
+
+Training steps: the same in-memory activations (d_in 576, batch 4096 tokens, k 64, Matryoshka groups 1/32, 1/16,
+1/8, 1/4 and the rest, fp32, all threads), full steps (forward, every prefix loss, AuxK, backward, Adam step,
+decoder norm) timed interleaved, one step of each implementation per round, medians over rounds, for:
+our DMSAE (sparse kernels, dense core of 2% of the dictionary and no core; the reference kernels too), SAELens'
+`MatryoshkaBatchTopKTrainingSAE`, dictionary_learning's Matryoshka BatchTopK trainer, and the limit: one dense
+encoder matmul + ReLU. Peers that cannot be imported are reported as such (`make bench` installs them).
+
+Harvesting: the embedded SmolLM2 run to the middle layer only vs a full forward with hidden states. Attribution:
+our scoring of a batch vs the LM's own forward + backward to the hooked activation alone.
+Peak memory is the rise of the process's resident set during an implementation's steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from hf_dmsae import DMSAEConfig, DMSAEModel
+from hf_dmsae.configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, matryoshka_group_sizes
+
+D_IN, BATCH, K = 576, 4096, 64
+
+
+class PeakMemory:
+    """Peak rise of the resident set size while the block runs (sampled every millisecond)."""
+
+    def __enter__(self):
+        self.process, self.base, self.peak, self.running = psutil.Process(), 0, 0, True
+        gc.collect()
+        self.base = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.rise_mb = (self.peak - self.base) / 2**20
+
+
+# -- implementations: each returns a function running one full training step on x -------------------------------
+
+
+def dmsae_step(n: int, core_fraction: float, kernels: str):
+    core = round(core_fraction * n)
+    config = DMSAEConfig(d_in=D_IN, dict_size=n, core_size=core, k=K, core_ids=[f"c:{i}" for i in range(core)],
+                         kernels=kernels)  # fmt: skip
+    model = DMSAEModel.from_core(config, torch.randn(core, D_IN) / D_IN**0.5, config.core_ids).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step(x):
+        model(x, return_latents=False).loss.backward()
+        model.remove_parallel_decoder_grad()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.normalize_decoder()
+
+    return step
+
+
+def limit_step(n: int):
+    weight, bias = torch.randn(n, D_IN) / D_IN**0.5, torch.zeros(n)
+
+    def step(x):
+        torch.relu(torch.addmm(bias, x, weight.T))
+
+    return step
+
+
+def saelens_step(n: int):
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import TrainStepInput
+
+    widths = list(torch.tensor(matryoshka_group_sizes(n)).cumsum(0).tolist())
+    sae = MatryoshkaBatchTopKTrainingSAE(
+        MatryoshkaBatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=n, k=K, matryoshka_widths=widths, device="cpu")
+    )
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    dead = torch.zeros(n, dtype=torch.bool)
+
+    def step(x):
+        out = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def dictionary_learning_step(n: int):
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
+
+    sizes = matryoshka_group_sizes(n)
+    trainer = MatryoshkaBatchTopKTrainer(
+        steps=10**6, activation_dim=D_IN, dict_size=n, k=K, layer=0, lm_name="bench",
+        group_fractions=[s / n for s in sizes], device="cpu", warmup_steps=1,
+    )  # fmt: skip
+    count = iter(range(1, 10**9))  # step 0 would re-initialise b_dec
+
+    def step(x):
+        trainer.update(next(count), x)
+
+    return step
+
+
+def training_steps(sizes: list[int], rounds: int) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, D_IN)
+    results = []
+    for n in sizes:
+        candidates = {
+            "limit (encoder matmul + ReLU)": lambda n=n: limit_step(n),
+            "dmsae, dense core 2% (sparse kernels)": lambda n=n: dmsae_step(n, 0.02, "sparse"),
+            "dmsae, no core (sparse kernels)": lambda n=n: dmsae_step(n, 0.0, "sparse"),
+            "dmsae, dense core 2% (reference kernels)": lambda n=n: dmsae_step(n, 0.02, "reference"),
+            "sae_lens MatryoshkaBatchTopKTrainingSAE": lambda n=n: saelens_step(n),
+            "dictionary_learning MatryoshkaBatchTopKTrainer": lambda n=n: dictionary_learning_step(n),
+        }
+        steps, rows = {}, {}
+        for name, make in candidates.items():
+            try:
+                steps[name] = make()
+                steps[name](x)  # warm-up
+            except Exception as error:  # a peer that is not installed or fails is reported, not dropped
+                rows[name] = {"name": name, "dict_size": n, "error": f"{type(error).__name__}: {error}"[:300]}
+                steps.pop(name, None)
+        times = {name: [] for name in steps}
+        memory = dict.fromkeys(steps, 0.0)
+        for _ in range(rounds):
+            for name, step in steps.items():
+                with PeakMemory() as peak:
+                    start = time.perf_counter()
+                    step(x)
+                    times[name].append(time.perf_counter() - start)
+                memory[name] = max(memory[name], peak.rise_mb)
+        limit = statistics.median(times["limit (encoder matmul + ReLU)"])
+        for name in steps:
+            median = statistics.median(times[name])
+            rows[name] = {"name": name, "dict_size": n, "median_s": median, "tokens_per_s": BATCH / median,
+                          "vs_limit": median / limit, "peak_rss_rise_mb": memory[name]}  # fmt: skip
+        ours = rows["dmsae, dense core 2% (sparse kernels)"].get("median_s")
+        for row in rows.values():
+            if "median_s" in row and ours:
+                row["dmsae_speedup"] = row["median_s"] / ours
+        results += [rows[name] for name in candidates]
+        del steps
+        gc.collect()
+    return results
+
+
+def harvest_and_attribution(rounds: int) -> dict:
+    from hf_dmsae.activations import ActivationArguments, LayerActivations, TrainingPositions, load_language_model
+    from hf_dmsae.attribution import StreamingQuantile, gxa_values
+
+    args = ActivationArguments()
+    lm, tokenizer = load_language_model(args)
+    input_ids = torch.randint(3, lm.config.vocab_size, (8, 128))
+    layer = LayerActivations(lm, args.hook_layer)
+    sae = DMSAEModel(DMSAEConfig(d_in=576, dict_size=4096, k=64, hook_layer=args.hook_layer)).eval()
+    positions = TrainingPositions(tokenizer, args.outlier_norm_ratio)
+    pool = sae.config.candidate_pool_size
+
+    def truncated():
+        with torch.inference_mode():
+            layer(input_ids)
+
+    def full():
+        with torch.inference_mode():
+            lm(input_ids, output_hidden_states=True)
+
+    def lm_forward_backward():
+        layer.with_gradient(input_ids)
+
+    def scoring():
+        acts, grads = layer.with_gradient(input_ids)
+        keep = positions.mask(input_ids, acts)
+        quantile = StreamingQuantile(pool, 0.99, 10**6)
+        with torch.no_grad():
+            quantile.update(gxa_values(sae, acts[keep], grads[keep], pool))
+
+    timings = {name: [] for name in ("truncated", "full", "lm_forward_backward", "scoring")}
+    functions = {"truncated": truncated, "full": full, "lm_forward_backward": lm_forward_backward, "scoring": scoring}
+    for function in functions.values():
+        function()
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            timings[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    return {
+        "tokens_per_batch": input_ids.numel(),
+        "hook_layer": args.hook_layer,
+        "num_layers": lm.config.num_hidden_layers,
+        "median_s": medians,
+        "harvest_speedup_vs_full_forward": medians["full"] / medians["truncated"],
+        "attribution_vs_lm_forward_backward": medians["scoring"] / medians["lm_forward_backward"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--steps", type=int, default=7, help="timed rounds (one step of each implementation each)")
+    parser.add_argument("--out", default="reports/bench.json")
+    args = parser.parse_args()
+
+    report = {
+        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},  # fmt: skip
+        "setup": {"d_in": D_IN, "batch": BATCH, "k": K, "group_fractions": list(SAEBENCH_GROUP_FRACTIONS) + ["rest"]},
+        "training_steps": training_steps(args.sizes, args.steps),
+        "lm": harvest_and_attribution(args.steps),
+    }
+    for row in report["training_steps"]:
+        if "error" in row:
+            print(f"n={row['dict_size']:>6}  {row['name']:<48} NOT RUN: {row['error']}")
+        else:
+            print(f"n={row['dict_size']:>6}  {row['name']:<48} {row['median_s'] * 1e3:8.1f} ms  "
+                  f"{row['tokens_per_s']:9.0f} tok/s  {row['vs_limit']:5.2f}x limit  "
+                  f"{row.get('dmsae_speedup', float('nan')):5.2f}x ours  +{row['peak_rss_rise_mb']:.0f} MB")  # fmt: skip
+    lm = report["lm"]
+    print(f"harvest (layer {lm['hook_layer']} of {lm['num_layers']}): {lm['harvest_speedup_vs_full_forward']:.2f}x "
+          f"faster than a full forward; attribution: {lm['attribution_vs_lm_forward_backward']:.2f}x the LM's "
+          f"forward+backward")  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
