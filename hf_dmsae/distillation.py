@@ -167,15 +167,16 @@ class Distillation:
             return DMSAECore.from_pretrained(self.output_dir / record["core"])
         seed = self.training_args.seed + t
         if t == 0 and self.args.cycle0_checkpoint:
-            model = load_dictionary_learning(self.args.cycle0_checkpoint)
+            model = load_dictionary_learning(self.args.cycle0_checkpoint).to(self.training_args.device)
             core = select_core(model.eval(), self.data.lm, self.data.tokenizer, self.activation_args,
                                self.attribution_args, cycle=0, source_model=self.args.cycle0_checkpoint)  # fmt: skip
             metrics = {}
         else:
             core, metrics = self._train_and_select(f"cycle{t}", self._new_model(t, previous, seed), seed, cycle=t)
         repo = core_repo_name(self.model_repo, t)
-        folder = write_core_repo(core, self.output_dir / "repos" / repo.replace("/", "__"), repo,
-                                 datasets=[self.activation_args.dataset_name_or_path])  # fmt: skip
+        folder = self._repo_folder(repo)
+        if self.state.writer:
+            write_core_repo(core, folder, repo, datasets=[self.activation_args.dataset_name_or_path])
         carried = len(set(core.latent_ids) & set(previous.latent_ids)) if previous is not None else 0
         record.update(core=str(Path(folder).relative_to(self.output_dir)), size=len(core), coverage=core.coverage,
                       carried_over=carried, metrics=metrics)  # fmt: skip
@@ -191,9 +192,10 @@ class Distillation:
             cores.append(self._cycle(t, cores[-1] if cores else None))
         distilled = cores[-1].intersect(cores[-2], distilled=True, cycle=self.args.num_cycles)
         repo = core_repo_name(self.model_repo, None)
-        folder = write_core_repo(distilled, self.output_dir / "repos" / repo.replace("/", "__"), repo,
-                                 datasets=[self.activation_args.dataset_name_or_path],
-                                 carry_over=self.carry_over())  # fmt: skip
+        folder = self._repo_folder(repo)
+        if self.state.writer:
+            write_core_repo(distilled, folder, repo, datasets=[self.activation_args.dataset_name_or_path],
+                            carry_over=self.carry_over())  # fmt: skip
         self.state.data["distilled"] = {"core": str(folder.relative_to(self.output_dir)), "size": len(distilled)}
         self.state.save()
         if self.args.random_core_control:
@@ -257,7 +259,9 @@ class Distillation:
         self.state.save()
 
     def _publish(self) -> None:
-        """Push every local repo folder (only with `push_to_hub`; `publish` keeps them local otherwise)."""
+        """Write the model's repo and push every repo folder (main process; only with `push_to_hub`)."""
+        if not self.state.writer:
+            return
         push = self.training_args.push_to_hub
         token = self.training_args.hub_token
         for t in range(self.args.num_cycles + 1):
@@ -267,7 +271,11 @@ class Distillation:
                 push=push, token=token)  # fmt: skip
         last = DMSAEModel.from_pretrained(self.output_dir / f"cycle{self.args.num_cycles}")
         metrics = self.state.cycle(self.args.num_cycles).get("metrics", {})
-        folder = write_model_repo(last, self.output_dir / "repos" / self.model_repo.replace("/", "__"), self.model_repo,
+        folder = write_model_repo(last, self._repo_folder(self.model_repo), self.model_repo,
                                   datasets=[self.activation_args.dataset_name_or_path],
                                   metrics={k: round(v, 4) for k, v in metrics.items()})  # fmt: skip
         publish(folder, self.model_repo, push=push, token=token)
+
+    def _repo_folder(self, repo_id: str) -> Path:
+        """Where the local copy of a repo lives: `<output_dir>/repos/<org>__<name>`."""
+        return self.output_dir / "repos" / repo_id.replace("/", "__")
