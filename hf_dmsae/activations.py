@@ -190,6 +190,14 @@ class LayerActivations:
             handle.remove()
         return captured[0]
 
+    def patched_logits(self, input_ids: torch.Tensor, transform) -> torch.Tensor:
+        """Logits of a full forward with the activations at the hook replaced by `transform(hidden)`."""
+        handle = self._hook(transform)
+        try:
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+        finally:
+            handle.remove()
+
     def with_gradient(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations and `∂L/∂x` at the hook, `L` the next-token cross-entropy summed over all positions of the
         batch. The activations become a leaf of the graph, so backward runs through the upper blocks only."""

@@ -1,0 +1,59 @@
+import pytest
+import torch
+from conftest import tiny_activation_args, tiny_model
+
+from hf_dmsae import DMSAEConfig, DMSAEModel
+from hf_dmsae.activations import TrainingPositions, load_language_model
+from hf_dmsae.attribution import attribution_batches
+from hf_dmsae.embedded import EMBEDDED_LM
+from hf_dmsae.evaluation import activation_metrics, ce_loss_recovered
+
+
+def identity_sae(d: int = 32, hook_layer: int = 2) -> DMSAEModel:
+    """Latents ReLU(x) and ReLU(−x) on ±unit decoder rows: every activation is reconstructed exactly."""
+    config = DMSAEConfig(d_in=d, dict_size=2 * d, k=d, sparsity="sparse_core", hook_layer=hook_layer,
+                         hook_name="resid_post")  # fmt: skip
+    sae = DMSAEModel(config)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc_trainable.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+    return sae
+
+
+def test_activation_metrics_match_their_definitions():
+    sae = identity_sae()
+    x = torch.randn(200, 32)
+    metrics = activation_metrics(sae, x.split(64))
+    assert metrics["fvu"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["l0"] == pytest.approx(32.0) and metrics["l0_core"] == 0.0
+    assert metrics["dead_fraction"] == 0.0
+
+    model = tiny_model()
+    model.train()
+    for _ in range(10):
+        model(torch.randn(64, 16))
+    x = torch.randn(300, 16)
+    metrics = activation_metrics(model, x.split(100))
+    model.eval()
+    latents = model.encode(x)
+    expected_fvu = (x - model.decode(latents)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert metrics["fvu"] == pytest.approx(float(expected_fvu.detach()), rel=1e-5)
+    assert metrics["l0_core"] == pytest.approx(float((latents[:, :8] > 0).sum(1).float().mean()))
+    assert metrics["dead_fraction"] == pytest.approx(1 - float((latents > 0).any(0).float().mean()))
+
+
+def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_a_silent_one():
+    args = tiny_activation_args("unused", model_name_or_path=EMBEDDED_LM, hook_layer=15, context_length=64)
+    lm, tokenizer = load_language_model(args)  # the real LM: a random one barely cares what its residual holds
+    batches = list(attribution_batches(args, tokenizer, 4))[:2]
+    positions = TrainingPositions(tokenizer, args.outlier_norm_ratio)
+    perfect = ce_loss_recovered(identity_sae(576, 15), lm, batches, positions)
+    assert perfect["ce_loss_clean"] < 4.0 < perfect["ce_loss_zero_ablated"]
+    assert perfect["ce_loss_spliced"] == pytest.approx(perfect["ce_loss_clean"], rel=1e-4)
+    assert perfect["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+    silent = identity_sae(576, 15)
+    with torch.no_grad():
+        silent.b_enc.fill_(-1e6)
+    assert ce_loss_recovered(silent, lm, batches, positions)["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4)
