@@ -240,16 +240,21 @@ class TrainingPositions:
         return keep
 
 
+def text_batches(args: ActivationArguments, tokenizer, batch_size: int, split: str) -> Iterator[torch.Tensor]:
+    """`input_ids` batches `[batch_size, context_length]` of a split, packed as the SAE's training text is."""
+    texts = (row[args.text_column] for row in load_texts(args, split))
+    for batch in batched(token_sequences(texts, tokenizer, args.context_length, args.prepend_bos), batch_size):
+        yield torch.tensor(batch, dtype=torch.long)
+
+
 def harvest(args: ActivationArguments, lm, tokenizer, split: str, num_tokens: int) -> Iterator[torch.Tensor]:
     """Blocks of activations `[n, d]` (special-token positions dropped) until `num_tokens` rows, in text order."""
-    texts = (row[args.text_column] for row in load_texts(args, split))
-    sequences = token_sequences(texts, tokenizer, args.context_length, args.prepend_bos)
     layer = LayerActivations(lm, args.hook_layer, args.hook_name)
     positions = TrainingPositions(tokenizer, args.outlier_norm_ratio)
     produced = 0
     with tqdm(total=num_tokens, desc=f"activations ({split})", unit="tok", unit_scale=True) as progress:
-        for batch in batched(sequences, args.lm_batch_size):
-            input_ids = torch.tensor(batch, dtype=torch.long, device=lm.device)
+        for input_ids in text_batches(args, tokenizer, args.lm_batch_size, split):
+            input_ids = input_ids.to(lm.device)
             with torch.inference_mode():
                 acts = layer(input_ids)
             rows = acts[positions.mask(input_ids, acts)].float().cpu()[: num_tokens - produced]

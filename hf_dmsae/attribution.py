@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .activations import ActivationArguments, LayerActivations, TrainingPositions, batched, load_texts, token_sequences
+from .activations import ActivationArguments, LayerActivations, TrainingPositions, text_batches
 from .core import DMSAECore
 from .modeling_dmsae import DMSAEModel
 
@@ -158,13 +158,6 @@ def select_by_coverage(scores: torch.Tensor, tau: float = 0.9) -> CoreSelection:
     return CoreSelection(order[:size], order, cumulative / total)
 
 
-def attribution_batches(args: ActivationArguments, tokenizer, batch_size: int) -> Iterable[torch.Tensor]:
-    """`input_ids` batches of the training text, as the SAE saw it (same packing)."""
-    texts = (row[args.text_column] for row in load_texts(args, args.dataset_split))
-    for batch in batched(token_sequences(texts, tokenizer, args.context_length, args.prepend_bos), batch_size):
-        yield torch.tensor(batch, dtype=torch.long)
-
-
 @dataclass
 class AttributionArguments:
     """How a core is selected."""
@@ -187,7 +180,7 @@ def select_core(
 ) -> DMSAECore:
     """Score the candidate pool of `sae` and select its core as a `DMSAECore`."""
     positions = TrainingPositions(tokenizer, activation_args.outlier_norm_ratio)
-    batches = attribution_batches(activation_args, tokenizer, args.attribution_batch_size)
+    batches = text_batches(activation_args, tokenizer, args.attribution_batch_size, activation_args.dataset_split)
     scores = gxa_scores(sae, lm, batches, positions=positions, max_tokens=args.attribution_tokens, q=args.q)
     selection = select_by_coverage(scores, args.tau)
     ids = sae.config.latent_ids()

@@ -61,6 +61,13 @@ class DMSAECore(ModelHubMixin, library_name="hf_dmsae", tags=["dmsae", "sparse-a
         """Share of the pool's total score the core covers."""
         return float(self.coverage_curve[len(self) - 1]) if len(self) else 0.0
 
+    def rows_at_scale(self, norm_factor: float) -> torch.Tensor:
+        """Encoder rows for a model that divides activations by `norm_factor`: bit-identical at the core's own
+        scale, rescaled otherwise (a dictionary_learning checkpoint reads raw activations) so that each row
+        detects the same thing."""
+        scale = norm_factor / self.provenance.get("norm_factor", norm_factor)
+        return self.encoder_rows if scale == 1 else self.encoder_rows * scale
+
     def intersect(self, other: DMSAECore, **provenance) -> DMSAECore:
         """The latents of this core whose ids are also in `other` (rows, scores from this core): with this the
         last cycle's core and `other` the one before, the distilled core `C* = C^(T) ∩ C^(T−1)` (Eq. 8)."""
@@ -86,11 +93,12 @@ class DMSAECore(ModelHubMixin, library_name="hf_dmsae", tags=["dmsae", "sparse-a
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
-                         latent_ids, pool_ids, provenance, **kwargs) -> DMSAECore:  # fmt: skip
-        """Ids and provenance arrive from `config.json` through `ModelHubMixin`; the tensors are read here."""
+                         latent_ids, pool_ids, provenance=None, **kwargs) -> DMSAECore:  # fmt: skip
+        """Ids and provenance arrive from `config.json` through `ModelHubMixin` (which leaves out an empty
+        provenance); the tensors are read here."""
         path = Path(model_id) / CORE_WEIGHTS
         if not path.is_file():
             path = hf_hub_download(model_id, CORE_WEIGHTS, revision=revision, cache_dir=cache_dir, token=token,
                                    force_download=force_download, local_files_only=local_files_only)  # fmt: skip
         tensors = load_file(path)
-        return cls(latent_ids=latent_ids, pool_ids=pool_ids, provenance=provenance, **tensors)
+        return cls(latent_ids=latent_ids, pool_ids=pool_ids, provenance=provenance or {}, **tensors)

@@ -129,12 +129,7 @@ class Distillation:
             return DMSAEModel(sae_config(self.sae_args, self.activation_args, self.data, cycle=t))
         config = sae_config(self.sae_args, self.activation_args, self.data, cycle=t, core_size=len(core),
                             core_ids=core.latent_ids)  # fmt: skip
-        # Rows act on activations divided by the norm factor: one learned at another scale (a dictionary_learning
-        # checkpoint reads raw activations) is rescaled so it detects the same thing; at the same scale it is
-        # copied bit for bit.
-        scale = config.norm_factor / core.provenance.get("norm_factor", config.norm_factor)
-        rows = core.encoder_rows if scale == 1 else core.encoder_rows * scale
-        return DMSAEModel.from_core(config, rows, core.latent_ids)
+        return DMSAEModel.from_core(config, core.rows_at_scale(config.norm_factor), core.latent_ids)
 
     def _cycle_training_args(self, folder: Path, seed: int) -> DMSAETrainingArguments:
         return dataclasses.replace(self.training_args, output_dir=str(folder), seed=seed, push_to_hub=False)

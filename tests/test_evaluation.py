@@ -3,8 +3,7 @@ import torch
 from conftest import tiny_activation_args, tiny_model
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
-from hf_dmsae.activations import TrainingPositions, load_language_model
-from hf_dmsae.attribution import attribution_batches
+from hf_dmsae.activations import TrainingPositions, load_language_model, text_batches
 from hf_dmsae.embedded import EMBEDDED_LM
 from hf_dmsae.evaluation import activation_metrics, ce_loss_recovered
 
@@ -46,7 +45,7 @@ def test_activation_metrics_match_their_definitions():
 def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_a_silent_one():
     args = tiny_activation_args("unused", model_name_or_path=EMBEDDED_LM, hook_layer=15, context_length=64)
     lm, tokenizer = load_language_model(args)  # the real LM: a random one barely cares what its residual holds
-    batches = list(attribution_batches(args, tokenizer, 4))[:2]
+    batches = list(text_batches(args, tokenizer, 4, "test"))[:2]
     positions = TrainingPositions(tokenizer, args.outlier_norm_ratio)
     perfect = ce_loss_recovered(identity_sae(576, 15), lm, batches, positions)
     assert perfect["ce_loss_clean"] < 4.0 < perfect["ce_loss_zero_ablated"]

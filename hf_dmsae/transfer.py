@@ -1,0 +1,108 @@
+"""Transfer (Algorithm 3): new SAEs around a distilled core at several sparsities, against Matryoshka baselines.
+
+For every target L0 `k`: a DMSAE with the core's frozen rows in dense-core mode (`k_noncore` by Eq. 4), one in
+sparse-core mode (one global BatchTopK of `k`), and a plain Matryoshka SAE; all on the same activations, token
+budget and seed. Each is evaluated on held-out data (FVU, L0s, dead fraction, CE loss recovered). Results are
+written to `results.json` after every run, so re-running resumes, and summarised in `report.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import set_seed
+
+from .activations import ActivationArguments, TrainingPositions, text_batches
+from .core import DMSAECore
+from .evaluation import activation_metrics, ce_loss_recovered
+from .modeling_dmsae import DMSAEModel
+from .runs import ActivationData, SAEArguments, prepare_activations, sae_config, train_sae
+from .trainer import DMSAETrainingArguments
+
+VARIANTS = ("dense_core", "sparse_core", "matryoshka")
+
+
+@dataclass
+class TransferArguments:
+    """Which core, which sparsities, which variants."""
+
+    core: str = field(metadata={"help": "Distilled core: local folder or Hub repo id."})
+    ks: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 320, 640], metadata={"help": "Target L0s."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Of {VARIANTS}."})
+    ce_batches: int = field(default=8, metadata={"help": "Held-out LM batches for CE loss recovered."})
+
+    def __post_init__(self):
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
+
+
+class Transfer:
+    """One transfer run; `run()` trains and evaluates every (k, variant) not yet in `results.json`."""
+
+    def __init__(self, args: TransferArguments, sae: SAEArguments, activations: ActivationArguments,
+                 training: DMSAETrainingArguments):  # fmt: skip
+        self.args, self.sae_args, self.activation_args, self.training_args = args, sae, activations, training
+        self.output_dir = Path(training.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.output_dir / "results.json"
+        self.results: dict = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+        self.core = DMSAECore.from_pretrained(args.core)
+        self._data: ActivationData | None = None
+
+    @property
+    def data(self) -> ActivationData:
+        if self._data is None:
+            self._data = prepare_activations(self.activation_args, self.training_args)
+        return self._data
+
+    def new_model(self, k: int, variant: str) -> DMSAEModel:
+        set_seed(self.training_args.seed)
+        sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None,
+                                  sparsity="sparse_core" if variant == "sparse_core" else "dense_core")  # fmt: skip
+        if variant == "matryoshka":
+            return DMSAEModel(sae_config(sae, self.activation_args, self.data))
+        config = sae_config(sae, self.activation_args, self.data, core_size=len(self.core),
+                            core_ids=self.core.latent_ids)  # fmt: skip
+        return DMSAEModel.from_core(config, self.core.rows_at_scale(config.norm_factor), self.core.latent_ids)
+
+    def evaluate(self, model: DMSAEModel) -> dict[str, float]:
+        held_out = self.data.eval
+        rows = (held_out.__getitems__(range(i, min(i + 4096, len(held_out)))) for i in range(0, len(held_out), 4096))
+        batches = text_batches(self.activation_args, self.data.tokenizer, self.activation_args.lm_batch_size,
+                               self.activation_args.eval_split)  # fmt: skip
+        ce_batches = [b for _, b in zip(range(self.args.ce_batches), batches)]
+        positions = TrainingPositions(self.data.tokenizer, self.activation_args.outlier_norm_ratio)
+        return {**activation_metrics(model, rows), **ce_loss_recovered(model, self.data.lm, ce_batches, positions)}
+
+    def run(self) -> dict:
+        for k in self.args.ks:
+            for variant in self.args.variants:
+                name = f"k{k}-{variant}"
+                if name in self.results:
+                    continue
+                model = self.new_model(k, variant)
+                args = dataclasses.replace(self.training_args, output_dir=str(self.output_dir / name), push_to_hub=False)
+                train_sae(model, self.data, args)
+                self.results[name] = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
+                if self.training_args.process_index == 0:
+                    staging = self.results_path.with_suffix(".json.tmp")
+                    staging.write_text(json.dumps(self.results, indent=2))
+                    os.replace(staging, self.results_path)
+        return self.results
+
+    def report(self) -> str:
+        columns = ("fvu", "ce_loss_recovered", "l0", "l0_core", "l0_noncore", "dead_fraction")
+        lines = [f"# Transfer report: core `{self.args.core}` ({len(self.core)} latents)", "",
+                 "| k | variant | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]  # fmt: skip
+        for result in sorted(self.results.values(), key=lambda r: (r["k"], VARIANTS.index(r["variant"]))):
+            cells = " | ".join(f"{result[c]:.4f}" for c in columns)
+            lines.append(f"| {result['k']} | {result['variant']} | {cells} |")
+        text = "\n".join(lines) + "\n"
+        if self.training_args.process_index == 0:
+            (self.output_dir / "report.md").write_text(text)
+        return text
