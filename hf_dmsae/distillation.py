@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from functools import cached_property
 import logging
 import os
 from dataclasses import dataclass, field
@@ -114,13 +115,11 @@ class Distillation:
         fingerprint = _fingerprint(distillation, sae, activations, attribution, training)
         self.state = RunState(self.output_dir / "state.json", fingerprint, writer=training.process_index == 0)
         self.model_repo = distillation.model_repo or training.hub_model_id or default_model_repo(activations)
-        self._data: ActivationData | None = None
 
-    @property
+    @cached_property
     def data(self) -> ActivationData:
-        if self._data is None:
-            self._data = prepare_activations(self.activation_args, self.training_args)
-        return self._data
+        """The LM and the activation datasets, loaded (or harvested) on first use."""
+        return prepare_activations(self.activation_args, self.training_args)
 
     # -- one cycle ----------------------------------------------------------------------------------------------
     def _new_model(self, t: int, core: DMSAECore | None, seed: int) -> DMSAEModel:

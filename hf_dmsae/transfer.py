@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import cached_property
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +53,11 @@ class Transfer:
         self.results_path = self.output_dir / "results.json"
         self.results: dict = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
         self.core = DMSAECore.from_pretrained(args.core)
-        self._data: ActivationData | None = None
 
-    @property
+    @cached_property
     def data(self) -> ActivationData:
-        if self._data is None:
-            self._data = prepare_activations(self.activation_args, self.training_args)
-        return self._data
+        """The LM and the activation datasets, loaded (or harvested) on first use."""
+        return prepare_activations(self.activation_args, self.training_args)
 
     def new_model(self, k: int, variant: str) -> DMSAEModel:
         set_seed(self.training_args.seed)
