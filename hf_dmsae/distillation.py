@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from . import figures
 from .activations import ActivationArguments
 from .attribution import AttributionArguments, AttributionCallback, select_core
 from .core import DMSAECore
@@ -188,8 +189,10 @@ class Distillation:
         repo = core_repo_name(self.model_repo, None)
         folder = self._repo_folder(repo)
         if self.state.writer:
+            plots = [figures.coverage_curves(cores, self.attribution_args.tau, self.figure("coverage_curves")),
+                     figures.carry_over(self.carry_over(), self.figure("carry_over"))]  # fmt: skip
             write_core_repo(distilled, folder, repo, datasets=[self.activation_args.dataset_name_or_path],
-                            carry_over=self.carry_over())  # fmt: skip
+                            carry_over=self.carry_over(), figures=plots)  # fmt: skip
         self.state.data["distilled"] = {"core": str(folder.relative_to(self.output_dir)), "size": len(distilled)}
         self.state.save()
         if self.args.random_core_control:
@@ -216,7 +219,8 @@ class Distillation:
                 final = result["l0_core_curve"][-1][1] if result["l0_core_curve"] else float("nan")
                 lines.append(f"| {name} | {final:.2f} | {result['metrics'].get('eval_fvu', float('nan')):.4f} |")
             lines.append("")
-        lines += ["## Repos", ""]
+        lines += [f"![{p.stem}](figures/{p.name})" for p in sorted((self.output_dir / "figures").glob("*.png"))]
+        lines += ["", "## Repos", ""]
         lines += [f"- `{p.name.replace('__', '/')}`: `{p}`" for p in sorted((self.output_dir / "repos").iterdir())]
         text = "\n".join(lines) + "\n"
         if self.state.writer:
@@ -251,6 +255,8 @@ class Distillation:
             results[name] = {"metrics": metrics, "l0_core_curve": curve}
         self.state.data["control"] = results
         self.state.save()
+        if self.state.writer:
+            figures.l0_core_curves({name: r["l0_core_curve"] for name, r in results.items()}, self.figure("l0_core"))
 
     def _publish(self) -> None:
         """Write the model's repo and push every repo folder (main process; only with `push_to_hub`)."""
@@ -269,6 +275,9 @@ class Distillation:
                                   datasets=[self.activation_args.dataset_name_or_path],
                                   metrics={k: round(v, 4) for k, v in metrics.items()})  # fmt: skip
         publish(folder, self.model_repo, push=push, token=token)
+
+    def figure(self, name: str) -> Path:
+        return self.output_dir / "figures" / f"{name}.png"
 
     def _repo_folder(self, repo_id: str) -> Path:
         """Where the local copy of a repo lives: `<output_dir>/repos/<org>__<name>`."""

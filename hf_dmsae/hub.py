@@ -9,6 +9,7 @@ without a token or with pushing off, the local folders are the result.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from accelerate import PartialState
@@ -45,9 +46,16 @@ def _card_data(base_model: str | None, datasets: list[str] | None, **extra) -> M
     )
 
 
+def _copy_figures(folder: Path, figures: list[Path] | None) -> list[str]:
+    """Copy the figure files into the repo folder; the card links them by name."""
+    for figure in figures or []:
+        shutil.copyfile(figure, folder / Path(figure).name)
+    return [Path(figure).name for figure in figures or []]
+
+
 def write_core_repo(core: DMSAECore, folder: str | Path, repo_id: str, *, datasets: list[str] | None = None,
-                    carry_over: list[dict] | None = None, figures: list[str] | None = None) -> Path:  # fmt: skip
-    """Save `core` with its model card into `folder`."""
+                    carry_over: list[dict] | None = None, figures: list[Path] | None = None) -> Path:  # fmt: skip
+    """Save `core` with its model card (and the given figure files) into `folder`."""
     folder = Path(folder)
     core.save_pretrained(folder)
     card = ModelCard.from_template(
@@ -59,15 +67,15 @@ def write_core_repo(core: DMSAECore, folder: str | Path, repo_id: str, *, datase
         provenance=core.provenance,
         distilled=core.provenance.get("distilled", False),
         carry_over=carry_over or [],
-        figures=figures or [],
+        figures=_copy_figures(folder, figures),
     )
     card.save(folder / "README.md")
     return folder
 
 
 def write_model_repo(model: DMSAEModel, folder: str | Path, repo_id: str, *, datasets: list[str] | None = None,
-                     metrics: dict | None = None, figures: list[str] | None = None) -> Path:  # fmt: skip
-    """Save `model` (safetensors, config, remote code) with its model card into `folder`."""
+                     metrics: dict | None = None, figures: list[Path] | None = None) -> Path:  # fmt: skip
+    """Save `model` (safetensors, config, remote code) with its model card (and figure files) into `folder`."""
     folder = Path(folder)
     model.save_pretrained(folder)
     card = ModelCard.from_template(
@@ -76,7 +84,7 @@ def write_model_repo(model: DMSAEModel, folder: str | Path, repo_id: str, *, dat
         repo_id=repo_id,
         config=model.config,
         metrics=metrics or {},
-        figures=figures or [],
+        figures=_copy_figures(folder, figures),
     )
     card.save(folder / "README.md")
     return folder

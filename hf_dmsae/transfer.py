@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
+from . import figures
 from .activations import ActivationArguments, TrainingPositions, text_batches
 from .core import DMSAECore
 from .evaluation import activation_metrics, ce_loss_recovered
@@ -101,6 +102,10 @@ class Transfer:
         for result in sorted(self.results.values(), key=lambda r: (r["k"], VARIANTS.index(r["variant"]))):
             cells = " | ".join(f"{result[c]:.4f}" for c in columns)
             lines.append(f"| {result['k']} | {result['variant']} | {cells} |")
+        if self.training_args.process_index == 0 and self.results:
+            plot = figures.metrics_against_k(list(self.results.values()), columns[:4],
+                                             self.output_dir / "figures" / "metrics_vs_k.png")  # fmt: skip
+            lines += ["", f"![metrics against k](figures/{plot.name})"]
         text = "\n".join(lines) + "\n"
         if self.training_args.process_index == 0:
             (self.output_dir / "report.md").write_text(text)

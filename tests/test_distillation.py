@@ -71,6 +71,9 @@ def test_distillation_reports_cores_and_a_distilled_intersection(straight_run):
     assert distilled.provenance["distilled"] is True
     report = (tmp_path / "straight" / "report.md").read_text()
     assert f"**{len(distilled)} latents**" in report and "held-out FVU" in report and "| random |" in report
+    for name in ("coverage_curves", "carry_over", "l0_core"):
+        figure = tmp_path / "straight" / "figures" / f"{name}.png"
+        assert figure.read_bytes().startswith(b"\x89PNG") and f"figures/{name}.png" in report
     assert "Distilled core" in result.stdout
 
 
@@ -119,7 +122,9 @@ def test_cores_and_model_are_pushed_as_repos_that_reload(straight_run):
     model = AutoModel.from_pretrained("org/tiny-dmsae")
     local = DMSAEModel.from_pretrained(tmp_path / "straight" / "cycle2")
     assert torch.equal(model.W_dec, local.W_dec) and torch.equal(model.W_enc_frozen, local.W_enc_frozen)
-    assert "README.md" in HUB.files("org/tiny-dmsae-core-distilled")
+    files = HUB.files("org/tiny-dmsae-core-distilled")
+    assert {"README.md", "coverage_curves.png", "carry_over.png"} <= set(files)
+    assert b"![coverage_curves.png](coverage_curves.png)" in files["README.md"]
 
 
 def test_a_distillation_killed_during_a_cycle_finishes_with_the_same_cores(straight_run, tiny_lm_dir):

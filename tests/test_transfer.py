@@ -41,3 +41,5 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
     assert rerun.run() == results and (tmp_path / "run" / "results.json").stat().st_mtime_ns == before
     report = rerun.report()
     assert "| 16 | sparse_core |" in report and json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (tmp_path / "run" / "figures" / "metrics_vs_k.png").read_bytes().startswith(b"\x89PNG")
+    assert "figures/metrics_vs_k.png" in report

@@ -1,0 +1,68 @@
+"""The paper's figures from a run's records (PNG, matplotlib): coverage curves per cycle, carry-over between cycles
+(Fig. 2), `l0_core` over training for the distilled vs a random core (Fig. 3), and metrics against k (Fig. 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .core import DMSAECore  # noqa: E402
+
+
+def _save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def coverage_curves(cores: list[DMSAECore], tau: float, path: Path) -> Path:
+    """Share of the pool's attribution covered by the top-i latents, one curve per cycle, with τ and each core."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for t, core in enumerate(cores):
+        curve = core.coverage_curve.tolist()
+        axis.plot(range(1, len(curve) + 1), curve, label=f"cycle {t} (|C|={len(core)})")
+        axis.axvline(len(core), color=axis.lines[-1].get_color(), linestyle=":", linewidth=1)
+    axis.axhline(tau, color="grey", linestyle="--", linewidth=1, label=f"τ = {tau}")
+    axis.set(xlabel="latents, by descending attribution score", ylabel="coverage", xscale="log", ylim=(0, 1.02))
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def carry_over(rows: list[dict], path: Path) -> Path:
+    """Fig. 2: each cycle's core size and how many of its latents were already in the previous core."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    cycles = [r["cycle"] for r in rows]
+    axis.bar(cycles, [r["size"] for r in rows], color="lightsteelblue", label="core size")
+    axis.bar(cycles, [r["kept"] for r in rows], color="steelblue", label="carried over from the previous core")
+    axis.set(xlabel="cycle", ylabel="latents", xticks=cycles)
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def l0_core_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Fig. 3: mean active core latents per token over training, one curve per core (distilled, random)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        axis.plot([step for step, _ in curve], [value for _, value in curve], marker="o", label=f"{name} core")
+    axis.set(xlabel="training step", ylabel="E[L0 core]")
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path) -> Path:
+    """Fig. 4: each metric against target k, one line per variant (dense core, sparse core, Matryoshka)."""
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
+    variants = sorted({r["variant"] for r in results})
+    for axis, metric in zip(axes[0], metrics):
+        for variant in variants:
+            points = sorted((r["k"], r[metric]) for r in results if r["variant"] == variant)
+            axis.plot([k for k, _ in points], [v for _, v in points], marker="o", label=variant)
+        axis.set(xlabel="k", ylabel=metric, xscale="log")
+    axes[0][0].legend(fontsize=8)
+    return _save(figure, path)
