@@ -337,10 +337,11 @@ _SHARD_ROWS = 65_536
 
 
 def cache_identity(args: ActivationArguments, split: str, num_tokens: int) -> dict:
-    """What a cache's activations are: a cache is reused only where all of this matches."""
+    """What a cache's activations are: a cache is reused only where all of this matches (the LM batch size too:
+    the outlier filter's reference norm comes from the first batch)."""
     keys = ("model_name_or_path", "model_revision", "hook_layer", "hook_name", "dataset_name_or_path",
             "dataset_config_name", "text_column", "context_length", "prepend_bos", "lm_dtype", "cache_dtype",
-            "harvest_seed", "shuffle_buffer_tokens", "outlier_norm_ratio")  # fmt: skip
+            "harvest_seed", "shuffle_buffer_tokens", "outlier_norm_ratio", "lm_batch_size")  # fmt: skip
     values = {k: v for k, v in asdict(args).items() if k in keys}
     return {**values, "split": split, "num_tokens": num_tokens}
 
