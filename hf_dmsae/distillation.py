@@ -18,7 +18,6 @@ import hashlib
 import json
 from functools import cached_property
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from .core import DMSAECore
 from .formats import load_dictionary_learning
 from .hub import core_repo_name, publish, write_core_repo, write_model_repo
 from .modeling_dmsae import DMSAEModel
-from .runs import ActivationData, SAEArguments, prepare_activations, sae_config, train_sae
+from .runs import ActivationData, SAEArguments, prepare_activations, sae_config, train_sae, write_json_atomically
 from .trainer import DMSAETrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -79,9 +78,7 @@ class RunState:
     def save(self) -> None:
         if not self.writer:
             return
-        staging = self.path.with_suffix(".json.tmp")
-        staging.write_text(json.dumps(self.data, indent=2))
-        os.replace(staging, self.path)
+        write_json_atomically(self.path, self.data)
 
 
 # The training arguments that change what a cycle learns (the rest: logging, paths, pushing, process layout).

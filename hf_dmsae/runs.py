@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,13 @@ def sae_config(sae: SAEArguments, acts: ActivationArguments, data: ActivationDat
         hook_name=acts.hook_name,
     )
     return DMSAEConfig(**{**settings, **overrides})
+
+
+def write_json_atomically(path: Path, data) -> None:
+    """Write `data` as JSON through a temporary file renamed into place: a crash never leaves half a record."""
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(data, indent=2))
+    os.replace(staging, path)
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:

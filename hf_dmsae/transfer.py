@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from functools import cached_property
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from .activations import ActivationArguments, TrainingPositions, text_batches
 from .core import DMSAECore
 from .evaluation import activation_metrics, ce_loss_recovered
 from .modeling_dmsae import DMSAEModel
-from .runs import ActivationData, SAEArguments, prepare_activations, sae_config, train_sae
+from .runs import ActivationData, SAEArguments, prepare_activations, sae_config, train_sae, write_json_atomically
 from .trainer import DMSAETrainingArguments
 
 VARIANTS = ("dense_core", "sparse_core", "matryoshka")
@@ -90,9 +89,7 @@ class Transfer:
                 train_sae(model, self.data, args)
                 self.results[name] = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
                 if self.training_args.process_index == 0:
-                    staging = self.results_path.with_suffix(".json.tmp")
-                    staging.write_text(json.dumps(self.results, indent=2))
-                    os.replace(staging, self.results_path)
+                    write_json_atomically(self.results_path, self.results)
         return self.results
 
     def report(self) -> str:
