@@ -1,15 +1,22 @@
 """How good a trained SAE is on held-out data: reconstruction, sparsity and the LM's loss with it spliced in.
 
+The metrics are Hugging Face `evaluate` modules shipped in `hf_dmsae/metrics/` (each with its metric card):
+`fvu`, `l0`, `dead_latents` and `ce_loss_recovered`, loadable with `evaluate.load(<folder>)` or `load_metric(name)`.
+This module feeds them:
+
 - `activation_metrics`: FVU, L0 (core, non-core, global) and the fraction of latents that never fire, over held-out
   activations, with the model in inference mode (its learned threshold).
 - `ce_loss_recovered`: the LM's next-token loss clean, with the SAE's reconstruction spliced in at the hook, and with
   the activation zero-ablated there; recovered = (L_zero − L_sae) / (L_zero − L_clean). Positions the SAE never
   trains on (special tokens, attention-sink outliers) stay clean in both interventions.
+- `SAEEvalMetrics`: the Trainer's `compute_metrics` (batch by batch), so `eval_dataset` gives `eval_fvu` and the
+  `eval_l0*` in the logs every `eval_steps`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,40 +24,58 @@ import torch.nn.functional as F
 from .activations import LayerActivations, TrainingPositions
 from .modeling_dmsae import DMSAEModel
 
+METRICS_DIR = Path(__file__).parent / "metrics"
+
+
+def load_metric(name: str):
+    """One of the package's `evaluate` modules (`fvu`, `l0`, `dead_latents`, `ce_loss_recovered`), kept in memory."""
+    import evaluate
+
+    if not (METRICS_DIR / name / f"{name}.py").is_file():
+        known = sorted(p.name for p in METRICS_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
+        raise ValueError(f"unknown metric {name!r}: the package ships {known}")
+    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+
+
+def active_counts(latents: torch.Tensor, core_size: int) -> dict[str, list[int]]:
+    """Per-row numbers of active core and non-core latents: the `l0` metric's inputs."""
+    active = latents > 0
+    return {"l0_core": active[:, :core_size].sum(1).tolist(), "l0_noncore": active[:, core_size:].sum(1).tolist()}
+
 
 @torch.no_grad()
 def activation_metrics(sae: DMSAEModel, activations: Iterable[torch.Tensor]) -> dict[str, float]:
     """FVU, L0s and dead fraction of `sae` (inference mode) over batches of raw activations `[N, d_in]`."""
     was_training = sae.training
     sae.eval()
-    c, n = sae.config.core_size, sae.config.dict_size
-    error = total = rows = 0.0
-    active_core = active_noncore = 0.0
-    fired = torch.zeros(n, dtype=torch.bool)
-    sums = torch.zeros(sae.config.d_in, dtype=torch.float64)
-    squares = 0.0
+    fvu, l0, dead = load_metric("fvu"), load_metric("l0"), load_metric("dead_latents")
     for x in activations:
         x = x.to(sae.device)
         latents = sae.encode(x)
-        reconstruction = sae.decode(latents).double()
-        x = x.double()
-        error += float((x - reconstruction).pow(2).sum())
-        sums += x.sum(0).cpu()
-        squares += float(x.pow(2).sum())
-        rows += len(x)
-        active = latents > 0
-        active_core += float(active[:, :c].sum())
-        active_noncore += float(active[:, c:].sum())
-        fired |= active.any(0).cpu()
+        reconstruction = sae.decode(latents)
+        fvu.add_batch(predictions=reconstruction.float().cpu().numpy(), references=x.float().cpu().numpy())
+        l0.add_batch(**active_counts(latents, sae.config.core_size))
+        dead.add(fired_latents=(latents > 0).any(0).nonzero().squeeze(1).tolist())
     sae.train(was_training)
-    total = squares - float(sums.pow(2).sum()) / rows  # Σ‖x − x̄‖²
-    return {
-        "fvu": error / total,
-        "l0_core": active_core / rows,
-        "l0_noncore": active_noncore / rows,
-        "l0": (active_core + active_noncore) / rows,
-        "dead_fraction": 1.0 - float(fired.float().mean()),
-    }
+    return {**fvu.compute(), **l0.compute(), **dead.compute(dict_size=sae.config.dict_size)}
+
+
+class SAEEvalMetrics:
+    """`compute_metrics` for `DMSAETrainer` with `batch_eval_metrics`: the `fvu` and `l0` modules fed batch by
+    batch from the (gathered) reconstructions, per-row active counts and activations."""
+
+    def __init__(self):
+        self.fvu, self.l0 = load_metric("fvu"), load_metric("l0")
+
+    def __call__(self, prediction, compute_result: bool) -> dict[str, float] | None:
+        reconstruction, counts = prediction.predictions
+        counts = counts.long().cpu()
+        self.fvu.add_batch(predictions=reconstruction.float().cpu().numpy(),
+                           references=prediction.label_ids.float().cpu().numpy())  # fmt: skip
+        self.l0.add_batch(l0_core=counts[:, 0].tolist(), l0_noncore=counts[:, 1].tolist())
+        if compute_result:
+            return {**self.fvu.compute(), **self.l0.compute()}
+        return None
 
 
 @torch.no_grad()
@@ -61,8 +86,7 @@ def ce_loss_recovered(
     was_training = sae.training
     sae.eval()
     layer = LayerActivations(lm, sae.config.hook_layer, sae.config.hook_name)
-    sums = {"clean": 0.0, "spliced": 0.0, "zero_ablated": 0.0}
-    count = 0
+    metric = load_metric("ce_loss_recovered")
     for input_ids in batches:
         input_ids = input_ids.to(lm.device)
         keep = positions.mask(input_ids, layer(input_ids))
@@ -76,13 +100,11 @@ def ce_loss_recovered(
             return hidden.masked_fill(keep.unsqueeze(-1), 0.0)
 
         interventions = {"clean": lambda hidden: hidden, "spliced": spliced, "zero_ablated": zero_ablated}
+        losses = {}
         for name, transform in interventions.items():
             logits = layer.patched_logits(input_ids, transform)
-            sums[name] += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(),
-                                                reduction="sum"))  # fmt: skip
-        count += input_ids[:, 1:].numel()
+            losses[f"loss_{name}"] = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(),
+                                                     reduction="none").tolist()  # fmt: skip
+        metric.add_batch(**losses)
     sae.train(was_training)
-    losses = {f"ce_loss_{name}": value / count for name, value in sums.items()}
-    gap = losses["ce_loss_zero_ablated"] - losses["ce_loss_clean"]
-    losses["ce_loss_recovered"] = (losses["ce_loss_zero_ablated"] - losses["ce_loss_spliced"]) / gap
-    return losses
+    return metric.compute()

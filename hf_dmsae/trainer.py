@@ -3,7 +3,7 @@
 What it adds to the Trainer: the loss and metrics from the model output, the decoder's unit-norm constraint around
 every optimiser step (parallel gradient projected out after backward, rows renormalised after the step), the decoder
 bias started at the geometric median of a first batch, and SAE metrics in the logs (per-prefix loss, FVU, L0s, dead
-fraction, threshold). Everything else (accelerate, DDP/FSDP, bf16, checkpoints and exact resumption, progress bars,
+fraction, threshold), and the package's `evaluate` metrics (FVU, L0s) on `eval_dataset`. Everything else (accelerate, DDP/FSDP, bf16, checkpoints and exact resumption, progress bars,
 `report_to`) is the Trainer's own. The dead-latent counters and the threshold are model buffers, so checkpoints carry
 them and a resumed run continues them.
 """
@@ -17,10 +17,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .activations import collate_activations
+from .evaluation import SAEEvalMetrics
 from .modeling_dmsae import DMSAEModel
-
-# Per metric mode: the Trainer's loss key that marks its log, and the prefix of our metric names there.
-_LOG_KEYS = {"train": ("loss", ""), "eval": ("eval_loss", "eval_")}
 
 
 @dataclass
@@ -37,7 +35,9 @@ class DMSAETrainingArguments(TrainingArguments):
     decay_fraction: float = field(default=0.2, metadata={"help": "Share of steps in the final linear decay."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a fraction: of all steps)."})
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (0: none)."})
-    prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation gathers no [B, n] latents."})
+    batch_eval_metrics: bool = field(
+        default=True, metadata={"help": "Evaluation metrics are fed batch by batch; no [B, n] latents are kept."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     save_steps: float = field(default=100, metadata={"help": "Checkpoint every this many steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
@@ -69,11 +69,13 @@ class DMSAETrainer(Trainer):
 
     def __init__(self, model: DMSAEModel, args: DMSAETrainingArguments, **kwargs):
         kwargs.setdefault("data_collator", collate_activations)
+        if args.batch_eval_metrics:
+            kwargs.setdefault("compute_metrics", SAEEvalMetrics())
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_DecoderNormCallback(self))
-        # Metric sums since the last log, per mode ("train", "eval"), with their step counts.
-        self._metric_sums = {mode: defaultdict(lambda: torch.zeros((), device=args.device)) for mode in _LOG_KEYS}
-        self._metric_steps = dict.fromkeys(_LOG_KEYS, 0)
+        # Training metric sums since the last log, and their step count.
+        self._metric_sums = defaultdict(lambda: torch.zeros((), device=args.device))
+        self._metric_steps = 0
 
     @property
     def sae(self) -> DMSAEModel:
@@ -94,7 +96,8 @@ class DMSAETrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs, return_latents=False)
-        self._accumulate_metrics("train" if model.training else "eval", inputs["activations"], outputs)
+        if model.training:
+            self._accumulate_metrics(inputs["activations"], outputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -105,14 +108,21 @@ class DMSAETrainer(Trainer):
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: the loss (and metrics) only; an SAE has no labels and its [B, n] latents are not gathered."""
+        """Evaluation: the loss and, for `compute_metrics`, the reconstructions and per-row active core / non-core
+        counts as predictions and the activations as labels (the [B, n] latents are not gathered)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            outputs = model(**inputs, return_latents=self.compute_metrics is not None)
+        if self.compute_metrics is None:
+            return outputs.loss.detach(), None, None
+        active = outputs.latents > 0
+        core = self.sae.config.core_size
+        counts = torch.stack([active[:, :core].sum(1), active[:, core:].sum(1)], dim=1)
+        x = inputs["activations"].reshape(-1, self.sae.config.d_in)
+        return outputs.loss.detach(), (outputs.reconstruction, counts), x
 
     @torch.no_grad()
-    def _accumulate_metrics(self, mode: str, activations: torch.Tensor, outputs) -> None:
+    def _accumulate_metrics(self, activations: torch.Tensor, outputs) -> None:
         x = activations.reshape(-1, activations.shape[-1]).float()
         metrics = {
             "fvu": fraction_of_variance_unexplained(x, outputs.reconstruction.float()),
@@ -124,21 +134,19 @@ class DMSAETrainer(Trainer):
         for i, prefix_loss in enumerate(outputs.prefix_losses):
             metrics[f"prefix_loss_{i}"] = prefix_loss
         for name, value in metrics.items():
-            self._metric_sums[mode][name] += value.detach().float()
-        self._metric_steps[mode] += 1
+            self._metric_sums[name] += value.detach().float()
+        self._metric_steps += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Add the SAE metrics of the training steps (or evaluation batches) since the last log, averaged over
-        steps and processes, to the Trainer's own training (or evaluation) log."""
-        for mode, (loss_key, prefix) in _LOG_KEYS.items():
-            sums, steps = self._metric_sums[mode], self._metric_steps[mode]
-            if not steps or loss_key not in logs:
-                continue
-            names = sorted(sums)
-            averaged = self.accelerator.reduce(torch.stack([sums[n] for n in names]) / steps, reduction="mean")
-            logs.update({prefix + name: round(float(v), 6) for name, v in zip(names, averaged)})
-            sums.clear()
-            self._metric_steps[mode] = 0
+        """Add the SAE metrics of the training steps since the last log, averaged over steps and processes, to the
+        Trainer's own training log."""
+        if "loss" in logs and self._metric_steps:
+            names = sorted(self._metric_sums)
+            sums = torch.stack([self._metric_sums[n] for n in names])
+            averaged = self.accelerator.reduce(sums / self._metric_steps, reduction="mean")
+            logs.update({name: round(float(v), 6) for name, v in zip(names, averaged)})
+            self._metric_sums.clear()
+            self._metric_steps = 0
         if "loss" in logs:
             sae = self.sae
             logs["dead_fraction"] = float((sae.tokens_since_fired >= sae.config.dead_tokens_threshold).float().mean())

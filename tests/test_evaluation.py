@@ -5,7 +5,7 @@ from conftest import tiny_activation_args, tiny_model
 from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.activations import TrainingPositions, load_language_model, text_batches
 from hf_dmsae.embedded import EMBEDDED_LM
-from hf_dmsae.evaluation import activation_metrics, ce_loss_recovered
+from hf_dmsae.evaluation import METRICS_DIR, activation_metrics, ce_loss_recovered, load_metric
 
 
 def identity_sae(d: int = 32, hook_layer: int = 2) -> DMSAEModel:
@@ -18,6 +18,28 @@ def identity_sae(d: int = 32, hook_layer: int = 2) -> DMSAEModel:
         sae.W_enc_trainable.copy_(torch.cat([eye, -eye]))
         sae.W_dec.copy_(torch.cat([eye, -eye]))
     return sae
+
+
+def test_metric_modules_load_with_evaluate_and_compute_their_definitions():
+    import evaluate
+
+    for name in ("fvu", "l0", "dead_latents", "ce_loss_recovered"):
+        assert "## Metric description" in (METRICS_DIR / name / "README.md").read_text()
+        assert evaluate.load(str(METRICS_DIR / name)).name == name
+    x, x_hat = torch.randn(50, 8).double(), torch.randn(50, 8).double()
+    fvu = load_metric("fvu")
+    for rows in (slice(0, 20), slice(20, 50)):
+        fvu.add_batch(predictions=x_hat[rows].numpy(), references=x[rows].numpy())
+    expected = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert fvu.compute()["fvu"] == pytest.approx(float(expected), rel=1e-5)
+    assert load_metric("l0").compute(l0_core=[0, 3], l0_noncore=[5, 2]) == {"l0_core": 1.5, "l0_noncore": 3.5, "l0": 5.0}
+    dead = load_metric("dead_latents").compute(fired_latents=[[3], [0, 3], []], dict_size=4)
+    assert dead == {"dead_fraction": 0.5}
+    ce = load_metric("ce_loss_recovered").compute(loss_clean=[1.0, 3.0], loss_spliced=[3.0, 3.0],
+                                                   loss_zero_ablated=[6.0, 6.0])  # fmt: skip
+    assert ce["ce_loss_recovered"] == pytest.approx((6.0 - 3.0) / (6.0 - 2.0))
+    with pytest.raises(ValueError, match="unknown metric 'mse'"):
+        load_metric("mse")
 
 
 def test_activation_metrics_match_their_definitions():

@@ -14,6 +14,7 @@ from transformers import AutoModel
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.activations import ActivationCache, load_language_model
+from hf_dmsae.evaluation import activation_metrics
 from hf_dmsae.trainer import DMSAETrainer, DMSAETrainingArguments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,21 @@ def test_trainer_learns_with_a_frozen_core_under_bf16_and_weight_decay(caches, t
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_fvu", "eval_l0_core", "eval_l0_noncore"} <= set(metrics)
     assert metrics["eval_fvu"] < 0.5
+
+
+def test_eval_loop_logs_the_evaluate_metrics_every_eval_steps(caches, tmp_path):
+    train, held_out = caches
+    model = core_model(train.norm_factor)
+    args = training_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=20)
+    trainer = DMSAETrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
+    trainer.train()
+
+    evals = [entry for entry in trainer.state.log_history if "eval_fvu" in entry]
+    assert [entry["step"] for entry in evals] == [20, 40]
+    assert evals[1]["eval_fvu"] < evals[0]["eval_fvu"]
+    direct = activation_metrics(model, [held_out.__getitems__(range(len(held_out)))])
+    for name in ("fvu", "l0_core", "l0_noncore", "l0"):
+        assert evals[1][f"eval_{name}"] == pytest.approx(direct[name], rel=1e-5), name
 
 
 def test_decoder_bias_starts_at_the_median_of_the_first_rows(caches, tmp_path):
