@@ -272,6 +272,24 @@ class DMSAEModel(PreTrainedModel):
         self.threshold.copy_(torch.where(torch.isnan(smallest), self.threshold, updated))
 
     @torch.no_grad()
+    def calibrate_threshold(self, activations: torch.Tensor, batch_size: int = 1024) -> float:
+        """Set the inference threshold to the smallest activation BatchTopK would keep over all of `activations`
+        (raw, `[N, d_in]`), so that inference keeps `topk_per_row` masked latents per row on average on them. The
+        training EMA of that value lags while the activations still shrink, which on short runs leaves the
+        inference L0 well below its target. Exact: the kept values are the top `N·topk_per_row` of all chunks'."""
+        x = self._checked(activations)
+        start, kept = self.config.first_masked_latent, len(x) * self.config.topk_per_row
+        top = torch.empty(0, device=self.W_dec.device)
+        for chunk in x.split(batch_size):
+            z = self._relu_preactivations(chunk / self.config.norm_factor)[:, start:].flatten().float()
+            top = torch.cat([top, z.topk(min(len(z), kept)).values])
+            top = top.topk(min(len(top), kept)).values
+        positive = top[top > 0]
+        if len(positive):
+            self.threshold.fill_(float(positive[-1]))
+        return float(self.threshold)
+
+    @torch.no_grad()
     def init_decoder_bias(self, activations: torch.Tensor) -> None:
         """Set `b_dec` to the geometric median of a first batch of raw activations (SPEC initialisation)."""
         x = self._checked(activations) / self.config.norm_factor

@@ -1,10 +1,4 @@
-"""DMSAEs under SAEBench: the custom-SAE adapter, TransformerLens loading of local models, and the evals runner.
-
-SAEBench evaluates any `BaseSAE` (its custom-SAE contract) and loads the LM through TransformerLens by name.
-TransformerLens's loaders read any local Hugging Face folder of a supported architecture, but its `from_pretrained`
-accepts only names in its registry; `transformer_lens_name` registers a local model (the embedded SmolLM2, a
-fine-tuned checkpoint, a Hub model outside the registry after download) under its folder name, so every SAEBench
-eval loads it through its own code path, unchanged.
+"""SAEBench's evals on DMSAEs: which evals, their settings, and the runner (the adapter is `saebench_sae`).
 
 The evals that need nothing beyond the LM and the installed packages (core, absorption, sparse probing on
 sae-probes' shipped datasets, meta_structure) always run; the others run when their data or keys are reachable
@@ -22,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from sae_bench.custom_saes.base_sae import BaseSAE
 
 from .activations import ActivationArguments, load_texts
-from .embedded import resolve_model
 from .modeling_dmsae import DMSAEModel
 
 logger = logging.getLogger(__name__)
@@ -33,7 +25,7 @@ logger = logging.getLogger(__name__)
 OFFLINE_EVALS = ("core", "absorption", "sparse_probing_sae_probes", "meta_structure")
 ONLINE_EVALS = ("scr", "tpp", "sparse_probing", "ravel", "unlearning", "autointerp")
 # Short sae-probes datasets of different kinds (sport, geography, time, causality, headlines, spam).
-PROBE_DATASETS = ["109_ball_ws", "117_us_state_FL", "133_context_type_Causality", "24_headline_isiran",
+PROBE_DATASETS = ["131_temp_cat_Typical Time", "117_us_state_FL", "133_context_type_Causality", "24_headline_isiran",
                   "96_spam_is", "154_athlete_sport_football"]  # fmt: skip
 # One number per eval for the report's table: (eval, key in the flattened `eval_result_metrics`, column name).
 HEADLINE_METRICS = (
@@ -42,70 +34,9 @@ HEADLINE_METRICS = (
     ("core", "reconstruction_quality.explained_variance", "sb_explained_variance"),
     ("absorption", "mean.mean_absorption_fraction_score", "sb_absorption"),
     ("sparse_probing_sae_probes", "sae.sae_top_1_test_accuracy", "sb_probe_top1_acc"),
+    ("sparse_probing_sae_probes", "sae.sae_top_5_test_accuracy", "sb_probe_top5_acc"),
     ("meta_structure", "meta_structure.decoder_fraction_variance_explained", "sb_meta_fve"),
 )
-
-
-class SAEBenchSAE(BaseSAE):
-    """A `DMSAEModel` under SAEBench's custom-SAE contract, in raw activation units.
-
-    SAEBench reads `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`, `b_dec` for weight-based metrics and
-    calls `encode`/`decode`/`forward` on raw LM activations. The DMSAE works on activations divided by its
-    `norm_factor`; latents here are the DMSAE's times that factor, so the exported weights act on raw activations
-    exactly as `encode`/`decode` do (the convention of dictionary_learning checkpoints). Encoding uses the
-    inference mask: the dense core unmasked and the learned threshold on the rest.
-    """
-
-    def __init__(self, sae: DMSAEModel, model_name: str, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):  # fmt: skip
-        config = sae.config
-        if config.hook_layer is None or config.hook_name is None:
-            raise ValueError("the DMSAE's config must name its hook (hook_layer and hook_name) for SAEBench")
-        super().__init__(config.d_in, config.dict_size, model_name, config.hook_layer, torch.device(device), dtype,
-                         hook_name=f"blocks.{config.hook_layer}.hook_{config.hook_name}")  # fmt: skip
-        self.sae = sae.eval()
-        self.scale = config.norm_factor
-        with torch.no_grad():
-            self.W_enc.copy_(sae.W_enc.T)
-            self.b_enc.copy_(sae.b_enc * self.scale)
-            self.W_dec.copy_(sae.W_dec)
-            self.b_dec.copy_(sae.b_dec * self.scale)
-        self.cfg.architecture = f"dmsae_{config.sparsity}"
-        self.to(device=torch.device(device), dtype=dtype)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.sae.encode(x) * self.scale).to(x.dtype)
-
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        return self.sae.decode(feature_acts.to(self.sae.dtype) / self.scale).to(feature_acts.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
-
-
-def transformer_lens_name(model_name_or_path: str) -> str:
-    """The name under which TransformerLens (and so SAEBench) loads `model_name_or_path`.
-
-    Names in TransformerLens's registry are returned unchanged. Anything else is resolved to a local folder
-    (embedded names to their converted folder, Hub names downloaded) and registered in that registry under the
-    folder's name, pointing at the folder: TransformerLens's own config and weight loaders read it from there.
-    """
-    from transformer_lens import loading_from_pretrained as loading
-    from transformer_lens import supported_models
-
-    if model_name_or_path.lower() in loading.make_model_alias_map():
-        return model_name_or_path
-    path = resolve_model(model_name_or_path)
-    if not Path(path).is_dir():
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(path)
-    path = str(Path(path).resolve())
-    alias = Path(path).name
-    if path not in supported_models.OFFICIAL_MODEL_NAMES:
-        supported_models.OFFICIAL_MODEL_NAMES.append(path)
-        supported_models.MODEL_ALIASES[path] = [alias]
-    return alias
 
 
 @dataclass
@@ -175,6 +106,8 @@ class SAEBenchRunner:
     `<output_dir>/<eval>/`, so re-running skips what is done (SAEBench's `force_rerun=False`)."""
 
     def __init__(self, args: SAEBenchArguments, activations: ActivationArguments, output_dir: str | Path):
+        from .saebench_sae import transformer_lens_name
+
         self.args, self.activation_args = args, activations
         self.output_dir = Path(output_dir).resolve()
         self.model_name = transformer_lens_name(activations.model_name_or_path)
@@ -194,6 +127,8 @@ class SAEBenchRunner:
 
     def run(self, name: str, sae: DMSAEModel) -> dict[str, dict]:
         """`{eval: {"metrics": {...}} or {"skipped": reason}}` for the SAE called `name` (unique per output_dir)."""
+        from .saebench_sae import SAEBenchSAE
+
         adapter = SAEBenchSAE(sae, self.model_name, self.device, self.dtype)
         results = {}
         with contextlib.chdir(self._folder("artifacts")):  # SAEBench writes artifacts under the working directory
@@ -206,7 +141,7 @@ class SAEBenchRunner:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def _run_one(self, eval_name: str, name: str, adapter: SAEBenchSAE) -> dict:
+    def _run_one(self, eval_name: str, name: str, adapter) -> dict:
         from sae_bench.sae_bench_utils.general_utils import get_results_filepath
 
         output = self._folder(eval_name)
@@ -245,6 +180,11 @@ class SAEBenchRunner:
             return AbsorptionEvalConfig(**common, llm_dtype=a.saebench_llm_dtype)
         if eval_name == "sparse_probing_sae_probes":
             from sae_bench.evals.sparse_probing_sae_probes.eval_config import SparseProbingSaeProbesEvalConfig
+            from sae_probes.generate_sae_activations import DATASET_SIZES
+
+            unknown = sorted(set(a.probe_datasets) - set(DATASET_SIZES))
+            if unknown:
+                raise ValueError(f"probe_datasets {unknown} are not sae-probes datasets (e.g. {sorted(DATASET_SIZES)[:3]})")
 
             return SparseProbingSaeProbesEvalConfig(
                 **common, dataset_names=a.probe_datasets, include_llm_baseline=True,

@@ -10,6 +10,7 @@ them and a resumed run continues them.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from .activations import collate_activations
 from .evaluation import SAEEvalMetrics
 from .modeling_dmsae import DMSAEModel
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class DMSAETrainingArguments(TrainingArguments):
@@ -28,6 +31,11 @@ class DMSAETrainingArguments(TrainingArguments):
 
     init_decoder_bias_rows: int = field(
         default=4096, metadata={"help": "Rows of the first batch whose geometric median starts b_dec (0: keep 0)."}
+    )
+    calibrate_threshold_rows: int = field(
+        default=16_384,
+        metadata={"help": "Rows of the training data the inference threshold is calibrated on at the end (0: keep "
+                  "the training EMA)."},
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Activation datasets have one column."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Adam learning rate."})
@@ -86,7 +94,21 @@ class DMSAETrainer(Trainer):
         (`train_dataset.sample(n)`: the same rows on every process, read before the model is wrapped)."""
         if not resume_from_checkpoint and self.state.global_step == 0 and self.args.init_decoder_bias_rows > 0:
             self.model.init_decoder_bias(self.train_dataset.sample(self.args.init_decoder_bias_rows))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.args.calibrate_threshold_rows > 0:
+            self.calibrate_threshold()
+        return output
+
+    def calibrate_threshold(self) -> None:
+        """Calibrate the inference threshold on the first training rows (the same on every process; under FSDP on
+        an unsharded copy, whose threshold is copied back into the replicated buffer)."""
+        from .attribution import whole_model
+
+        sae = self.sae
+        rows = self.train_dataset.sample(self.args.calibrate_threshold_rows).to(self.args.device)
+        threshold = whole_model(sae).calibrate_threshold(rows)
+        sae.threshold.fill_(threshold)
+        logger.info("Inference threshold calibrated on %d rows: %.4g", len(rows), threshold)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.args.lr_scheduler_type == "warmup_stable_decay":

@@ -2,8 +2,9 @@
 
 For every target L0 `k`: a DMSAE with the core's frozen rows in dense-core mode (`k_noncore` by Eq. 4), one in
 sparse-core mode (one global BatchTopK of `k`), and a plain Matryoshka SAE; all on the same activations, token
-budget and seed. Each is evaluated on held-out data (FVU, L0s, dead fraction, CE loss recovered). Results are
-written to `results.json` after every run, so re-running resumes, and summarised in `report.md`.
+budget and seed. Each is evaluated on held-out data (FVU, L0s, dead fraction, CE loss recovered) and, if asked, with
+SAEBench's evals (`hf_dmsae.saebench`). Results are written to `results.json` after every run, so re-running
+resumes, and summarised in `report.md`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .core import DMSAECore
 from .evaluation import activation_metrics, ce_loss_recovered
 from .modeling_dmsae import DMSAEModel
 from .runs import ActivationData, SAEArguments, prepare_activations, sae_config, train_sae, write_json_atomically
+from .saebench import HEADLINE_METRICS, SAEBenchArguments, headline_metrics
 from .trainer import DMSAETrainingArguments
 
 VARIANTS = ("dense_core", "sparse_core", "matryoshka")
@@ -46,8 +48,9 @@ class Transfer:
     """One transfer run; `run()` trains and evaluates every (k, variant) not yet in `results.json`."""
 
     def __init__(self, args: TransferArguments, sae: SAEArguments, activations: ActivationArguments,
-                 training: DMSAETrainingArguments):  # fmt: skip
+                 training: DMSAETrainingArguments, saebench: SAEBenchArguments | None = None):  # fmt: skip
         self.args, self.sae_args, self.activation_args, self.training_args = args, sae, activations, training
+        self.saebench_args = saebench
         self.output_dir = Path(training.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.results_path = self.output_dir / "results.json"
@@ -58,6 +61,15 @@ class Transfer:
     def data(self) -> ActivationData:
         """The LM and the activation datasets, loaded (or harvested) on first use."""
         return prepare_activations(self.activation_args, self.training_args)
+
+    @cached_property
+    def saebench(self):
+        """The SAEBench runner (results under `<output_dir>/saebench/`), or None if no SAEBench eval is asked."""
+        if self.saebench_args is None or not self.saebench_args.saebench_evals:
+            return None
+        from .saebench import SAEBenchRunner
+
+        return SAEBenchRunner(self.saebench_args, self.activation_args, self.output_dir / "saebench")
 
     def new_model(self, k: int, variant: str) -> DMSAEModel:
         set_seed(self.training_args.seed)
@@ -87,18 +99,28 @@ class Transfer:
                 model = self.new_model(k, variant)
                 args = dataclasses.replace(self.training_args, output_dir=str(self.output_dir / name), push_to_hub=False)
                 train_sae(model, self.data, args)
-                self.results[name] = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
+                result = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
+                if self.saebench is not None and self.training_args.process_index == 0:
+                    result["saebench"] = self.saebench.run(name, model)
+                    result |= headline_metrics(result["saebench"])
+                self.results[name] = result
                 if self.training_args.process_index == 0:
                     write_json_atomically(self.results_path, self.results)
         return self.results
 
     def report(self) -> str:
         columns = ("fvu", "ce_loss_recovered", "l0", "l0_core", "l0_noncore", "dead_fraction")
+        columns += tuple(c for _, _, c in HEADLINE_METRICS if any(c in r for r in self.results.values()))
         lines = [f"# Transfer report: core `{self.args.core}` ({len(self.core)} latents)", "",
+                 "Own metrics on held-out text; `sb_*` columns are SAEBench's (`saebench/<eval>/` holds their JSON).", "",
                  "| k | variant | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]  # fmt: skip
+        skipped = {}
         for result in sorted(self.results.values(), key=lambda r: (r["k"], VARIANTS.index(r["variant"]))):
-            cells = " | ".join(f"{result[c]:.4f}" for c in columns)
+            cells = " | ".join(f"{result[c]:.4f}" if c in result else "–" for c in columns)
             lines.append(f"| {result['k']} | {result['variant']} | {cells} |")
+            skipped |= {name: r["skipped"] for name, r in result.get("saebench", {}).items() if "skipped" in r}
+        if skipped:
+            lines += ["", "SAEBench evals not run:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()]
         if self.training_args.process_index == 0 and self.results:
             plot = figures.metrics_against_k(list(self.results.values()), columns[:4],
                                              self.output_dir / "figures" / "metrics_vs_k.png")  # fmt: skip

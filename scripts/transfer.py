@@ -3,8 +3,9 @@
     accelerate launch scripts/transfer.py configs/smollm2-135m.json --core runs/smollm2-135m-l15/repos/<…-core-distilled>
 
 The JSON file holds any field of `TransferArguments`, `SAEArguments`, `ActivationArguments` and
-`DMSAETrainingArguments` (the distillation's fields are skipped); flags override it; `--core` takes a local folder or
-a Hub repo id. Re-running resumes; the table is written to `<output_dir>/report.md`.
+`DMSAETrainingArguments` and `SAEBenchArguments` (the distillation's fields are skipped); flags override it; `--core`
+takes a local folder or a Hub repo id; `--saebench_evals core meta_structure …` picks SAEBench's evals (none: `--saebench_evals`
+with no value). Re-running resumes; the table is written to `<output_dir>/report.md`.
 """
 
 import logging
@@ -13,6 +14,7 @@ from hf_dmsae.activations import ActivationArguments
 from hf_dmsae.attribution import AttributionArguments
 from hf_dmsae.distillation import DistillationArguments
 from hf_dmsae.runs import SAEArguments, parse_arguments
+from hf_dmsae.saebench import SAEBenchArguments
 from hf_dmsae.trainer import DMSAETrainingArguments
 from hf_dmsae.transfer import Transfer, TransferArguments
 
@@ -20,7 +22,7 @@ from hf_dmsae.transfer import Transfer, TransferArguments
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     arguments = parse_arguments(
-        (TransferArguments, SAEArguments, ActivationArguments, DMSAETrainingArguments),
+        (TransferArguments, SAEArguments, ActivationArguments, DMSAETrainingArguments, SAEBenchArguments),
         shared=(DistillationArguments, AttributionArguments),
     )
     run = Transfer(*arguments)

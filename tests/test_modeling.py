@@ -171,6 +171,18 @@ def test_inference_uses_the_threshold_on_noncore_latents_only(model):
     torch.testing.assert_close(model.decode(latents), model(x).reconstruction)
 
 
+@pytest.mark.parametrize("batch_size", [1000, 96])
+def test_calibrated_threshold_is_the_smallest_value_batchtopk_keeps_over_all_rows(model, batch_size):
+    x = torch.randn(1000, 16)
+    model.calibrate_threshold(x, batch_size=batch_size)
+    z = torch.relu((x - model.b_dec) @ model.W_enc.T + model.b_enc)[:, 8:]
+    kept = int(model.config.topk_per_row * len(x))
+    assert float(model.threshold) == pytest.approx(float(z.flatten().sort(descending=True).values[kept - 1]))
+    model.eval()
+    l0_noncore = (model.encode(x)[:, 8:] > 0).sum(1).float().mean()
+    assert l0_noncore == pytest.approx(model.config.topk_per_row, abs=1.0 / len(x))
+
+
 def test_raw_activations_in_and_out_with_a_norm_factor():
     plain, scaled = tiny_model(), tiny_model(norm_factor=10.0)
     plain.train(), scaled.train()
