@@ -92,7 +92,8 @@ def _fingerprint(distillation, sae, activations, attribution, training) -> str:
     values = {f"{type(a).__name__}.{k}": v for a in (distillation, sae, activations, attribution)
               for k, v in dataclasses.asdict(a).items()}  # fmt: skip
     values.update({f"training.{name}": getattr(training, name) for name in _TRAINING_FIELDS})
-    values["DistillationArguments.model_repo"] = None  # naming the repos does not change the cores
+    for name in ("model_repo", "random_core_control"):  # naming the repos or adding the control keeps the cores
+        values.pop(f"DistillationArguments.{name}")
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
