@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo report bench clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ test: setup
 
 demo: setup
 	$(BIN)/accelerate launch --num_processes 1 scripts/distill.py configs/smollm2-135m.json
+
+# The study on the embedded default: the demo's distillation (with its random-core control), transfer at k 16, 32, 64
+# with SAEBench's offline evals, the synthetic ground-truth benchmark, gathered in reports/smollm2-135m/.
+CORE := runs/smollm2-135m-l15/repos/local__dmsae-smollm2-135m-l15-core-distilled
+report: demo
+	$(BIN)/accelerate launch --num_processes 1 scripts/transfer.py configs/smollm2-135m.json --core $(CORE) \
+		--output_dir runs/transfer --ks 16 32 64 --ce_batches 4 \
+		--saebench_evals core sparse_probing_sae_probes meta_structure --meta_structure_steps 500
+	$(BIN)/python scripts/synthetic.py --output_dir runs/synthetic
+	$(BIN)/python scripts/report.py --out reports/smollm2-135m --title "DMSAE study on SmolLM2-135M (embedded default)" \
+		--distillation runs/smollm2-135m-l15 --transfer runs/transfer --synthetic runs/synthetic
 
 bench: setup
 	$(BIN)/pip install --quiet -r requirements/bench.txt

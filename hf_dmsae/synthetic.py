@@ -5,7 +5,8 @@ of `W`). Per seed, the benchmark runs the distillation (cycle 0 a Matryoshka SAE
 core, `C* = C^(T) ∩ C^(T−1)`) and trains, on the same fresh token budget, a DMSAE around `C*` and a Matryoshka
 baseline at each k. Scores are sae_lens's own (`eval_sae_on_synthetic_data`: MCC against the true features,
 explained variance, dead latents, L0), and cross-seed consistency is the mean best-match |cos| between the two
-seeds' decoder directions.
+seeds' decoder directions. The DMSAE is trained in both core modes: dense core (the core never masked, so its L0 adds
+to k) and sparse core (one BatchTopK of k over all latents, L0 matched with the baseline).
 
 Attribution objective. There is no LM here, so `∂L/∂x` comes from `L(x) = ½‖x − b‖²`, the energy of the signal
 around the dictionary's bias: `g = x − b`, and `GxA_j = |a_j · ŵ_j·(x − b)|` is the part of the input's signal
@@ -31,6 +32,7 @@ from .configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, DMSAEConfig, matryosh
 from .modeling_dmsae import DMSAEModel
 from .runs import ActivationData, train_sae, write_json_atomically
 from .trainer import DMSAETrainingArguments
+from .transfer import VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class SyntheticArguments:
     """k of the distillation cycles."""
     transfer_ks: list[int] = field(default_factory=lambda: [8, 16, 32])
     """k of the transferred SAEs and baselines."""
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    """Transferred SAEs: DMSAE in dense- and sparse-core mode, and the Matryoshka baseline."""
     cycles: int = 3
     """Distillation cycles T + 1 (cycle 0 included)."""
     train_tokens: int = 200_000
@@ -77,6 +81,13 @@ class SyntheticArguments:
     """Rows per training step."""
     learning_rate: float = 3e-3
     """Adam learning rate."""
+
+    def __post_init__(self):
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
+        if self.cycles < 2:
+            raise ValueError(f"cycles={self.cycles} is invalid: the distilled core needs at least 2 cycles")
 
 
 class Rows(torch.utils.data.Dataset):
@@ -134,11 +145,11 @@ class SyntheticBenchmark:
         torch.manual_seed(seed)
         return Rows(self.world.sample(n).detach())
 
-    def config(self, k: int, core_size: int = 0, core_ids=None) -> DMSAEConfig:
+    def config(self, k: int, core_size: int = 0, core_ids=None, sparsity: str = "dense_core") -> DMSAEConfig:
         a = self.args
         return DMSAEConfig(d_in=a.hidden_dim, dict_size=a.dict_size, core_size=core_size, core_ids=core_ids,
                            group_sizes=matryoshka_group_sizes(a.dict_size - core_size, tuple(a.group_fractions)),
-                           k=k, sparsity="dense_core", threshold_beta=0.99, dead_tokens_threshold=100_000,
+                           k=k, sparsity=sparsity, threshold_beta=0.99, dead_tokens_threshold=100_000,
                            norm_factor=self.norm_factor)  # fmt: skip
 
     def train(self, model: DMSAEModel, name: str, data_seed: int) -> DMSAEModel:
@@ -211,15 +222,16 @@ class SyntheticBenchmark:
             core_rows, core_ids, cycles = self.distill(seed)
             record |= {"cycles": cycles, "distilled_core_size": len(core_ids)}
             for k in a.transfer_ks:
-                for variant in ("dmsae", "matryoshka"):
+                for variant in a.variants:
                     name = f"k{k}-{variant}"
                     if name in record["models"]:
                         continue
                     set_seed(seed)
-                    if variant == "dmsae":
-                        model = DMSAEModel.from_core(self.config(k, len(core_ids), core_ids), core_rows, core_ids)
-                    else:
+                    if variant == "matryoshka":
                         model = DMSAEModel(self.config(k))
+                    else:
+                        config = self.config(k, len(core_ids), core_ids, sparsity=variant)
+                        model = DMSAEModel.from_core(config, core_rows, core_ids)
                     model = self.train(model, f"{key}/{name}", data_seed=1000 * seed + 999)
                     record["models"][name] = {"k": k, "variant": variant, **self.evaluate(model, seed)}
                     write_json_atomically(self.results_path, self.results)
@@ -233,7 +245,7 @@ class SyntheticBenchmark:
         if len(a.seeds) < 2:
             return {}
         first, second = (self.output_dir / f"seed{s}" for s in a.seeds[:2])
-        names = [f"k{k}-{v}" for k in a.transfer_ks for v in ("dmsae", "matryoshka")]
+        names = [f"k{k}-{v}" for k in a.transfer_ks for v in a.variants]
         return {name: consistency(DMSAEModel.from_pretrained(first / name).W_dec.detach(),
                                   DMSAEModel.from_pretrained(second / name).W_dec.detach()) for name in names}  # fmt: skip
 
@@ -263,7 +275,7 @@ class SyntheticBenchmark:
                 lines.append(f"| {seed} | {c['cycle']} | {c['core_size']} | {c['carried_over'] if c['carried_over'] is not None else '–'} | {c['mcc_core']:.4f} |")
             lines.append(f"| {seed} | distilled | {record['distilled_core_size']} | | |")
         shown = columns + ("consistency",)
-        lines += ["", "## Transfer: DMSAE around the distilled core vs Matryoshka (mean over seeds)", "",
+        lines += ["", "## Transfer: DMSAEs around the distilled core vs Matryoshka (mean over seeds)", "",
                   "MCC, explained variance, dead latents, L0 and uniqueness are sae_lens's `eval_sae_on_synthetic_data`; "
                   "consistency is the mean best-match |cos| between the two seeds' decoders.", "",
                   "| k | variant | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]  # fmt: skip
