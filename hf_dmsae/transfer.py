@@ -99,14 +99,21 @@ class Transfer:
                 model = self.new_model(k, variant)
                 args = dataclasses.replace(self.training_args, output_dir=str(self.output_dir / name), push_to_hub=False)
                 train_sae(model, self.data, args)
-                result = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
-                if self.saebench is not None and self.training_args.process_index == 0:
-                    result["saebench"] = self.saebench.run(name, model)
-                    result |= headline_metrics(result["saebench"])
-                self.results[name] = result
+                self.results[name] = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
                 if self.training_args.process_index == 0:
                     write_json_atomically(self.results_path, self.results)
+        if self.saebench is not None and self.training_args.process_index == 0:
+            self.run_saebench()
         return self.results
+
+    def run_saebench(self) -> None:
+        """SAEBench on every saved model that lacks its results (main process, after all training, so no other
+        process waits in a collective meanwhile)."""
+        for name, result in self.results.items():
+            if "saebench" not in result:
+                result["saebench"] = self.saebench.run(name, DMSAEModel.from_pretrained(self.output_dir / name))
+                result |= headline_metrics(result["saebench"])
+                write_json_atomically(self.results_path, self.results)
 
     def report(self) -> str:
         columns = ("fvu", "ce_loss_recovered", "l0", "l0_core", "l0_noncore", "dead_fraction")

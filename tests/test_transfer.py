@@ -7,11 +7,13 @@ from conftest import tiny_activation_args
 from hf_dmsae import DMSAEModel
 from hf_dmsae.core import DMSAECore
 from hf_dmsae.runs import SAEArguments
+from hf_dmsae.saebench import SAEBenchArguments
 from hf_dmsae.trainer import DMSAETrainingArguments
 from hf_dmsae.transfer import Transfer, TransferArguments
 
 
-def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_path):
+def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     core = DMSAECore(
         encoder_rows=torch.randn(6, 32) / 6, latent_ids=[f"cycle3:{i}" for i in range(6)], scores=torch.ones(6),
         pool_ids=[], pool_scores=torch.ones(0), coverage_curve=torch.ones(0),
@@ -23,12 +25,14 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
         tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=3000),
         DMSAETrainingArguments(output_dir=str(tmp_path / "run"), max_steps=15, per_device_train_batch_size=200,
                                save_strategy="no", report_to="none", disable_tqdm=True),  # fmt: skip
+        SAEBenchArguments(saebench_evals=["meta_structure", "autointerp"], meta_structure_steps=5),
     )
     results = Transfer(*arguments).run()
     assert sorted(results) == [f"k{k}-{v}" for k in (16, 8) for v in ("dense_core", "matryoshka", "sparse_core")]
     for result in results.values():
         metrics = ("fvu", "l0", "l0_core", "l0_noncore", "dead_fraction", "ce_loss_recovered", "ce_loss_clean")
         assert all(math.isfinite(result[m]) for m in metrics) and result["fvu"] > 0
+        assert math.isfinite(result["sb_meta_fve"]) and "skipped" in result["saebench"]["autointerp"]
 
     dense = DMSAEModel.from_pretrained(tmp_path / "run" / "k16-dense_core")
     assert torch.equal(dense.W_enc_frozen, core.encoder_rows) and dense.config.k_noncore == round(16 * 250 / 256)
@@ -40,6 +44,7 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
     rerun = Transfer(*arguments)
     assert rerun.run() == results and (tmp_path / "run" / "results.json").stat().st_mtime_ns == before
     report = rerun.report()
-    assert "| 16 | sparse_core |" in report and json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "| 16 | sparse_core |" in report and "sb_meta_fve" in report and "- autointerp: " in report
+    assert json.loads((tmp_path / "run" / "results.json").read_text())
     assert (tmp_path / "run" / "figures" / "metrics_vs_k.png").read_bytes().startswith(b"\x89PNG")
     assert "figures/metrics_vs_k.png" in report
