@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import signal
@@ -69,6 +70,9 @@ def test_trainer_learns_with_a_frozen_core_under_bf16_and_weight_decay(caches, t
     assert logs[-1]["dead_fraction"] < 0.2
     assert logs[-1]["threshold"] > 0
 
+    # The inference threshold ends calibrated on the first training rows, not at its lagging EMA.
+    assert float(model.threshold) != logs[-1]["threshold"]
+    assert float(model.threshold) == copy.deepcopy(model).calibrate_threshold(train.sample(args.calibrate_threshold_rows))
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_fvu", "eval_l0_core", "eval_l0_noncore"} <= set(metrics)
     assert metrics["eval_fvu"] < 0.5
@@ -77,7 +81,8 @@ def test_trainer_learns_with_a_frozen_core_under_bf16_and_weight_decay(caches, t
 def test_eval_loop_logs_the_evaluate_metrics_every_eval_steps(caches, tmp_path):
     train, held_out = caches
     model = core_model(train.norm_factor)
-    args = training_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=20)
+    # No calibration at the end, so the model evaluated at step 40 is the one compared below.
+    args = training_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=20, calibrate_threshold_rows=0)
     trainer = DMSAETrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
     trainer.train()
 
