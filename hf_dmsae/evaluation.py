@@ -37,10 +37,16 @@ def load_metric(name: str):
     return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
 
 
-def active_counts(latents: torch.Tensor, core_size: int) -> dict[str, list[int]]:
-    """Per-row numbers of active core and non-core latents: the `l0` metric's inputs."""
+def active_counts(latents: torch.Tensor, core_size: int) -> torch.Tensor:
+    """`[B, 2]` numbers of active core and non-core latents per row (what the Trainer gathers for the `l0` metric)."""
     active = latents > 0
-    return {"l0_core": active[:, :core_size].sum(1).tolist(), "l0_noncore": active[:, core_size:].sum(1).tolist()}
+    return torch.stack([active[:, :core_size].sum(1), active[:, core_size:].sum(1)], dim=1)
+
+
+def add_counts(l0, counts: torch.Tensor) -> None:
+    """Feed `active_counts` rows to the `l0` metric."""
+    counts = counts.long().cpu()
+    l0.add_batch(l0_core=counts[:, 0].tolist(), l0_noncore=counts[:, 1].tolist())
 
 
 @torch.no_grad()
@@ -54,7 +60,7 @@ def activation_metrics(sae: DMSAEModel, activations: Iterable[torch.Tensor]) -> 
         latents = sae.encode(x)
         reconstruction = sae.decode(latents)
         fvu.add_batch(predictions=reconstruction.float().cpu().numpy(), references=x.float().cpu().numpy())
-        l0.add_batch(**active_counts(latents, sae.config.core_size))
+        add_counts(l0, active_counts(latents, sae.config.core_size))
         dead.add(fired_latents=(latents > 0).any(0).nonzero().squeeze(1).tolist())
     sae.train(was_training)
     return {**fvu.compute(), **l0.compute(), **dead.compute(dict_size=sae.config.dict_size)}
@@ -69,10 +75,9 @@ class SAEEvalMetrics:
 
     def __call__(self, prediction, compute_result: bool) -> dict[str, float] | None:
         reconstruction, counts = prediction.predictions
-        counts = counts.long().cpu()
         self.fvu.add_batch(predictions=reconstruction.float().cpu().numpy(),
                            references=prediction.label_ids.float().cpu().numpy())  # fmt: skip
-        self.l0.add_batch(l0_core=counts[:, 0].tolist(), l0_noncore=counts[:, 1].tolist())
+        add_counts(self.l0, counts)
         if compute_result:
             return {**self.fvu.compute(), **self.l0.compute()}
         return None

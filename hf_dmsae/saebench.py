@@ -23,7 +23,13 @@ from .modeling_dmsae import DMSAEModel
 logger = logging.getLogger(__name__)
 
 OFFLINE_EVALS = ("core", "absorption", "sparse_probing_sae_probes", "meta_structure")
-ONLINE_EVALS = ("scr", "tpp", "sparse_probing", "ravel", "unlearning", "autointerp")
+# SAEBench module and config class of each eval that needs Hub data or keys.
+ONLINE_EVAL_MODULES = {
+    "scr": ("scr_and_tpp", "ScrAndTppEvalConfig"), "tpp": ("scr_and_tpp", "ScrAndTppEvalConfig"),
+    "sparse_probing": ("sparse_probing", "SparseProbingEvalConfig"), "ravel": ("ravel", "RAVELEvalConfig"),
+    "unlearning": ("unlearning", "UnlearningEvalConfig"), "autointerp": ("autointerp", "AutoInterpEvalConfig"),
+}  # fmt: skip
+ONLINE_EVALS = tuple(ONLINE_EVAL_MODULES)
 # Short sae-probes datasets of different kinds (sport, geography, time, causality, headlines, spam).
 PROBE_DATASETS = ["131_temp_cat_Typical Time", "117_us_state_FL", "133_context_type_Causality", "24_headline_isiran",
                   "96_spam_is", "154_athlete_sport_football"]  # fmt: skip
@@ -195,11 +201,7 @@ class SAEBenchRunner:
             from sae_bench.evals.meta_structure.eval_config import MetaStructureEvalConfig
 
             return MetaStructureEvalConfig(train_steps=a.meta_structure_steps, autocast=self.device != "cpu")
-        module, config_class = {
-            "scr": ("scr_and_tpp", "ScrAndTppEvalConfig"), "tpp": ("scr_and_tpp", "ScrAndTppEvalConfig"),
-            "sparse_probing": ("sparse_probing", "SparseProbingEvalConfig"), "ravel": ("ravel", "RAVELEvalConfig"),
-            "unlearning": ("unlearning", "UnlearningEvalConfig"), "autointerp": ("autointerp", "AutoInterpEvalConfig"),
-        }[eval_name]  # fmt: skip
+        module, config_class = ONLINE_EVAL_MODULES[eval_name]
         config = getattr(importlib.import_module(f"sae_bench.evals.{module}.eval_config"), config_class)(**common)
         if eval_name in ("scr", "tpp"):
             config.perform_scr = eval_name == "scr"
@@ -240,7 +242,7 @@ class SAEBenchRunner:
 
     def _run_generic(self, eval_name, config, name, adapter, output: Path) -> None:
         """Evals whose `run_eval(config, selected_saes, device, output_path)` loads the LM by name itself."""
-        module = {"scr": "scr_and_tpp", "tpp": "scr_and_tpp"}.get(eval_name, eval_name)
+        module, _ = ONLINE_EVAL_MODULES[eval_name]
         run_eval = importlib.import_module(f"sae_bench.evals.{module}.main").run_eval
         extra = {"api_key": os.environ["OPENAI_API_KEY"]} if eval_name == "autointerp" else {}
         run_eval(config, [(name, adapter)], self.device, output_path=str(output), **extra)

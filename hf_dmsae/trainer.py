@@ -3,7 +3,8 @@
 What it adds to the Trainer: the loss and metrics from the model output, the decoder's unit-norm constraint around
 every optimiser step (parallel gradient projected out after backward, rows renormalised after the step), the decoder
 bias started at the geometric median of a first batch, and SAE metrics in the logs (per-prefix loss, FVU, L0s, dead
-fraction, threshold), and the package's `evaluate` metrics (FVU, L0s) on `eval_dataset`. Everything else (accelerate, DDP/FSDP, bf16, checkpoints and exact resumption, progress bars,
+fraction, threshold), the package's `evaluate` metrics (FVU, L0s) on `eval_dataset`, and the inference threshold
+calibrated at the end. Everything else (accelerate, DDP/FSDP, bf16, checkpoints and exact resumption, progress bars,
 `report_to`) is the Trainer's own. The dead-latent counters and the threshold are model buffers, so checkpoints carry
 them and a resumed run continues them.
 """
@@ -18,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .activations import collate_activations
-from .evaluation import SAEEvalMetrics
+from .evaluation import SAEEvalMetrics, active_counts
 from .modeling_dmsae import DMSAEModel
 
 logger = logging.getLogger(__name__)
@@ -137,9 +138,7 @@ class DMSAETrainer(Trainer):
             outputs = model(**inputs, return_latents=self.compute_metrics is not None)
         if self.compute_metrics is None:
             return outputs.loss.detach(), None, None
-        active = outputs.latents > 0
-        core = self.sae.config.core_size
-        counts = torch.stack([active[:, :core].sum(1), active[:, core:].sum(1)], dim=1)
+        counts = active_counts(outputs.latents, self.sae.config.core_size)
         x = inputs["activations"].reshape(-1, self.sae.config.d_in)
         return outputs.loss.detach(), (outputs.reconstruction, counts), x
 
