@@ -1,19 +1,25 @@
-"""Attribution-guided core selection (SPEC section 3, Eq. 6 and 7).
+"""Attribution-guided core selection (docs/method.md §3, Eq. 6 and 7).
 
-For each sampled token position `u` of a clean LM forward pass (no SAE spliced in): `x_u` the activation at the
-hook, `g_u = ∂L/∂x_u` the gradient of the next-token loss, `a_{u,j}` the SAE's activation of candidate latent `j`
-(training masks over the batch), `ŵ_j` its unit decoder direction; `GxA_{u,j} = |a_{u,j} · (g_u · ŵ_j)|`. A latent's
-score is the exact q-quantile of its GxA over all sampled positions, zeros included, computed in one streaming pass
-that keeps only the top `⌈(1−q)·N⌉+1` values per latent. The core is the smallest set of latents, by descending
-score, whose summed score reaches `τ` of the pool's total.
+For each position `u` of the run's attribution split (text no training run reads), `x_u` is the activation at the
+hook of a clean LM forward pass and `g_u = ∂L/∂x_u` the gradient of the LM's next-token loss there. Neither depends
+on the SAE, so the pairs are harvested once per run (`RunData.attribution_pairs`) and every cycle, control and
+tracking step reuses them: scoring an SAE then costs one encode per position.
+
+`a_{u,j}` is latent j's activation under the training masks: BatchTopK over batches of the *training* batch size,
+drawn from the shuffled pairs (a short last batch is completed with the first pairs, which are not counted twice),
+so the masks depend neither on the LM's batching nor on how many sequences one attribution pass holds. With `ŵ_j`
+latent j's unit decoder direction, `GxA_{u,j} = |a_{u,j} · (g_u · ŵ_j)|`. A latent's score is the exact q-quantile
+of its GxA over all positions, zeros included, kept in one streaming pass that holds only the top `⌈(1−q)·N⌉+1`
+values per latent. The core is the smallest set of latents, by descending score, whose summed score reaches `τ` of
+the candidate pool's total.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -22,8 +28,8 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .activations import ActivationArguments, LayerActivations, TrainingPositions, text_batches
 from .core import DMSAECore
+from .kernels import batch_topk_entries
 from .modeling_dmsae import DMSAEModel
 
 logger = logging.getLogger(__name__)
@@ -81,51 +87,71 @@ class StreamingQuantile:
         return torch.lerp(low, high, (position - lower).expand_as(low))
 
 
-def gxa_values(sae: DMSAEModel, acts: torch.Tensor, grads: torch.Tensor, pool_size: int) -> torch.Tensor:
-    """`[N, pool_size]` |a · (g · ŵ)| for rows of activations and their loss gradients."""
-    latents = sae.encode(acts, batch_topk=True)[:, :pool_size].float()
-    decoder = sae.W_dec[:pool_size].float()
-    directional = grads.float() @ (decoder / decoder.norm(dim=1, keepdim=True)).T
-    return (latents * directional).abs()
+@torch.no_grad()
+def pool_latents(sae: DMSAEModel, acts: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """`[B, pool_size]` activations of the first `pool_size` latents for raw activations `acts`, under the training
+    masks over these B rows (BatchTopK; the dense core unmasked). Equal to `sae.encode(acts, batch_topk=True)`'s
+    first columns, without building the other `[B, n]` latents."""
+    config = sae.config
+    start = config.first_masked_latent
+    x = acts.to(sae.W_dec.dtype) / config.norm_factor
+    pre = sae._relu_preactivations(x)
+    rows, cols, values = batch_topk_entries(pre[:, start:], config.topk_per_row * len(x))
+    cols = cols + start
+    latents = torch.zeros(len(x), pool_size, device=x.device, dtype=pre.dtype)
+    latents[:, :start] = pre[:, :start]
+    keep = cols < pool_size
+    latents[rows[keep], cols[keep]] = values[keep]
+    return latents
 
 
 @torch.no_grad()
-def gxa_scores(
-    sae: DMSAEModel,
-    lm: torch.nn.Module,
-    batches: Iterable[torch.Tensor],
-    *,
-    positions: TrainingPositions,
-    max_tokens: int,
-    q: float = 0.99,
-) -> torch.Tensor:
-    """Score each candidate latent (core ∪ prefix-0) by the q-quantile of its GxA over up to `max_tokens` positions.
+def gxa_values(sae: DMSAEModel, acts: torch.Tensor, grads: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """`[N, pool_size]` |a · (g · ŵ)| for a training-sized batch of activations and their loss gradients."""
+    decoder = sae.W_dec[:pool_size].float()
+    directional = grads.to(decoder.device, torch.float32) @ (decoder / decoder.norm(dim=1, keepdim=True)).T
+    return (pool_latents(sae, acts.to(decoder.device), pool_size).float() * directional).abs()
 
-    `batches` yields `input_ids` `[B, T]`; `positions` decides which positions count (those an SAE trains on).
-    Under `torch.distributed`, process r of W takes batches r, r+W, … and an equal share of the tokens; the kept
-    values are merged at the end, so every process returns the scores of all positions.
-    """
-    config = sae.config
-    pool = config.candidate_pool_size
+
+def training_sized_batches(blocks: Iterable[dict[str, torch.Tensor]], batch_size: int) -> Iterator[
+        tuple[torch.Tensor, torch.Tensor, int]]:  # fmt: skip
+    """`(activations, gradients, new)` batches of exactly `batch_size` pairs, in the order of `blocks`; the last
+    batch is completed with the first pairs, of which only the `new` first rows are new."""
+    head: list[dict[str, torch.Tensor]] = []
+    head_rows, pending = 0, None
+    for block in blocks:
+        if head_rows < batch_size:
+            head.append({k: v[: batch_size - head_rows] for k, v in block.items()})
+            head_rows += len(head[-1]["activations"])
+        pending = block if pending is None else {k: torch.cat([pending[k], block[k]]) for k in block}
+        while len(pending["activations"]) >= batch_size:
+            yield pending["activations"][:batch_size], pending["gradients"][:batch_size], batch_size
+            pending = {k: v[batch_size:] for k, v in pending.items()}
+    new = len(pending["activations"]) if pending is not None else 0
+    if new:
+        first = {k: torch.cat([part[k] for part in head]) for k in pending}
+        repeats = math.ceil((batch_size - new) / len(first["activations"]))
+        yield tuple(torch.cat([pending[k], first[k].repeat(repeats, 1)])[:batch_size]
+                    for k in ("activations", "gradients")) + (new,)  # fmt: skip
+
+
+@torch.no_grad()
+def gxa_scores(sae: DMSAEModel, pairs: Iterable[dict[str, torch.Tensor]], *, batch_size: int, q: float,
+               max_rows: int, progress: bool = True) -> torch.Tensor:  # fmt: skip
+    """Score each candidate latent (core ∪ prefix-0) by the q-quantile of its GxA over all pairs (at most
+    `max_rows`). Under `torch.distributed`, process r of W scores batches r, r+W, …; the kept values are merged, so
+    every process returns the scores of all positions."""
+    pool = sae.config.candidate_pool_size
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    quota = max_tokens // world + (1 if rank < max_tokens % world else 0)
-    layer = LayerActivations(lm, config.hook_layer, config.hook_name)
-    quantile = StreamingQuantile(pool, q, max_tokens)
-    progress = tqdm(total=quota, desc="attribution", unit="tok", unit_scale=True, disable=rank != 0)
-    for index, input_ids in enumerate(batches):
-        if index % world != rank:
-            continue
-        acts, grads = layer.with_gradient(input_ids.to(lm.device))
-        keep = positions.mask(input_ids.to(lm.device), acts)
-        remaining = quota - quantile.count
-        acts, grads = acts[keep][:remaining], grads[keep][:remaining]
-        if len(acts):
-            quantile.update(gxa_values(sae, acts, grads, pool).cpu())
-            progress.update(len(acts))
-        if quantile.count >= quota:
-            break
-    progress.close()
-    quantile.gather(lm.device)
+    quantile = StreamingQuantile(pool, q, max_rows)
+    bar = tqdm(total=max_rows, desc="attribution", unit="tok", unit_scale=True, disable=rank != 0 or not progress,
+               leave=False)  # fmt: skip
+    for index, (acts, grads, new) in enumerate(training_sized_batches(pairs, batch_size)):
+        bar.update(new)
+        if index % world == rank:
+            quantile.update(gxa_values(sae, acts, grads, pool)[:new].cpu())
+    bar.close()
+    quantile.gather(sae.W_dec.device)
     return quantile.compute()
 
 
@@ -160,29 +186,56 @@ def select_by_coverage(scores: torch.Tensor, tau: float = 0.9) -> CoreSelection:
 
 @dataclass
 class AttributionArguments:
-    """How a core is selected."""
+    """How cores are selected, and whether selection is followed while training."""
 
-    attribution_tokens: int = 16_384
-    """Token positions scored."""
+    attribution_tokens: int = field(
+        default=16_384,
+        metadata={"help": "Token positions of the attribution split (held out from training) scored for every core."},
+    )
+    attribution_batch_size: int = field(default=8, metadata={"help": "Sequences per LM forward + backward."})
+    q: float = field(default=0.99, metadata={"help": "Quantile of |GxA| over positions that scores a latent."})
+    tau: float = field(default=0.9, metadata={"help": "Share of the pool's total score the core must cover."})
+    cache_attribution_pairs: bool = field(
+        default=True,
+        metadata={"help": "Harvest the (x, g) pairs once into the cache folder (activation_cache, else "
+                  "<output_dir>/cache) and reuse them; false: run the LM's forward + backward for every scoring."},
+    )
+    track_selection_steps: int = field(
+        default=0,
+        metadata={"help": "Score the model being trained every this many steps and log the selected core's size "
+                  "and overlaps (0: only at the end)."},
+    )
+    stop_at_selection_overlap: float = field(
+        default=0.0,
+        metadata={"help": "Stop a cycle's training once the tracked selection's Jaccard overlap with the one before "
+                  "reaches this `selection_patience` times in a row (0: never)."},
+    )
+    selection_patience: int = field(default=2, metadata={"help": "Tracking points the overlap must hold for."})
 
-    attribution_batch_size: int = 8
-    """Sequences per LM forward + backward."""
+    def __post_init__(self):
+        if self.attribution_tokens < 1 or self.attribution_batch_size < 1:
+            raise ValueError("attribution_tokens and attribution_batch_size must be at least 1")
+        if not 0.0 <= self.q < 1.0:
+            raise ValueError(f"q={self.q} is invalid: must lie in [0, 1)")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau={self.tau} is invalid: must lie in (0, 1]")
+        if self.track_selection_steps < 0 or self.selection_patience < 1:
+            raise ValueError("track_selection_steps must be non-negative and selection_patience at least 1")
+        if not 0.0 <= self.stop_at_selection_overlap <= 1.0:
+            raise ValueError(f"stop_at_selection_overlap={self.stop_at_selection_overlap} is invalid: must lie in [0, 1]")
+        if self.stop_at_selection_overlap and not self.track_selection_steps:
+            raise ValueError("stop_at_selection_overlap needs track_selection_steps > 0")
 
-    q: float = 0.99
-    """Quantile of |GxA| over positions that scores a latent."""
 
-    tau: float = 0.9
-    """Share of the pool's total score the core must cover."""
-
-
-def select_core(
-    sae: DMSAEModel, lm, tokenizer, activation_args: ActivationArguments, args: AttributionArguments, **provenance
-) -> DMSAECore:
-    """Score the candidate pool of `sae` and select its core as a `DMSAECore`."""
-    positions = TrainingPositions(tokenizer, activation_args.outlier_norm_ratio)
-    batches = text_batches(activation_args, tokenizer, args.attribution_batch_size, activation_args.dataset_split)
-    scores = gxa_scores(sae, lm, batches, positions=positions, max_tokens=args.attribution_tokens, q=args.q)
-    selection = select_by_coverage(scores, args.tau)
+def core_from_scores(sae: DMSAEModel, scores: torch.Tensor, tau: float, **provenance) -> DMSAECore:
+    """The coverage-selected core of `sae`'s candidate pool as a `DMSAECore` (its encoder rows as they are: a
+    row's scale is a gain for a unit-norm decoder direction, the same in any activation units)."""
+    selection = select_by_coverage(scores, tau)
+    if len(selection.indices) == 0:
+        raise ValueError(
+            f"every candidate latent scored 0 (q={provenance.get('q')} over {provenance.get('tokens')} positions): "
+            "no core can be selected; lower q or score more positions"
+        )
     ids = sae.config.latent_ids()
     rows = sae.W_enc[selection.indices].detach().float().cpu()
     return DMSAECore(
@@ -192,29 +245,89 @@ def select_core(
         pool_ids=[ids[i] for i in selection.order.tolist()],
         pool_scores=scores[selection.order].clone(),
         coverage_curve=selection.coverage_curve.float(),
-        provenance={
-            "base_model": sae.config.base_model, "hook_layer": sae.config.hook_layer,
-            "hook_name": sae.config.hook_name, "norm_factor": sae.config.norm_factor, "q": args.q, "tau": args.tau,
-            "tokens": args.attribution_tokens, "pool_size": len(scores), **provenance,
-        },  # fmt: skip
+        provenance={"base_model": sae.config.base_model, "hook_layer": sae.config.hook_layer,
+                    "hook_name": sae.config.hook_name, "norm_factor": sae.config.norm_factor, "tau": tau,
+                    "pool_size": len(scores), **provenance},  # fmt: skip
     )
 
 
-class AttributionCallback(TrainerCallback):
-    """At the end of training, scores the trained SAE's candidate pool (every process its share of the tokens),
-    selects its core, saves it as `<output_dir>/core` from the main process and logs its size and coverage."""
+class Attribution:
+    """Scores SAEs on a run's attribution split: its pairs cached once (or harvested at every scoring)."""
 
-    def __init__(self, lm, tokenizer, activation_args: ActivationArguments, args: AttributionArguments, **provenance):
-        self.lm, self.tokenizer, self.activation_args, self.args = lm, tokenizer, activation_args, args
-        self.provenance = provenance
+    def __init__(self, data, args: AttributionArguments, batch_size: int):
+        self.data, self.args, self.batch_size = data, args, batch_size
+        self.slice = data.fixed_slice("attribution", args.attribution_tokens)
+        self.max_rows = self.slice.sequences * data.args.body_length
+        self._cache = None
+        if args.cache_attribution_pairs:
+            self._cache = data.attribution_pairs(self.slice, args.attribution_batch_size, cached=True)
+            self.max_rows = len(self._cache)
+
+    def pairs(self) -> Iterable[dict[str, torch.Tensor]]:
+        if self._cache is not None:
+            return (self._cache.rows(i, i + 65_536) for i in range(0, len(self._cache), 65_536))
+        return self.data.attribution_pairs(self.slice, self.args.attribution_batch_size, cached=False)
+
+    def scores(self, sae: DMSAEModel, progress: bool = True) -> torch.Tensor:
+        return gxa_scores(sae, self.pairs(), batch_size=self.batch_size, q=self.args.q, max_rows=self.max_rows,
+                          progress=progress)  # fmt: skip
+
+    def select(self, sae: DMSAEModel, **provenance) -> DMSAECore:
+        """Score `sae` and select its core."""
+        sae = whole_model(sae)
+        scores = self.scores(sae)
+        return core_from_scores(sae, scores, self.args.tau, q=self.args.q, tokens=self.max_rows,
+                                mask_batch_size=self.batch_size, **provenance)  # fmt: skip
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+class AttributionCallback(TrainerCallback):
+    """Selects the trained model's core at the end of training (saved as `<output_dir>/core` by the main process),
+    and, with `track_selection_steps`, the current model's core every that many steps: its size, its overlap with
+    the previous cycle's core and its Jaccard overlap with the selection tracked before are logged, the ids kept in
+    `track`; with `stop_at_selection_overlap`, training stops once the selection has settled."""
+
+    def __init__(self, attribution: Attribution, previous_core: list[str] | None = None, **provenance):
+        self.attribution, self.provenance = attribution, provenance
+        self.previous = set(previous_core or [])
         self.core: DMSAECore | None = None
+        self.track: list[dict] = []
+        self._stable = 0
+
+    @staticmethod
+    def _sae(model) -> DMSAEModel:
+        return model.module if hasattr(model, "module") else model
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        steps = self.attribution.args.track_selection_steps
+        if not steps or state.global_step % steps or state.global_step >= state.max_steps:
+            return
+        sae = whole_model(self._sae(model))
+        selection = select_by_coverage(self.attribution.scores(sae, progress=False), self.attribution.args.tau)
+        ids = sae.config.latent_ids()
+        chosen = {ids[i] for i in selection.indices.tolist()}
+        entry = {"step": state.global_step, "selection_size": len(chosen)}
+        if self.previous:
+            entry["selection_overlap_previous_core"] = len(chosen & self.previous) / len(self.previous)
+        if self.track:
+            entry["selection_jaccard_last"] = jaccard(chosen, set(self.track[-1]["ids"]))
+        self.track.append({**entry, "ids": sorted(chosen)})
+        state.log_history.append(entry)
+        logger.info("Step %d: tracked selection of %d latents %s", state.global_step, len(chosen),
+                    {k: round(v, 3) for k, v in entry.items() if "overlap" in k or "jaccard" in k})  # fmt: skip
+        threshold = self.attribution.args.stop_at_selection_overlap
+        self._stable = self._stable + 1 if threshold and entry.get("selection_jaccard_last", 0) >= threshold else 0
+        if self._stable >= self.attribution.args.selection_patience:
+            logger.info("Selection stable for %d tracking points: training stops at step %d", self._stable,
+                        state.global_step)  # fmt: skip
+            control.should_training_stop = True
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        sae = whole_model(model.module if hasattr(model, "module") else model)
-        was_training = sae.training
-        self.core = select_core(sae.eval(), self.lm, self.tokenizer, self.activation_args, self.args,
-                                **self.provenance)  # fmt: skip
-        sae.train(was_training)
+        sae = self._sae(model)
+        self.core = self.attribution.select(sae, stopped_at_step=state.global_step, **self.provenance)
         if state.is_world_process_zero:
             self.core.save_pretrained(f"{args.output_dir}/core")
         logger.info("Selected a core of %d latents covering %.3f of the attribution", len(self.core),

@@ -1,4 +1,4 @@
-"""Configuration of a Distilled Matryoshka Sparse Autoencoder (SPEC sections 1, 2 and 6)."""
+"""Configuration of a Distilled Matryoshka Sparse Autoencoder (docs/method.md §1, §2 and §6)."""
 
 from __future__ import annotations
 
@@ -115,6 +115,7 @@ class DMSAEConfig(PreTrainedConfig):
     """Hook point, e.g. `"resid_post"`."""
 
     def __post_init__(self, **kwargs):
+        self._check_types()
         if self.group_sizes is None:
             self.group_sizes = matryoshka_group_sizes(self.dict_size - self.core_size)
         if self.k_noncore is None:
@@ -131,6 +132,23 @@ class DMSAEConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Part of `@strict` validation, run again at save time: the same rules as at construction."""
         self.check()
+
+    _TYPES = {"d_in": int, "dict_size": int, "core_size": int, "k": int, "cycle": int, "dead_tokens_threshold": int,
+              "k_noncore": (int, type(None)), "frozen_rows": (int, type(None)), "aux_k": (int, type(None)),
+              "hook_layer": (int, type(None)), "aux_coef": (int, float), "threshold_beta": (int, float),
+              "norm_factor": (int, float), "threshold": (int, float, type(None)), "sparsity": str, "kernels": str,
+              "base_model": (str, type(None)), "hook_name": (str, type(None)),
+              "group_sizes": (list, type(None)), "core_ids": (list, type(None))}  # fmt: skip
+
+    def _check_types(self) -> None:
+        """Raise `ValueError` naming the first field of the wrong type (e.g. `"k": "16"` in a config.json)."""
+        for field, expected in self._TYPES.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, expected):
+                names = [t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,))]
+                raise ValueError(f"DMSAEConfig.{field}={value!r} is invalid: must be of type {' or '.join(names)}")
+        if self.group_sizes is not None and not all(isinstance(g, int) for g in self.group_sizes):
+            raise ValueError(f"DMSAEConfig.group_sizes={self.group_sizes!r} is invalid: must be integers")
 
     def check(self) -> None:
         """Raise `ValueError` naming the first field that breaks a rule."""
@@ -196,7 +214,7 @@ class DMSAEConfig(PreTrainedConfig):
 
     @property
     def candidate_pool_size(self) -> int:
-        """Latents scored for the next core: the core and the first non-core group (SPEC section 3)."""
+        """Latents scored for the next core: the core and the first non-core group (docs/method.md §3)."""
         return self.prefix_ends[0]
 
     def latent_ids(self) -> list[str]:

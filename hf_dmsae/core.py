@@ -1,20 +1,24 @@
-"""`DMSAECore`: a selected core as a Hub artifact (SPEC sections 3, 4 and 6).
+"""`DMSAECore`: a selected core as a Hub artifact (docs/method.md §3, §4 and §6).
 
 A core is what one distillation cycle hands to the next: the encoder rows of the selected latents (copied bit for
 bit into the next model's frozen rows), their stable ids, their attribution scores, the coverage curve over the whole
-candidate pool, and where it came from. On disk (a folder or a Hub repo): `core.safetensors` (`encoder_rows`,
-`scores`, `pool_scores`, `coverage_curve`), `config.json` (ids and provenance, written by `ModelHubMixin` from the
-JSON-able fields) and a model card.
+candidate pool, and where it came from. An encoder row is a latent's gain along its unit-norm decoder direction, the
+same whatever units the activations are normalised to, so rows move between models of any normalisation unchanged.
+On disk (a folder or a Hub repo): `core.safetensors` (`encoder_rows`, `scores`, `pool_scores`, `coverage_curve`,
+with the digest of their bytes), `config.json` (ids and provenance, written by `ModelHubMixin` from the JSON-able
+fields) and a model card.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelHubMixin, hf_hub_download
-from safetensors.torch import load_file, save_file
+
+from .integrity import load_tensors, save_tensors, tensor_digest
 
 CORE_WEIGHTS = "core.safetensors"
 
@@ -45,13 +49,19 @@ class DMSAECore(ModelHubMixin, library_name="hf_dmsae", tags=["dmsae", "sparse-a
     """Cycle, source model and revision, base LM, layer, hook, q, τ, tokens scored, normalisation factor."""
 
     def __post_init__(self):
-        if self.encoder_rows.ndim != 2 or len(self.encoder_rows) != len(self.latent_ids) != len(self.scores):
+        counts = {len(self.encoder_rows), len(self.latent_ids), len(self.scores)}
+        if self.encoder_rows.ndim != 2 or len(counts) != 1:
             raise ValueError(
                 f"a core needs one encoder row, id and score per latent: rows {tuple(self.encoder_rows.shape)}, "
                 f"{len(self.latent_ids)} ids, {len(self.scores)} scores"
             )
+        if len(self.pool_ids) != len(self.pool_scores) or len(self.pool_scores) != len(self.coverage_curve):
+            raise ValueError(f"a core's pool needs one score and coverage value per id: {len(self.pool_ids)} ids, "
+                             f"{len(self.pool_scores)} scores, {len(self.coverage_curve)} coverage values")  # fmt: skip
         if len(set(self.latent_ids)) != len(self.latent_ids):
             raise ValueError("core latent ids must be unique")
+        if not torch.isfinite(self.encoder_rows).all():
+            raise ValueError("a core's encoder rows must be finite")
 
     def __len__(self) -> int:
         return len(self.latent_ids)
@@ -61,12 +71,10 @@ class DMSAECore(ModelHubMixin, library_name="hf_dmsae", tags=["dmsae", "sparse-a
         """Share of the pool's total score the core covers."""
         return float(self.coverage_curve[len(self) - 1]) if len(self) else 0.0
 
-    def rows_at_scale(self, norm_factor: float) -> torch.Tensor:
-        """Encoder rows for a model that divides activations by `norm_factor`: bit-identical at the core's own
-        scale, rescaled otherwise (a dictionary_learning checkpoint reads raw activations) so that each row
-        detects the same thing."""
-        scale = norm_factor / self.provenance.get("norm_factor", norm_factor)
-        return self.encoder_rows if scale == 1 else self.encoder_rows * scale
+    def digest(self) -> str:
+        """A hash of the core's rows and ids: its identity in a run that uses it."""
+        ids = hashlib.sha256("\n".join(self.latent_ids).encode()).hexdigest()
+        return hashlib.sha256((tensor_digest({"encoder_rows": self.encoder_rows}) + ids).encode()).hexdigest()[:16]
 
     def intersect(self, other: DMSAECore, **provenance) -> DMSAECore:
         """The latents of this core whose ids are also in `other` (rows, scores from this core): with this the
@@ -89,7 +97,7 @@ class DMSAECore(ModelHubMixin, library_name="hf_dmsae", tags=["dmsae", "sparse-a
             "pool_scores": self.pool_scores,
             "coverage_curve": self.coverage_curve,
         }
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, save_directory / CORE_WEIGHTS)
+        save_tensors(tensors, save_directory / CORE_WEIGHTS)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
@@ -100,5 +108,5 @@ class DMSAECore(ModelHubMixin, library_name="hf_dmsae", tags=["dmsae", "sparse-a
         if not path.is_file():
             path = hf_hub_download(model_id, CORE_WEIGHTS, revision=revision, cache_dir=cache_dir, token=token,
                                    force_download=force_download, local_files_only=local_files_only)  # fmt: skip
-        tensors = load_file(path)
+        tensors = load_tensors(path)
         return cls(latent_ids=latent_ids, pool_ids=pool_ids, provenance=provenance or {}, **tensors)

@@ -1,53 +1,71 @@
-"""The distillation cycles (Algorithm 1), the distilled core (Eq. 8) and the random-core control (Fig. 3).
+"""The distillation cycles (Algorithm 1), the distilled core (Eq. 8) and the controls (Fig. 3); docs/method.md §4.
 
-Cycle 0 is a plain Matryoshka SAE (a dictionary_learning checkpoint, or trained here); cycle t ≥ 1 is a new DMSAE
-whose frozen core rows are the encoder rows selected in cycle t−1, everything else reinitialised. Every cycle is
-scored by attribution and selects the next core. The distilled core is `C^(T) ∩ C^(T−1)` by latent id.
+Cycle 0 is a plain Matryoshka SAE (a dictionary_learning checkpoint, local or on the Hub, or trained here); cycle
+t ≥ 1 is a new DMSAE whose frozen core rows are the encoder rows selected in cycle t−1, everything else reinitialised.
+Each cycle trains on its own slice of the token stream (fresh tokens, disjoint from every other slice), with the same
+non-core BatchTopK target `k_noncore`, and is scored on the attribution split, which no cycle trains on. The distilled
+core is `C^(T) ∩ C^(T−1)` by latent id.
 
-The run lives in one output folder: `cycle{t}/` (the Trainer's output: checkpoints, the model, `core/`),
-`repos/` (each artifact as a complete local repo), `state.json` (what is done, written after every step that
-matters) and `report.md`. Re-running the same command resumes where a crash stopped it: finished cycles are read
-back, an interrupted training continues from its last checkpoint, and every cycle is seeded by its index, so the
-cores come out the same.
+The controls train, on one more slice and for each of `control_seeds`, the distilled core and two cores of the same
+size: `random_init`, random unit rows (the paper's control, "a randomly initialized core of the same size") and
+`random_trained`, trained latents of the last cycle outside the distilled core (a stronger control). Their
+`E[L0_core]` over training is the paper's Fig. 3; they are not scored.
+
+The run lives in one output folder: `cycle{t}/` (the Trainer's output: checkpoints, the model, `core/`), `control/`,
+`cache/`, `repos/` (each artifact as a complete local repo, written when publishing), `figures/`, `state.json`
+(identity, slices, what is done) and `report.md`. Re-running the same command resumes where a crash stopped it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-from functools import cached_property
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import get_token
 from transformers import set_seed
 
 from . import figures
 from .activations import ActivationArguments
-from .attribution import AttributionArguments, AttributionCallback, select_core
+from .attribution import Attribution, AttributionArguments, AttributionCallback, jaccard
 from .core import DMSAECore
-from .formats import load_dictionary_learning
-from .hub import core_repo_name, publish, write_core_repo, write_model_repo
+from .evaluation import activation_metrics
+from .formats import check_checkpoint_fits, load_dictionary_learning
+from .hub import core_repo_name, publish_all, resolve_folder, write_core_repo, write_model_repo
+from .integrity import IntegrityError, file_sha256
 from .modeling_dmsae import DMSAEModel
-from .runs import ActivationData, SAEArguments, prepare_activations, sae_config, train_sae, write_json_atomically
+from .runs import RunData, RunState, SAEArguments, arguments_identity, sae_config, train_sae
 from .trainer import DMSAETrainingArguments
 
 logger = logging.getLogger(__name__)
 
+CONTROL_CORES = ("distilled", "random_init", "random_trained")
+
 
 @dataclass
 class DistillationArguments:
-    """The train-and-select cycles."""
+    """The train-and-select cycles and the controls."""
 
     num_cycles: int = field(default=2, metadata={"help": "Cycles T after cycle 0; the distilled core needs T ≥ 1."})
     cycle0_checkpoint: str | None = field(
-        default=None, metadata={"help": "dictionary_learning Matryoshka checkpoint folder used as cycle 0."}
+        default=None,
+        metadata={"help": "dictionary_learning Matryoshka checkpoint used as cycle 0: a folder with ae.pt and "
+                  "config.json, or a Hub repo id org/name[/subfolder][@revision]."},
     )
     random_core_control: bool = field(
         default=False,
-        metadata={"help": "Also train the distilled core and a random core of the same size side by side (Fig. 3)."},
+        metadata={"help": "Also train the distilled core, random unit rows and random trained latents side by side "
+                  "(Fig. 3), on a slice of their own."},
+    )
+    control_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds of the controls."})
+    stop_cycles_at_overlap: float = field(
+        default=0.0,
+        metadata={"help": "End the distillation early once a cycle's core has this Jaccard overlap with the one "
+                  "before (0: run all cycles)."},
     )
     model_repo: str | None = field(
         default=None, metadata={"help": "Repo name of the run's model, e.g. org/dmsae-gemma2-2b-l12 (default: derived)."}
@@ -56,50 +74,21 @@ class DistillationArguments:
     def __post_init__(self):
         if self.num_cycles < 1:
             raise ValueError(f"num_cycles={self.num_cycles} is invalid: the distilled core needs at least 1 cycle")
-
-
-class RunState:
-    """`state.json`: the arguments' fingerprint and what each step produced; rewritten atomically."""
-
-    def __init__(self, path: Path, fingerprint: str, writer: bool):
-        self.path, self.writer = path, writer
-        self.data = {"fingerprint": fingerprint, "cycles": {}, "distilled": None, "control": None}
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved["fingerprint"] != fingerprint:
-                raise ValueError(
-                    f"{path.parent} holds a distillation run with other arguments; use another output_dir or delete it"
-                )
-            self.data = saved
-
-    def cycle(self, t: int) -> dict:
-        return self.data["cycles"].setdefault(str(t), {})
-
-    def save(self) -> None:
-        if not self.writer:
-            return
-        write_json_atomically(self.path, self.data)
-
-
-# The training arguments that change what a cycle learns (the rest: logging, paths, pushing, process layout).
-_TRAINING_FIELDS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
-                    "num_train_epochs", "seed", "weight_decay", "lr_scheduler_type", "warmup_steps", "decay_fraction",
-                    "bf16", "max_grad_norm", "adam_beta1", "adam_beta2", "init_decoder_bias_rows")  # fmt: skip
-
-
-def _fingerprint(distillation, sae, activations, attribution, training) -> str:
-    """What must match for a run to be resumed: every argument that changes the cores."""
-    values = {f"{type(a).__name__}.{k}": v for a in (distillation, sae, activations, attribution)
-              for k, v in dataclasses.asdict(a).items()}  # fmt: skip
-    values.update({f"training.{name}": getattr(training, name) for name in _TRAINING_FIELDS})
-    for name in ("model_repo", "random_core_control"):  # naming the repos or adding the control keeps the cores
-        values.pop(f"DistillationArguments.{name}")
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if not 0.0 <= self.stop_cycles_at_overlap <= 1.0:
+            raise ValueError(f"stop_cycles_at_overlap={self.stop_cycles_at_overlap} is invalid: must lie in [0, 1]")
+        if self.random_core_control and not self.control_seeds:
+            raise ValueError("random_core_control needs at least one control seed")
 
 
 def default_model_repo(activation_args: ActivationArguments) -> str:
-    name = activation_args.model_name_or_path.replace("embedded:", "").split("/")[-1].lower()
+    name = activation_args.model_name_or_path.replace("embedded:", "").rstrip("/").split("/")[-1].lower()
     return f"dmsae-{name}-l{activation_args.hook_layer}"
+
+
+def check_push_token(training: DMSAETrainingArguments) -> None:
+    """A run that is to push must have a token before it spends hours training."""
+    if training.push_to_hub and not (training.hub_token or get_token()):
+        raise ValueError("push_to_hub needs a Hugging Face token (hub_token, HF_TOKEN or `hf auth login`)")
 
 
 class Distillation:
@@ -109,70 +98,87 @@ class Distillation:
                  attribution: AttributionArguments, training: DMSAETrainingArguments):  # fmt: skip
         self.args, self.sae_args, self.activation_args = distillation, sae, activations
         self.attribution_args, self.training_args = attribution, training
+        check_push_token(training)
         self.output_dir = Path(training.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fingerprint = _fingerprint(distillation, sae, activations, attribution, training)
-        self.state = RunState(self.output_dir / "state.json", fingerprint, writer=training.process_index == 0)
+        self.k_noncore = sae.k_noncore if sae.k_noncore is not None else sae.k
+        identity = arguments_identity(
+            distillation, sae, activations, attribution, training,
+            exclude=("model_repo", "random_core_control", "control_seeds", "cycle0_checkpoint"),
+        )  # fmt: skip
+        self.cycle0 = None
+        if distillation.cycle0_checkpoint:
+            self.cycle0 = resolve_folder(distillation.cycle0_checkpoint, token=training.hub_token)
+            identity["inputs.cycle0_checkpoint"] = file_sha256(self.cycle0 / "ae.pt")
+        self.state = RunState(self.output_dir, "distillation", identity, writer=training.process_index == 0)
         self.model_repo = distillation.model_repo or training.hub_model_id or default_model_repo(activations)
 
     @cached_property
-    def data(self) -> ActivationData:
-        """The LM and the activation datasets, loaded (or harvested) on first use."""
-        return prepare_activations(self.activation_args, self.training_args)
+    def data(self) -> RunData:
+        """The LM and the activations, loaded on first use."""
+        return RunData(self.activation_args, self.training_args, self.state)
+
+    @cached_property
+    def attribution(self) -> Attribution:
+        """The attribution split's pairs (harvested once), scored with training-sized BatchTopK batches."""
+        return Attribution(self.data, self.attribution_args, self.training_args.per_device_train_batch_size)
 
     # -- one cycle ----------------------------------------------------------------------------------------------
-    def _new_model(self, t: int, core: DMSAECore | None, seed: int) -> DMSAEModel:
+    def _new_model(self, t: int, core: DMSAECore | None, seed: int, sae: SAEArguments | None = None) -> DMSAEModel:
+        """A fresh model of cycle `t` around `core` (rows copied unchanged), `k_noncore` fixed for the run."""
         set_seed(seed)
+        sae = dataclasses.replace(sae or self.sae_args, k_noncore=self.k_noncore)
         if core is None:
-            return DMSAEModel(sae_config(self.sae_args, self.activation_args, self.data, cycle=t))
-        config = sae_config(self.sae_args, self.activation_args, self.data, cycle=t, core_size=len(core),
+            return DMSAEModel(sae_config(sae, self.activation_args, self.data, cycle=t))
+        config = sae_config(sae, self.activation_args, self.data, cycle=t, core_size=len(core),
                             core_ids=core.latent_ids)  # fmt: skip
-        return DMSAEModel.from_core(config, core.rows_at_scale(config.norm_factor), core.latent_ids)
+        return DMSAEModel.from_core(config, core.encoder_rows, core.latent_ids)
 
-    def _cycle_training_args(self, folder: Path, seed: int) -> DMSAETrainingArguments:
+    def _training_args(self, folder: Path, seed: int) -> DMSAETrainingArguments:
         return dataclasses.replace(self.training_args, output_dir=str(folder), seed=seed, push_to_hub=False)
 
-    def _train_and_select(self, name: str, model: DMSAEModel, seed: int, **provenance) -> tuple[DMSAECore, dict]:
-        """Train `model` in `output_dir/name` (resuming), score it and select its core; returns the core and the
-        held-out metrics. A model trained before a crash is read back instead of trained again."""
-        folder = self.output_dir / name
-        record = self.state.data.setdefault("runs", {}).setdefault(name, {})
-        provenance = {"source_model": str(folder), **provenance}
-        attribution = AttributionCallback(self.data.lm, self.data.tokenizer, self.activation_args,
-                                          self.attribution_args, **provenance)  # fmt: skip
-        if not record.get("trained"):
-            trainer = train_sae(model, self.data, self._cycle_training_args(folder, seed), callbacks=[attribution])
-            metrics = trainer.evaluate() if self.data.eval is not None else {}
-            record.update(trained=True, metrics=metrics, log_history=trainer.state.log_history)
-            self.state.save()
-        core = attribution.core
-        if core is None:  # trained before a crash: score the saved model (every process its share)
-            model = DMSAEModel.from_pretrained(folder).to(self.training_args.device).eval()
-            core = select_core(model, self.data.lm, self.data.tokenizer, self.activation_args, self.attribution_args,
-                               **provenance)  # fmt: skip
-            if self.state.writer:
-                core.save_pretrained(folder / "core")
-        return core, record["metrics"]
+    def held_out_metrics(self, model: DMSAEModel) -> dict[str, float]:
+        """FVU, L0s and dead fraction on the held-out slice (main process; {} elsewhere)."""
+        if self.training_args.process_index != 0 or self.data.eval_slice is None:
+            return {}
+        batches = self.data.eval_batches(self.training_args.per_device_eval_batch_size)
+        return {f"eval_{k}": v for k, v in activation_metrics(model, batches).items()}
+
+    def _save_core(self, core: DMSAECore, folder: Path, record: dict) -> None:
+        if self.state.writer:
+            core.save_pretrained(folder)
+        record.update(core=str(folder.relative_to(self.output_dir)), core_digest=core.digest())
+
+    def _load_core(self, record: dict) -> DMSAECore:
+        core = DMSAECore.from_pretrained(self.output_dir / record["core"])
+        if core.digest() != record["core_digest"]:
+            raise IntegrityError(f"{self.output_dir / record['core']} changed since the run wrote it")
+        return core
 
     def _cycle(self, t: int, previous: DMSAECore | None) -> DMSAECore:
-        record = self.state.cycle(t)
+        record = self.state.record("cycles", str(t))
         if record.get("core"):
-            return DMSAECore.from_pretrained(self.output_dir / record["core"])
-        seed = self.training_args.seed + t
-        if t == 0 and self.args.cycle0_checkpoint:
-            model = load_dictionary_learning(self.args.cycle0_checkpoint).to(self.training_args.device)
-            core = select_core(model.eval(), self.data.lm, self.data.tokenizer, self.activation_args,
-                               self.attribution_args, cycle=0, source_model=self.args.cycle0_checkpoint)  # fmt: skip
-            metrics = {}
+            return self._load_core(record)
+        folder = self.output_dir / f"cycle{t}"
+        if t == 0 and self.cycle0 is not None:
+            check_checkpoint_fits(self.cycle0, self.activation_args, self.data.d_in)
+            model = load_dictionary_learning(self.cycle0).to(self.training_args.device)
+            core = self.attribution.select(model.eval(), cycle=0, source_model=self.args.cycle0_checkpoint)
+            metrics = self.held_out_metrics(model)
         else:
-            core, metrics = self._train_and_select(f"cycle{t}", self._new_model(t, previous, seed), seed, cycle=t)
-        repo = core_repo_name(self.model_repo, t)
-        folder = self._repo_folder(repo)
-        if self.state.writer:
-            write_core_repo(core, folder, repo, datasets=[self.activation_args.dataset_name_or_path])
+            seed = self.training_args.seed + t
+            piece = self.data.training_slice(f"cycle{t}")
+            callback = AttributionCallback(self.attribution, previous.latent_ids if previous else None, cycle=t,
+                                           source_model=str(folder))  # fmt: skip
+            model = self._new_model(t, previous, seed)
+            trainer = train_sae(model, self.data, piece, self._training_args(folder, seed), callbacks=[callback])
+            core = callback.core
+            metrics = self.held_out_metrics(model)
+            record.update(log_history=trainer.state.log_history, track=callback.track,
+                          steps=trainer.state.global_step)  # fmt: skip
         carried = len(set(core.latent_ids) & set(previous.latent_ids)) if previous is not None else 0
-        record.update(core=str(Path(folder).relative_to(self.output_dir)), size=len(core), coverage=core.coverage,
-                      carried_over=carried, metrics=metrics)  # fmt: skip
+        self._save_core(core, folder / "core", record)
+        record.update(size=len(core), coverage=core.coverage, carried_over=carried, metrics=metrics,
+                      k_noncore=self.k_noncore if t or self.cycle0 is None else None)  # fmt: skip
         self.state.save()
         logger.info("Cycle %d: core of %d latents (%.3f coverage), %d carried over", t, len(core), core.coverage,
                     carried)  # fmt: skip
@@ -180,46 +186,62 @@ class Distillation:
 
     # -- the whole run ------------------------------------------------------------------------------------------
     def run(self) -> DMSAECore:
+        self.attribution  # the attribution split comes first in the stream: its pairs are harvested before cycle 0
         cores: list[DMSAECore] = []
         for t in range(self.args.num_cycles + 1):
             cores.append(self._cycle(t, cores[-1] if cores else None))
-        distilled = cores[-1].intersect(cores[-2], distilled=True, cycle=self.args.num_cycles)
-        repo = core_repo_name(self.model_repo, None)
-        folder = self._repo_folder(repo)
-        if self.state.writer:
-            plots = [figures.coverage_curves(cores, self.attribution_args.tau, self.figure("coverage_curves")),
-                     figures.carry_over(self.carry_over(), self.figure("carry_over"))]  # fmt: skip
-            write_core_repo(distilled, folder, repo, datasets=[self.activation_args.dataset_name_or_path],
-                            carry_over=self.carry_over(), figures=plots)  # fmt: skip
-        self.state.data["distilled"] = {"core": str(folder.relative_to(self.output_dir)), "size": len(distilled)}
+            overlap = jaccard(set(cores[-1].latent_ids), set(cores[-2].latent_ids)) if t else 0.0
+            if t and self.args.stop_cycles_at_overlap and overlap >= self.args.stop_cycles_at_overlap:
+                logger.info("Cycle %d's core overlaps the one before by %.3f: distillation ends here", t, overlap)
+                break
+        last = len(cores) - 1
+        distilled = cores[-1].intersect(cores[-2], distilled=True, cycle=last)
+        record = self.state.record("distilled")
+        self._save_core(distilled, self.output_dir / "distilled-core", record)
+        record.update(size=len(distilled), last_cycle=last)
         self.state.save()
         if self.args.random_core_control:
-            self._control(distilled)
-        self._publish()
+            self._control(distilled, last)
+        self._publish(cores, distilled)
         return distilled
+
+    @property
+    def last_cycle(self) -> int:
+        return self.state.data["distilled"]["last_cycle"]
 
     def report(self) -> str:
         """A markdown summary of the run, written to `report.md`."""
+        state = self.state.data
         lines = [f"# Distillation report: {self.model_repo}", "",
+                 f"Every cycle trains on its own slice of the token stream with `k_noncore = {self.k_noncore}` (fixed "
+                 "for the run); cores are scored on the attribution split, which no cycle trains on.", "",
                  "| cycle | core size | coverage | carried over from previous core | held-out FVU | L0 core | L0 non-core |",
                  "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for t in range(self.args.num_cycles + 1):
-            c = self.state.cycle(t)
+        for t in range(self.last_cycle + 1):
+            c = self.state.record("cycles", str(t))
             m = c.get("metrics", {})
             cells = [t, c["size"], f"{c['coverage']:.3f}", c["carried_over"] if t else "–"]
             cells += [f"{m[k]:.4f}" if k in m else "–" for k in ("eval_fvu", "eval_l0_core", "eval_l0_noncore")]
             lines.append("| " + " | ".join(str(x) for x in cells) + " |")
-        lines += ["", f"Distilled core `C^({self.args.num_cycles}) ∩ C^({self.args.num_cycles - 1})`: "
-                  f"**{self.state.data['distilled']['size']} latents**.", ""]  # fmt: skip
-        if control := self.state.data.get("control"):
-            lines += ["## Random-core control", "", "| core | final L0 core | held-out FVU |", "|---|---|---|"]
-            for name, result in control.items():
-                final = result["l0_core_curve"][-1][1] if result["l0_core_curve"] else float("nan")
-                lines.append(f"| {name} | {final:.2f} | {result['metrics'].get('eval_fvu', float('nan')):.4f} |")
+        lines += ["", f"Distilled core `C^({self.last_cycle}) ∩ C^({self.last_cycle - 1})`: "
+                  f"**{state['distilled']['size']} latents**.", "", "## Slices of the token stream", "",
+                  *self.state.slices.table(), ""]  # fmt: skip
+        if control := state.get("control"):
+            lines += ["## Controls (Fig. 3)", "",
+                      "`random_init`: random unit rows, the paper's control; `random_trained`: trained latents of the "
+                      "last cycle outside the distilled core. Same slice, budget and seeds as the distilled core.", "",
+                      "| core | seed | E[L0 core] min | E[L0 core] end | held-out FVU | held-out L0 core |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for name, result in sorted(control.items()):
+                curve = [v for _, v in result["l0_core_curve"]] or [float("nan")]
+                m = result["metrics"]
+                lines.append(f"| {result['core']} | {result['seed']} | {min(curve):.2f} | {curve[-1]:.2f} | "
+                             f"{m.get('eval_fvu', float('nan')):.4f} | {m.get('eval_l0_core', float('nan')):.2f} |")
             lines.append("")
         lines += [f"![{p.stem}](figures/{p.name})" for p in sorted((self.output_dir / "figures").glob("*.png"))]
-        lines += ["", "## Repos", ""]
-        lines += [f"- `{p.name.replace('__', '/')}`: `{p}`" for p in sorted((self.output_dir / "repos").iterdir())]
+        if (self.output_dir / "repos").is_dir():
+            lines += ["", "## Repos", ""]
+            lines += [f"- `{p.name.replace('__', '/')}`: `{p}`" for p in sorted((self.output_dir / "repos").iterdir())]
         text = "\n".join(lines) + "\n"
         if self.state.writer:
             (self.output_dir / "report.md").write_text(text)
@@ -229,50 +251,73 @@ class Distillation:
         cycles = sorted(self.state.data["cycles"].items(), key=lambda item: int(item[0]))
         return [{"cycle": int(t), "size": c["size"], "kept": c["carried_over"]} for t, c in cycles if "size" in c]
 
-    def _control(self, distilled: DMSAECore) -> None:
-        """Fig. 3: the distilled core and a random core of the same size (latents drawn from the last cycle's pool
-        outside the distilled core), trained alike; the random core's L0 falls, the distilled core's does not."""
-        if self.state.data.get("control"):
-            return
-        generator = torch.Generator().manual_seed(self.training_args.seed)
-        last_model = DMSAEModel.from_pretrained(self.output_dir / f"cycle{self.args.num_cycles}")
+    # -- the controls -------------------------------------------------------------------------------------------
+    def control_cores(self, distilled: DMSAECore, last: int, seed: int) -> dict[str, DMSAECore]:
+        """The three cores of a control seed, all of `|C*|` rows: the distilled core, random unit rows and trained
+        latents of the last cycle outside the distilled core."""
+        # Not `manual_seed(seed)`: models initialised under that seed draw the same directions (a cycle-0 latent
+        # would come back as a "random" row); a stream of its own keeps the rows independent of every model's init.
+        stream = int.from_bytes(hashlib.sha256(f"random core rows {seed}".encode()).digest()[:8], "little")
+        generator = torch.Generator().manual_seed(stream)
+        rows = torch.randn(len(distilled), self.data.d_in, generator=generator)
+        random_init = dataclasses.replace(distilled, encoder_rows=rows / rows.norm(dim=1, keepdim=True),
+                                          latent_ids=[f"random:{i}" for i in range(len(distilled))],
+                                          scores=torch.zeros(len(distilled)))  # fmt: skip
+        last_model = DMSAEModel.from_pretrained(self.output_dir / f"cycle{last}")
         ids = last_model.config.latent_ids()
-        candidates = [j for j, i in enumerate(ids) if i not in set(distilled.latent_ids)]
-        picked = [candidates[j] for j in torch.randperm(len(candidates), generator=generator)[: len(distilled)]]
-        random_core = dataclasses.replace(
-            distilled, encoder_rows=last_model.W_enc[picked].detach().clone(), latent_ids=[ids[j] for j in picked],
-            scores=torch.zeros(len(picked)),
-        )  # fmt: skip
-        t, seed = self.args.num_cycles + 1, self.training_args.seed + self.args.num_cycles + 1
-        results = {}
-        for name, core in (("distilled", distilled), ("random", random_core)):
-            model = self._new_model(t, core, seed)
-            _, metrics = self._train_and_select(f"control_{name}", model, seed, cycle=t, control=name)
-            history = self.state.data["runs"][f"control_{name}"]["log_history"]
-            curve = [(entry["step"], entry["l0_core"]) for entry in history if "l0_core" in entry]
-            results[name] = {"metrics": metrics, "l0_core_curve": curve}
-        self.state.data["control"] = results
-        self.state.save()
-        if self.state.writer:
-            figures.l0_core_curves({name: r["l0_core_curve"] for name, r in results.items()}, self.figure("l0_core"))
+        outside = [j for j, i in enumerate(ids) if i not in set(distilled.latent_ids)]
+        picked = [outside[j] for j in torch.randperm(len(outside), generator=generator)[: len(distilled)]]
+        random_trained = dataclasses.replace(distilled, encoder_rows=last_model.W_enc[picked].detach().clone(),
+                                             latent_ids=[ids[j] for j in picked], scores=torch.zeros(len(picked)))  # fmt: skip
+        return {"distilled": distilled, "random_init": random_init, "random_trained": random_trained}
 
-    def _publish(self) -> None:
-        """Write the model's repo and push every repo folder (main process; only with `push_to_hub`)."""
+    def _control(self, distilled: DMSAECore, last: int) -> None:
+        piece = self.data.training_slice("control")
+        results = self.state.record("control")
+        for seed in self.args.control_seeds:
+            for kind, core in self.control_cores(distilled, last, seed).items():
+                name = f"{kind}-seed{seed}"
+                if name in results:
+                    continue
+                model = self._new_model(last + 1, core, seed)
+                trainer = train_sae(model, self.data, piece, self._training_args(self.output_dir / "control" / name,
+                                                                                 seed))  # fmt: skip
+                curve = [(e["step"], e["l0_core"]) for e in trainer.state.log_history if "l0_core" in e]
+                results[name] = {"core": kind, "seed": seed, "metrics": self.held_out_metrics(model),
+                                 "l0_core_curve": curve}  # fmt: skip
+                self.state.save()
+
+    def _figures(self, cores: list[DMSAECore]) -> list[Path]:
+        plots = [figures.coverage_curves(cores, self.attribution_args.tau, self.figure("coverage_curves")),
+                 figures.carry_over(self.carry_over(), self.figure("carry_over"))]  # fmt: skip
+        tracks = {int(t): c["track"] for t, c in self.state.data["cycles"].items() if c.get("track")}
+        if tracks:
+            finals = {t: set(self._load_core(self.state.record("cycles", str(t))).latent_ids) for t in tracks}
+            plots.append(figures.selection_convergence(tracks, finals, self.figure("selection_convergence")))
+        if control := self.state.data.get("control"):
+            plots.append(figures.l0_core_curves(control, self.figure("l0_core")))
+        return plots
+
+    def _publish(self, cores: list[DMSAECore], distilled: DMSAECore) -> None:
+        """Write every repo folder under the current names and push them as one set (main process; only with
+        `push_to_hub`)."""
         if not self.state.writer:
             return
-        push = self.training_args.push_to_hub
-        token = self.training_args.hub_token
-        for t in range(self.args.num_cycles + 1):
-            folder = self.output_dir / self.state.cycle(t)["core"]
-            publish(folder, core_repo_name(self.model_repo, t), push=push, token=token)
-        publish(self.output_dir / self.state.data["distilled"]["core"], core_repo_name(self.model_repo, None),
-                push=push, token=token)  # fmt: skip
-        last = DMSAEModel.from_pretrained(self.output_dir / f"cycle{self.args.num_cycles}")
-        metrics = self.state.cycle(self.args.num_cycles).get("metrics", {})
-        folder = write_model_repo(last, self._repo_folder(self.model_repo), self.model_repo,
-                                  datasets=[self.activation_args.dataset_name_or_path],
-                                  metrics={k: round(v, 4) for k, v in metrics.items()})  # fmt: skip
-        publish(folder, self.model_repo, push=push, token=token)
+        plots = self._figures(cores)
+        datasets = [self.activation_args.dataset_name_or_path]
+        items = []
+        for t, core in enumerate(cores):
+            repo = core_repo_name(self.model_repo, t)
+            items.append((write_core_repo(core, self._repo_folder(repo), repo, datasets=datasets), repo))
+        repo = core_repo_name(self.model_repo, None)
+        items.append((write_core_repo(distilled, self._repo_folder(repo), repo, datasets=datasets,
+                                      carry_over=self.carry_over(), figures=plots[:2]), repo))  # fmt: skip
+        if (self.output_dir / f"cycle{self.last_cycle}" / "model.safetensors").is_file():
+            last = DMSAEModel.from_pretrained(self.output_dir / f"cycle{self.last_cycle}")
+            metrics = self.state.record("cycles", str(self.last_cycle)).get("metrics", {})
+            items.append((write_model_repo(last, self._repo_folder(self.model_repo), self.model_repo, datasets=datasets,
+                                           metrics={k: round(v, 4) for k, v in metrics.items()}), self.model_repo))  # fmt: skip
+        publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)
 
     def figure(self, name: str) -> Path:
         return self.output_dir / "figures" / f"{name}.png"

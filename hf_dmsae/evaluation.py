@@ -2,7 +2,8 @@
 
 The metrics are Hugging Face `evaluate` modules shipped in `hf_dmsae/metrics/` (each with its metric card):
 `fvu`, `l0`, `dead_latents` and `ce_loss_recovered`, loadable with `evaluate.load(<folder>)` or `load_metric(name)`.
-This module feeds them:
+Each takes one example per batch holding that batch's sums (never its rows), so an evaluation's memory does not grow
+with the tokens evaluated. This module computes those sums and feeds them:
 
 - `activation_metrics`: FVU, L0 (core, non-core, global) and the fraction of latents that never fire, over held-out
   activations, with the model in inference mode (its learned threshold).
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .activations import LayerActivations, TrainingPositions
+from .activations import TrainingPositions
+from .language_model import LayerActivations
 from .modeling_dmsae import DMSAEModel
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -37,16 +39,23 @@ def load_metric(name: str):
     return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
 
 
+def fvu_sums(x: torch.Tensor, reconstruction: torch.Tensor) -> dict:
+    """The `fvu` module's example for one batch: its squared error, per-dimension sum, sum of squares and rows."""
+    x, reconstruction = x.double(), reconstruction.double()
+    return {"squared_error": float((x - reconstruction).pow(2).sum()), "sum": x.sum(0).tolist(),
+            "sum_of_squares": float(x.pow(2).sum()), "rows": len(x)}  # fmt: skip
+
+
 def active_counts(latents: torch.Tensor, core_size: int) -> torch.Tensor:
     """`[B, 2]` numbers of active core and non-core latents per row (what the Trainer gathers for the `l0` metric)."""
     active = latents > 0
     return torch.stack([active[:, :core_size].sum(1), active[:, core_size:].sum(1)], dim=1)
 
 
-def add_counts(l0, counts: torch.Tensor) -> None:
-    """Feed `active_counts` rows to the `l0` metric."""
-    counts = counts.long().cpu()
-    l0.add_batch(l0_core=counts[:, 0].tolist(), l0_noncore=counts[:, 1].tolist())
+def l0_sums(counts: torch.Tensor) -> dict:
+    """The `l0` module's example for one batch of `active_counts` rows."""
+    totals = counts.long().sum(0).tolist()
+    return {"core_active": totals[0], "noncore_active": totals[1], "rows": len(counts)}
 
 
 @torch.no_grad()
@@ -55,13 +64,14 @@ def activation_metrics(sae: DMSAEModel, activations: Iterable[torch.Tensor]) -> 
     was_training = sae.training
     sae.eval()
     fvu, l0, dead = load_metric("fvu"), load_metric("l0"), load_metric("dead_latents")
+    fired = torch.zeros(sae.config.dict_size, dtype=torch.bool, device=sae.device)
     for x in activations:
         x = x.to(sae.device)
         latents = sae.encode(x)
-        reconstruction = sae.decode(latents)
-        fvu.add_batch(predictions=reconstruction.float().cpu().numpy(), references=x.float().cpu().numpy())
-        add_counts(l0, active_counts(latents, sae.config.core_size))
-        dead.add(fired_latents=(latents > 0).any(0).nonzero().squeeze(1).tolist())
+        fvu.add(**fvu_sums(x, sae.decode(latents)))
+        l0.add(**l0_sums(active_counts(latents, sae.config.core_size)))
+        fired |= (latents > 0).any(0)
+    dead.add(fired_latents=fired.nonzero().squeeze(1).tolist())
     sae.train(was_training)
     return {**fvu.compute(), **l0.compute(), **dead.compute(dict_size=sae.config.dict_size)}
 
@@ -75,9 +85,8 @@ class SAEEvalMetrics:
 
     def __call__(self, prediction, compute_result: bool) -> dict[str, float] | None:
         reconstruction, counts = prediction.predictions
-        self.fvu.add_batch(predictions=reconstruction.float().cpu().numpy(),
-                           references=prediction.label_ids.float().cpu().numpy())  # fmt: skip
-        add_counts(self.l0, counts)
+        self.fvu.add(**fvu_sums(prediction.label_ids, reconstruction))
+        self.l0.add(**l0_sums(counts))
         if compute_result:
             return {**self.fvu.compute(), **self.l0.compute()}
         return None
@@ -108,8 +117,8 @@ def ce_loss_recovered(
         losses = {}
         for name, transform in interventions.items():
             logits = layer.patched_logits(input_ids, transform)
-            losses[f"loss_{name}"] = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(),
-                                                     reduction="none").tolist()  # fmt: skip
-        metric.add_batch(**losses)
+            losses[f"loss_{name}"] = float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                           input_ids[:, 1:].flatten(), reduction="sum"))  # fmt: skip
+        metric.add(**losses, tokens=input_ids[:, 1:].numel())
     sae.train(was_training)
     return metric.compute()

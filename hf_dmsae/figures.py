@@ -1,5 +1,6 @@
 """The paper's figures from a run's records (PNG, matplotlib): coverage curves per cycle, carry-over between cycles
-(Fig. 2), `l0_core` over training for the distilled vs a random core (Fig. 3), and metrics against k (Fig. 4)."""
+(Fig. 2), `l0_core` over training for the distilled core and the controls (Fig. 3), the selected core's convergence
+within a cycle, and metrics against k (Fig. 4)."""
 
 from __future__ import annotations
 
@@ -45,13 +46,40 @@ def carry_over(rows: list[dict], path: Path) -> Path:
     return _save(figure, path)
 
 
-def l0_core_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
-    """Fig. 3: mean active core latents per token over training, one curve per core (distilled, random)."""
+def l0_core_curves(control: dict[str, dict], path: Path) -> Path:
+    """Fig. 3: mean active core latents per token over training, one line per core kind (mean over seeds, the band
+    spanning the seeds)."""
     figure, axis = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        axis.plot([step for step, _ in curve], [value for _, value in curve], marker="o", label=f"{name} core")
-    axis.set(xlabel="training step", ylabel="E[L0 core]")
+    for kind in sorted({r["core"] for r in control.values()}):
+        curves = [r["l0_core_curve"] for r in control.values() if r["core"] == kind and r["l0_core_curve"]]
+        if not curves:
+            continue
+        length = min(map(len, curves))
+        steps = [step for step, _ in curves[0][:length]]
+        values = [[v for _, v in c[:length]] for c in curves]
+        mean = [sum(col) / len(col) for col in zip(*values)]
+        line = axis.plot(steps, mean, marker="o", markersize=3, label=f"{kind} core ({len(curves)} seeds)")[0]
+        axis.fill_between(steps, [min(col) for col in zip(*values)], [max(col) for col in zip(*values)],
+                          color=line.get_color(), alpha=0.2)  # fmt: skip
+    axis.set(xlabel="training step", ylabel="E[L0 core]", ylim=(0, None))
     axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def selection_convergence(tracks: dict[int, list[dict]], finals: dict[int, set], path: Path) -> Path:
+    """Within each cycle: the Jaccard overlap of the core selected from the model at each tracked step with the
+    cycle's final core, and the selection's size."""
+    figure, (overlap_axis, size_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for cycle, track in sorted(tracks.items()):
+        final = finals[cycle]
+        steps = [entry["step"] for entry in track]
+        overlaps = [len(set(e["ids"]) & final) / len(set(e["ids"]) | final) for e in track]
+        overlap_axis.plot(steps, overlaps, marker="o", markersize=3, label=f"cycle {cycle}")
+        size_axis.plot(steps, [e["selection_size"] for e in track], marker="o", markersize=3, label=f"cycle {cycle}")
+        size_axis.axhline(len(final), color=size_axis.lines[-1].get_color(), linestyle=":", linewidth=1)
+    overlap_axis.set(xlabel="training step", ylabel="Jaccard overlap with the final core", ylim=(0, 1.02))
+    size_axis.set(xlabel="training step", ylabel="selected core size (dotted: final)")
+    overlap_axis.legend(fontsize=8)
     return _save(figure, path)
 
 

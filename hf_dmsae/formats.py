@@ -1,4 +1,4 @@
-"""dictionary_learning's Matryoshka BatchTopK checkpoints (SAEBench's format, SPEC section 6) in and out.
+"""dictionary_learning's Matryoshka BatchTopK checkpoints (SAEBench's format, docs/method.md §6) in and out.
 
 A checkpoint folder holds `ae.pt` (a state dict: `W_enc [d, n]` — transposed against ours —, `b_enc [n]`,
 `W_dec [n, d]`, `b_dec [d]`, `k`, `threshold`, `group_sizes`) and `config.json` (`{"trainer": {...}, "buffer":
@@ -13,20 +13,48 @@ from pathlib import Path
 import torch
 
 from .configuration_dmsae import DMSAEConfig
+from .integrity import read_json
 from .modeling_dmsae import DMSAEModel
 
 TRAINER_CLASS = "MatryoshkaBatchTopKTrainer"
 DICT_CLASS = "MatryoshkaBatchTopKSAE"
 
 
+def _trainer_config(folder: Path) -> dict:
+    for name in ("ae.pt", "config.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a dictionary_learning checkpoint: {name} is missing")
+    trainer = read_json(folder / "config.json").get("trainer", {})
+    if trainer.get("trainer_class") != TRAINER_CLASS:
+        raise ValueError(f"{folder} holds a {trainer.get('trainer_class')}, not a {TRAINER_CLASS} checkpoint")
+    return trainer
+
+
+def check_checkpoint_fits(folder: str | Path, activations, d_in: int) -> None:
+    """Refuse a checkpoint made for another LM, layer or width than the run's activations (`ActivationArguments`),
+    naming what differs. LM names are compared by their last path component (a local copy of a Hub model fits)."""
+    folder = Path(folder)
+    trainer = _trainer_config(folder)
+    state = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
+    recorded_lm = str(trainer.get("lm_name") or "")
+    differences = []
+    if state["W_enc"].shape[0] != d_in:
+        differences.append(f"width {state['W_enc'].shape[0]} (the run's activations: {d_in})")
+    if trainer.get("layer") is not None and trainer["layer"] != activations.hook_layer:
+        differences.append(f"layer {trainer['layer']} (the run's hook_layer: {activations.hook_layer})")
+    run_lm = activations.model_name_or_path.rstrip("/").split("/")[-1].lower()
+    if recorded_lm and recorded_lm.rstrip("/").split("/")[-1].lower() != run_lm:
+        differences.append(f"LM {recorded_lm!r} (the run's: {activations.model_name_or_path!r})")
+    if differences:
+        raise ValueError(f"{folder} was trained for another model: {'; '.join(differences)}")
+
+
 def load_dictionary_learning(folder: str | Path, cycle: int = 0) -> DMSAEModel:
     """A dictionary_learning Matryoshka BatchTopK checkpoint as a coreless `DMSAEModel` (distillation cycle 0):
     same weights, groups, `k` and threshold; latent ids `"cycle{cycle}:{index}"`."""
     folder = Path(folder)
+    trainer = _trainer_config(folder)
     state = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
-    trainer = json.loads((folder / "config.json").read_text())["trainer"]
-    if trainer.get("trainer_class") != TRAINER_CLASS:
-        raise ValueError(f"{folder} holds a {trainer.get('trainer_class')}, not a {TRAINER_CLASS} checkpoint")
     d_in, dict_size = state["W_enc"].shape
     config = DMSAEConfig(
         d_in=d_in,

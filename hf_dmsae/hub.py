@@ -1,9 +1,9 @@
-"""Hub repos of a distillation run: names, model cards and publishing (SPEC section 6).
+"""Hub repos of a distillation run: names, model cards and publishing (docs/method.md §6).
 
 Every artifact (each cycle's core, the distilled core, each trained model) is first written as a complete local
-folder, model card included; publishing then pushes that folder as a single commit, so a failed push leaves
-nothing half-made on the Hub. Only the main process pushes; `huggingface_hub` retries transient server errors;
-without a token or with pushing off, the local folders are the result.
+folder, model card included; publishing then pushes each folder as a single commit, and a failure removes the repos
+the publishing created, so no half-made repo or half-published set stays behind. Only the main process pushes;
+`huggingface_hub` retries transient server errors; with pushing off, the local folders are the result.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 
 from accelerate import PartialState
 from huggingface_hub import HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_token
 
 from .core import DMSAECore
@@ -90,32 +89,88 @@ def write_model_repo(model: DMSAEModel, folder: str | Path, repo_id: str, *, dat
     return folder
 
 
+def resolve_folder(name_or_path: str, *, token: str | None = None) -> Path:
+    """A local folder, or a Hub repo given as `org/name[/subfolder…][@revision]` (e.g. SAEBench's
+    `canrager/saebench_gemma-2-2b_width-2pow16_date-0107/<release>/resid_post_layer_12/trainer_2`), downloaded with
+    `snapshot_download` (only the subfolder's files); the folder holding what was asked for is returned."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{name_or_path} is a file; a folder (or Hub repo) is needed")
+    repo, _, revision = name_or_path.partition("@")
+    parts = [p for p in repo.split("/") if p]
+    if name_or_path.startswith((".", "/", "~")) or len(parts) < 2:
+        raise FileNotFoundError(f"{name_or_path!r}: no such local folder (nor a Hub repo id org/name[/subfolder])")
+    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        root = snapshot_download(repo_id, revision=revision or None, token=token,
+                                 allow_patterns=[f"{subfolder}/*"] if subfolder else None)  # fmt: skip
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as error:
+        raise FileNotFoundError(f"{name_or_path!r} is neither a local folder nor a readable Hub repo "
+                                f"({type(error).__name__}: {str(error).splitlines()[0]})") from error  # fmt: skip
+    folder = Path(root) / subfolder
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise FileNotFoundError(f"Hub repo {repo_id}@{revision or 'main'} has no folder {subfolder!r}")
+    return folder
+
+
+def publish_all(items: list[tuple[str | Path, str]], *, push: bool = True, token: str | None = None,
+                api: HfApi | None = None) -> list[str]:  # fmt: skip
+    """Push each local folder to its repo, one commit per repo, and return the repos' URLs; return the folders'
+    paths instead when pushing is off or this is not the main process.
+
+    `huggingface_hub` already retries transient errors (429, 5xx, connection) with backoff. A push that still
+    fails, whatever the error, removes every repo this call created (so no half-published set stays behind, as far
+    as the server still answers) and raises `HubPushError` naming the local folders, which hold everything.
+    """
+    items = [(Path(folder), repo_id) for folder, repo_id in items]
+    if not push or not PartialState().is_main_process:
+        return [str(folder) for folder, _ in items]
+    token = token or get_token()
+    if token is None:
+        raise HubPushError("push_to_hub needs a Hugging Face token (hub_token, HF_TOKEN or `hf auth login`); the "
+                           f"repos stay local: {', '.join(str(f) for f, _ in items)}")  # fmt: skip
+    api = api or HfApi(token=token)
+    created, urls = [], []
+    for folder, repo_id in items:
+        try:
+            existed = api.repo_exists(repo_id)
+            url = api.create_repo(repo_id, exist_ok=True)
+            if not existed:
+                created.append(repo_id)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {folder.name}")
+        except Exception as error:  # any failure (HTTP, connection, protocol) leaves the same cleanup to do
+            left = _remove_repos(api, created)
+            removed = [r for r in created if r not in left]
+            message = f"Pushing {folder} to {repo_id} failed: {type(error).__name__}: {error}. Nothing more was committed"
+            if removed:
+                message += f"; the new repos {removed} were deleted"
+            if left:
+                message += f"; the new repos {left} could not be deleted (the server did not answer): delete them"
+            locals_ = ", ".join(str(f) for f, _ in items)
+            raise HubPushError(f"{message}. The complete content is in {locals_}.") from error
+        logger.info("Pushed %s to %s (commit %s)", folder, url, commit.oid)
+        urls.append(str(url))
+    return urls
+
+
+def _remove_repos(api: HfApi, repo_ids: list[str]) -> list[str]:
+    """Delete the repos; return those that could not be deleted."""
+    left = []
+    for repo_id in repo_ids:
+        try:
+            if api.repo_exists(repo_id):
+                api.delete_repo(repo_id)
+        except Exception:  # the server may be gone: report the repo instead
+            left.append(repo_id)
+    return left
+
+
 def publish(folder: str | Path, repo_id: str, *, push: bool = True, token: str | None = None,
             api: HfApi | None = None) -> str:  # fmt: skip
-    """Push the local `folder` to `repo_id` as one commit and return the repo's URL; return the folder's path
-    instead when pushing is off, there is no token, or this is not the main process.
-
-    `huggingface_hub` already retries transient errors (429, 5xx, connection) with backoff. A push that still fails
-    raises `HubPushError`, after deleting the repo if this call created it, so no half-made repo stays behind.
-    """
-    folder = Path(folder)
-    token = token or get_token()
-    if not push or not PartialState().is_main_process:
-        return str(folder)
-    if token is None:
-        logger.warning("No Hugging Face token: %s stays a local folder at %s", repo_id, folder)
-        return str(folder)
-    api = api or HfApi(token=token)
-    created = not api.repo_exists(repo_id)
-    try:
-        url = api.create_repo(repo_id, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {folder.name}")
-    except (HfHubHTTPError, OSError) as error:
-        if created and api.repo_exists(repo_id):
-            api.delete_repo(repo_id)
-        raise HubPushError(
-            f"Pushing {folder} to {repo_id} failed: {error}. Nothing was committed"
-            f"{' and the new repo was deleted' if created else ''}; the complete content is in {folder}."
-        ) from error
-    logger.info("Pushed %s to %s (commit %s)", folder, url, commit.oid)
-    return str(url)
+    """`publish_all` for one folder."""
+    return publish_all([(folder, repo_id)], push=push, token=token, api=api)[0]

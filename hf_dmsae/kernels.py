@@ -119,9 +119,10 @@ def sparse_decode_groups(core_latents, rows, cols, values, W_dec, b_dec, group_e
     bag = rows * groups + torch.bucketize(cols, torch.tensor(group_ends, device=cols.device), right=True)
     bag, order = bag.sort(stable=True)
     counts = torch.bincount(bag, minlength=batch * groups)
+    # In the decoder's dtype (bf16 weights under FSDP's mixed precision): embedding_bag needs matching dtypes.
     per_group = F.embedding_bag(cols[order], W_dec, torch.cumsum(counts, 0) - counts, mode="sum",
-                                per_sample_weights=values[order])  # fmt: skip
-    reconstruction = b_dec + core_latents @ W_dec[:start] if start else b_dec.expand(batch, -1)
+                                per_sample_weights=values[order].to(W_dec.dtype))  # fmt: skip
+    reconstruction = b_dec + core_latents.to(W_dec.dtype) @ W_dec[:start] if start else b_dec.expand(batch, -1)
     reconstructions = []
     for group in per_group.view(batch, groups, -1).unbind(1):  # a running sum: cumsum over dim 1 is slow on CPU
         reconstruction = reconstruction + group

@@ -1,4 +1,4 @@
-"""The Distilled Matryoshka Sparse Autoencoder as a `PreTrainedModel` (SPEC section 2).
+"""The Distilled Matryoshka Sparse Autoencoder as a `PreTrainedModel` (docs/method.md §2).
 
 Encoder `z = ReLU((x − b_dec) W_encᵀ + b_enc)`, decoder `x̂ = a W_dec + b_dec` with unit-norm rows. Encoder rows
 `0 … frozen_rows-1` are a buffer, not a parameter: no optimiser, weight decay, gradient or mixed-precision cast can
@@ -175,8 +175,12 @@ class DMSAEModel(PreTrainedModel):
         return latents.reshape(*activations.shape[:-1], self.config.dict_size)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents `[..., dict_size]` → reconstruction `[..., d_in]` in raw activation units."""
-        return (latents @ self.W_dec + self.b_dec) * self.config.norm_factor
+        """Latents `[..., dict_size]` → reconstruction `[..., d_in]` in raw activation units (in the model's dtype,
+        whatever the latents' dtype)."""
+        if latents.shape[-1] != self.config.dict_size:
+            raise ValueError(f"latents must have last dimension dict_size={self.config.dict_size}, got "
+                             f"{tuple(latents.shape)}")  # fmt: skip
+        return (latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) * self.config.norm_factor
 
     def forward(self, activations: torch.Tensor, return_latents: bool = True) -> DMSAEOutput:
         """Loss and statistics of a batch. BatchTopK masks run on the sparse kernels (`config.kernels`) unless the
@@ -291,7 +295,7 @@ class DMSAEModel(PreTrainedModel):
 
     @torch.no_grad()
     def init_decoder_bias(self, activations: torch.Tensor) -> None:
-        """Set `b_dec` to the geometric median of a first batch of raw activations (SPEC initialisation)."""
+        """Set `b_dec` to the geometric median of a first batch of raw activations (docs/method.md §2, initialisation)."""
         x = self._checked(activations) / self.config.norm_factor
         self.b_dec.copy_(geometric_median(x))
 
@@ -308,6 +312,18 @@ class DMSAEModel(PreTrainedModel):
     def normalize_decoder(self) -> None:
         """Renormalise decoder rows to unit norm. Call after each optimiser step."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but weights that do not match the model (a missing, renamed or
+        reshaped tensor, which transformers would re-initialise with a warning) are an error."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(map(str, v)) for k, v in info.items()
+                    if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}  # fmt: skip
+        if problems:
+            raise ValueError(f"{pretrained_model_name_or_path} does not hold this model's weights: {problems}")
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`, also writing the inference threshold into `config.json`."""

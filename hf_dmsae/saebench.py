@@ -17,19 +17,22 @@ from pathlib import Path
 
 import torch
 
-from .activations import ActivationArguments, load_texts
+from .activations import ActivationArguments
 from .modeling_dmsae import DMSAEModel
 
 logger = logging.getLogger(__name__)
 
-OFFLINE_EVALS = ("core", "absorption", "sparse_probing_sae_probes", "meta_structure")
-# SAEBench module and config class of each eval that needs Hub data or keys.
-ONLINE_EVAL_MODULES = {
+# SAEBench's module (`sae_bench.evals.<module>`) and config class of every eval this runner knows.
+EVAL_MODULES = {
+    "core": ("core", "CoreEvalConfig"), "absorption": ("absorption", "AbsorptionEvalConfig"),
+    "sparse_probing_sae_probes": ("sparse_probing_sae_probes", "SparseProbingSaeProbesEvalConfig"),
+    "meta_structure": ("meta_structure", "MetaStructureEvalConfig"),
     "scr": ("scr_and_tpp", "ScrAndTppEvalConfig"), "tpp": ("scr_and_tpp", "ScrAndTppEvalConfig"),
     "sparse_probing": ("sparse_probing", "SparseProbingEvalConfig"), "ravel": ("ravel", "RAVELEvalConfig"),
     "unlearning": ("unlearning", "UnlearningEvalConfig"), "autointerp": ("autointerp", "AutoInterpEvalConfig"),
 }  # fmt: skip
-ONLINE_EVALS = tuple(ONLINE_EVAL_MODULES)
+OFFLINE_EVALS = ("core", "absorption", "sparse_probing_sae_probes", "meta_structure")
+ONLINE_EVALS = tuple(name for name in EVAL_MODULES if name not in OFFLINE_EVALS)
 # Short sae-probes datasets of different kinds (sport, geography, time, causality, headlines, spam).
 PROBE_DATASETS = ["131_temp_cat_Typical Time", "117_us_state_FL", "133_context_type_Causality", "24_headline_isiran",
                   "96_spam_is", "154_athlete_sport_football"]  # fmt: skip
@@ -51,7 +54,8 @@ class SAEBenchArguments:
 
     saebench_evals: list[str] = field(
         default_factory=lambda: list(OFFLINE_EVALS),
-        metadata={"help": f"Of {OFFLINE_EVALS + ONLINE_EVALS}; online ones are skipped when their data is unreachable."},
+        metadata={"help": f"Of {tuple(EVAL_MODULES)} (none: no SAEBench); online ones ({ONLINE_EVALS}) are skipped "
+                  "when their data or key is unreachable."},
     )
     saebench_device: str = field(default="cpu", metadata={"help": "Device the evals run on."})
     saebench_llm_dtype: str = field(default="float32", metadata={"help": "dtype of the LM under TransformerLens."})
@@ -63,10 +67,10 @@ class SAEBenchArguments:
     meta_structure_steps: int = field(default=1500, metadata={"help": "Training steps of meta_structure's meta-SAE."})
 
     def __post_init__(self):
-        unknown = set(self.saebench_evals) - set(OFFLINE_EVALS + ONLINE_EVALS)
+        unknown = set(self.saebench_evals) - set(EVAL_MODULES)
         if unknown:
             raise ValueError(f"saebench_evals={self.saebench_evals} is invalid: {sorted(unknown)} are not SAEBench "
-                             f"evals this runner knows ({OFFLINE_EVALS + ONLINE_EVALS})")  # fmt: skip
+                             f"evals this runner knows ({tuple(EVAL_MODULES)})")  # fmt: skip
 
 
 def _hub_datasets_missing(repo_ids: list[str]) -> str | None:
@@ -201,7 +205,7 @@ class SAEBenchRunner:
             from sae_bench.evals.meta_structure.eval_config import MetaStructureEvalConfig
 
             return MetaStructureEvalConfig(train_steps=a.meta_structure_steps, autocast=self.device != "cpu")
-        module, config_class = ONLINE_EVAL_MODULES[eval_name]
+        module, config_class = EVAL_MODULES[eval_name]
         config = getattr(importlib.import_module(f"sae_bench.evals.{module}.eval_config"), config_class)(**common)
         if eval_name in ("scr", "tpp"):
             config.perform_scr = eval_name == "scr"
@@ -215,7 +219,11 @@ class SAEBenchRunner:
         from sae_lens import ActivationsStore
 
         _, sae, _ = load_and_format_sae(name, adapter, self.device)
-        texts = load_texts(self.activation_args, self.activation_args.eval_split)
+        source = self.activation_args.text_source()
+        split = self.activation_args.eval_split
+        if split not in source.splits():  # no held-out split: the stream's start is the run's evaluation slice
+            split = self.activation_args.dataset_split
+        texts = source.load(split)
         if self.activation_args.text_column != "text":
             texts = texts.rename_column(self.activation_args.text_column, "text")
         store = ActivationsStore.from_sae(self.lm, sae, dataset=texts, context_size=config.context_size,
@@ -242,10 +250,10 @@ class SAEBenchRunner:
 
     def _run_generic(self, eval_name, config, name, adapter, output: Path) -> None:
         """Evals whose `run_eval(config, selected_saes, device, output_path)` loads the LM by name itself."""
-        module, _ = ONLINE_EVAL_MODULES[eval_name]
+        module, _ = EVAL_MODULES[eval_name]
         run_eval = importlib.import_module(f"sae_bench.evals.{module}.main").run_eval
         extra = {"api_key": os.environ["OPENAI_API_KEY"]} if eval_name == "autointerp" else {}
-        run_eval(config, [(name, adapter)], self.device, output_path=str(output), **extra)
+        run_eval(config=config, selected_saes=[(name, adapter)], device=self.device, output_path=str(output), **extra)
 
 
 def headline_metrics(results: dict[str, dict]) -> dict[str, float]:

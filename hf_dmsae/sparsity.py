@@ -1,4 +1,4 @@
-"""BatchTopK masks (dense core, sparse core) and the inference threshold that replaces them (SPEC section 2).
+"""BatchTopK masks (dense core, sparse core) and the inference threshold that replaces them (docs/method.md §2).
 
 The masked region of the latents starts at `start`: the first non-core latent in dense-core mode (core latents
 pass through unmasked), 0 in sparse-core mode (one global BatchTopK over every latent).

@@ -30,8 +30,9 @@ from .activations import norm_factor
 from .attribution import StreamingQuantile, gxa_values, select_by_coverage
 from .configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, DMSAEConfig, matryoshka_group_sizes
 from .modeling_dmsae import DMSAEModel
-from .runs import ActivationData, train_sae, write_json_atomically
-from .trainer import DMSAETrainingArguments
+from .integrity import write_json_atomically
+from .runs import last_complete_checkpoint
+from .trainer import DMSAETrainer, DMSAETrainingArguments
 from .transfer import VARIANTS
 
 logger = logging.getLogger(__name__)
@@ -157,12 +158,13 @@ class SyntheticBenchmark:
         if (folder / "model.safetensors").is_file():
             return DMSAEModel.from_pretrained(folder)
         a = self.args
-        data = ActivationData(None, None, self.rows(a.train_tokens, data_seed), None, a.hidden_dim, self.norm_factor)
         args = DMSAETrainingArguments(
             output_dir=str(folder), per_device_train_batch_size=a.batch_size, num_train_epochs=1, learning_rate=a.learning_rate,
             save_steps=100, logging_steps=50, report_to="none", seed=data_seed, disable_tqdm=True, init_decoder_bias_rows=4096,
         )  # fmt: skip
-        train_sae(model, data, args)
+        trainer = DMSAETrainer(model=model, args=args, train_dataset=self.rows(a.train_tokens, data_seed))
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
+        trainer.save_model(folder)
         return model
 
     @torch.no_grad()

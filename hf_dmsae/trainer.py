@@ -11,18 +11,34 @@ them and a resumed run continues them.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .activations import collate_activations
+from .activations import ActivationStream, collate_activations
 from .evaluation import SAEEvalMetrics, active_counts
+from .integrity import checksums, read_json, write_json_atomically
 from .modeling_dmsae import DMSAEModel
 
 logger = logging.getLogger(__name__)
+
+CHECKSUMS = "checksums.json"
+"""Written into a checkpoint after everything else: the SHA-256 of its files. A checkpoint without it, or whose files
+no longer match it, is not resumed from."""
+
+
+def stream_state_file(rank: int) -> str:
+    return f"stream-rank{rank}.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite: nothing trained after that point is worth keeping."""
 
 
 @dataclass
@@ -80,6 +96,8 @@ class DMSAETrainer(Trainer):
         kwargs.setdefault("data_collator", collate_activations)
         if args.batch_eval_metrics:
             kwargs.setdefault("compute_metrics", SAEEvalMetrics())
+        if isinstance(kwargs.get("train_dataset"), ActivationStream):
+            args.ignore_data_skip = True  # the stream resumes at its recorded position instead
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_DecoderNormCallback(self))
         # Training metric sums since the last log, and their step count.
@@ -90,11 +108,23 @@ class DMSAETrainer(Trainer):
     def sae(self) -> DMSAEModel:
         return self.accelerator.unwrap_model(self.model)
 
+    def get_train_dataloader(self):
+        """A stream harvests this process's own rows, so its batches are not dispatched from the main process."""
+        if isinstance(self.train_dataset, ActivationStream):
+            return torch.utils.data.DataLoader(self.train_dataset, batch_size=None, collate_fn=collate_activations)
+        return super().get_train_dataloader()
+
     def train(self, resume_from_checkpoint=None, **kwargs):
         """As `Trainer.train`; a fresh run first sets `b_dec` to the geometric median of the dataset's first rows
-        (`train_dataset.sample(n)`: the same rows on every process, read before the model is wrapped)."""
+        (`train_dataset.sample(n)`: the same rows on every process, read before the model is wrapped). A stream
+        resumed from a checkpoint continues at the row after the last one trained on."""
         if not resume_from_checkpoint and self.state.global_step == 0 and self.args.init_decoder_bias_rows > 0:
             self.model.init_decoder_bias(self.train_dataset.sample(self.args.init_decoder_bias_rows))
+        if resume_from_checkpoint and isinstance(self.train_dataset, ActivationStream):
+            checkpoint = Path(resume_from_checkpoint)
+            step = read_json(checkpoint / "trainer_state.json")["global_step"]
+            state = read_json(checkpoint / stream_state_file(self.args.process_index))
+            self.train_dataset.resume(state, step * self.args.gradient_accumulation_steps)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.args.calibrate_threshold_rows > 0:
             self.calibrate_threshold()
@@ -110,6 +140,18 @@ class DMSAETrainer(Trainer):
         threshold = whole_model(sae).calibrate_threshold(rows)
         sae.threshold.fill_(threshold)
         logger.info("Inference threshold calibrated on %d rows: %.4g", len(rows), threshold)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, with each process's stream position before it and the checksums of every
+        file after it."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if isinstance(self.train_dataset, ActivationStream):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(folder / stream_state_file(self.args.process_index), self.train_dataset.state_dict())
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            (folder / CHECKSUMS).write_text(json.dumps(checksums(folder), indent=2))
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.args.lr_scheduler_type == "warmup_stable_decay":
@@ -160,7 +202,8 @@ class DMSAETrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the SAE metrics of the training steps since the last log, averaged over steps and processes, to the
-        Trainer's own training log."""
+        Trainer's own training log. A non-finite loss ends training with `TrainingDivergedError` (checked here,
+        where the metrics are read anyway, so no step waits on it; the Trainer's own `loss` filters NaN out)."""
         if "loss" in logs and self._metric_steps:
             names = sorted(self._metric_sums)
             sums = torch.stack([self._metric_sums[n] for n in names])
@@ -168,12 +211,17 @@ class DMSAETrainer(Trainer):
             logs.update({name: round(float(v), 6) for name, v in zip(names, averaged)})
             self._metric_sums.clear()
             self._metric_steps = 0
+            losses = {k: v for k, v in logs.items() if k.startswith("prefix_loss") or k == "aux_loss"}
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise TrainingDivergedError(
+                    f"the loss became non-finite by step {self.state.global_step} ({losses}): training diverged "
+                    f"(learning rate {self.args.learning_rate:g}); lower it and start again in a new output_dir"
+                )
         if "loss" in logs:
             sae = self.sae
             logs["dead_fraction"] = float((sae.tokens_since_fired >= sae.config.dead_tokens_threshold).float().mean())
             logs["threshold"] = float(sae.threshold)
         super().log(logs, *args, **kwargs)
-
 
 
 def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:

@@ -1,28 +1,28 @@
 """Transfer (Algorithm 3): new SAEs around a distilled core at several sparsities, against Matryoshka baselines.
 
 For every target L0 `k`: a DMSAE with the core's frozen rows in dense-core mode (`k_noncore` by Eq. 4), one in
-sparse-core mode (one global BatchTopK of `k`), and a plain Matryoshka SAE; all on the same activations, token
-budget and seed. Each is evaluated on held-out data (FVU, L0s, dead fraction, CE loss recovered) and, if asked, with
-SAEBench's evals (`hf_dmsae.saebench`). Results are written to `results.json` after every run, so re-running
-resumes, and summarised in `report.md`.
+sparse-core mode (one global BatchTopK of `k`), and a plain Matryoshka SAE; all on the same slice of the token
+stream, budget and seed. Each is evaluated on held-out data (FVU, L0s, dead fraction, CE loss recovered) and, if
+asked, with SAEBench's evals (`hf_dmsae.saebench`). Results are recorded in the run's `state.json` after every
+model, so re-running resumes (with the same core and settings only), and summarised in `report.md`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from functools import cached_property
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from transformers import set_seed
 
 from . import figures
-from .activations import ActivationArguments, TrainingPositions, text_batches
+from .activations import ActivationArguments
 from .core import DMSAECore
 from .evaluation import activation_metrics, ce_loss_recovered
+from .hub import resolve_folder
 from .modeling_dmsae import DMSAEModel
-from .runs import ActivationData, SAEArguments, prepare_activations, sae_config, train_sae, write_json_atomically
+from .runs import RunData, RunState, SAEArguments, arguments_identity, sae_config, train_sae
 from .saebench import HEADLINE_METRICS, SAEBenchArguments, headline_metrics
 from .trainer import DMSAETrainingArguments
 
@@ -33,7 +33,9 @@ VARIANTS = ("dense_core", "sparse_core", "matryoshka")
 class TransferArguments:
     """Which core, which sparsities, which variants."""
 
-    core: str = field(metadata={"help": "Distilled core: local folder or Hub repo id."})
+    core: str = field(
+        metadata={"help": "Distilled core: local folder or Hub repo id org/name[/subfolder][@revision]."}
+    )
     ks: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 320, 640], metadata={"help": "Target L0s."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Of {VARIANTS}."})
     ce_batches: int = field(default=8, metadata={"help": "Held-out LM batches for CE loss recovered."})
@@ -42,6 +44,8 @@ class TransferArguments:
         unknown = set(self.variants) - set(VARIANTS)
         if unknown:
             raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
+        if not self.ks or not self.variants or min(self.ks) < 1:
+            raise ValueError(f"ks={self.ks} and variants={self.variants} must be non-empty, with every k ≥ 1")
 
 
 class Transfer:
@@ -52,15 +56,18 @@ class Transfer:
         self.args, self.sae_args, self.activation_args, self.training_args = args, sae, activations, training
         self.saebench_args = saebench
         self.output_dir = Path(training.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.results_path = self.output_dir / "results.json"
-        self.results: dict = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
-        self.core = DMSAECore.from_pretrained(args.core)
+        self.core = DMSAECore.from_pretrained(resolve_folder(args.core, token=training.hub_token))
+        if max(args.ks) > sae.dict_size:
+            raise ValueError(f"ks={args.ks} is invalid: every k must be at most dict_size={sae.dict_size}")
+        identity = arguments_identity(args, sae, activations, training, exclude=("core", "ce_batches"))
+        identity["inputs.core"] = self.core.digest()
+        self.state = RunState(self.output_dir, "transfer", identity, writer=training.process_index == 0)
+        self.results: dict = self.state.record("results")
 
     @cached_property
-    def data(self) -> ActivationData:
-        """The LM and the activation datasets, loaded (or harvested) on first use."""
-        return prepare_activations(self.activation_args, self.training_args)
+    def data(self) -> RunData:
+        """The LM and the activations, loaded on first use."""
+        return RunData(self.activation_args, self.training_args, self.state)
 
     @cached_property
     def saebench(self):
@@ -79,18 +86,19 @@ class Transfer:
             return DMSAEModel(sae_config(sae, self.activation_args, self.data))
         config = sae_config(sae, self.activation_args, self.data, core_size=len(self.core),
                             core_ids=self.core.latent_ids)  # fmt: skip
-        return DMSAEModel.from_core(config, self.core.rows_at_scale(config.norm_factor), self.core.latent_ids)
+        return DMSAEModel.from_core(config, self.core.encoder_rows, self.core.latent_ids)
 
     def evaluate(self, model: DMSAEModel) -> dict[str, float]:
-        held_out = self.data.eval
-        rows = (held_out.__getitems__(range(i, min(i + 4096, len(held_out)))) for i in range(0, len(held_out), 4096))
-        batches = text_batches(self.activation_args, self.data.tokenizer, self.activation_args.lm_batch_size,
-                               self.activation_args.eval_split)  # fmt: skip
-        ce_batches = [b for _, b in zip(range(self.args.ce_batches), batches)]
-        positions = TrainingPositions(self.data.tokenizer, self.activation_args.outlier_norm_ratio)
+        """Held-out metrics and CE loss recovered (main process; {} elsewhere)."""
+        if self.training_args.process_index != 0:
+            return {}
+        rows = self.data.eval_batches(self.training_args.per_device_eval_batch_size)
+        ce_batches = self.data.eval_text_batches(self.args.ce_batches)
+        positions = self.data.harvester.positions()
         return {**activation_metrics(model, rows), **ce_loss_recovered(model, self.data.lm, ce_batches, positions)}
 
     def run(self) -> dict:
+        piece = self.data.training_slice("train")
         for k in self.args.ks:
             for variant in self.args.variants:
                 name = f"k{k}-{variant}"
@@ -98,10 +106,9 @@ class Transfer:
                     continue
                 model = self.new_model(k, variant)
                 args = dataclasses.replace(self.training_args, output_dir=str(self.output_dir / name), push_to_hub=False)
-                train_sae(model, self.data, args)
+                train_sae(model, self.data, piece, args)
                 self.results[name] = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
-                if self.training_args.process_index == 0:
-                    write_json_atomically(self.results_path, self.results)
+                self.state.save()
         if self.saebench is not None and self.training_args.process_index == 0:
             self.run_saebench()
         return self.results
@@ -113,7 +120,7 @@ class Transfer:
             if "saebench" not in result:
                 result["saebench"] = self.saebench.run(name, DMSAEModel.from_pretrained(self.output_dir / name))
                 result |= headline_metrics(result["saebench"])
-                write_json_atomically(self.results_path, self.results)
+                self.state.save()
 
     def report(self) -> str:
         columns = ("fvu", "ce_loss_recovered", "l0", "l0_core", "l0_noncore", "dead_fraction")

@@ -79,3 +79,48 @@ def tiny_activation_args(tiny_lm_dir, **overrides):
     )
     settings.update(overrides)
     return ActivationArguments(**settings)
+
+
+def tiny_run_data(folder, activation_args, **training_overrides):
+    """A run state in `folder` and the data it reads (LM, statistics, slices) for `activation_args`."""
+    from hf_dmsae.runs import RunData, RunState, arguments_identity
+    from hf_dmsae.trainer import DMSAETrainingArguments
+
+    settings = dict(output_dir=str(folder), report_to="none", disable_tqdm=True, per_device_train_batch_size=200)
+    training = DMSAETrainingArguments(**{**settings, **training_overrides})
+    state = RunState(folder, "test", arguments_identity(activation_args, training), writer=True)
+    return RunData(activation_args, training, state)
+
+
+def write_text_folder(folder, splits: dict[str, int], offset: int = 0):
+    """A folder of JSON-lines files (one per split) holding Wikipedia summaries of the embedded corpus: a local text
+    dataset that `datasets` loads (and streams) like a Hub one."""
+    import json
+
+    from hf_dmsae.embedded import wiki_summaries
+
+    texts = wiki_summaries()["train"]["text"]
+    folder.mkdir(parents=True, exist_ok=True)
+    start = offset
+    for split, count in splits.items():
+        rows = [{"text": t} for t in texts[start : start + count]]
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        start += count
+    return folder
+
+
+def token_positions(rows, harvester, split: str, sequences: int) -> set[int]:
+    """The stream positions (sequence × context_length + column) of `rows`, found by their content among the first
+    `sequences` sequences of `split`. Rows whose content occurs at more than one position (identical contexts, e.g.
+    the same first token after the BOS) identify nothing and are left out; every other row must be found."""
+    from hf_dmsae.text import StreamPosition
+
+    where: dict[bytes, list[int]] = {}
+    for batch in harvester.batches(split, StreamPosition(), max_sequences=sequences):
+        for row, position in zip(batch.tensors["activations"], batch.tensors["positions"].tolist()):
+            where.setdefault(row.float().numpy().tobytes(), []).append(position)
+    found = [where.get(row.float().numpy().tobytes()) for row in rows]
+    assert all(f is not None for f in found), "rows that come from outside the searched sequences"
+    unique = [f[0] for f in found if len(f) == 1]
+    assert len(unique) > 0.8 * len(rows), "too few rows identify their position"
+    return set(unique)

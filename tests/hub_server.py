@@ -3,7 +3,8 @@ and read model repos. It stands in for the network only: the real client (`creat
 `push_to_hub`, `hf_hub_download`, `snapshot_download`, `from_pretrained`) runs against it via `HF_ENDPOINT`.
 
 Repos live in memory as a list of commits (path → bytes); every upload is "regular" (inline, base64 in the NDJSON
-commit). `fail_commits` makes the next commits fail with `fail_status`, to test how pushes fail.
+commit). To test how pushes fail: `fail_commits` makes the next commits fail with `fail_status`; `drop_commits` makes
+them close the connection without an answer; after `dead_after_commits` commits the server answers nothing more.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.fail_commits = 0
         self.fail_status = 500
+        self.drop_commits = 0
+        self.dead_after_commits: int | None = None
+        self.commits = 0
         self.lock = threading.Lock()
+
+    @property
+    def dead(self) -> bool:
+        return self.dead_after_commits is not None and self.commits >= self.dead_after_commits
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -78,8 +86,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RevisionNotFound", f"Revision {revision} not found")
         return commit
 
+    def _hang_up(self) -> None:
+        """Close the connection without an answer, as a dropped connection or a dead server does."""
+        self.close_connection = True
+        self.connection.close()
+
     # -- routes -------------------------------------------------------------------------------------------------
     def do_POST(self):
+        if self.state.dead:
+            return self._hang_up()
         path = urlparse(self.path).path
         if path == "/api/repos/create":
             return self._create(json.loads(self._body()))
@@ -95,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._error(404, "NotFound", f"no route POST {path}")
 
     def do_DELETE(self):
+        if self.state.dead:
+            return self._hang_up()
         if urlparse(self.path).path != "/api/repos/delete":
             return self._error(404, "NotFound", f"no route DELETE {self.path}")
         payload = json.loads(self._body())
@@ -111,6 +128,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._read()
 
     def _read(self):
+        if self.state.dead:
+            return self._hang_up()
         url = urlparse(self.path)
         path = url.path
         if path == "/api/agent-harnesses":
@@ -127,8 +146,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _create(self, payload: dict):
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         with self.state.lock:
-            if repo_id in self.state.repos:
-                return self._error(409, "RepoExists", "You already created this model repo")
+            if repo_id in self.state.repos:  # the Hub's 409 names the existing repo's url
+                message = "You already created this model repo"
+                return self._send(409, {"error": message, "url": f"http://{self.headers['Host']}/{repo_id}"},
+                                  {"X-Error-Code": "RepoExists", "X-Error-Message": message})  # fmt: skip
             attributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
             self.state.repos[repo_id] = Repo([(_oid(repo_id.encode()), {".gitattributes": attributes})])
         self._send(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
@@ -141,6 +162,9 @@ class _Handler(BaseHTTPRequestHandler):
             if self.state.fail_commits > 0:
                 self.state.fail_commits -= 1
                 return self._error(self.state.fail_status, "ServerError", "commit failed on the server")
+            if self.state.drop_commits > 0:
+                self.state.drop_commits -= 1
+                return self._hang_up()
             _, files = repo.commits[-1]
             files = dict(files)
             for line in body.splitlines():
@@ -156,6 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._error(400, "BadRequest", f"unsupported commit operation {item['key']}")
             oid = _oid(json.dumps(sorted((p, _oid(d)) for p, d in files.items())).encode() + repo.commits[-1][0].encode())
             repo.commits.append((oid, files))
+            self.state.commits += 1
         host = self.headers["Host"]
         self._send(200, {"commitUrl": f"http://{host}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
 

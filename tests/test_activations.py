@@ -2,26 +2,25 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_activation_args
+from conftest import tiny_activation_args, tiny_run_data, token_positions, write_text_folder
 
-from hf_dmsae.activations import (
-    ActivationCache,
-    LayerActivations,
-    StreamingActivations,
-    activation_dataset,
-    collate_activations,
-    decoder_layers,
-    harvest,
-    load_language_model,
-    shuffled,
-    token_sequences,
-)
+from hf_dmsae.activations import ActivationArguments, ActivationStream, Harvester, collate_activations, shuffled_windows
+from hf_dmsae.cache import ActivationCache
 from hf_dmsae.embedded import EMBEDDED_LM, wiki_summaries
+from hf_dmsae.integrity import IntegrityError
+from hf_dmsae.language_model import LayerActivations, decoder_layers, load_language_model
+from hf_dmsae.text import StreamPosition, TextSource, TokenPacking, position_after
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_lm_dir):
-    return load_language_model(tiny_activation_args(tiny_lm_dir))
+    return load_language_model(str(tiny_lm_dir))
+
+
+@pytest.fixture(scope="module")
+def harvester(tiny_lm, tiny_lm_dir):
+    lm, tokenizer = tiny_lm
+    return Harvester(tiny_activation_args(tiny_lm_dir), lm, tokenizer)
 
 
 @pytest.mark.parametrize("hook_name, offset", [("resid_post", 1), ("resid_pre", 0)])
@@ -42,89 +41,105 @@ def test_hooked_activations_equal_a_full_forward_and_skip_the_upper_blocks(tiny_
 def test_sequences_are_packed_to_the_context_length_with_bos_first(tiny_lm):
     _, tokenizer = tiny_lm
     texts = ["The cat sat on the mat."] * 30
-    sequences = list(token_sequences(texts, tokenizer, 16, prepend_bos=True))
+    sequences = [ids for ids, _ in TokenPacking(tokenizer, 16).sequences(texts)]
     assert sequences and all(len(s) == 16 and s[0] == tokenizer.bos_token_id for s in sequences)
     body = [t for s in sequences for t in s[1:]]
     one_doc = tokenizer("The cat sat on the mat.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert body == (one_doc * 30)[: len(body)]
 
 
-def test_harvest_drops_special_token_positions(tiny_lm, tiny_lm_dir):
+def test_a_stream_started_at_a_recorded_position_continues_it_exactly(tiny_lm):
+    _, tokenizer = tiny_lm
+    source, packing = TextSource("embedded:wiki-summaries"), TokenPacking(tokenizer, 24)
+    whole = list(packing.sequences(source.documents("train")))[:300]
+    for cut in (0, 1, 17, 150, 299):
+        position = whole[cut][1] if cut else StreamPosition()
+        start = cut + 1 if cut else 0
+        resumed = packing.sequences(source.documents("train", position.document), position)
+        assert [next(resumed) for _ in range(len(whole) - start)] == whole[start:], cut
+    assert position_after(source, "train", packing, StreamPosition(), 150) == whole[149][1]
+    with pytest.raises(ValueError, match="sequences short"):
+        position_after(source, "train", packing, StreamPosition(), 10**7)
+
+
+def test_harvest_drops_special_token_and_outlier_positions(harvester, tiny_lm):
     lm, tokenizer = tiny_lm
-    args = tiny_activation_args(tiny_lm_dir)
-    rows = torch.cat(list(harvest(args, lm, tokenizer, "train", 2000)))
-    assert rows.shape == (2000, 32)
-    texts = (r["text"] for r in wiki_summaries()["train"])
-    first = torch.tensor([next(token_sequences(texts, tokenizer, 32, prepend_bos=True))])
-    assert first[0, 0] == tokenizer.bos_token_id and not torch.isin(first[0, 1:], torch.tensor(tokenizer.all_special_ids)).any()
-    # The first sequence contributes its 31 positions after the BOS, in order.
-    torch.testing.assert_close(rows[:31], LayerActivations(lm, 2)(first)[0, 1:])
+    first = next(harvester.batches("train", StreamPosition()))
+    input_ids = torch.tensor([ids for ids, _ in TokenPacking(tokenizer, 32).sequences(
+        r["text"] for r in wiki_summaries()["train"])][:16])  # fmt: skip
+    hidden = LayerActivations(lm, 2)(input_ids)
+    keep = ~torch.isin(input_ids, torch.tensor(tokenizer.all_special_ids))
+    keep &= hidden.norm(dim=-1) <= 10.0 * harvester.statistics.median_norm
+    assert first.index == 0 and first.start == StreamPosition()
+    torch.testing.assert_close(first.tensors["activations"], hidden[keep])
+    assert torch.equal(first.tensors["positions"], torch.arange(16 * 32).view(16, 32)[keep])
+    assert len(first) < 16 * 31, "special-token positions are dropped"
 
 
-def test_shuffling_buffer_permutes_rows_deterministically():
-    blocks = [torch.arange(i * 10, i * 10 + 10, dtype=torch.float32)[:, None] for i in range(20)]
-    first = torch.cat(list(shuffled(blocks, 64, seed=3)))
-    again = torch.cat(list(shuffled(blocks, 64, seed=3)))
-    assert torch.equal(first, again)
-    assert torch.equal(first.flatten().sort().values, torch.arange(200, dtype=torch.float32))
-    assert not torch.equal(first.flatten(), torch.arange(200, dtype=torch.float32))
-
-
-def test_cache_round_trip_and_batched_gather(tiny_lm, tiny_lm_dir, tmp_path):
+def test_statistics_do_not_depend_on_the_lm_batch_size(tiny_lm, tiny_lm_dir):
     lm, tokenizer = tiny_lm
-    args = tiny_activation_args(tiny_lm_dir)
-    cache = ActivationCache.build(tmp_path / "cache", args, lm, tokenizer, "train", 3000)
-    assert len(cache) == 3000 and cache.d_in == 32
-    harvested = torch.cat(list(harvest(args, lm, tokenizer, "train", 3000)))
-    rows = cache.__getitems__(list(range(3000)))
-    torch.testing.assert_close(rows.double().sum(0), harvested.double().sum(0))  # same rows, shuffled
-    assert cache.norm_factor == pytest.approx(float(harvested[:512].pow(2).sum(-1).mean().sqrt()), rel=1e-5)
+    small, large = (Harvester(tiny_activation_args(tiny_lm_dir, lm_batch_size=b), lm, tokenizer).statistics
+                    for b in (3, 16))  # fmt: skip
+    assert small.median_norm == pytest.approx(large.median_norm, rel=1e-5)
+    assert small.norm_factor == pytest.approx(large.norm_factor, rel=1e-5)
+
+
+def test_shuffling_windows_permute_within_each_window_deterministically(harvester):
+    batches = list(harvester.batches("train", StreamPosition(), max_sequences=80))
+    windows = list(shuffled_windows(iter(batches), 1000, seed=3))
+    again = list(shuffled_windows(iter(batches), 1000, seed=3))
+    assert all(torch.equal(a.tensors["activations"], b.tensors["activations"]) for a, b in zip(windows, again))
+    rows = torch.cat([b.tensors["activations"] for b in batches])
+    shuffled = torch.cat([w.tensors["activations"] for w in windows])
+    assert shuffled.shape == rows.shape and not torch.equal(shuffled, rows)
+    torch.testing.assert_close(shuffled.double().sum(0), rows.double().sum(0))
+    assert all(len(w) >= 1000 for w in windows[:-1]) and windows[1].rows_before == len(windows[0])
+    assert windows[1].start == batches[windows[1].first_batch].start
+
+
+def test_cache_round_trip_refusal_and_damage(harvester, tmp_path):
+    blocks = (w.tensors for w in shuffled_windows(harvester.batches("train", StreamPosition()), 1000, 0))
+    cache = ActivationCache.build(tmp_path / "cache", {"slice": 1}, blocks, 3000, "float32", extra=lambda: {"x": 1})
+    assert len(cache) == 3000 and cache.d_in == 32 and cache.extra == {"x": 1}
     picked = [5, 2999, 0, 1234]
     assert torch.equal(cache.__getitems__(picked), torch.stack([cache[i]["activations"] for i in picked]))
     assert torch.equal(collate_activations(cache.__getitems__(picked))["activations"], cache.__getitems__(picked))
-    reopened = ActivationCache.build(tmp_path / "cache", args, lm, tokenizer, "train", 3000)
-    assert torch.equal(reopened.__getitems__(picked), cache.__getitems__(picked))
+    assert torch.equal(ActivationCache(tmp_path / "cache").sample(7), cache.__getitems__(range(7)))
+    with pytest.raises(ValueError, match=r"other rows.*'slice': \(1, 2\)"):
+        ActivationCache.build(tmp_path / "cache", {"slice": 2}, iter([]), 3000, "float32")
+
+    shard = tmp_path / "cache" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x40  # one flipped bit in the last row
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="shard-00000.safetensors is damaged"):
+        ActivationCache(tmp_path / "cache")
+    shard.write_bytes(bytes(data[:-100]))
+    with pytest.raises(IntegrityError, match="shard-00000.safetensors is truncated"):
+        ActivationCache(tmp_path / "cache")
 
 
-def test_cache_for_other_activations_is_refused(tiny_lm, tiny_lm_dir, tmp_path):
-    lm, tokenizer = tiny_lm
-    ActivationCache.build(tmp_path / "cache", tiny_activation_args(tiny_lm_dir), lm, tokenizer, "train", 1000)
-    other_layer = tiny_activation_args(tiny_lm_dir, hook_layer=1)
-    with pytest.raises(ValueError, match="hook_layer"):
-        ActivationCache.build(tmp_path / "cache", other_layer, lm, tokenizer, "train", 1000)
-    with pytest.raises(ValueError, match="num_tokens"):
-        ActivationCache.build(tmp_path / "cache", tiny_activation_args(tiny_lm_dir), lm, tokenizer, "train", 999)
-
-
-def test_a_half_written_cache_is_never_taken_for_a_whole_one(tiny_lm, tiny_lm_dir, tmp_path, monkeypatch):
-    lm, tokenizer = tiny_lm
-    args = tiny_activation_args(tiny_lm_dir)
-    import hf_dmsae.activations as activations
-
-    def crash_after_first_block(*a, **k):
-        yield from list(harvest(*a, **k))[:1]
+def test_a_half_written_cache_is_never_taken_for_a_whole_one(harvester, tmp_path):
+    def crash_after_first_block():
+        yield next(harvester.batches("train", StreamPosition())).tensors
         raise KeyboardInterrupt("killed while harvesting")
 
-    monkeypatch.setattr(activations, "harvest", crash_after_first_block)
     with pytest.raises(KeyboardInterrupt):
-        ActivationCache.build(tmp_path / "cache", args, lm, tokenizer, "train", 1000)
-    monkeypatch.undo()
+        ActivationCache.build(tmp_path / "cache", {}, crash_after_first_block(), 1000, "float32")
     assert not (tmp_path / "cache").exists()
-    with pytest.raises(FileNotFoundError, match="not a finished activation cache"):
+    with pytest.raises(FileNotFoundError, match="not a finished cache"):
         ActivationCache(tmp_path / "cache")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "shard-00000.safetensors").write_bytes(b"partial")
-    with pytest.raises(ValueError, match="not a finished activation cache"):
-        ActivationCache.build(tmp_path / "cache", args, lm, tokenizer, "train", 1000)
+    with pytest.raises(ValueError, match="not a finished cache"):
+        ActivationCache.build(tmp_path / "cache", {}, iter([]), 1000, "float32")
     (tmp_path / "cache" / "shard-00000.safetensors").unlink()
-    cache = ActivationCache.build(tmp_path / "cache", args, lm, tokenizer, "train", 1000)
-    assert len(cache) == 1000
-    assert json.loads((tmp_path / "cache" / "cache.json").read_text())["identity"]["num_tokens"] == 1000
+    blocks = (h.tensors for h in harvester.batches("train", StreamPosition()))
+    assert len(ActivationCache.build(tmp_path / "cache", {}, blocks, 1000, "float32")) == 1000
 
 
 def test_embedded_smollm2_is_a_real_language_model():
-    args = tiny_activation_args("unused", model_name_or_path=EMBEDDED_LM, hook_layer=15)
-    lm, tokenizer = load_language_model(args)
+    lm, tokenizer = load_language_model(EMBEDDED_LM, hook_layer=15)
     assert lm.config.num_hidden_layers == 30 and lm.config.hidden_size == 576
     text = wiki_summaries()["test"][0]["text"]
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :64]
@@ -134,15 +149,78 @@ def test_embedded_smollm2_is_a_real_language_model():
     torch.testing.assert_close(LayerActivations(lm, 15)(input_ids), out.hidden_states[16], rtol=0, atol=0)
 
 
-def test_streamed_activations_are_the_cached_ones_in_the_same_order(tiny_lm, tiny_lm_dir, tmp_path):
-    lm, tokenizer = tiny_lm
-    streamed_args = tiny_activation_args(tiny_lm_dir)
-    stream = activation_dataset(streamed_args, lm, tokenizer, "train", 2500)
-    assert isinstance(stream, StreamingActivations)
-    cached_args = tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"))
-    cache = activation_dataset(cached_args, lm, tokenizer, "train", 2500)
-    assert isinstance(cache, ActivationCache) and (tmp_path / "cache" / "train" / "cache.json").is_file()
-    rows = torch.stack([item["activations"] for item in stream])
-    assert torch.equal(rows, cache.__getitems__(list(range(2500))))
-    assert stream.norm_factor == cache.norm_factor
-    assert stream.sample(100).shape == (100, 32)
+def test_streamed_rows_are_the_cached_ones_in_the_same_order(tiny_lm_dir, tmp_path):
+    streamed = tiny_run_data(tmp_path / "streamed", tiny_activation_args(tiny_lm_dir))
+    cached = tiny_run_data(tmp_path / "cached", tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "c")))
+    for data in (streamed, cached):
+        data.training_args.max_steps = 20
+    stream = streamed.training_data(streamed.training_slice("train"), streamed.training_args)
+    cache = cached.training_data(cached.training_slice("train"), cached.training_args)
+    assert isinstance(stream, ActivationStream) and isinstance(cache, ActivationCache)
+    rows = torch.cat([batch["activations"] for batch in stream])
+    assert rows.shape == (20 * 200, 32) and len(cache) == 4000
+    assert torch.equal(rows, cache.__getitems__(range(4000)))
+    assert streamed.finish_slice(streamed.training_slice("train"), stream).end == \
+        cached.finish_slice(cached.training_slice("train"), cache).end  # fmt: skip
+    first = next(streamed.harvester.batches("train", stream.start)).tensors["activations"]
+    assert torch.equal(stream.sample(100), first[:100])  # b_dec's median and the threshold read the slice's start
+
+
+def test_a_resumed_stream_serves_exactly_the_rows_after_the_ones_consumed(tiny_lm_dir, tmp_path):
+    data = tiny_run_data(tmp_path / "run", tiny_activation_args(tiny_lm_dir))
+    data.training_args.max_steps = 30
+    piece = data.training_slice("train")
+    whole = [b["activations"] for b in data.training_data(piece, data.training_args)]
+    for consumed in (7, 11, 29):
+        first = data.training_data(piece, data.training_args)
+        iterator = iter(first)
+        for _ in range(consumed):
+            next(iterator)
+        state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint keeps it
+        resumed = data.training_data(piece, data.training_args)
+        resumed.resume(state, consumed)
+        rest = [b["activations"] for b in resumed]
+        assert len(rest) == 30 - consumed
+        assert all(torch.equal(a, b) for a, b in zip(rest, whole[consumed:])), consumed
+
+
+def test_text_sources_of_every_kind_and_their_errors(tmp_path):
+    folder = write_text_folder(tmp_path / "folder", {"train": 20, "validation": 5})
+    assert TextSource(str(folder)).splits() == ["train", "validation"]
+    streamed = TextSource(str(folder), streaming=True)
+    assert list(streamed.documents("validation", start=3)) == list(TextSource(str(folder)).documents("validation"))[3:]
+    single = TextSource(str(folder / "train.jsonl"))
+    assert single.splits() == ["train"] and len(list(single.documents("train"))) == 20
+    with pytest.raises(ValueError, match="has no split 'test'"):
+        single.load("test")
+    with pytest.raises(ValueError, match=r"text_column='body' is not a column .* \['text'\]"):
+        next(TextSource(str(folder), column="body").documents("train"))
+    with pytest.raises(FileNotFoundError, match="no such local folder or data file"):
+        TextSource(str(tmp_path / "missing" / "data.jsonl")).splits()
+
+
+def test_held_out_text_is_never_the_training_text(tiny_lm_dir, tmp_path):
+    with pytest.raises(ValueError, match="eval_split='train' is the training split"):
+        ActivationArguments(eval_split="train")
+    folder = write_text_folder(tmp_path / "one-split", {"train": 300})
+    data = tiny_run_data(tmp_path / "run", tiny_activation_args(tiny_lm_dir, dataset_name_or_path=str(folder)))
+    held_out = data.eval_slice
+    assert held_out.split == "train" and held_out.name == "eval"
+    training = data.training_slice("train")
+    assert training.start.sequence == held_out.end.sequence > 0, "training starts after the held-out slice"
+    data.training_args.max_steps = 10
+    stream = data.training_data(training, data.training_args)
+    train_rows = torch.cat([b["activations"] for b in stream])
+    searched = data.finish_slice(training, stream).end.sequence
+    held_out_positions = token_positions(torch.cat(list(data.eval_batches(256))), data.harvester, "train", searched)
+    assert held_out_positions and max(held_out_positions) < held_out.end.sequence * 32
+    assert not held_out_positions & token_positions(train_rows, data.harvester, "train", searched)
+
+
+def test_bad_activation_arguments_fail_before_any_work(tiny_lm_dir):
+    with pytest.raises(ValueError, match="context_length=4096 is invalid: .* has 2048 positions"):
+        load_language_model(str(tiny_lm_dir), context_length=4096)
+    with pytest.raises(ValueError, match="hook_layer=9 is invalid"):
+        load_language_model(str(tiny_lm_dir), hook_layer=9)
+    with pytest.raises(ValueError, match="num_tokens=0 is invalid"):
+        ActivationArguments(num_tokens=0)

@@ -1,25 +1,28 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_activation_args
+from conftest import tiny_activation_args, tiny_run_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
-from hf_dmsae.activations import LayerActivations, TrainingPositions, load_language_model
 from hf_dmsae.attribution import (
+    Attribution,
     AttributionArguments,
     StreamingQuantile,
+    core_from_scores,
     gxa_scores,
+    pool_latents,
     select_by_coverage,
-    select_core,
+    training_sized_batches,
 )
 from hf_dmsae.core import DMSAECore
+from hf_dmsae.language_model import LayerActivations, load_language_model
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_lm_dir):
-    return load_language_model(tiny_activation_args(tiny_lm_dir))
+    return load_language_model(str(tiny_lm_dir))
 
 
 @pytest.fixture(scope="module")
@@ -77,32 +80,75 @@ def test_activation_gradients_equal_autograd(tiny_lm):
     assert grads.abs().sum() > 0
 
 
-def test_gxa_scores_equal_a_brute_force_quantile(tiny_lm, sae):
-    lm, tokenizer = tiny_lm
+def naive_pool_latents(sae: DMSAEModel, x: torch.Tensor) -> torch.Tensor:
+    """Training masks over the rows of `x` by sorting: the core unmasked, BatchTopK on the rest; pool columns."""
+    config = sae.config
+    z = torch.relu((x / config.norm_factor - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
+    tail = z[:, config.core_size :]
+    kth = tail.flatten().sort(descending=True).values[config.k_noncore * len(x) - 1]
+    return torch.cat([z[:, : config.core_size], tail * (tail >= kth)], dim=1)[:, : config.candidate_pool_size]
+
+
+def test_pool_latents_are_the_training_masks_restricted_to_the_pool(sae):
+    x = torch.randn(64, 32) * 3
+    latents = pool_latents(sae, x, sae.config.candidate_pool_size)
+    expected = naive_pool_latents(sae, x)
+    assert torch.equal(latents > 0, expected > 0)
+    torch.testing.assert_close(latents, expected)
+    torch.testing.assert_close(latents, sae.encode(x, batch_topk=True)[:, : sae.config.candidate_pool_size])
+
+
+def test_training_sized_batches_fill_the_last_batch_with_the_first_pairs():
+    pairs = torch.arange(23.0)[:, None].repeat(1, 2)
+    blocks = [{"activations": pairs[i : i + 7], "gradients": -pairs[i : i + 7]} for i in range(0, 23, 7)]
+    batches = list(training_sized_batches(blocks, 10))
+    assert [new for _, _, new in batches] == [10, 10, 3]
+    assert torch.equal(torch.cat([a for a, _, _ in batches])[:, 0], torch.cat([torch.arange(23.0), torch.arange(7.0)]))
+    assert all(torch.equal(g, -a) for a, g, _ in batches)
+    short = list(training_sized_batches([{"activations": pairs[:4], "gradients": pairs[:4]}], 10))
+    assert len(short) == 1 and short[0][2] == 4 and torch.equal(short[0][0][:, 0], torch.arange(10.0) % 4)
+
+
+def test_gxa_scores_equal_a_brute_force_quantile(sae):
     generator = torch.Generator().manual_seed(1)
-    batches = [torch.randint(3, lm.config.vocab_size, (4, 16), generator=generator) for _ in range(5)]
-    for batch in batches:
-        batch[:, 0] = tokenizer.bos_token_id
-    positions = TrainingPositions(tokenizer, outlier_norm_ratio=0)
-    scores = gxa_scores(sae, lm, batches, positions=positions, max_tokens=280, q=0.9)
+    acts, grads = torch.randn(500, 32, generator=generator) * 3, torch.randn(500, 32, generator=generator)
+    blocks = [{"activations": acts[i : i + 130], "gradients": grads[i : i + 130]} for i in range(0, 500, 130)]
+    scores = gxa_scores(sae, blocks, batch_size=64, q=0.9, max_rows=600)
 
     pool = sae.config.candidate_pool_size
     unit = sae.W_dec[:pool] / sae.W_dec[:pool].norm(dim=1, keepdim=True)
-    rows = []
-    for batch in batches:
-        hidden, gradient = autograd_reference(lm, batch, 2)
-        keep = batch != tokenizer.bos_token_id
-        x, g = hidden[keep], gradient[keep]
-        z = torch.relu((x / 2.0 - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
-        tail = z[:, 6:]
-        kth = tail.flatten().sort(descending=True).values[sae.config.k_noncore * len(x) - 1]
-        a = torch.cat([z[:, :6], tail * (tail >= kth)], dim=1)[:, :pool]
-        rows.append((a * (g @ unit.T)).abs())
-    matrix = torch.cat(rows)[:280]
-    assert matrix.shape == (280, pool)
-    expected = torch.quantile(matrix, 0.9, dim=0)
-    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+    wrapped_acts, wrapped_grads = torch.cat([acts, acts[:12]]), torch.cat([grads, grads[:12]])
+    values = torch.cat([(naive_pool_latents(sae, a) * (g @ unit.T)).abs()
+                        for a, g in zip(wrapped_acts.split(64), wrapped_grads.split(64))])[:500]  # fmt: skip
+    torch.testing.assert_close(scores, torch.quantile(values, 0.9, dim=0), rtol=1e-4, atol=1e-6)
     assert (scores[:6] > 0).all(), "dense core latents are always scored"
+
+
+def attribution_scores(data, sae, batch_size=64, **overrides):
+    args = AttributionArguments(attribution_tokens=1500, q=0.9, tau=0.8, **overrides)
+    attribution = Attribution(data, args, batch_size)
+    return attribution, attribution.scores(sae)
+
+
+def test_scores_from_cached_pairs_equal_the_live_lm(tiny_lm_dir, tmp_path, sae):
+    data = tiny_run_data(tmp_path / "run", tiny_activation_args(tiny_lm_dir))
+    cached, from_cache = attribution_scores(data, sae, cache_attribution_pairs=True)
+    live, from_lm = attribution_scores(data, sae, cache_attribution_pairs=False)
+    assert cached.slice == live.slice and len(cached._cache) > 1000
+    assert torch.equal(from_cache, from_lm)  # the same fp32 pairs in the same order: the same scores
+    assert (tmp_path / "run" / "cache").is_dir() and cached._cache.extra["end"] == cached.slice.end.to_dict()
+
+
+def test_scores_do_not_depend_on_the_lm_batching(tiny_lm_dir, tmp_path, sae):
+    scores = []
+    for lm_batch, attribution_batch in ((16, 8), (5, 3)):
+        args = tiny_activation_args(tiny_lm_dir, lm_batch_size=lm_batch)
+        data = tiny_run_data(tmp_path / f"run{lm_batch}", args)
+        attribution, result = attribution_scores(data, sae, attribution_batch_size=attribution_batch)
+        scores.append((attribution.slice, data.harvester.statistics, result))
+    (slice_a, stats_a, a), (slice_b, stats_b, b) = scores
+    assert slice_a == slice_b and stats_a.median_norm == pytest.approx(stats_b.median_norm, rel=1e-5)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @settings(max_examples=200, deadline=None)
@@ -126,10 +172,9 @@ def test_select_by_coverage_reaches_tau_with_the_fewest_latents(values, tau):
     assert selection.coverage_curve[len(chosen) - 1] >= tau * (1 - 1e-9)
 
 
-def test_selected_core_carries_the_rows_and_ids_of_its_latents(tiny_lm, tiny_lm_dir, sae, tmp_path):
-    lm, tokenizer = tiny_lm
-    args = AttributionArguments(attribution_tokens=300, attribution_batch_size=4, q=0.9, tau=0.8)
-    core = select_core(sae, lm, tokenizer, tiny_activation_args(tiny_lm_dir), args, cycle=1)
+def test_selected_core_carries_the_rows_and_ids_of_its_latents(sae, tmp_path):
+    scores = torch.linspace(2.0, 0.0, sae.config.candidate_pool_size)
+    core = core_from_scores(sae, scores, 0.8, cycle=1, q=0.9, tokens=100)
     ids = sae.config.latent_ids()
     assert 0 < len(core) < sae.config.candidate_pool_size and core.coverage >= 0.8
     for row, latent in zip(core.encoder_rows, core.latent_ids):
@@ -139,3 +184,16 @@ def test_selected_core_carries_the_rows_and_ids_of_its_latents(tiny_lm, tiny_lm_
     reloaded = DMSAECore.from_pretrained(tmp_path / "core")
     assert reloaded.latent_ids == core.latent_ids and torch.equal(reloaded.encoder_rows, core.encoder_rows)
     torch.testing.assert_close(reloaded.coverage_curve, core.coverage_curve)
+    assert reloaded.digest() == core.digest()
+
+
+def test_a_pool_that_scores_nothing_is_an_error_not_an_empty_core(sae):
+    with pytest.raises(ValueError, match="every candidate latent scored 0 .*q=0.5"):
+        core_from_scores(sae, torch.zeros(sae.config.candidate_pool_size), 0.9, q=0.5, tokens=100)
+
+
+def test_attribution_arguments_are_checked_when_parsed():
+    for bad, message in ((dict(q=1.0), "q=1.0"), (dict(tau=0.0), "tau=0.0"), (dict(tau=1.5), "tau=1.5"),
+                         (dict(stop_at_selection_overlap=0.9), "needs track_selection_steps")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            AttributionArguments(**bad)

@@ -8,14 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HUB, tiny_activation_args
+from conftest import HUB, tiny_activation_args, token_positions
 from transformers import AutoModel
 
 from hf_dmsae import DMSAEModel
+from hf_dmsae.activations import Harvester
 from hf_dmsae.attribution import AttributionArguments
+from hf_dmsae.cache import ActivationCache
 from hf_dmsae.core import DMSAECore
 from hf_dmsae.distillation import Distillation, DistillationArguments
+from hf_dmsae.language_model import load_language_model
 from hf_dmsae.runs import SAEArguments
+from hf_dmsae.slices import SliceLayout
 from hf_dmsae.trainer import DMSAETrainingArguments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,9 +30,9 @@ def distill_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> Path:
         "model_name_or_path": str(tiny_lm_dir), "hook_layer": 2, "context_length": 32, "lm_batch_size": 16,
         "num_tokens": 6000, "eval_tokens": 1000, "shuffle_buffer_tokens": 2048, "norm_tokens": 1024,
         "activation_cache": str(tmp_path / "cache"), "dict_size": 512, "k": 16, "num_cycles": 2,
-        "attribution_tokens": 1500, "attribution_batch_size": 8, "tau": 0.8,
-        "output_dir": str(tmp_path / name), "per_device_train_batch_size": 200, "max_steps": 90,
-        "save_steps": 30, "logging_steps": 30, "learning_rate": 0.003, "seed": 0, "report_to": "none",
+        "attribution_tokens": 2000, "attribution_batch_size": 8, "tau": 0.8,
+        "output_dir": str(tmp_path / name), "per_device_train_batch_size": 200,
+        "save_steps": 10, "logging_steps": 10, "learning_rate": 0.003, "seed": 0, "report_to": "none",
         "disable_tqdm": True,
     }  # fmt: skip
     config.update(overrides)
@@ -51,16 +55,16 @@ def cores_of(folder: Path) -> list[DMSAECore]:
 
 @pytest.fixture(scope="module")
 def straight_run(tiny_lm_dir, tmp_path_factory):
-    """An uninterrupted 2-cycle distillation with the random-core control, pushed to the loopback Hub."""
+    """An uninterrupted 2-cycle distillation with the controls and selection tracking, pushed to the loopback Hub."""
     tmp_path = tmp_path_factory.mktemp("distill")
     config = distill_config(tmp_path, tiny_lm_dir, "straight", random_core_control=True, push_to_hub=True,
-                            hub_token="hf_loopback", model_repo="org/tiny-dmsae")  # fmt: skip
+                            hub_token="hf_loopback", model_repo="org/tiny-dmsae", track_selection_steps=10)  # fmt: skip
     result = run_distill(config)
     assert result.returncode == 0, result.stderr[-4000:]
     return tmp_path, result
 
 
-def test_distillation_reports_cores_and_a_distilled_intersection(straight_run):
+def test_distillation_reports_cores_slices_and_a_distilled_intersection(straight_run):
     tmp_path, result = straight_run
     cores = cores_of(tmp_path / "straight")
     for core in cores[:3]:
@@ -70,11 +74,39 @@ def test_distillation_reports_cores_and_a_distilled_intersection(straight_run):
     assert distilled.latent_ids == [i for i in cores[2].latent_ids if i in set(cores[1].latent_ids)]
     assert distilled.provenance["distilled"] is True
     report = (tmp_path / "straight" / "report.md").read_text()
-    assert f"**{len(distilled)} latents**" in report and "held-out FVU" in report and "| random |" in report
-    for name in ("coverage_curves", "carry_over", "l0_core"):
+    assert f"**{len(distilled)} latents**" in report and "held-out FVU" in report and "`k_noncore = 16`" in report
+    for row in ("| attribution | train | 0 –", "| cycle1 | train |", "| control | train |", "| random_init | 1 |"):
+        assert row in report
+    for name in ("coverage_curves", "carry_over", "l0_core", "selection_convergence"):
         figure = tmp_path / "straight" / "figures" / f"{name}.png"
         assert figure.read_bytes().startswith(b"\x89PNG") and f"figures/{name}.png" in report
     assert "Distilled core" in result.stdout
+
+
+def test_no_two_slices_share_a_token_position(straight_run, tiny_lm_dir):
+    tmp_path, _ = straight_run
+    state = json.loads((tmp_path / "straight" / "state.json").read_text())
+    layout = SliceLayout(state["slices"])
+    layout.check_disjoint()
+    names = [piece.name for piece in layout if piece.split == "train"]
+    assert names == ["attribution", "cycle0", "cycle1", "cycle2", "control"]
+    # The rows each part actually read, located in the token stream by their content.
+    lm, tokenizer = load_language_model(str(tiny_lm_dir))
+    harvester = Harvester(tiny_activation_args(tiny_lm_dir, norm_tokens=1024), lm, tokenizer)
+    searched = layout.get("control").end.sequence
+    read = {}
+    for piece in layout:
+        if piece.split != "train":
+            continue
+        kind = "attribution" if piece.name == "attribution" else "activation"
+        cache = next(p for p in (tmp_path / "cache").glob(f"{piece.name}-*") if p.is_dir())
+        rows = ActivationCache(cache, verify=False).gather("activations", range(len(ActivationCache(cache))))
+        read[piece.name] = token_positions(rows, harvester, "train", searched)
+        first, end = piece.sequence_range
+        assert all(first * 32 <= p < end * 32 for p in read[piece.name]), f"{kind} rows of {piece.name} stray"
+    for a in read:
+        for b in read:
+            assert a == b or not read[a] & read[b], f"{a} and {b} share token positions"
 
 
 def test_frozen_rows_of_each_cycle_are_the_rows_selected_in_the_one_before(straight_run):
@@ -86,6 +118,7 @@ def test_frozen_rows_of_each_cycle_are_the_rows_selected_in_the_one_before(strai
         assert model.config.core_ids == previous.latent_ids
         assert torch.equal(model.W_enc_frozen, previous.encoder_rows)
         assert model.config.latent_ids()[len(previous)] == f"cycle{t}:{len(previous)}"
+        assert model.config.k_noncore == 16, "k_noncore is the same fixed value in every cycle"
 
 
 def test_a_new_cycle_carries_over_the_core_rows_and_nothing_else(tiny_lm_dir, tmp_path):
@@ -101,15 +134,39 @@ def test_a_new_cycle_carries_over_the_core_rows_and_nothing_else(tiny_lm_dir, tm
     assert torch.equal(model.b_enc, torch.zeros(256)) and torch.equal(model.b_dec, torch.zeros(32))
     assert not torch.allclose(model.W_dec[:5], core.encoder_rows / core.encoder_rows.norm(dim=1, keepdim=True))
     torch.testing.assert_close(model.W_enc_trainable, model.W_dec[5:])  # fresh tied init of the rest
-    assert model.config.norm_factor == run.data.norm_factor
+    assert model.config.norm_factor == run.data.norm_factor and model.config.k_noncore == 8
 
 
-def test_random_core_control_trains_both_cores_alike(straight_run):
+def test_the_controls_train_three_cores_per_seed_and_the_papers_is_random(straight_run):
     tmp_path, _ = straight_run
-    control = json.loads((tmp_path / "straight" / "state.json").read_text())["control"]
-    assert set(control) == {"distilled", "random"}
+    folder = tmp_path / "straight"
+    control = json.loads((folder / "state.json").read_text())["control"]
+    assert set(control) == {f"{c}-seed{s}" for c in ("distilled", "random_init", "random_trained") for s in (0, 1)}
     for result in control.values():
         assert len(result["l0_core_curve"]) == 3 and "eval_fvu" in result["metrics"]
+    distilled = cores_of(folder)[3]
+    trained_rows = torch.cat([DMSAEModel.from_pretrained(folder / f"cycle{t}").W_enc for t in range(3)])
+    trained_rows = trained_rows / trained_rows.norm(dim=1, keepdim=True)
+    for seed in (0, 1):
+        random_init = DMSAEModel.from_pretrained(folder / "control" / f"random_init-seed{seed}")
+        rows = random_init.W_enc_frozen
+        assert len(rows) == len(distilled) and random_init.config.core_ids[0] == "random:0"
+        torch.testing.assert_close(rows.norm(dim=1), torch.ones(len(rows)))
+        assert (rows @ trained_rows.T).abs().max() < 0.95, "a random_init core row is a trained latent"
+        random_trained = DMSAEModel.from_pretrained(folder / "control" / f"random_trained-seed{seed}")
+        assert not set(random_trained.config.core_ids) & set(distilled.latent_ids)
+        assert torch.equal(DMSAEModel.from_pretrained(folder / "control" / f"distilled-seed{seed}").W_enc_frozen,
+                           distilled.encoder_rows)  # fmt: skip
+    assert not list((folder / "control").glob("*/core")), "control models are not scored"
+
+
+def test_selection_is_tracked_during_training(straight_run):
+    tmp_path, _ = straight_run
+    cycle = json.loads((tmp_path / "straight" / "state.json").read_text())["cycles"]["2"]
+    assert [t["step"] for t in cycle["track"]] == [10, 20]
+    assert all(0 <= t["selection_overlap_previous_core"] <= 1 for t in cycle["track"])
+    logged = [e for e in cycle["log_history"] if "selection_size" in e]
+    assert [e["selection_size"] for e in logged] == [t["selection_size"] for t in cycle["track"]]
 
 
 def test_cores_and_model_are_pushed_as_repos_that_reload(straight_run):
@@ -129,11 +186,11 @@ def test_cores_and_model_are_pushed_as_repos_that_reload(straight_run):
 
 def test_a_distillation_killed_during_a_cycle_finishes_with_the_same_cores(straight_run, tiny_lm_dir):
     tmp_path, _ = straight_run
-    config = distill_config(tmp_path, tiny_lm_dir, "killed", random_core_control=True)
+    config = distill_config(tmp_path, tiny_lm_dir, "killed", random_core_control=True, track_selection_steps=10)
     command = [sys.executable, str(REPO / "scripts" / "distill.py"), str(config)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    mid_cycle = tmp_path / "killed" / "cycle1" / "checkpoint-30" / "trainer_state.json"
+    mid_cycle = tmp_path / "killed" / "cycle1" / "checkpoint-10" / "checksums.json"
     deadline = time.time() + 600
     while not mid_cycle.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -146,6 +203,19 @@ def test_a_distillation_killed_during_a_cycle_finishes_with_the_same_cores(strai
     for straight, killed in zip(cores_of(tmp_path / "straight"), cores_of(tmp_path / "killed"), strict=True):
         assert killed.latent_ids == straight.latent_ids
         torch.testing.assert_close(killed.encoder_rows, straight.encoder_rows, rtol=1e-5, atol=1e-6)
+    slices = [json.loads((tmp_path / n / "state.json").read_text())["slices"] for n in ("straight", "killed")]
+    assert slices[0] == slices[1]
+
+    # The finished run, resumed with another learning rate, is refused, naming the argument.
+    other = run_distill(config, "--learning_rate", "0.01")
+    assert other.returncode != 0 and "DMSAETrainingArguments.learning_rate: recorded 0.003, now 0.01" in other.stderr
+    # A core damaged on disk is refused rather than carried into the next cycle.
+    weights = tmp_path / "killed" / "cycle1" / "core" / "core.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10
+    weights.write_bytes(bytes(data))
+    damaged = run_distill(config)
+    assert damaged.returncode != 0 and "core.safetensors is damaged" in damaged.stderr
 
 
 def test_cycle_zero_from_a_dictionary_learning_checkpoint_seeds_cycle_one(tiny_lm_dir, tmp_path):
@@ -157,18 +227,26 @@ def test_cycle_zero_from_a_dictionary_learning_checkpoint_seeds_cycle_one(tiny_l
     config = json.loads((tmp_path / "trainer_0" / "config.json").read_text())
     config["trainer"].update(layer=2, lm_name=str(tiny_lm_dir))
     (tmp_path / "trainer_0" / "config.json").write_text(json.dumps(config))
-    run = Distillation(
-        DistillationArguments(cycle0_checkpoint=str(tmp_path / "trainer_0")), SAEArguments(dict_size=256, k=8),
-        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache")),
-        AttributionArguments(attribution_tokens=600, tau=0.8), DMSAETrainingArguments(output_dir=str(tmp_path / "run")),
-    )  # fmt: skip
+
+    def distillation(**activation_overrides) -> Distillation:
+        return Distillation(
+            DistillationArguments(cycle0_checkpoint=str(tmp_path / "trainer_0")), SAEArguments(dict_size=256, k=8),
+            tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), **activation_overrides),
+            AttributionArguments(attribution_tokens=600, tau=0.8),
+            DMSAETrainingArguments(output_dir=str(tmp_path / f"run{len(activation_overrides)}")),
+        )  # fmt: skip
+
+    run = distillation()
+    run.attribution
     core = run._cycle(0, None)
     assert 0 < len(core) <= 8 and all(i.startswith("cycle0:") for i in core.latent_ids)
     indices = [int(i.split(":")[1]) for i in core.latent_ids]
     assert torch.equal(core.encoder_rows, state["W_enc"].T[indices])
     assert core.provenance["norm_factor"] == 1.0  # the checkpoint reads raw activations
+    # The rows move unchanged: a row is a gain along a unit decoder direction, in any activation units.
+    assert torch.equal(run._new_model(1, core, seed=0).W_enc_frozen, core.encoder_rows)
 
-    model = run._new_model(1, core, seed=0)
-    # The new model reads activations divided by the run's norm factor: its frozen rows are rescaled to match.
-    x = torch.randn(4, 32) * 3
-    torch.testing.assert_close(x / run.data.norm_factor @ model.W_enc_frozen.T, x @ core.encoder_rows.T)
+    with pytest.raises(ValueError, match=r"trained for another model: layer 2 \(the run's hook_layer: 1\)"):
+        other_layer = distillation(hook_layer=1)
+        other_layer.attribution
+        other_layer._cycle(0, None)

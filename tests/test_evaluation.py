@@ -1,11 +1,13 @@
 import pytest
 import torch
-from conftest import tiny_activation_args, tiny_model
+from conftest import tiny_model
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
-from hf_dmsae.activations import TrainingPositions, load_language_model, text_batches
-from hf_dmsae.embedded import EMBEDDED_LM
-from hf_dmsae.evaluation import METRICS_DIR, activation_metrics, ce_loss_recovered, load_metric
+from hf_dmsae.activations import TrainingPositions
+from hf_dmsae.embedded import EMBEDDED_LM, wiki_summaries
+from hf_dmsae.evaluation import METRICS_DIR, activation_metrics, ce_loss_recovered, fvu_sums, load_metric
+from hf_dmsae.language_model import load_language_model
+from hf_dmsae.text import TokenPacking, batched
 
 
 def identity_sae(d: int = 32, hook_layer: int = 2) -> DMSAEModel:
@@ -26,17 +28,18 @@ def test_metric_modules_load_with_evaluate_and_compute_their_definitions():
     for name in ("fvu", "l0", "dead_latents", "ce_loss_recovered"):
         assert "## Metric description" in (METRICS_DIR / name / "README.md").read_text()
         assert evaluate.load(str(METRICS_DIR / name)).name == name
-    x, x_hat = torch.randn(50, 8).double(), torch.randn(50, 8).double()
+    x, x_hat = torch.randn(50, 8).double() + 3.0, torch.randn(50, 8).double()
     fvu = load_metric("fvu")
     for rows in (slice(0, 20), slice(20, 50)):
-        fvu.add_batch(predictions=x_hat[rows].numpy(), references=x[rows].numpy())
+        fvu.add(**fvu_sums(x[rows], x_hat[rows]))
     expected = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    assert fvu.compute()["fvu"] == pytest.approx(float(expected), rel=1e-5)
-    assert load_metric("l0").compute(l0_core=[0, 3], l0_noncore=[5, 2]) == {"l0_core": 1.5, "l0_noncore": 3.5, "l0": 5.0}
+    assert fvu.compute()["fvu"] == pytest.approx(float(expected), rel=1e-9)
+    assert load_metric("l0").compute(core_active=[0, 3], noncore_active=[5, 2], rows=[1, 1]) == {
+        "l0_core": 1.5, "l0_noncore": 3.5, "l0": 5.0}  # fmt: skip
     dead = load_metric("dead_latents").compute(fired_latents=[[3], [0, 3], []], dict_size=4)
     assert dead == {"dead_fraction": 0.5}
-    ce = load_metric("ce_loss_recovered").compute(loss_clean=[1.0, 3.0], loss_spliced=[3.0, 3.0],
-                                                   loss_zero_ablated=[6.0, 6.0])  # fmt: skip
+    ce = load_metric("ce_loss_recovered").compute(loss_clean=[4.0], loss_spliced=[6.0], loss_zero_ablated=[12.0],
+                                                   tokens=[2])  # fmt: skip
     assert ce["ce_loss_recovered"] == pytest.approx((6.0 - 3.0) / (6.0 - 2.0))
     with pytest.raises(ValueError, match="unknown metric 'mse'"):
         load_metric("mse")
@@ -65,10 +68,11 @@ def test_activation_metrics_match_their_definitions():
 
 
 def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_a_silent_one():
-    args = tiny_activation_args("unused", model_name_or_path=EMBEDDED_LM, hook_layer=15, context_length=64)
-    lm, tokenizer = load_language_model(args)  # the real LM: a random one barely cares what its residual holds
-    batches = list(text_batches(args, tokenizer, 4, "test"))[:2]
-    positions = TrainingPositions(tokenizer, args.outlier_norm_ratio)
+    lm, tokenizer = load_language_model(EMBEDDED_LM)  # the real LM: a random one barely cares what its residual holds
+    texts = (row["text"] for row in wiki_summaries()["test"])
+    sequences = [ids for ids, _ in TokenPacking(tokenizer, 64).sequences(texts)][:8]
+    batches = [torch.tensor(group) for group in batched(sequences, 4)]
+    positions = TrainingPositions(tokenizer, 0.0, None)
     perfect = ce_loss_recovered(identity_sae(576, 15), lm, batches, positions)
     assert perfect["ce_loss_clean"] < 4.0 < perfect["ce_loss_zero_ablated"]
     assert perfect["ce_loss_spliced"] == pytest.approx(perfect["ce_loss_clean"], rel=1e-4)

@@ -6,7 +6,7 @@ from transformers import AutoModel
 
 from hf_dmsae.core import DMSAECore
 from hf_dmsae.formats import save_dictionary_learning
-from hf_dmsae.hub import HubPushError, core_repo_name, publish, write_core_repo, write_model_repo
+from hf_dmsae.hub import HubPushError, core_repo_name, publish, publish_all, resolve_folder, write_core_repo, write_model_repo
 
 TOKEN = "hf_loopback"
 
@@ -50,7 +50,7 @@ def test_a_server_error_mid_push_leaves_nothing_behind_and_says_so(tmp_path):
     write_core_repo(small_core(), tmp_path / "core", "org/failing-core")
     HUB.state.fail_commits, HUB.state.fail_status = 1, 507  # a server error the client does not retry
     try:
-        with pytest.raises(HubPushError, match="(?s)507.*Nothing was committed and the new repo was deleted"):
+        with pytest.raises(HubPushError, match=r"(?s)507.*the new repos \['org/failing-core'\] were deleted"):
             publish(tmp_path / "core", "org/failing-core", token=TOKEN)
     finally:
         HUB.state.fail_commits, HUB.state.fail_status = 0, 500
@@ -88,3 +88,81 @@ def test_saebench_loads_an_exported_model_from_the_hub(tmp_path):
     )  # fmt: skip
     x = torch.randn(8, 16)
     torch.testing.assert_close(sae(x), model.decode(model.encode(x)))
+
+
+def test_a_connection_dropped_mid_commit_leaves_no_empty_repo(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None)  # the client's backoff waits
+    write_core_repo(small_core(), tmp_path / "core", "org/dropped-core")
+    HUB.state.drop_commits = 100  # every try of the commit is hung up on
+    try:
+        with pytest.raises(HubPushError, match=r"(?s)Pushing .*core to org/dropped-core failed.*were deleted"):
+            publish(tmp_path / "core", "org/dropped-core", token=TOKEN)
+    finally:
+        HUB.state.drop_commits = 0
+    assert not HfApi().repo_exists("org/dropped-core")
+
+
+def test_a_server_dying_mid_set_is_reported_with_what_could_not_be_removed(tmp_path):
+    items = []
+    for name in ("first", "second"):
+        write_core_repo(small_core(), tmp_path / name, f"org/set-{name}")
+        items.append((tmp_path / name, f"org/set-{name}"))
+    HUB.state.dead_after_commits = HUB.state.commits + 1  # the first push lands, then the server is gone
+    try:
+        with pytest.raises(HubPushError) as failure:
+            publish_all(items, token=TOKEN)
+    finally:
+        HUB.state.dead_after_commits = None
+    message = str(failure.value)
+    assert "Pushing" in message and "org/set-second failed" in message
+    assert "could not be deleted" in message and "org/set-first" in message and str(tmp_path / "second") in message
+
+
+def test_a_failure_later_in_a_set_removes_the_repos_created_before(tmp_path):
+    items = []
+    for name in ("one", "two"):
+        write_core_repo(small_core(), tmp_path / name, f"org/pair-{name}")
+        items.append((tmp_path / name, f"org/pair-{name}"))
+    HUB.state.fail_commits, HUB.state.fail_status = 0, 507
+    original = HUB.state.commits
+    HUB.state.dead_after_commits = None
+
+    class FailSecond(HfApi):
+        def upload_folder(self, **kwargs):
+            if kwargs["repo_id"] == "org/pair-two":
+                HUB.state.fail_commits = 1
+            return super().upload_folder(**kwargs)
+
+    try:
+        with pytest.raises(HubPushError, match=r"pair-one', 'org/pair-two'\] were deleted"):
+            publish_all(items, token=TOKEN, api=FailSecond(token=TOKEN))
+    finally:
+        HUB.state.fail_commits, HUB.state.fail_status = 0, 500
+    assert HUB.state.commits == original + 1
+    assert not HfApi().repo_exists("org/pair-one") and not HfApi().repo_exists("org/pair-two")
+
+
+def test_pushing_without_a_token_is_an_error_not_a_warning(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("hf_dmsae.hub.get_token", lambda: None)
+    write_core_repo(small_core(), tmp_path / "core", "org/no-token")
+    with pytest.raises(HubPushError, match="needs a Hugging Face token"):
+        publish(tmp_path / "core", "org/no-token")
+
+
+def test_folders_resolve_locally_or_from_a_hub_subfolder_at_a_revision(tmp_path):
+    write_core_repo(small_core(), tmp_path / "release" / "layer_12" / "trainer_0", "org/release")
+    publish(tmp_path / "release", "org/release", token=TOKEN)
+    first = HfApi().model_info("org/release").sha
+    (tmp_path / "release" / "layer_12" / "trainer_0" / "NOTE.md").write_text("second commit")
+    publish(tmp_path / "release", "org/release", token=TOKEN)
+    folder = resolve_folder("org/release/layer_12/trainer_0")
+    assert (folder / "NOTE.md").is_file() and DMSAECore.from_pretrained(folder).latent_ids == small_core().latent_ids
+    assert not (resolve_folder(f"org/release/layer_12/trainer_0@{first}") / "NOTE.md").exists()
+    assert resolve_folder(str(tmp_path / "release")) == tmp_path / "release"
+    with pytest.raises(FileNotFoundError, match="no such local folder"):
+        resolve_folder(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="has no folder 'layer_9'"):
+        resolve_folder("org/release/layer_9")
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a readable Hub repo"):
+        resolve_folder("org/no-such-repo")

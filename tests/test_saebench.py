@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_activation_args
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
-from hf_dmsae.activations import LayerActivations, load_language_model
+from hf_dmsae.language_model import LayerActivations, load_language_model
 from hf_dmsae.saebench import SAEBenchArguments, SAEBenchRunner, headline_metrics
 from hf_dmsae.saebench_sae import SAEBenchSAE, transformer_lens_name
 
@@ -44,7 +44,7 @@ def test_transformer_lens_loads_a_local_model_by_its_registered_name(tiny_lm_dir
     assert name == tiny_lm_dir.name and transformer_lens_name(str(tiny_lm_dir)) == name
     assert transformer_lens_name("gpt2") == "gpt2"  # TransformerLens's own names are left alone
     hooked = HookedTransformer.from_pretrained_no_processing(name, device="cpu")
-    lm, tokenizer = load_language_model(tiny_activation_args(tiny_lm_dir))
+    lm, tokenizer = load_language_model(str(tiny_lm_dir))
     input_ids = tokenizer(["The cat sat on the mat."], return_tensors="pt").input_ids
     _, cache = hooked.run_with_cache(input_ids, names_filter=["blocks.2.hook_resid_post"])
     torch.testing.assert_close(cache["blocks.2.hook_resid_post"], LayerActivations(lm, 2, "resid_post")(input_ids),

@@ -9,26 +9,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_activation_args
+from conftest import tiny_activation_args, tiny_run_data
 from safetensors.torch import load_file
 from transformers import AutoModel
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
-from hf_dmsae.activations import ActivationCache, load_language_model
 from hf_dmsae.evaluation import activation_metrics
-from hf_dmsae.trainer import DMSAETrainer, DMSAETrainingArguments
+from hf_dmsae.runs import RunState, last_complete_checkpoint
+from hf_dmsae.trainer import DMSAETrainer, DMSAETrainingArguments, TrainingDivergedError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def caches(tiny_lm_dir, tmp_path_factory):
-    args = tiny_activation_args(tiny_lm_dir)
-    lm, tokenizer = load_language_model(args)
     root = tmp_path_factory.mktemp("acts")
-    train = ActivationCache.build(root / "train", args, lm, tokenizer, "train", 6000)
-    held_out = ActivationCache.build(root / "test", args, lm, tokenizer, "test", 1000)
-    return train, held_out
+    args = tiny_activation_args(tiny_lm_dir, activation_cache=str(root / "cache"), num_tokens=6000)
+    data = tiny_run_data(root / "run", args)
+    train = data.training_data(data.training_slice("train"), data.training_args)
+    train.norm_factor = data.norm_factor  # the run's, which the models below are built with
+    return train, data.eval_dataset()
 
 
 def core_model(norm_factor: float) -> DMSAEModel:
@@ -89,7 +89,7 @@ def test_eval_loop_logs_the_evaluate_metrics_every_eval_steps(caches, tmp_path):
     evals = [entry for entry in trainer.state.log_history if "eval_fvu" in entry]
     assert [entry["step"] for entry in evals] == [20, 40]
     assert evals[1]["eval_fvu"] < evals[0]["eval_fvu"]
-    direct = activation_metrics(model, [held_out.__getitems__(range(len(held_out)))])
+    direct = activation_metrics(model, held_out.batches(300))
     for name in ("fvu", "l0_core", "l0_noncore", "l0"):
         assert evals[1][f"eval_{name}"] == pytest.approx(direct[name], rel=1e-5), name
 
@@ -103,7 +103,7 @@ def test_decoder_bias_starts_at_the_median_of_the_first_rows(caches, tmp_path):
     assert (model.b_dec - rows.mean(0)).norm() < 0.5 * rows.mean(0).norm()
 
 
-def run_config(tmp_path, tiny_lm_dir, name: str) -> list[str]:
+def run_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> list[str]:
     """Command line of scripts/train.py on the tiny LM, long enough to be killed mid-way."""
     config = {
         "model_name_or_path": str(tiny_lm_dir), "hook_layer": 2, "context_length": 32, "lm_batch_size": 16,
@@ -112,23 +112,32 @@ def run_config(tmp_path, tiny_lm_dir, name: str) -> list[str]:
         "output_dir": str(tmp_path / name), "per_device_train_batch_size": 500, "max_steps": 240,
         "save_steps": 40, "logging_steps": 40, "learning_rate": 0.002, "seed": 0, "report_to": "none",
     }  # fmt: skip
+    config.update(overrides)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
     return [sys.executable, str(REPO / "scripts" / "train.py"), str(path)]
 
 
-def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_lm_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(run_config(tmp_path, tiny_lm_dir, "straight"), check=True, env=env, capture_output=True, timeout=600)
-
-    command = run_config(tmp_path, tiny_lm_dir, "killed")
+def kill_after(command: list[str], marker: Path, env: dict) -> None:
+    """Start `command` and SIGKILL it as soon as `marker` exists."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_checkpoint = tmp_path / "killed" / "checkpoint-80" / "trainer_state.json"
     deadline = time.time() + 300
-    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+@pytest.mark.parametrize("source", ["cached", "streamed"])
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_lm_dir, source):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # Streamed: one pass over the budget (no max_steps), 20 steps of 500 rows, killed after step 8.
+    overrides = {} if source == "cached" else {"activation_cache": None, "max_steps": -1, "save_steps": 4}
+    subprocess.run(run_config(tmp_path, tiny_lm_dir, "straight", **overrides), check=True, env=env,
+                   capture_output=True, timeout=600)  # fmt: skip
+    command = run_config(tmp_path, tiny_lm_dir, "killed", **overrides)
+    step = 80 if source == "cached" else 8
+    kill_after(command, tmp_path / "killed" / f"checkpoint-{step}" / "checksums.json", env)
     assert not (tmp_path / "killed" / "model.safetensors").exists(), "the run finished before it was killed"
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -138,6 +147,54 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path,
     killed = load_file(tmp_path / "killed" / "model.safetensors")
     for name, tensor in straight.items():
         torch.testing.assert_close(killed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    states = [json.loads((tmp_path / name / "state.json").read_text()) for name in ("straight", "killed")]
+    assert states[0]["slices"] == states[1]["slices"], "the resumed run read the same tokens"
+
+
+def test_a_rerun_with_other_arguments_is_refused_naming_them(tmp_path, tiny_lm_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(run_config(tmp_path, tiny_lm_dir, "run", max_steps=5), check=True, env=env, capture_output=True,
+                   timeout=600)  # fmt: skip
+    other = subprocess.run(run_config(tmp_path, tiny_lm_dir, "run", max_steps=5, learning_rate=0.01), env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert other.returncode != 0
+    assert "DMSAETrainingArguments.learning_rate: recorded 0.002, now 0.01" in other.stderr
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, tiny_lm_dir, caches):
+    train, _ = caches
+    args = training_args(tmp_path, max_steps=20, save_strategy="steps", save_steps=5, save_total_limit=3)
+    DMSAETrainer(model=core_model(train.norm_factor), args=args,
+                 train_dataset=train).train()  # fmt: skip
+    run = tmp_path / "run"
+    assert last_complete_checkpoint(run) == str(run / "checkpoint-20")
+    weights = run / "checkpoint-20" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated, as a crash during a copy leaves it
+    assert last_complete_checkpoint(run) == str(run / "checkpoint-15")
+    (run / "checkpoint-15" / "checksums.json").unlink()  # a checkpoint killed before its checksums were written
+    assert last_complete_checkpoint(run) == str(run / "checkpoint-10")
+
+
+def test_a_diverging_run_stops_with_an_error(tmp_path, caches):
+    train, _ = caches
+    trainer = DMSAETrainer(model=core_model(1.0), args=training_args(tmp_path, learning_rate=1e12, max_steps=30),
+                           train_dataset=train)  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match="training diverged"):
+        trainer.train()
+
+
+def test_two_runs_on_one_output_dir_are_refused(tmp_path):
+    holder = RunState(tmp_path / "run", "train", {"a": 1}, writer=True)
+    script = f"""
+from hf_dmsae.runs import RunState
+try:
+    RunState({str(tmp_path / "run")!r}, "train", {{"a": 1}}, writer=True)
+except RuntimeError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "is in use by another run" in result.stdout, result.stderr[-2000:]
+    del holder
 
 
 def test_two_process_ddp_on_cpu_trains_and_saves_a_reloadable_model(tmp_path, tiny_lm_dir):

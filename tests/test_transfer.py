@@ -1,6 +1,8 @@
+import dataclasses
 import json
 import math
 
+import pytest
 import torch
 from conftest import tiny_activation_args
 
@@ -27,7 +29,9 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
                                save_strategy="no", report_to="none", disable_tqdm=True),  # fmt: skip
         SAEBenchArguments(saebench_evals=["meta_structure", "autointerp"], meta_structure_steps=5),
     )
-    results = Transfer(*arguments).run()
+    first = Transfer(*arguments)
+    results = first.run()
+    first.state.close()
     assert sorted(results) == [f"k{k}-{v}" for k in (16, 8) for v in ("dense_core", "matryoshka", "sparse_core")]
     for result in results.values():
         metrics = ("fvu", "l0", "l0_core", "l0_noncore", "dead_fraction", "ce_loss_recovered", "ce_loss_clean")
@@ -40,11 +44,19 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
     assert sparse.config.sparsity == "sparse_core" and sparse.config.core_ids == core.latent_ids
     assert DMSAEModel.from_pretrained(tmp_path / "run" / "k16-matryoshka").config.core_size == 0
 
-    before = (tmp_path / "run" / "results.json").stat().st_mtime_ns
+    weights = tmp_path / "run" / "k16-dense_core" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
     rerun = Transfer(*arguments)
-    assert rerun.run() == results and (tmp_path / "run" / "results.json").stat().st_mtime_ns == before
+    assert rerun.run() == results and weights.stat().st_mtime_ns == before  # nothing retrained
     report = rerun.report()
     assert "| 16 | sparse_core |" in report and "sb_meta_fve" in report and "- autointerp: " in report
-    assert json.loads((tmp_path / "run" / "results.json").read_text())
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["results"] == results
     assert (tmp_path / "run" / "figures" / "metrics_vs_k.png").read_bytes().startswith(b"\x89PNG")
     assert "figures/metrics_vs_k.png" in report
+
+    # Another core in the same output_dir is refused, not given the first core's results.
+    other = dataclasses.replace(core, encoder_rows=core.encoder_rows + 1.0)
+    other.save_pretrained(tmp_path / "other-core")
+    rerun.state.close()
+    with pytest.raises(ValueError, match="inputs.core: recorded"):
+        Transfer(TransferArguments(core=str(tmp_path / "other-core"), ks=[8, 16], ce_batches=2), *arguments[1:])

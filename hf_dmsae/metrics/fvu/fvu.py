@@ -1,22 +1,25 @@
-"""Fraction of variance unexplained of SAE reconstructions."""
+"""Fraction of variance unexplained of SAE reconstructions, from per-batch sums."""
 
 import datasets
 import evaluate
 import numpy as np
 
 _DESCRIPTION = """FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over all rows: the squared reconstruction error relative to the variance of
-the activations around their mean. 0 is a perfect reconstruction; 1 is as good as predicting the mean."""
+the activations around their mean. 0 is a perfect reconstruction; 1 is as good as predicting the mean. Each example
+is one batch's sums (not its rows), so memory does not grow with the number of tokens evaluated."""
 
 _INPUTS = """
 Args:
-    predictions (`list` of `list` of `float`): reconstructions x̂, one row per token.
-    references (`list` of `list` of `float`): activations x, same shape.
+    squared_error (`float`): Σ‖x − x̂‖² over the batch's rows.
+    sum (`list` of `float`): Σx over the batch's rows, per dimension.
+    sum_of_squares (`float`): Σ‖x‖² over the batch's rows.
+    rows (`int`): number of rows in the batch.
 Returns:
-    fvu (`float`): fraction of variance unexplained.
+    fvu (`float`): fraction of variance unexplained over all batches.
 Example:
     >>> fvu = evaluate.load("hf_dmsae/metrics/fvu")
-    >>> fvu.compute(predictions=[[1.0, 0.0], [0.0, 1.0]], references=[[1.0, 0.0], [0.0, 1.0]])
-    {'fvu': 0.0}
+    >>> fvu.compute(squared_error=[0.5], sum=[[2.0, 0.0]], sum_of_squares=[4.0], rows=[2])
+    {'fvu': 0.25}
 """
 
 _CITATION = """@article{gao2024scaling, title={Scaling and evaluating sparse autoencoders}, author={Gao, Leo and others},
@@ -31,15 +34,13 @@ class FVU(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_INPUTS,
             features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")),
-                 "references": datasets.Sequence(datasets.Value("float32"))}
+                {"squared_error": datasets.Value("float64"), "sum": datasets.Sequence(datasets.Value("float64")),
+                 "sum_of_squares": datasets.Value("float64"), "rows": datasets.Value("int64")}
             ),
         )
 
-    def _compute(self, predictions, references):
-        x = np.asarray(references, dtype=np.float64)
-        x_hat = np.asarray(predictions, dtype=np.float64)
-        if x.shape != x_hat.shape or x.ndim != 2:
-            raise ValueError(f"predictions {x_hat.shape} and references {x.shape} must be equal [rows, d] arrays")
-        total = ((x - x.mean(0)) ** 2).sum()
-        return {"fvu": float(((x - x_hat) ** 2).sum() / total)}
+    def _compute(self, squared_error, sum, sum_of_squares, rows):
+        count = float(np.sum(rows))
+        total = np.asarray(sum, dtype=np.float64).sum(0)
+        variance = float(np.sum(sum_of_squares)) - float(total @ total) / count
+        return {"fvu": float(np.sum(squared_error)) / variance}

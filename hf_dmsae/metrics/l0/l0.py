@@ -1,21 +1,23 @@
-"""Mean number of active SAE latents per token, split into the distilled core and the rest."""
+"""Mean number of active SAE latents per token, split into the distilled core and the rest, from per-batch counts."""
 
 import datasets
 import evaluate
 import numpy as np
 
 _DESCRIPTION = """L0 of a DMSAE: the mean number of latents active per token among the core latents (`l0_core`), among
-the non-core latents (`l0_noncore`), and in total (`l0`). A plain SAE has no core, so its `l0_core` is 0."""
+the non-core latents (`l0_noncore`), and in total (`l0`, Eq. 9: E[L0 core] + E[L0 non-core]). A plain SAE has no
+core, so its `l0_core` is 0. Each example is one batch's totals."""
 
 _INPUTS = """
 Args:
-    l0_core (`list` of `int`): active core latents of each token.
-    l0_noncore (`list` of `int`): active non-core latents of each token.
+    core_active (`int`): active core latents summed over the batch's tokens.
+    noncore_active (`int`): active non-core latents summed over the batch's tokens.
+    rows (`int`): tokens in the batch.
 Returns:
-    l0_core, l0_noncore, l0 (`float`): means over tokens.
+    l0_core, l0_noncore, l0 (`float`): means over all tokens.
 Example:
     >>> l0 = evaluate.load("hf_dmsae/metrics/l0")
-    >>> l0.compute(l0_core=[2, 4], l0_noncore=[10, 20])
+    >>> l0.compute(core_active=[6], noncore_active=[30], rows=[2])
     {'l0_core': 3.0, 'l0_noncore': 15.0, 'l0': 18.0}
 """
 
@@ -29,9 +31,11 @@ class L0(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_INPUTS,
-            features=datasets.Features({"l0_core": datasets.Value("int64"), "l0_noncore": datasets.Value("int64")}),
+            features=datasets.Features({"core_active": datasets.Value("int64"),
+                                        "noncore_active": datasets.Value("int64"), "rows": datasets.Value("int64")}),
         )
 
-    def _compute(self, l0_core, l0_noncore):
-        core, noncore = np.asarray(l0_core, dtype=np.float64), np.asarray(l0_noncore, dtype=np.float64)
-        return {"l0_core": float(core.mean()), "l0_noncore": float(noncore.mean()), "l0": float((core + noncore).mean())}
+    def _compute(self, core_active, noncore_active, rows):
+        count = float(np.sum(rows))
+        core, noncore = float(np.sum(core_active)) / count, float(np.sum(noncore_active)) / count
+        return {"l0_core": core, "l0_noncore": noncore, "l0": core + noncore}
