@@ -239,9 +239,10 @@ class Window:
 
 
 def shuffled_windows(harvested: Iterator[Harvested], window_rows: int, seed: int, *, first_window: int = 0,
-                     rows_before: int = 0) -> Iterator[Window]:  # fmt: skip
-    """Group harvested batches into windows of at least `window_rows` rows (the last may be smaller) and permute
-    each by the generator seeded with `(seed, window index)`."""
+                     rows_before: int = 0, limit: int | None = None) -> Iterator[Window]:  # fmt: skip
+    """Group harvested batches into windows of at least `window_rows` rows and permute each by the generator seeded
+    with `(seed, window index)`. Harvesting stops once `limit` rows (counted from the stream's start) are in: the
+    last window is then smaller, so a slice reads no more LM batches than its reader needs."""
     pending: list[Harvested] = []
     index = first_window
 
@@ -254,10 +255,13 @@ def shuffled_windows(harvested: Iterator[Harvested], window_rows: int, seed: int
 
     for batch in harvested:
         pending.append(batch)
-        if sum(map(len, pending)) >= window_rows:
+        rows = sum(map(len, pending))
+        if rows >= window_rows or (limit is not None and rows_before + rows >= limit):
             window = emit()
             yield window
             index, rows_before, pending = index + 1, rows_before + len(window), []
+            if limit is not None and rows_before >= limit:
+                return
     if pending and sum(map(len, pending)):
         yield emit()
 
@@ -292,16 +296,20 @@ class ActivationStream(torch.utils.data.IterableDataset):
         self.windows: list[dict] = []
         self.consumed_batches = 0
         self.end: StreamPosition | None = None
+        self._sample = torch.empty(0, self.d_in)
 
     def sample(self, n: int) -> torch.Tensor:
-        """The first `n` rows of the slice in text order (the same on every process)."""
-        rows, count = [], 0
-        for harvested in self.harvester.batches(self.split, self.start):
-            rows.append(harvested.tensors["activations"])
-            count += len(harvested)
-            if count >= n:
-                break
-        return torch.cat(rows)[:n].float()
+        """The first `n` rows of the slice in text order (the same on every process); kept, so that the decoder
+        bias's median and the threshold's calibration read them once."""
+        if len(self._sample) < n:
+            rows, count = [], 0
+            for harvested in self.harvester.batches(self.split, self.start):
+                rows.append(harvested.tensors["activations"])
+                count += len(harvested)
+                if count >= n:
+                    break
+            self._sample = torch.cat(rows).float()
+        return self._sample[:n]
 
     def state_dict(self) -> dict:
         return {"windows": list(self.windows), "end": self.end.to_dict() if self.end else None}
@@ -327,7 +335,7 @@ class ActivationStream(torch.utils.data.IterableDataset):
         progress = tqdm(total=self.num_batches, initial=emitted, desc="streamed batches", disable=self.shard[0] != 0,
                         unit="batch", leave=False)  # fmt: skip
         for window in shuffled_windows(harvested, self.window_rows, self.seed, first_window=first_window,
-                                       rows_before=rows_before):  # fmt: skip
+                                       rows_before=rows_before, limit=self.num_batches * self.batch_size):  # fmt: skip
             self.windows.append(window.record())
             self.end = window.end
             rows = window.tensors["activations"][skip:]

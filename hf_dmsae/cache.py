@@ -123,22 +123,25 @@ class TensorCache(torch.utils.data.Dataset):
                     shards.append(name)
                     pending = {n: t[SHARD_ROWS:] for n, t in pending.items()}
 
-            for block in blocks:
-                take = int(min(limit - written, len(block[cls.names[0]])))
-                pending = {n: torch.cat([pending[n], block[n][:take]]) if pending else block[n][:take] for n in cls.names}
-                written += take
-                d_in = pending[cls.names[0]].shape[1]
-                flush(final=False)
-                if written >= limit:
-                    break
-            if pending:
-                flush(final=True)
-            if rows is not None and written < rows:
+            try:
+                for block in blocks:
+                    take = int(min(limit - written, len(block[cls.names[0]])))
+                    pending = {n: torch.cat([pending[n], block[n][:take]]) if pending else block[n][:take]
+                               for n in cls.names}  # fmt: skip
+                    written += take
+                    d_in = pending[cls.names[0]].shape[1]
+                    flush(final=False)
+                    if written >= limit:
+                        break
+                if pending:
+                    flush(final=True)
+                if rows is not None and written < rows:
+                    raise ValueError(f"the source ended after {written} of the {rows} rows asked for {path}")
+                if written == 0:
+                    raise ValueError(f"the source gave no rows for {path}")
+            except BaseException:  # a failed or interrupted harvest leaves nothing behind
                 shutil.rmtree(staging, ignore_errors=True)
-                raise ValueError(f"the source ended after {written} of the {rows} rows asked for {path}")
-            if written == 0:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise ValueError(f"the source gave no rows for {path}")
+                raise
             manifest = {"identity": identity, "names": list(cls.names), "shards": shards, "rows": written, "d_in": d_in,
                         "dtype": dtype, "extra": extra() if extra else {}}  # fmt: skip
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -37,6 +37,7 @@ from .evaluation import activation_metrics
 from .formats import check_checkpoint_fits, load_dictionary_learning
 from .hub import core_repo_name, publish_all, resolve_folder, write_core_repo, write_model_repo
 from .integrity import IntegrityError, file_sha256
+from .language_model import lm_width
 from .modeling_dmsae import DMSAEModel
 from .runs import RunData, RunState, SAEArguments, arguments_identity, sae_config, train_sae
 from .trainer import DMSAETrainingArguments
@@ -106,8 +107,9 @@ class Distillation:
             exclude=("model_repo", "random_core_control", "control_seeds", "cycle0_checkpoint"),
         )  # fmt: skip
         self.cycle0 = None
-        if distillation.cycle0_checkpoint:
+        if distillation.cycle0_checkpoint:  # checked against the LM's config now, before any harvesting
             self.cycle0 = resolve_folder(distillation.cycle0_checkpoint, token=training.hub_token)
+            check_checkpoint_fits(self.cycle0, activations, lm_width(activations))
             identity["inputs.cycle0_checkpoint"] = file_sha256(self.cycle0 / "ae.pt")
         self.state = RunState(self.output_dir, "distillation", identity, writer=training.process_index == 0)
         self.model_repo = distillation.model_repo or training.hub_model_id or default_model_repo(activations)
@@ -160,7 +162,6 @@ class Distillation:
             return self._load_core(record)
         folder = self.output_dir / f"cycle{t}"
         if t == 0 and self.cycle0 is not None:
-            check_checkpoint_fits(self.cycle0, self.activation_args, self.data.d_in)
             model = load_dictionary_learning(self.cycle0).to(self.training_args.device)
             core = self.attribution.select(model.eval(), cycle=0, source_model=self.args.cycle0_checkpoint)
             metrics = self.held_out_metrics(model)

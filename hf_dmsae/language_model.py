@@ -33,6 +33,14 @@ def load_language_model(name_or_path: str, *, revision: str | None = None, dtype
     return lm, tokenizer
 
 
+def lm_width(args) -> int:
+    """The residual width of the LM of `ActivationArguments`, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(args.model_name_or_path), revision=args.model_revision)
+    return config.get_text_config().hidden_size
+
+
 def weights_digest(lm: nn.Module) -> str:
     """A short hash of the LM's weights (per-tensor sums in float64): part of a run's identity, so that other weights
     under the same name are noticed."""

@@ -280,7 +280,8 @@ class RunData:
         def blocks():
             batches = self.harvester.batches(piece.split, piece.start, max_sequences=piece.sequences,
                                              with_gradient=gradients, batch_size=lm_batch_size)  # fmt: skip
-            for window in shuffled_windows(batches, self.args.shuffle_buffer_tokens, self.args.harvest_seed):
+            for window in shuffled_windows(batches, self.args.shuffle_buffer_tokens, self.args.harvest_seed,
+                                           limit=piece.rows):  # fmt: skip
                 ends.append(window.end)
                 yield window.tensors
 
@@ -428,6 +429,17 @@ def train_sae(model: DMSAEModel, data: RunData, piece: TokenSlice, args: DMSAETr
     trainer.save_model(args.output_dir)
     data.finish_slice(piece, train)
     return trainer
+
+
+def end_processes() -> None:
+    """The last call of a script: every process waits for the main one (which evaluates, writes and pushes alone),
+    then the process group is taken down in order, so no process exits while another still talks to it."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None, shared: tuple = ()) -> tuple:

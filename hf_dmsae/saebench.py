@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import json
 import logging
 import os
+import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +103,22 @@ def unavailable_reason(eval_name: str, config) -> str | None:
     return None
 
 
+class _Tee(io.TextIOBase):
+    """Writes to several streams (SAEBench's prints reach the console and are kept)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
 def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
     """`{"a": {"b": 1}}` → `{"a.b": 1}`, keeping numbers only."""
     flat = {}
@@ -136,7 +155,8 @@ class SAEBenchRunner:
         return self._lm
 
     def run(self, name: str, sae: DMSAEModel) -> dict[str, dict]:
-        """`{eval: {"metrics": {...}} or {"skipped": reason}}` for the SAE called `name` (unique per output_dir)."""
+        """`{eval: {"metrics": {...}}, {"skipped": reason} or {"failed": what SAEBench raised}}` for the SAE called
+        `name` (unique per output_dir)."""
         from .saebench_sae import SAEBenchSAE
 
         adapter = SAEBenchSAE(sae, self.model_name, self.device, self.dtype)
@@ -164,9 +184,21 @@ class SAEBenchRunner:
                 return {"skipped": reason}
             logger.info("SAEBench %s on %s", eval_name, name)
             torch.manual_seed(0)
-            getattr(self, f"_run_{eval_name}", self._run_generic)(eval_name, config, name, adapter, output)
+            printed = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
+                    getattr(self, f"_run_{eval_name}", self._run_generic)(eval_name, config, name, adapter, output)
+            except Exception as error:  # SAEBench's code failed: keep the other evals and the trained models
+                frame = traceback.extract_tb(error.__traceback__)[-1]
+                where = f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}"
+                logger.exception("SAEBench %s failed on %s", eval_name, name)
+                return {"failed": f"SAEBench's {eval_name} eval failed in {where}: {type(error).__name__}: {error}"}
+            if not path.is_file():  # SAEBench declined: its last words say why
+                lines = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
+                reason = lines[-1] if lines else "no reason printed"
+                return {"skipped": f"SAEBench's {eval_name} eval wrote no result: {reason}"}
         if not path.is_file():
-            return {"skipped": f"SAEBench's {eval_name} eval wrote no result (see its log above)"}
+            return {"skipped": f"SAEBench's {eval_name} eval wrote no result"}
         return {"metrics": flatten(json.loads(path.read_text())["eval_result_metrics"])}
 
     def _config(self, eval_name: str):

@@ -42,46 +42,26 @@ logger = logging.getLogger(__name__)
 class SyntheticArguments:
     """The synthetic world, the SAEs and the budget."""
 
-    num_features: int = 1024
-    """Ground-truth features."""
-    hidden_dim: int = 128
-    """Dimension of the synthetic activations."""
-    root_features: int = 64
-    """Roots of the feature hierarchy (each with children, grandchildren)."""
-    branching_factor: int = 3
-    """Children per parent in the hierarchy."""
-    dict_size: int = 1024
-    """Latents per SAE."""
-    group_fractions: list[float] = field(default_factory=lambda: list(SAEBENCH_GROUP_FRACTIONS))
-    """Matryoshka group fractions; the rest forms the last group."""
-    distill_k: int = 16
-    """k of the distillation cycles."""
-    transfer_ks: list[int] = field(default_factory=lambda: [8, 16, 32])
-    """k of the transferred SAEs and baselines."""
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    """Transferred SAEs: DMSAE in dense- and sparse-core mode, and the Matryoshka baseline."""
-    cycles: int = 3
-    """Distillation cycles T + 1 (cycle 0 included)."""
-    train_tokens: int = 200_000
-    """Synthetic rows per SAE."""
-    attribution_tokens: int = 16_384
-    """Rows scored per attribution."""
-    eval_tokens: int = 50_000
-    """Rows for sae_lens's evaluation."""
-    q: float = 0.99
-    """Quantile of GxA that scores a latent."""
-    tau: float = 0.9
-    """Coverage the core reaches."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    """Training seeds (the synthetic world is the same for all)."""
-    world_seed: int = 1234
-    """Seed of the synthetic model."""
-    output_dir: str = "runs/synthetic"
-    """Where models, results and the report go."""
-    batch_size: int = 1024
-    """Rows per training step."""
-    learning_rate: float = 3e-3
-    """Adam learning rate."""
+    num_features: int = field(default=1024, metadata={"help": 'Ground-truth features.'})
+    hidden_dim: int = field(default=128, metadata={"help": 'Dimension of the synthetic activations.'})
+    root_features: int = field(default=64, metadata={"help": 'Roots of the feature hierarchy (each with children, grandchildren).'})
+    branching_factor: int = field(default=3, metadata={"help": 'Children per parent in the hierarchy.'})
+    dict_size: int = field(default=1024, metadata={"help": 'Latents per SAE.'})
+    group_fractions: list[float] = field(default_factory=lambda: list(SAEBENCH_GROUP_FRACTIONS), metadata={"help": 'Matryoshka group fractions; the rest forms the last group.'})
+    distill_k: int = field(default=16, metadata={"help": 'k of the distillation cycles.'})
+    transfer_ks: list[int] = field(default_factory=lambda: [8, 16, 32], metadata={"help": 'k of the transferred SAEs and baselines.'})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": 'Transferred SAEs: DMSAE in dense- and sparse-core mode, and the Matryoshka baseline.'})
+    cycles: int = field(default=3, metadata={"help": 'Distillation cycles T + 1 (cycle 0 included).'})
+    train_tokens: int = field(default=200_000, metadata={"help": 'Synthetic rows per SAE.'})
+    attribution_tokens: int = field(default=16_384, metadata={"help": 'Rows scored per attribution.'})
+    eval_tokens: int = field(default=50_000, metadata={"help": "Rows for sae_lens's evaluation."})
+    q: float = field(default=0.99, metadata={"help": 'Quantile of GxA that scores a latent.'})
+    tau: float = field(default=0.9, metadata={"help": 'Coverage the core reaches.'})
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": 'Training seeds (the synthetic world is the same for all).'})
+    world_seed: int = field(default=1234, metadata={"help": 'Seed of the synthetic model.'})
+    output_dir: str = field(default="runs/synthetic", metadata={"help": 'Where models, results and the report go.'})
+    batch_size: int = field(default=1024, metadata={"help": 'Rows per training step.'})
+    learning_rate: float = field(default=3e-3, metadata={"help": 'Adam learning rate.'})
 
     def __post_init__(self):
         unknown = set(self.variants) - set(VARIANTS)

@@ -132,7 +132,8 @@ class Transfer:
         for result in sorted(self.results.values(), key=lambda r: (r["k"], VARIANTS.index(r["variant"]))):
             cells = " | ".join(f"{result[c]:.4f}" if c in result else "–" for c in columns)
             lines.append(f"| {result['k']} | {result['variant']} | {cells} |")
-            skipped |= {name: r["skipped"] for name, r in result.get("saebench", {}).items() if "skipped" in r}
+            skipped |= {name: r.get("skipped") or r["failed"] for name, r in result.get("saebench", {}).items()
+                        if "skipped" in r or "failed" in r}  # fmt: skip
         if skipped:
             lines += ["", "SAEBench evals not run:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()]
         if self.training_args.process_index == 0 and self.results:

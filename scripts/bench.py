@@ -12,6 +12,13 @@ encoder matmul + ReLU. Peers that cannot be imported are reported as such (`make
 Harvesting: the embedded SmolLM2 run to the middle layer only vs a full forward with hidden states. Attribution:
 our scoring of a batch vs the LM's own forward + backward to the hooked activation alone.
 Peak memory is the rise of the process's resident set during an implementation's steps.
+
+    python scripts/bench.py --paper_memory [--out reports/memory-paper-scale.json]
+
+measures, each in a fresh process, the peak resident set of one training step, one attribution batch and a held-out
+evaluation at the paper's scale (d_in 2304, 65 536 latents, batch 4096, core of 197, k_noncore 160; random
+activations), and of an evaluation of 1M tokens at d_in 2304 (1024 latents: the metrics' memory, which is what grows
+with tokens, without 50 minutes of CPU encoding).
 """
 
 from __future__ import annotations
@@ -170,15 +177,16 @@ def training_steps(sizes: list[int], rounds: int) -> list[dict]:
 
 
 def harvest_and_attribution(rounds: int) -> dict:
-    from hf_dmsae.activations import ActivationArguments, LayerActivations, TrainingPositions, load_language_model
+    from hf_dmsae.activations import ActivationArguments, TrainingPositions
     from hf_dmsae.attribution import StreamingQuantile, gxa_values
+    from hf_dmsae.language_model import LayerActivations, load_language_model
 
     args = ActivationArguments()
-    lm, tokenizer = load_language_model(args)
+    lm, tokenizer = load_language_model(args.model_name_or_path)
     input_ids = torch.randint(3, lm.config.vocab_size, (8, 128))
     layer = LayerActivations(lm, args.hook_layer)
     sae = DMSAEModel(DMSAEConfig(d_in=576, dict_size=4096, k=64, hook_layer=args.hook_layer)).eval()
-    positions = TrainingPositions(tokenizer, args.outlier_norm_ratio)
+    positions = TrainingPositions(tokenizer, 0.0, None)
     pool = sae.config.candidate_pool_size
 
     def truncated():
@@ -219,12 +227,110 @@ def harvest_and_attribution(rounds: int) -> dict:
     }
 
 
+# -- memory at the paper's scale ---------------------------------------------------------------------------------
+
+PAPER = {"d_in": 2304, "dict_size": 65_536, "batch": 4096, "core": 197, "k_noncore": 160}
+
+
+def paper_model(dict_size: int = PAPER["dict_size"]) -> DMSAEModel:
+    core = PAPER["core"]
+    config = DMSAEConfig(d_in=PAPER["d_in"], dict_size=dict_size, core_size=core, k=PAPER["k_noncore"],
+                         k_noncore=PAPER["k_noncore"], core_ids=[f"c:{i}" for i in range(core)])  # fmt: skip
+    rows = torch.randn(core, PAPER["d_in"])
+    return DMSAEModel.from_core(config, rows / rows.norm(dim=1, keepdim=True), config.core_ids)
+
+
+def memory_probe(what: str) -> dict:
+    """One measurement, in this (fresh) process: the peak resident set over the work, and its rise over the set
+    before the work (the model built)."""
+    import resource
+
+    from hf_dmsae.attribution import StreamingQuantile, gxa_values
+    from hf_dmsae.evaluation import activation_metrics
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    torch.manual_seed(0)
+    batch, d = PAPER["batch"], PAPER["d_in"]
+    model = paper_model(1024 if what == "evaluation_1m_tokens" else PAPER["dict_size"])
+    x = torch.randn(batch, d)
+    start = time.perf_counter()
+    if what == "training_step":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        before = peak_mb()
+        for _ in range(2):  # the second step has Adam's state allocated
+            model(x, return_latents=False).loss.backward()
+            model.remove_parallel_decoder_grad()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.normalize_decoder()
+    elif what == "attribution_batch":
+        model.eval()
+        before = peak_mb()
+        pool = model.config.candidate_pool_size
+        quantile = StreamingQuantile(pool, 0.99, 1_000_000)
+        with torch.no_grad():
+            quantile.update(gxa_values(model, x, torch.randn(batch, d), pool))
+    else:
+        model.train()
+        model(x)  # a threshold to evaluate with
+        model.eval()
+        tokens = 1_000_000 if what == "evaluation_1m_tokens" else 16 * batch
+        before = peak_mb()
+        generator = torch.Generator().manual_seed(1)
+        batches = (torch.randn(batch, d, generator=generator) for _ in range(tokens // batch))
+        activation_metrics(model, batches)
+    return {"what": what, "dict_size": model.config.dict_size, "peak_rss_mb": peak_mb(), "before_mb": before,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def paper_scale_memory(out: str) -> None:
+    import subprocess
+    import sys
+
+    rows = []
+    for what in ("training_step", "attribution_batch", "evaluation", "evaluation_1m_tokens"):
+        result = subprocess.run([sys.executable, __file__, "--memory_probe", what], capture_output=True, text=True,
+                                check=True)  # fmt: skip
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]))
+    command = "python scripts/bench.py --paper_memory --out " + out
+    report = {"command": command, "setup": PAPER, "machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "device": "cpu", "measurements": rows}  # fmt: skip
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    lines = ["# Memory at the paper's scale", "", f"`{command}` on {report['machine']} (CPU, torch {torch.__version__})."
+             " Each row is a fresh process; `peak RSS` is the process's peak resident set, `model` the set before the"
+             " measured work (Python, torch and the model's weights).", "",
+             "| measured work | latents | peak RSS (MB) | of which before the work (MB) | seconds |", "|---|---|---|---|---|"]
+    labels = {"training_step": "one training step (AdamW, batch 4096)",
+              "attribution_batch": "one attribution batch (4096 pairs, pool scores, streaming quantile)",
+              "evaluation": "held-out evaluation, 65 536 tokens",
+              "evaluation_1m_tokens": "held-out evaluation, 1M tokens (metric sums per batch)"}  # fmt: skip
+    for row in rows:
+        lines.append(f"| {labels[row['what']]} | {row['dict_size']} | {row['peak_rss_mb']:.0f} | "
+                     f"{row['before_mb']:.0f} | {row['seconds']:.1f} |")
+    Path(out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384], help="dictionary sizes to time")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (one step of each implementation each)")
-    parser.add_argument("--out", default="reports/bench.json")
+    parser.add_argument("--out", default="reports/bench.json", help="where the JSON report goes")
+    parser.add_argument("--paper_memory", action="store_true",
+                        help="measure memory at the paper's scale instead (default --out reports/memory-paper-scale.json)")
+    parser.add_argument("--memory_probe", help="internal: run one memory measurement in this process")
     args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe)))
+        return
+    if args.paper_memory:
+        out = args.out if args.out != "reports/bench.json" else "reports/memory-paper-scale.json"
+        paper_scale_memory(out)
+        return
 
     report = {
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

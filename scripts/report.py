@@ -12,7 +12,7 @@ from hf_dmsae.report import SECTIONS, write_report
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Folder the report, figures and results are written to.")
-    parser.add_argument("--title", default="DMSAE study report")
+    parser.add_argument("--title", default="DMSAE study report", help="The report's first heading.")
     for section in SECTIONS:
         parser.add_argument(f"--{section}", help=f"Output folder of the {section} run.")
     args = parser.parse_args()

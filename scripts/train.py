@@ -18,7 +18,16 @@ from hf_dmsae.activations import ActivationArguments
 from hf_dmsae.attribution import AttributionArguments
 from hf_dmsae.distillation import DistillationArguments
 from hf_dmsae.evaluation import activation_metrics
-from hf_dmsae.runs import RunData, RunState, SAEArguments, arguments_identity, parse_arguments, sae_config, train_sae
+from hf_dmsae.runs import (
+    RunData,
+    RunState,
+    SAEArguments,
+    arguments_identity,
+    end_processes,
+    parse_arguments,
+    sae_config,
+    train_sae,
+)
 from hf_dmsae.trainer import DMSAETrainingArguments
 
 
@@ -43,3 +52,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_processes()

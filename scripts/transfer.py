@@ -13,7 +13,7 @@ import logging
 from hf_dmsae.activations import ActivationArguments
 from hf_dmsae.attribution import AttributionArguments
 from hf_dmsae.distillation import DistillationArguments
-from hf_dmsae.runs import SAEArguments, parse_arguments
+from hf_dmsae.runs import SAEArguments, end_processes, parse_arguments
 from hf_dmsae.saebench import SAEBenchArguments
 from hf_dmsae.trainer import DMSAETrainingArguments
 from hf_dmsae.transfer import Transfer, TransferArguments
@@ -34,3 +34,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_processes()

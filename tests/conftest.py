@@ -124,3 +124,58 @@ def token_positions(rows, harvester, split: str, sequences: int) -> set[int]:
     unique = [f[0] for f in found if len(f) == 1]
     assert len(unique) > 0.8 * len(rows), "too few rows identify their position"
     return set(unique)
+
+
+def small_tokenizer(corpus_documents: int = 3000, vocab_size: int = 1024):
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on the embedded corpus: stands in for a real LM's
+    tokenizer where a large vocabulary would only cost time (full logits in attribution and SAEBench's evals)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_dmsae.embedded import wiki_summaries
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    tokenizer.train_from_iterator(wiki_summaries()["train"]["text"][:corpus_documents], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", pad_token="<pad>")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small_vocab_lm_dir(tmp_path_factory):
+    """A tiny random Llama (4 blocks, width 32) with a 1024-token BPE tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = small_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    path = tmp_path_factory.mktemp("small-vocab-lm")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory):
+    """A tiny random `Gemma2ForCausalLM` with Gemma-2's architecture flags (logit soft-capping, alternating sliding
+    and global attention with a window the 1024-token context exceeds, GELU-tanh, query scaling by the head dim) and
+    14 blocks, so the paper config's layer 12 exists; a small BPE tokenizer stands in for Gemma's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = small_tokenizer()
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=14,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                          sliding_window=512, hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=30.0,
+                          attn_logit_softcapping=50.0, max_position_embeddings=8192,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-gemma2")
+    Gemma2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

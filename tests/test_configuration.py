@@ -52,3 +52,9 @@ def test_sparse_core_k_is_checked_against_the_whole_dictionary():
     DMSAEConfig(d_in=8, dict_size=64, core_size=60, core_ids=ids(60), k=32, k_noncore=4, sparsity="sparse_core")
     with pytest.raises(ValueError, match=r"DMSAEConfig\.k="):
         DMSAEConfig(d_in=8, dict_size=64, k=65, k_noncore=4, sparsity="sparse_core")
+
+
+@pytest.mark.parametrize("field, value", [("k", "16"), ("dict_size", 64.0), ("sparsity", 1), ("core_ids", "a,b")])
+def test_a_value_of_the_wrong_type_gets_an_error_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"DMSAEConfig\.{field}=.* must be of type"):
+        DMSAEConfig(**{"d_in": 8, "dict_size": 64, "k": 4, field: value})

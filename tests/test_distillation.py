@@ -25,24 +25,25 @@ from hf_dmsae.trainer import DMSAETrainingArguments
 REPO = Path(__file__).resolve().parents[1]
 
 
-def distill_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> Path:
-    config = {
+DEMO_CONFIG = REPO / "configs" / "smollm2-135m.json"
+
+
+def distill_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> list[str]:
+    """The demo config (`configs/smollm2-135m.json`) with stand-ins: the tiny LM, a small budget and width."""
+    stand_ins = {
         "model_name_or_path": str(tiny_lm_dir), "hook_layer": 2, "context_length": 32, "lm_batch_size": 16,
         "num_tokens": 6000, "eval_tokens": 1000, "shuffle_buffer_tokens": 2048, "norm_tokens": 1024,
-        "activation_cache": str(tmp_path / "cache"), "dict_size": 512, "k": 16, "num_cycles": 2,
-        "attribution_tokens": 2000, "attribution_batch_size": 8, "tau": 0.8,
-        "output_dir": str(tmp_path / name), "per_device_train_batch_size": 200,
-        "save_steps": 10, "logging_steps": 10, "learning_rate": 0.003, "seed": 0, "report_to": "none",
-        "disable_tqdm": True,
+        "activation_cache": str(tmp_path / "cache"), "dict_size": 512, "k": 16, "attribution_tokens": 2000,
+        "output_dir": str(tmp_path / name), "per_device_train_batch_size": 200, "save_steps": 10,
+        "logging_steps": 10, "learning_rate": 0.003, "report_to": "none", "disable_tqdm": True,
+        "track_selection_steps": 10,
     }  # fmt: skip
-    config.update(overrides)
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(config))
-    return path
+    stand_ins.update(overrides)
+    return [str(DEMO_CONFIG)] + [item for key, value in stand_ins.items() for item in (f"--{key}", str(value))]
 
 
-def run_distill(config: Path, *extra: str, **popen) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "scripts" / "distill.py"), str(config), *extra]
+def run_distill(config: list[str], *extra: str, **popen) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "scripts" / "distill.py"), *config, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, **popen)
 
@@ -55,10 +56,11 @@ def cores_of(folder: Path) -> list[DMSAECore]:
 
 @pytest.fixture(scope="module")
 def straight_run(tiny_lm_dir, tmp_path_factory):
-    """An uninterrupted 2-cycle distillation with the controls and selection tracking, pushed to the loopback Hub."""
+    """The demo config with stand-ins, uninterrupted: 2 cycles, the controls and selection tracking, pushed to the
+    loopback Hub."""
     tmp_path = tmp_path_factory.mktemp("distill")
-    config = distill_config(tmp_path, tiny_lm_dir, "straight", random_core_control=True, push_to_hub=True,
-                            hub_token="hf_loopback", model_repo="org/tiny-dmsae", track_selection_steps=10)  # fmt: skip
+    config = distill_config(tmp_path, tiny_lm_dir, "straight", push_to_hub=True, hub_token="hf_loopback",
+                            model_repo="org/tiny-dmsae")  # fmt: skip
     result = run_distill(config)
     assert result.returncode == 0, result.stderr[-4000:]
     return tmp_path, result
@@ -186,8 +188,8 @@ def test_cores_and_model_are_pushed_as_repos_that_reload(straight_run):
 
 def test_a_distillation_killed_during_a_cycle_finishes_with_the_same_cores(straight_run, tiny_lm_dir):
     tmp_path, _ = straight_run
-    config = distill_config(tmp_path, tiny_lm_dir, "killed", random_core_control=True, track_selection_steps=10)
-    command = [sys.executable, str(REPO / "scripts" / "distill.py"), str(config)]
+    config = distill_config(tmp_path, tiny_lm_dir, "killed")
+    command = [sys.executable, str(REPO / "scripts" / "distill.py"), *config]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     mid_cycle = tmp_path / "killed" / "cycle1" / "checkpoint-10" / "checksums.json"
@@ -250,3 +252,16 @@ def test_cycle_zero_from_a_dictionary_learning_checkpoint_seeds_cycle_one(tiny_l
         other_layer = distillation(hook_layer=1)
         other_layer.attribution
         other_layer._cycle(0, None)
+
+
+def test_a_finished_run_republished_under_a_new_name_writes_cards_with_it(straight_run, tiny_lm_dir):
+    from huggingface_hub import ModelCard
+
+    tmp_path, _ = straight_run
+    config = distill_config(tmp_path, tiny_lm_dir, "straight", push_to_hub=True, hub_token="hf_loopback",
+                            model_repo="org/renamed")  # fmt: skip
+    result = run_distill(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for repo in ("org/renamed", "org/renamed-core-distilled", "org/renamed-core-cycle1"):
+        card = ModelCard.load(repo).text
+        assert repo in card and "org/tiny-dmsae" not in card, repo

@@ -106,3 +106,14 @@ def test_training_step_can_skip_the_dense_latents():
     model.train()
     out = model(torch.randn(32, 16), return_latents=False)
     assert out.latents is None and out.loss.requires_grad
+
+
+def test_the_sparse_step_runs_on_bf16_weights_as_fsdp_mixed_precision_holds_them():
+    sparse, reference = paired_models()
+    for model in (sparse, reference):
+        model.train()
+    x = torch.randn(96, 16) * 2
+    out = sparse.to(torch.bfloat16)(x)  # FSDP2's MixedPrecisionPolicy(param_dtype=bf16) casts the parameters
+    out.loss.backward()
+    assert sparse.W_dec.grad.dtype == torch.bfloat16 and torch.isfinite(sparse.W_dec.grad.float()).all()
+    torch.testing.assert_close(out.loss, reference(x).loss, rtol=0.05, atol=0.05)

@@ -235,3 +235,22 @@ def test_from_core_rejects_rows_that_do_not_fit_the_config(model):
         DMSAEModel.from_core(model.config, torch.randn(8, 15), model.config.core_ids)
     with pytest.raises(ValueError, match="fully frozen core of 7 rows"):
         DMSAEModel.from_core(model.config, torch.randn(7, 16), model.config.core_ids[:7])
+
+
+def test_weights_that_do_not_match_the_model_are_refused(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["W_encoder"] = weights.pop("W_enc_trainable")  # a renamed tensor, which would be re-initialised
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not hold this model's weights.*W_enc_trainable"):
+        DMSAEModel.from_pretrained(tmp_path)
+
+
+def test_decode_takes_latents_of_any_float_dtype(model):
+    model.eval()
+    latents = model.encode(torch.randn(8, 16))
+    torch.testing.assert_close(model.decode(latents.bfloat16()), model.decode(latents), rtol=0.02, atol=0.05)
+    with pytest.raises(ValueError, match="dict_size=128"):
+        model.decode(torch.randn(8, 16))

@@ -81,3 +81,12 @@ def test_unknown_evals_and_probe_datasets_are_refused(tiny_lm_dir, tmp_path):
                             tmp_path)  # fmt: skip
     with pytest.raises(ValueError, match="no_such_dataset"):
         runner._config("sparse_probing_sae_probes")
+
+
+def test_saebench_evals_can_be_emptied_from_the_command_line():
+    from hf_dmsae.runs import parse_arguments
+
+    (args,) = parse_arguments((SAEBenchArguments,), ["--saebench_evals", "none"])
+    assert args.saebench_evals == []
+    (args,) = parse_arguments((SAEBenchArguments,), ["--saebench_evals", "core", "absorption"])
+    assert args.saebench_evals == ["core", "absorption"]
