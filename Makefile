@@ -34,8 +34,6 @@ report: demo
 		--distillation runs/smollm2-135m-l15 --transfer runs/transfer --synthetic runs/synthetic
 
 bench: setup
-	$(BIN)/pip install --quiet -r requirements/bench.txt
-	$(BIN)/pip install --quiet --no-deps dictionary-learning==0.1.0 nnsight==0.8.1
 	$(BIN)/python scripts/bench.py --out reports/bench.json
 
 clean:

@@ -41,9 +41,10 @@ def load_metric(name: str):
 
 def fvu_sums(x: torch.Tensor, reconstruction: torch.Tensor) -> dict:
     """The `fvu` module's example for one batch: its squared error, per-dimension sum, sum of squares and rows."""
-    x, reconstruction = x.double(), reconstruction.double()
-    return {"squared_error": float((x - reconstruction).pow(2).sum()), "sum": x.sum(0).tolist(),
-            "sum_of_squares": float(x.pow(2).sum()), "rows": len(x)}  # fmt: skip
+    x = x.float()  # float32 temporaries, float64 sums: a batch costs a few copies of itself, never a float64 one
+    squared_error = (x - reconstruction.float()).pow_(2).sum(dtype=torch.float64)
+    return {"squared_error": float(squared_error), "sum": x.sum(0, dtype=torch.float64).tolist(),
+            "sum_of_squares": float(x.pow(2).sum(dtype=torch.float64)), "rows": len(x)}  # fmt: skip
 
 
 def active_counts(latents: torch.Tensor, core_size: int) -> torch.Tensor:

@@ -150,11 +150,13 @@ class DMSAEModel(PreTrainedModel):
         return activations.reshape(-1, d).to(self.W_dec.dtype)
 
     def _relu_preactivations(self, x: torch.Tensor) -> torch.Tensor:
-        """`ReLU((x − b_dec) W_encᵀ + b_enc)` for normalised `x`, without materialising the joined `W_enc`."""
+        """`ReLU((x − b_dec) W_encᵀ + b_enc)` for normalised `x`, without materialising the joined `W_enc`; the bias
+        and the ReLU act in place on the joined output (one `[B, n]` tensor fewer at a time; autograd-safe: neither
+        `cat` nor the addition saves what they overwrite)."""
         centred = x - self.b_dec
         frozen = F.linear(centred, self.W_enc_frozen)
         trainable = F.linear(centred, self.W_enc_trainable)
-        return F.relu(torch.cat([frozen, trainable], dim=1) + self.b_enc)
+        return torch.cat([frozen, trainable], dim=1).add_(self.b_enc).relu_()
 
     def _mask(self, z: torch.Tensor, batch_topk: bool | None = None) -> torch.Tensor:
         """BatchTopK while training (or before a threshold exists), the threshold at inference; `batch_topk`

@@ -241,49 +241,47 @@ def paper_model(dict_size: int = PAPER["dict_size"]) -> DMSAEModel:
 
 
 def memory_probe(what: str) -> dict:
-    """One measurement, in this (fresh) process: the peak resident set over the work, and its rise over the set
-    before the work (the model built)."""
-    import resource
-
+    """One measurement, in this (fresh) process: the resident set just before the work (Python, torch, the model)
+    and its peak during the work."""
     from hf_dmsae.attribution import StreamingQuantile, gxa_values
     from hf_dmsae.evaluation import activation_metrics
 
-    def peak_mb() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
     torch.manual_seed(0)
     batch, d = PAPER["batch"], PAPER["d_in"]
-    model = paper_model(1024 if what == "evaluation_1m_tokens" else PAPER["dict_size"])
+    model = paper_model(1024 if what.startswith("evaluation_") else PAPER["dict_size"])
     x = torch.randn(batch, d)
-    start = time.perf_counter()
     if what == "training_step":
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        before = peak_mb()
-        for _ in range(2):  # the second step has Adam's state allocated
-            model(x, return_latents=False).loss.backward()
-            model.remove_parallel_decoder_grad()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.normalize_decoder()
+
+        def work():
+            for _ in range(2):  # the second step has Adam's state allocated
+                model(x, return_latents=False).loss.backward()
+                model.remove_parallel_decoder_grad()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                model.normalize_decoder()
     elif what == "attribution_batch":
         model.eval()
-        before = peak_mb()
         pool = model.config.candidate_pool_size
         quantile = StreamingQuantile(pool, 0.99, 1_000_000)
-        with torch.no_grad():
-            quantile.update(gxa_values(model, x, torch.randn(batch, d), pool))
+
+        def work():
+            with torch.no_grad():
+                quantile.update(gxa_values(model, x, torch.randn(batch, d), pool))
     else:
-        model.train()
-        model(x)  # a threshold to evaluate with
+        model.calibrate_threshold(x)  # a threshold to evaluate with
         model.eval()
-        tokens = 1_000_000 if what == "evaluation_1m_tokens" else 16 * batch
-        before = peak_mb()
+        tokens = {"evaluation_1m_tokens": 1_000_000, "evaluation_16k_tokens": 4 * batch}.get(what, 2 * batch)
         generator = torch.Generator().manual_seed(1)
-        batches = (torch.randn(batch, d, generator=generator) for _ in range(tokens // batch))
-        activation_metrics(model, batches)
-    return {"what": what, "dict_size": model.config.dict_size, "peak_rss_mb": peak_mb(), "before_mb": before,
-            "seconds": time.perf_counter() - start}  # fmt: skip
+
+        def work():
+            activation_metrics(model, (torch.randn(batch, d, generator=generator) for _ in range(tokens // batch)))
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        work()
+    return {"what": what, "dict_size": model.config.dict_size, "rss_before_mb": peak.base / 2**20,
+            "peak_rss_mb": peak.peak / 2**20, "seconds": time.perf_counter() - start}  # fmt: skip
 
 
 def paper_scale_memory(out: str) -> None:
@@ -291,7 +289,7 @@ def paper_scale_memory(out: str) -> None:
     import sys
 
     rows = []
-    for what in ("training_step", "attribution_batch", "evaluation", "evaluation_1m_tokens"):
+    for what in ("training_step", "attribution_batch", "evaluation", "evaluation_16k_tokens", "evaluation_1m_tokens"):
         result = subprocess.run([sys.executable, __file__, "--memory_probe", what], capture_output=True, text=True,
                                 check=True)  # fmt: skip
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -302,16 +300,17 @@ def paper_scale_memory(out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2))
     lines = ["# Memory at the paper's scale", "", f"`{command}` on {report['machine']} (CPU, torch {torch.__version__})."
-             " Each row is a fresh process; `peak RSS` is the process's peak resident set, `model` the set before the"
-             " measured work (Python, torch and the model's weights).", "",
-             "| measured work | latents | peak RSS (MB) | of which before the work (MB) | seconds |", "|---|---|---|---|---|"]
+             " Each row is a fresh process; `before` is its resident set just before the measured work (Python, torch,"
+             " the model's weights), `peak` the highest resident set during the work (sampled every millisecond).", "",
+             "| measured work | latents | before (MB) | peak (MB) | seconds |", "|---|---|---|---|---|"]
     labels = {"training_step": "one training step (AdamW, batch 4096)",
               "attribution_batch": "one attribution batch (4096 pairs, pool scores, streaming quantile)",
-              "evaluation": "held-out evaluation, 65 536 tokens",
+              "evaluation": "held-out evaluation, 8192 tokens (one batch at a time)",
+              "evaluation_16k_tokens": "held-out evaluation, 16 384 tokens (metric sums per batch)",
               "evaluation_1m_tokens": "held-out evaluation, 1M tokens (metric sums per batch)"}  # fmt: skip
     for row in rows:
-        lines.append(f"| {labels[row['what']]} | {row['dict_size']} | {row['peak_rss_mb']:.0f} | "
-                     f"{row['before_mb']:.0f} | {row['seconds']:.1f} |")
+        lines.append(f"| {labels[row['what']]} | {row['dict_size']} | {row['rss_before_mb']:.0f} | "
+                     f"{row['peak_rss_mb']:.0f} | {row['seconds']:.1f} |")
     Path(out).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -321,7 +320,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (one step of each implementation each)")
     parser.add_argument("--out", default="reports/bench.json", help="where the JSON report goes")
     parser.add_argument("--paper_memory", action="store_true",
-                        help="measure memory at the paper's scale instead (default --out reports/memory-paper-scale.json)")
+                        help="measure memory at the paper's scale instead (written to reports/memory-paper-scale.json unless given)")
     parser.add_argument("--memory_probe", help="internal: run one memory measurement in this process")
     args = parser.parse_args()
     if args.memory_probe:

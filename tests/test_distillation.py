@@ -188,7 +188,7 @@ def test_cores_and_model_are_pushed_as_repos_that_reload(straight_run):
 
 def test_a_distillation_killed_during_a_cycle_finishes_with_the_same_cores(straight_run, tiny_lm_dir):
     tmp_path, _ = straight_run
-    config = distill_config(tmp_path, tiny_lm_dir, "killed")
+    config = distill_config(tmp_path, tiny_lm_dir, "killed", random_core_control=False)  # the controls keep the cores
     command = [sys.executable, str(REPO / "scripts" / "distill.py"), *config]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -206,7 +206,7 @@ def test_a_distillation_killed_during_a_cycle_finishes_with_the_same_cores(strai
         assert killed.latent_ids == straight.latent_ids
         torch.testing.assert_close(killed.encoder_rows, straight.encoder_rows, rtol=1e-5, atol=1e-6)
     slices = [json.loads((tmp_path / n / "state.json").read_text())["slices"] for n in ("straight", "killed")]
-    assert slices[0] == slices[1]
+    assert slices[1] == [piece for piece in slices[0] if piece["name"] != "control"]
 
     # The finished run, resumed with another learning rate, is refused, naming the argument.
     other = run_distill(config, "--learning_rate", "0.01")
@@ -265,3 +265,66 @@ def test_a_finished_run_republished_under_a_new_name_writes_cards_with_it(straig
     for repo in ("org/renamed", "org/renamed-core-distilled", "org/renamed-core-cycle1"):
         card = ModelCard.load(repo).text
         assert repo in card and "org/tiny-dmsae" not in card, repo
+
+
+def train_with_dictionary_learning(rows: torch.Tensor, folder: Path, normalize: bool, lm_name: str) -> Path:
+    """A Matryoshka BatchTopK SAE trained and saved by dictionary_learning's own `trainSAE` (SAEBench's format)."""
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
+    from dictionary_learning.training import trainSAE
+
+    batches = list(rows.split(200))
+    sizes = [16, 32, 64, 128, 272]
+    trainer = {"trainer": MatryoshkaBatchTopKTrainer, "steps": len(batches), "activation_dim": rows.shape[1],
+               "dict_size": 512, "k": 16, "layer": 2, "lm_name": lm_name, "group_fractions": [g / 512 for g in sizes],
+               "lr": 3e-3, "warmup_steps": 5, "threshold_start_step": 5, "device": "cpu", "seed": 0}  # fmt: skip
+    trainSAE(batches, [trainer], steps=len(batches), save_dir=str(folder), normalize_activations=normalize,
+             device="cpu")  # fmt: skip
+    return folder / "trainer_0"
+
+
+def test_a_cycle_zero_trained_by_dictionary_learning_grows_a_next_cycle_like_our_own(tiny_lm_dir, tmp_path):
+    """dictionary_learning stores its biases in raw units after training on normalised activations, or trains on raw
+    ones: either way its encoder rows are gains along unit decoder directions and must seed a cycle as well as ours."""
+    from conftest import tiny_run_data
+
+    data = tiny_run_data(tmp_path / "rows", tiny_activation_args(tiny_lm_dir, num_tokens=12_000,
+                                                                  activation_cache=str(tmp_path / "rows-cache")))
+    rows = data.training_data(data.training_slice("train"), data.training_args).gather("activations", range(12_000))
+    cycle0 = {"own": None}
+    for normalize in (True, False):
+        cycle0[f"dictionary_learning normalize={normalize}"] = train_with_dictionary_learning(
+            rows, tmp_path / f"dl-{normalize}", normalize, str(tiny_lm_dir))
+    fvu = {}
+    for name, checkpoint in cycle0.items():
+        run = Distillation(
+            DistillationArguments(num_cycles=1, cycle0_checkpoint=str(checkpoint) if checkpoint else None),
+            SAEArguments(dict_size=512, k=16),
+            tiny_activation_args(tiny_lm_dir, num_tokens=12_000, activation_cache=str(tmp_path / "cache")),
+            AttributionArguments(attribution_tokens=2000, tau=0.8),
+            DMSAETrainingArguments(output_dir=str(tmp_path / name.replace(" ", "-")), per_device_train_batch_size=200,
+                                   learning_rate=3e-3, report_to="none", disable_tqdm=True, save_strategy="no"),
+        )  # fmt: skip
+        run.run()
+        fvu[name] = run.state.record("cycles", "1")["metrics"]["eval_fvu"]
+        run.state.close()
+    print(fvu)
+    for name, value in fvu.items():
+        assert value < 1.25 * fvu["own"] + 0.05, fvu
+
+
+def test_a_cycle_stops_once_its_tracked_selection_is_stable(tiny_lm_dir, tmp_path):
+    run = Distillation(
+        DistillationArguments(num_cycles=1), SAEArguments(dict_size=256, k=8),
+        tiny_activation_args(tiny_lm_dir, num_tokens=6000, activation_cache=str(tmp_path / "cache")),
+        AttributionArguments(attribution_tokens=1000, tau=0.8, track_selection_steps=5, stop_at_selection_overlap=0.05,
+                             selection_patience=2),
+        DMSAETrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=200, report_to="none",
+                               disable_tqdm=True, save_strategy="no"),
+    )  # fmt: skip
+    run.run()
+    for t in ("0", "1"):
+        cycle = run.state.record("cycles", t)
+        jaccards = [entry["selection_jaccard_last"] for entry in cycle["track"][1:]]
+        assert cycle["steps"] == 15 < 30 and all(j >= 0.05 for j in jaccards[:2]), cycle["track"]
+        assert DMSAECore.from_pretrained(run.output_dir / cycle["core"]).provenance["stopped_at_step"] == 15
+    run.state.close()

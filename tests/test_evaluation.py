@@ -33,7 +33,7 @@ def test_metric_modules_load_with_evaluate_and_compute_their_definitions():
     for rows in (slice(0, 20), slice(20, 50)):
         fvu.add(**fvu_sums(x[rows], x_hat[rows]))
     expected = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    assert fvu.compute()["fvu"] == pytest.approx(float(expected), rel=1e-9)
+    assert fvu.compute()["fvu"] == pytest.approx(float(expected), rel=1e-6)  # float32 temporaries, float64 sums
     assert load_metric("l0").compute(core_active=[0, 3], noncore_active=[5, 2], rows=[1, 1]) == {
         "l0_core": 1.5, "l0_noncore": 3.5, "l0": 5.0}  # fmt: skip
     dead = load_metric("dead_latents").compute(fired_latents=[[3], [0, 3], []], dict_size=4)
