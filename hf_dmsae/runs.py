@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .activations import ActivationArguments, ActivationStream, Harvester, StreamStatistics, shuffled_windows
@@ -278,12 +279,16 @@ class RunData:
         ends: list[StreamPosition] = []
 
         def blocks():
+            total = piece.rows or piece.sequences * self.args.body_length
+            progress = tqdm(total=total, desc=f"harvesting {piece.name}" + (" (with gradients)" if gradients else ""),
+                            unit="tok", unit_scale=True, disable=self.training_args.process_index != 0)  # fmt: skip
             batches = self.harvester.batches(piece.split, piece.start, max_sequences=piece.sequences,
                                              with_gradient=gradients, batch_size=lm_batch_size)  # fmt: skip
-            for window in shuffled_windows(batches, self.args.shuffle_buffer_tokens, self.args.harvest_seed,
-                                           limit=piece.rows):  # fmt: skip
+            for window in shuffled_windows(_counted(batches, progress), self.args.shuffle_buffer_tokens,
+                                           self.args.harvest_seed, limit=piece.rows):  # fmt: skip
                 ends.append(window.end)
                 yield window.tensors
+            progress.close()
 
         with self.training_args.main_process_first(desc=f"cache {piece.name}"):
             cache = cls.build(path, identity, blocks(), piece.rows, self.args.cache_dtype,
@@ -356,6 +361,13 @@ class RunData:
         batches = self.harvester.batches(piece.split, piece.start, max_sequences=piece.sequences,
                                          with_gradient=True, batch_size=lm_batch_size)  # fmt: skip
         return (w.tensors for w in shuffled_windows(batches, self.args.shuffle_buffer_tokens, self.args.harvest_seed))
+
+
+def _counted(batches, progress):
+    """Pass harvested batches through, counting their rows on a progress bar."""
+    for batch in batches:
+        progress.update(len(batch))
+        yield batch
 
 
 def sae_config(sae: SAEArguments, acts: ActivationArguments, data: RunData, **overrides) -> DMSAEConfig:
