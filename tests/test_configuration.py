@@ -58,3 +58,12 @@ def test_sparse_core_k_is_checked_against_the_whole_dictionary():
 def test_a_value_of_the_wrong_type_gets_an_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"DMSAEConfig\.{field}=.* must be of type"):
         DMSAEConfig(**{"d_in": 8, "dict_size": 64, "k": 4, field: value})
+
+
+def test_sae_arguments_are_checked_when_parsed_before_any_harvesting():
+    from hf_dmsae.runs import SAEArguments
+
+    with pytest.raises(ValueError, match=r"k=5000 is invalid: must lie in \[1, dict_size=4096\]"):
+        SAEArguments(dict_size=4096, k=5000)
+    with pytest.raises(ValueError, match="group_fractions=.* is invalid"):
+        SAEArguments(group_fractions=[0.5, 0.6])

@@ -166,3 +166,13 @@ def test_folders_resolve_locally_or_from_a_hub_subfolder_at_a_revision(tmp_path)
         resolve_folder("org/release/layer_9")
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a readable Hub repo"):
         resolve_folder("org/no-such-repo")
+
+
+def test_a_core_with_inconsistent_tensors_is_refused():
+    core = small_core()
+    with pytest.raises(ValueError, match=r"one encoder row, id and score per latent: rows \(3, 16\), 3 ids, 2 scores"):
+        DMSAECore(encoder_rows=core.encoder_rows, latent_ids=core.latent_ids, scores=core.scores[:2],
+                  pool_ids=core.pool_ids, pool_scores=core.pool_scores, coverage_curve=core.coverage_curve)  # fmt: skip
+    with pytest.raises(ValueError, match="one score and coverage value per id: 4 ids, 4 scores, 3 coverage"):
+        DMSAECore(encoder_rows=core.encoder_rows, latent_ids=core.latent_ids, scores=core.scores,
+                  pool_ids=core.pool_ids, pool_scores=core.pool_scores, coverage_curve=core.coverage_curve[:3])  # fmt: skip

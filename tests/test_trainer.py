@@ -15,6 +15,7 @@ from transformers import AutoModel
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.evaluation import activation_metrics
+from hf_dmsae.integrity import IntegrityError
 from hf_dmsae.runs import RunState, SAEArguments, arguments_identity, last_complete_checkpoint
 from hf_dmsae.trainer import DMSAETrainer, DMSAETrainingArguments, TrainingDivergedError
 
@@ -163,6 +164,10 @@ def test_a_rerun_with_other_arguments_is_refused_naming_them(tmp_path, tiny_lm_d
         RunState(tmp_path / "run", "train", arguments_identity(sae, activations, other), writer=True)
     with pytest.raises(ValueError, match="holds a train run, not a distillation run"):
         RunState(tmp_path / "run", "distillation", {}, writer=True)
+    state_file = tmp_path / "run" / "state.json"
+    state_file.write_text(state_file.read_text()[:40])  # truncated, as a full disk leaves it
+    with pytest.raises(IntegrityError, match=r"run/state.json is damaged or truncated"):
+        RunState(tmp_path / "run", "train", arguments_identity(sae, activations, first), writer=True)
 
 
 def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, tiny_lm_dir, caches):
