@@ -4,6 +4,8 @@ VENV ?= .venv
 # The CPU wheel of this machine; on a GPU machine use e.g. `make TORCH=torch test` to keep a CUDA build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
+LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
 .PHONY: setup test demo report bench clean
 
@@ -20,13 +22,13 @@ test: setup
 	$(BIN)/python -m pytest
 
 demo: setup
-	$(BIN)/accelerate launch --num_processes 1 scripts/distill.py configs/smollm2-135m.json
+	$(LAUNCH) scripts/distill.py configs/smollm2-135m.json
 
 # The study on the embedded default: the demo's distillation (with its random-core control), transfer at k 16, 32, 64
 # with SAEBench's offline evals, the synthetic ground-truth benchmark, gathered in reports/smollm2-135m/.
 CORE := runs/smollm2-135m-l15/repos/local__dmsae-smollm2-135m-l15-core-distilled
 report: demo
-	$(BIN)/accelerate launch --num_processes 1 scripts/transfer.py configs/smollm2-135m.json --core $(CORE) \
+	$(LAUNCH) scripts/transfer.py configs/smollm2-135m.json --core $(CORE) \
 		--output_dir runs/transfer --ks 16 32 64 --ce_batches 4 \
 		--saebench_evals core sparse_probing_sae_probes meta_structure --meta_structure_steps 500
 	$(BIN)/python scripts/synthetic.py --output_dir runs/synthetic

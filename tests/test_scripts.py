@@ -166,3 +166,15 @@ def test_every_option_of_every_script_is_documented():
         assert process.returncode == 0, err[-3000:]
         assert out.count("\n  --") > 3, out
         assert not undocumented_options(out), f"{script}.py options without help: {undocumented_options(out)}"
+
+
+def test_bench_times_every_implementation_and_attribution(tmp_path):
+    result = run_script("bench", "--sizes", 256, "--steps", 1, "--out", tmp_path / "bench.json")
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    timed = {row["name"] for row in report["training_steps"] if "median_s" in row}
+    assert {"limit (encoder matmul + ReLU)", "dmsae, dense core 2% (sparse kernels)",
+            "sae_lens MatryoshkaBatchTopKTrainingSAE", "dictionary_learning MatryoshkaBatchTopKTrainer"} <= timed
+    lm = report["lm"]
+    assert lm["attribution_cached_tok_per_s"] > 0 and lm["attribution_live_tok_per_s"] > 0
+    assert "tok/s from cached (x, g) pairs" in result.stdout
