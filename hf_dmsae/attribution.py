@@ -190,7 +190,9 @@ class AttributionArguments:
 
     attribution_tokens: int = field(
         default=16_384,
-        metadata={"help": "Token positions of the attribution split (held out from training) scored for every core."},
+        metadata={"help": "Token positions of the attribution split (held out from training), each scored for every "
+                  "core; positions a training run would drop (BOS, special tokens, outliers) are dropped here too, "
+                  "so a few percent fewer are scored."},
     )
     attribution_batch_size: int = field(default=8, metadata={"help": "Sequences per LM forward + backward."})
     q: float = field(default=0.99, metadata={"help": "Quantile of |GxA| over positions that scores a latent."})

@@ -39,7 +39,7 @@ from .hub import core_repo_name, publish_all, resolve_folder, write_core_repo, w
 from .integrity import IntegrityError, file_sha256
 from .language_model import lm_width
 from .modeling_dmsae import DMSAEModel
-from .runs import RunData, RunState, SAEArguments, arguments_identity, sae_config, train_sae
+from .runs import RunData, RunState, SAEArguments, arguments_identity, load_trained_model, sae_config, train_sae
 from .trainer import DMSAETrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class Distillation:
         random_init = dataclasses.replace(distilled, encoder_rows=rows / rows.norm(dim=1, keepdim=True),
                                           latent_ids=[f"random:{i}" for i in range(len(distilled))],
                                           scores=torch.zeros(len(distilled)))  # fmt: skip
-        last_model = DMSAEModel.from_pretrained(self.output_dir / f"cycle{last}")
+        last_model = load_trained_model(self.output_dir / f"cycle{last}")
         ids = last_model.config.latent_ids()
         outside = [j for j, i in enumerate(ids) if i not in set(distilled.latent_ids)]
         picked = [outside[j] for j in torch.randperm(len(outside), generator=generator)[: len(distilled)]]
@@ -314,7 +314,7 @@ class Distillation:
         items.append((write_core_repo(distilled, self._repo_folder(repo), repo, datasets=datasets,
                                       carry_over=self.carry_over(), figures=plots[:2]), repo))  # fmt: skip
         if (self.output_dir / f"cycle{self.last_cycle}" / "model.safetensors").is_file():
-            last = DMSAEModel.from_pretrained(self.output_dir / f"cycle{self.last_cycle}")
+            last = load_trained_model(self.output_dir / f"cycle{self.last_cycle}")
             metrics = self.state.record("cycles", str(self.last_cycle)).get("metrics", {})
             items.append((write_model_repo(last, self._repo_folder(self.model_repo), self.model_repo, datasets=datasets,
                                            metrics={k: round(v, 4) for k, v in metrics.items()}), self.model_repo))  # fmt: skip

@@ -29,7 +29,7 @@ from transformers import HfArgumentParser
 from .activations import ActivationArguments, ActivationStream, Harvester, StreamStatistics, shuffled_windows
 from .cache import ActivationCache, AttributionCache, identity_difference
 from .configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, DMSAEConfig, matryoshka_group_sizes
-from .integrity import IntegrityError, read_json, verify_checksums, write_json_atomically
+from .integrity import IntegrityError, checksums, read_json, verify_checksums, write_json_atomically
 from .language_model import load_language_model, weights_digest
 from .modeling_dmsae import DMSAEModel
 from .slices import SliceLayout, TokenSlice
@@ -412,6 +412,19 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def load_trained_model(folder: str | Path) -> DMSAEModel:
+    """The model `train_sae` saved in `folder`, refused if its files changed since (their checksums are written
+    after them)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        raise IntegrityError(f"{folder} has no {CHECKSUMS}: its model was not saved by a finished training run")
+    verify_checksums(folder, read_json(folder / CHECKSUMS))
+    return DMSAEModel.from_pretrained(folder)
+
+
 def training_steps(piece: TokenSlice, args: DMSAETrainingArguments) -> int:
     """Optimiser steps that read `piece.rows` rows over all processes (or `max_steps`, if given)."""
     if args.max_steps > 0:
@@ -439,6 +452,9 @@ def train_sae(model: DMSAEModel, data: RunData, piece: TokenSlice, args: DMSAETr
         logger.info("Resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(args.output_dir)
+    if args.should_save:
+        write_json_atomically(Path(args.output_dir) / CHECKSUMS, checksums(args.output_dir, list(MODEL_FILES)))
+    trainer.accelerator.wait_for_everyone()
     data.finish_slice(piece, train)
     return trainer
 

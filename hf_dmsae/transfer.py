@@ -22,7 +22,7 @@ from .core import DMSAECore
 from .evaluation import activation_metrics, ce_loss_recovered
 from .hub import resolve_folder
 from .modeling_dmsae import DMSAEModel
-from .runs import RunData, RunState, SAEArguments, arguments_identity, sae_config, train_sae
+from .runs import RunData, RunState, SAEArguments, arguments_identity, load_trained_model, sae_config, train_sae
 from .saebench import HEADLINE_METRICS, SAEBenchArguments, headline_metrics
 from .trainer import DMSAETrainingArguments
 
@@ -118,7 +118,7 @@ class Transfer:
         process waits in a collective meanwhile)."""
         for name, result in self.results.items():
             if "saebench" not in result:
-                result["saebench"] = self.saebench.run(name, DMSAEModel.from_pretrained(self.output_dir / name))
+                result["saebench"] = self.saebench.run(name, load_trained_model(self.output_dir / name))
                 result |= headline_metrics(result["saebench"])
                 self.state.save()
 

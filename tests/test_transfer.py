@@ -8,7 +8,8 @@ from conftest import tiny_activation_args
 
 from hf_dmsae import DMSAEModel
 from hf_dmsae.core import DMSAECore
-from hf_dmsae.runs import SAEArguments
+from hf_dmsae.integrity import IntegrityError
+from hf_dmsae.runs import SAEArguments, load_trained_model
 from hf_dmsae.saebench import SAEBenchArguments
 from hf_dmsae.trainer import DMSAETrainingArguments
 from hf_dmsae.transfer import Transfer, TransferArguments
@@ -60,3 +61,11 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
     rerun.state.close()
     with pytest.raises(ValueError, match="inputs.core: recorded"):
         Transfer(TransferArguments(core=str(tmp_path / "other-core"), ks=[8, 16], ce_batches=2), *arguments[1:])
+
+    # A trained model is read back (for SAEBench, the controls, publishing) only while its bytes are the ones saved.
+    assert torch.equal(load_trained_model(weights.parent).W_dec, dense.W_dec)
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x40
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="k16-dense_core/model.safetensors changed since it was written"):
+        load_trained_model(weights.parent)
