@@ -1,8 +1,11 @@
-"""dictionary_learning's Matryoshka BatchTopK checkpoints (SAEBench's format, docs/method.md §6) in and out.
+"""Other libraries' SAE formats in and out (docs/method.md §6).
 
-A checkpoint folder holds `ae.pt` (a state dict: `W_enc [d, n]` — transposed against ours —, `b_enc [n]`,
-`W_dec [n, d]`, `b_dec [d]`, `k`, `threshold`, `group_sizes`) and `config.json` (`{"trainer": {...}, "buffer":
-{...}}`). Its weights act on raw activations, with one global inference threshold on every latent.
+- dictionary_learning's Matryoshka BatchTopK checkpoints (SAEBench's releases): a folder with `ae.pt` (a state dict:
+  `W_enc [d, n]` — transposed against ours —, `b_enc [n]`, `W_dec [n, d]`, `b_dec [d]`, `k`, `threshold`,
+  `group_sizes`) and `config.json` (`{"trainer": {...}, "buffer": {...}}`). Its weights act on raw activations, with
+  one global inference threshold on every latent.
+- SAELens (what Neuronpedia and SAELens' users load): a folder with `cfg.json` and `sae_weights.safetensors`. At
+  inference a DMSAE is a JumpReLU SAE, so it is written as one, by SAELens' own classes.
 """
 
 from __future__ import annotations
@@ -75,6 +78,43 @@ def load_dictionary_learning(folder: str | Path, cycle: int = 0) -> DMSAEModel:
         model.b_dec.copy_(state["b_dec"])
         model.threshold.copy_(state["threshold"])
     return model
+
+
+def hook_point(config: DMSAEConfig) -> str:
+    """The hook's TransformerLens name, as SAELens, SAEBench and Neuronpedia name it (`blocks.12.hook_resid_post`)."""
+    if config.hook_layer is None or config.hook_name is None:
+        raise ValueError("the DMSAE's config must name its hook (hook_layer and hook_name)")
+    return f"blocks.{config.hook_layer}.hook_{config.hook_name}"
+
+
+def save_sae_lens(model: DMSAEModel, folder: str | Path) -> Path:
+    """Write `model` as the SAELens JumpReLU SAE it is at inference (`cfg.json` + `sae_weights.safetensors`, loaded
+    by `sae_lens.SAE.load_from_disk`): per-latent threshold 0 on the dense core (ReLU only) and the calibrated
+    threshold on every masked latent. The normalisation factor `s` is folded in (`W_enc/s`, `s·W_dec`, `s·b_dec`),
+    so it reads raw activations and gives the same latents and reconstructions as the DMSAE; decoder rows then have
+    norm `s`. The DMSAE's own settings (core, groups, sparsity, k) travel in the config's metadata."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    config, scale = model.config, model.config.norm_factor
+    if float(model.threshold) < 0:
+        raise ValueError("the model has no inference threshold yet: train it or call calibrate_threshold first")
+    threshold = torch.full((config.dict_size,), float(model.threshold))
+    threshold[: config.first_masked_latent] = 0.0
+    metadata = SAEMetadata(
+        model_name=config.base_model, hook_name=hook_point(config), hook_layer=config.hook_layer,
+        dmsae={"core_size": config.core_size, "core_ids": list(config.core_ids), "sparsity": config.sparsity,
+               "k": config.k, "k_noncore": config.k_noncore, "group_sizes": list(config.group_sizes),
+               "norm_factor": scale, "cycle": config.cycle},
+    )  # fmt: skip
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=config.d_in, d_sae=config.dict_size, dtype="float32", metadata=metadata))
+    weights = {"W_enc": model.W_enc.detach().float().cpu().div(scale).T.contiguous(),
+               "b_enc": model.b_enc.detach().float().cpu().clone(),
+               "W_dec": model.W_dec.detach().float().cpu().mul(scale),
+               "b_dec": model.b_dec.detach().float().cpu().mul(scale), "threshold": threshold}  # fmt: skip
+    sae.load_state_dict(weights)
+    sae.save_model(folder)
+    return Path(folder)
 
 
 def save_dictionary_learning(model: DMSAEModel, folder: str | Path) -> Path:

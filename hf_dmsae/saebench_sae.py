@@ -15,6 +15,7 @@ import torch
 from sae_bench.custom_saes.base_sae import BaseSAE
 
 from .embedded import resolve_model
+from .formats import hook_point
 from .modeling_dmsae import DMSAEModel
 
 
@@ -31,10 +32,8 @@ class SAEBenchSAE(BaseSAE):
     def __init__(self, sae: DMSAEModel, model_name: str, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):  # fmt: skip
         config = sae.config
-        if config.hook_layer is None or config.hook_name is None:
-            raise ValueError("the DMSAE's config must name its hook (hook_layer and hook_name) for SAEBench")
         super().__init__(config.d_in, config.dict_size, model_name, config.hook_layer, torch.device(device), dtype,
-                         hook_name=f"blocks.{config.hook_layer}.hook_{config.hook_name}")  # fmt: skip
+                         hook_name=hook_point(config))  # fmt: skip
         self.sae = sae.eval()
         self.scale = config.norm_factor
         with torch.no_grad():

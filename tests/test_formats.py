@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -65,3 +66,32 @@ def test_export_is_read_by_saebench_with_the_same_outputs(tmp_path):
 
     reloaded = load_dictionary_learning(tmp_path / "export").eval()
     torch.testing.assert_close(reloaded.decode(reloaded.encode(x)), model.decode(model.encode(x)))
+
+
+def test_sae_lens_export_loads_with_sae_lens_and_gives_the_same_latents(tmp_path):
+    from sae_lens import SAE
+
+    from hf_dmsae.formats import save_sae_lens
+
+    model = tiny_model(norm_factor=4.0, base_model="google/gemma-2-2b", hook_layer=12, hook_name="resid_post")
+    with pytest.raises(ValueError, match="no inference threshold yet"):
+        save_sae_lens(model, tmp_path / "too-early")
+    model.train()
+    for _ in range(5):
+        model(torch.randn(64, 16) * 4)
+    model.eval()
+    save_sae_lens(model, tmp_path / "sae_lens")
+    sae = SAE.load_from_disk(tmp_path / "sae_lens")  # SAELens' own loader
+    assert sae.cfg.architecture() == "jumprelu" and sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
+    assert sae.cfg.metadata.dmsae["core_ids"] == model.config.core_ids
+
+    x = torch.randn(256, 16) * 4
+    with torch.no_grad():
+        ours, theirs = model.encode(x), sae.encode(x)
+        pre = model._relu_preactivations(x / 4.0)
+        # The folded weights round differently: masks are compared where rounding cannot flip them, values to rounding.
+        clear = (pre - model.threshold).abs() > 1e-4
+        clear[:, : model.config.core_size] = True
+        assert torch.equal((ours > 0)[clear], (theirs > 0)[clear]) and (ours[:, : model.config.core_size] > 0).any()
+        torch.testing.assert_close(theirs[clear], ours[clear], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.decode(ours), model.decode(ours), rtol=1e-5, atol=1e-4)
