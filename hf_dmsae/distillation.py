@@ -1,7 +1,8 @@
 """The distillation cycles (Algorithm 1), the distilled core (Eq. 8) and the controls (Fig. 3); docs/method.md §4.
 
-Cycle 0 is a plain Matryoshka SAE (a dictionary_learning checkpoint, local or on the Hub, or trained here); cycle
-t ≥ 1 is a new DMSAE whose frozen core rows are the encoder rows selected in cycle t−1, everything else reinitialised.
+Cycle 0 is a plain SAE (a dictionary_learning Matryoshka checkpoint or a SAELens SAE, local or on the Hub, or a
+Matryoshka SAE trained here); cycle t ≥ 1 is a new DMSAE whose frozen core rows are the encoder rows selected in
+cycle t−1, everything else reinitialised.
 Each cycle trains on its own slice of the token stream (fresh tokens, disjoint from every other slice), with the same
 non-core BatchTopK target `k_noncore`, and is scored on the attribution split, which no cycle trains on. The distilled
 core is `C^(T) ∩ C^(T−1)` by latent id.
@@ -34,7 +35,7 @@ from .activations import ActivationArguments
 from .attribution import Attribution, AttributionArguments, AttributionCallback, jaccard
 from .core import DMSAECore
 from .evaluation import activation_metrics
-from .formats import check_checkpoint_fits, load_dictionary_learning
+from .formats import check_checkpoint_fits, checkpoint_weights, load_cycle0
 from .hub import core_repo_name, publish_all, resolve_folder, write_core_repo, write_model_repo
 from .integrity import IntegrityError, file_sha256
 from .language_model import lm_width
@@ -54,8 +55,13 @@ class DistillationArguments:
     num_cycles: int = field(default=2, metadata={"help": "Cycles T after cycle 0; the distilled core needs T ≥ 1."})
     cycle0_checkpoint: str | None = field(
         default=None,
-        metadata={"help": "dictionary_learning Matryoshka checkpoint used as cycle 0: a folder with ae.pt and "
-                  "config.json, or a Hub repo id org/name[/subfolder][@revision]."},
+        metadata={"help": "SAE used as cycle 0: a dictionary_learning Matryoshka checkpoint (ae.pt, config.json) or a "
+                  "SAELens SAE (cfg.json, sae_weights.safetensors; standard, TopK or JumpReLU), as a local folder or "
+                  "a Hub repo id org/name[/subfolder][@revision]."},
+    )
+    cycle0_k: int | None = field(
+        default=None,
+        metadata={"help": "BatchTopK target that scores a SAELens JumpReLU or standard cycle 0 (they record no k)."},
     )
     random_core_control: bool = field(
         default=False,
@@ -77,6 +83,8 @@ class DistillationArguments:
             raise ValueError(f"num_cycles={self.num_cycles} is invalid: the distilled core needs at least 1 cycle")
         if not 0.0 <= self.stop_cycles_at_overlap <= 1.0:
             raise ValueError(f"stop_cycles_at_overlap={self.stop_cycles_at_overlap} is invalid: must lie in [0, 1]")
+        if self.cycle0_k is not None and self.cycle0_k < 1:
+            raise ValueError(f"cycle0_k={self.cycle0_k} is invalid: must be at least 1")
         if self.random_core_control and not self.control_seeds:
             raise ValueError("random_core_control needs at least one control seed")
 
@@ -110,7 +118,7 @@ class Distillation:
         if distillation.cycle0_checkpoint:  # checked against the LM's config now, before any harvesting
             self.cycle0 = resolve_folder(distillation.cycle0_checkpoint, token=training.hub_token)
             check_checkpoint_fits(self.cycle0, activations, lm_width(activations))
-            identity["inputs.cycle0_checkpoint"] = file_sha256(self.cycle0 / "ae.pt")
+            identity["inputs.cycle0_checkpoint"] = file_sha256(checkpoint_weights(self.cycle0))
         self.state = RunState(self.output_dir, "distillation", identity, writer=training.process_index == 0)
         self.model_repo = distillation.model_repo or training.hub_model_id or default_model_repo(activations)
 
@@ -162,7 +170,7 @@ class Distillation:
             return self._load_core(record)
         folder = self.output_dir / f"cycle{t}"
         if t == 0 and self.cycle0 is not None:
-            model = load_dictionary_learning(self.cycle0).to(self.training_args.device)
+            model = load_cycle0(self.cycle0, k=self.args.cycle0_k).to(self.training_args.device)
             core = self.attribution.select(model.eval(), cycle=0, source_model=self.args.cycle0_checkpoint)
             metrics = self.held_out_metrics(model)
         else:

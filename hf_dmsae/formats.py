@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -33,23 +34,98 @@ def _trainer_config(folder: Path) -> dict:
     return trainer
 
 
+SAE_LENS_FILES = ("cfg.json", "sae_weights.safetensors")
+SAE_LENS_ARCHITECTURES = ("standard", "topk", "jumprelu")
+
+
+def checkpoint_weights(folder: str | Path) -> Path:
+    """The weights file of a cycle-0 checkpoint: dictionary_learning's `ae.pt` or SAELens' safetensors."""
+    folder = Path(folder)
+    if all((folder / name).is_file() for name in SAE_LENS_FILES):
+        return folder / SAE_LENS_FILES[1]
+    _trainer_config(folder)
+    return folder / "ae.pt"
+
+
+def _checkpoint_target(folder: Path) -> tuple[int, int | None, str]:
+    """`(d_in, layer, LM name)` a cycle-0 checkpoint was trained for."""
+    if checkpoint_weights(folder).name == SAE_LENS_FILES[1]:
+        cfg = read_json(folder / "cfg.json")
+        metadata = cfg.get("metadata") or {}
+        hook = re.fullmatch(r"blocks\.(\d+)\.hook_\w+", str(metadata.get("hook_name") or ""))
+        return int(cfg["d_in"]), int(hook.group(1)) if hook else None, str(metadata.get("model_name") or "")
+    trainer = _trainer_config(folder)
+    d_in = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)["W_enc"].shape[0]
+    return d_in, trainer.get("layer"), str(trainer.get("lm_name") or "")
+
+
 def check_checkpoint_fits(folder: str | Path, activations, d_in: int) -> None:
     """Refuse a checkpoint made for another LM, layer or width than the run's activations (`ActivationArguments`),
     naming what differs. LM names are compared by their last path component (a local copy of a Hub model fits)."""
     folder = Path(folder)
-    trainer = _trainer_config(folder)
-    state = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
-    recorded_lm = str(trainer.get("lm_name") or "")
+    width, layer, recorded_lm = _checkpoint_target(folder)
     differences = []
-    if state["W_enc"].shape[0] != d_in:
-        differences.append(f"width {state['W_enc'].shape[0]} (the run's activations: {d_in})")
-    if trainer.get("layer") is not None and trainer["layer"] != activations.hook_layer:
-        differences.append(f"layer {trainer['layer']} (the run's hook_layer: {activations.hook_layer})")
+    if width != d_in:
+        differences.append(f"width {width} (the run's activations: {d_in})")
+    if layer is not None and layer != activations.hook_layer:
+        differences.append(f"layer {layer} (the run's hook_layer: {activations.hook_layer})")
     run_lm = activations.model_name_or_path.rstrip("/").split("/")[-1].lower()
     if recorded_lm and recorded_lm.rstrip("/").split("/")[-1].lower() != run_lm:
         differences.append(f"LM {recorded_lm!r} (the run's: {activations.model_name_or_path!r})")
     if differences:
         raise ValueError(f"{folder} was trained for another model: {'; '.join(differences)}")
+
+
+def load_cycle0(folder: str | Path, k: int | None = None) -> DMSAEModel:
+    """A cycle-0 checkpoint of either format as a coreless `DMSAEModel` (`k`: see `load_sae_lens`)."""
+    if checkpoint_weights(folder).name == SAE_LENS_FILES[1]:
+        return load_sae_lens(folder, k=k)
+    return load_dictionary_learning(folder)
+
+
+def load_sae_lens(folder: str | Path, cycle: int = 0, k: int | None = None) -> DMSAEModel:
+    """A SAELens SAE (standard, TopK or JumpReLU; SAELens saves BatchTopK and Matryoshka BatchTopK SAEs as JumpReLU),
+    read by SAELens' own loader, as a coreless `DMSAEModel` for distillation cycle 0.
+
+    Decoder norms are folded into the encoder (as SAELens' `fold_W_dec_norm` does), so every row is a gain along a
+    unit decoder direction, like ours; without `apply_b_dec_to_input`, `b_dec`'s effect moves into `b_enc`. The model
+    reads raw activations (norm factor 1) and has one group (the saved format records no Matryoshka groups), so every
+    latent is a candidate. Attribution masks its latents by BatchTopK at `k`: the SAE's own `k` (TopK), or the `k`
+    given, which a JumpReLU or standard SAE does not record; the inference threshold is left unset, so held-out
+    metrics use the same masks."""
+    from sae_lens import SAE
+
+    folder = Path(folder)
+    sae = SAE.load_from_disk(folder)
+    cfg, architecture = sae.cfg, sae.cfg.architecture()
+    if architecture not in SAE_LENS_ARCHITECTURES:
+        raise ValueError(f"{folder} holds a SAELens {architecture!r} SAE; cycle 0 takes {SAE_LENS_ARCHITECTURES}")
+    if cfg.normalize_activations != "none":
+        raise ValueError(f"{folder}: normalize_activations={cfg.normalize_activations!r} cannot be folded into the "
+                         "weights; only 'none' is taken")  # fmt: skip
+    k = getattr(cfg, "k", None) or k
+    if k is None:
+        raise ValueError(f"{folder} holds a SAELens {architecture} SAE, which records no k: give the BatchTopK target "
+                         "its latents are scored with (cycle0_k)")  # fmt: skip
+    with torch.no_grad():
+        W_enc, W_dec = sae.W_enc.detach().float().T.clone(), sae.W_dec.detach().float().clone()
+        b_enc, b_dec = sae.b_enc.detach().float().clone(), sae.b_dec.detach().float().clone()
+        if not cfg.apply_b_dec_to_input:
+            b_enc += W_enc @ b_dec  # ours encodes x − b_dec
+        norms = W_dec.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+        metadata = cfg.metadata
+        hook = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", str(metadata.hook_name or ""))
+        config = DMSAEConfig(
+            d_in=cfg.d_in, dict_size=cfg.d_sae, group_sizes=[cfg.d_sae], k=int(k), k_noncore=int(k), cycle=cycle,
+            base_model=metadata.model_name, hook_layer=int(hook.group(1)) if hook else None,
+            hook_name=hook.group(2) if hook else None,
+        )  # fmt: skip
+        model = DMSAEModel(config)
+        model.W_enc_trainable.copy_(W_enc * norms[:, None])
+        model.b_enc.copy_(b_enc * norms)
+        model.W_dec.copy_(W_dec / norms[:, None])
+        model.b_dec.copy_(b_dec)
+    return model
 
 
 def load_dictionary_learning(folder: str | Path, cycle: int = 0) -> DMSAEModel:

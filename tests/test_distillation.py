@@ -17,6 +17,7 @@ from hf_dmsae.attribution import AttributionArguments
 from hf_dmsae.cache import ActivationCache
 from hf_dmsae.core import DMSAECore
 from hf_dmsae.distillation import Distillation, DistillationArguments
+from hf_dmsae.formats import load_cycle0
 from hf_dmsae.language_model import load_language_model
 from hf_dmsae.runs import SAEArguments
 from hf_dmsae.slices import SliceLayout
@@ -327,4 +328,31 @@ def test_a_cycle_stops_once_its_tracked_selection_is_stable(tiny_lm_dir, tmp_pat
         jaccards = [entry["selection_jaccard_last"] for entry in cycle["track"][1:]]
         assert cycle["steps"] == 15 < 30 and all(j >= 0.05 for j in jaccards[:2]), cycle["track"]
         assert DMSAECore.from_pretrained(run.output_dir / cycle["core"]).provenance["stopped_at_step"] == 15
+    run.state.close()
+
+
+def test_a_sae_lens_sae_seeds_cycle_zero_and_is_checked_against_the_run(tiny_lm_dir, tmp_path):
+    from test_formats import write_sae_lens_sae
+
+    write_sae_lens_sae(tmp_path / "sae", "jumprelu", d=32, n=128, model_name=str(tiny_lm_dir),
+                       hook_name="blocks.2.hook_resid_post")  # fmt: skip
+
+    def distillation(cycle0_k=8, **activation_overrides) -> Distillation:
+        return Distillation(
+            DistillationArguments(cycle0_checkpoint=str(tmp_path / "sae"), cycle0_k=cycle0_k),
+            SAEArguments(dict_size=256, k=8),
+            tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), **activation_overrides),
+            AttributionArguments(attribution_tokens=600, tau=0.8),
+            DMSAETrainingArguments(output_dir=str(tmp_path / f"run{len(activation_overrides)}")),
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"trained for another model: layer 2 \(the run's hook_layer: 1\)"):
+        distillation(hook_layer=1)
+    run = distillation()
+    run.attribution
+    core = run._cycle(0, None)
+    cycle0 = load_cycle0(tmp_path / "sae", k=8)
+    indices = [int(i.split(":")[1]) for i in core.latent_ids]
+    assert 0 < len(core) and torch.equal(core.encoder_rows, cycle0.W_enc[indices].detach())
+    assert run.state.data["identity"]["inputs.cycle0_checkpoint"]
     run.state.close()

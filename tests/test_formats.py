@@ -95,3 +95,42 @@ def test_sae_lens_export_loads_with_sae_lens_and_gives_the_same_latents(tmp_path
         assert torch.equal((ours > 0)[clear], (theirs > 0)[clear]) and (ours[:, : model.config.core_size] > 0).any()
         torch.testing.assert_close(theirs[clear], ours[clear], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae.decode(ours), model.decode(ours), rtol=1e-5, atol=1e-4)
+
+
+def write_sae_lens_sae(folder, architecture="topk", d=16, n=64, **settings):
+    """A SAELens SAE with random weights and decoder rows of any norm, saved by SAELens' own `save_model`."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    metadata = SAEMetadata(model_name=settings.pop("model_name", "google/gemma-2-2b"),
+                           hook_name=settings.pop("hook_name", "blocks.12.hook_resid_post"))  # fmt: skip
+    cls, config_cls = {"topk": (TopKSAE, TopKSAEConfig), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig)}[architecture]
+    sae = cls(config_cls(d_in=d, d_sae=n, metadata=metadata, **settings))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.copy_(torch.rand_like(parameter) if parameter.ndim == 1 else torch.randn_like(parameter))
+    sae.save_model(folder)
+    return sae
+
+
+def test_a_sae_lens_sae_loads_as_cycle_zero_with_unit_decoder_rows(tmp_path):
+    from hf_dmsae.formats import load_cycle0
+
+    sae = write_sae_lens_sae(tmp_path / "topk", k=4, apply_b_dec_to_input=False)
+    model = load_cycle0(tmp_path / "topk")
+    assert model.config.k == 4 and model.config.group_sizes == [64] and model.config.hook_layer == 12
+    assert model.config.base_model == "google/gemma-2-2b" and model.config.latent_ids()[0] == "cycle0:0"
+    norms = sae.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(64))
+    x = torch.randn(32, 16) * 3
+    with torch.no_grad():
+        # Each latent is the SAE's own activation times its decoder norm: the same contribution to the reconstruction.
+        theirs = torch.relu(x @ sae.W_enc + sae.b_enc)
+        torch.testing.assert_close(model._relu_preactivations(x), theirs * norms, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.decode(theirs * norms), sae.decode(theirs), rtol=1e-5, atol=1e-4)
+
+    write_sae_lens_sae(tmp_path / "jumprelu", "jumprelu")
+    with pytest.raises(ValueError, match="records no k: give the BatchTopK target"):
+        load_cycle0(tmp_path / "jumprelu")
+    assert load_cycle0(tmp_path / "jumprelu", k=6).config.k == 6
