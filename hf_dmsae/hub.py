@@ -17,13 +17,17 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import get_token
 
 from .core import DMSAECore
-from .embedded import hub_name
+from .embedded import describe, hub_name
+from .formats import hook_point
 from .modeling_dmsae import DMSAEModel
 
 logger = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parent / "model_cards"
 TAGS = ["dmsae", "sparse-autoencoder", "matryoshka", "interpretability", "hf_dmsae"]
+LICENSE = "apache-2.0"  # the package's; the card says so, and the base model's terms apply to it
+# The held-out metrics a card reports (a run's log also holds runtimes and epochs, which are not the model's).
+CARD_METRICS = ("fvu", "l0", "l0_core", "l0_noncore", "dead_fraction", "ce_loss_recovered")
 
 
 class HubPushError(RuntimeError):
@@ -35,12 +39,25 @@ def core_repo_name(model_repo: str, cycle: int | None) -> str:
     return f"{model_repo}-core-distilled" if cycle is None else f"{model_repo}-core-cycle{cycle}"
 
 
+def hub_dataset_ids(datasets: list[str] | None) -> list[str]:
+    """The datasets that have a Hub id (`org/name`); embedded corpora and local paths have none."""
+    return [d for d in datasets or [] if ":" not in d and not Path(d).expanduser().exists()
+            and not d.startswith((".", "/", "~")) and d.count("/") == 1]  # fmt: skip
+
+
+def card_metrics(metrics: dict | None) -> dict[str, float]:
+    """`metrics` as a card reports them: the held-out metrics only, without the `eval_` prefix, rounded."""
+    named = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items()}
+    return {k: round(float(named[k]), 4) for k in CARD_METRICS if k in named}
+
+
 def _card_data(base_model: str | None, datasets: list[str] | None, **extra) -> ModelCardData:
     return ModelCardData(
         library_name="hf_dmsae",
+        license=LICENSE,
         tags=TAGS,
         base_model=hub_name(base_model) if base_model else None,
-        datasets=[hub_name(d) for d in datasets] if datasets else None,
+        datasets=hub_dataset_ids(datasets) or None,
         **extra,
     )
 
@@ -77,12 +94,19 @@ def write_model_repo(model: DMSAEModel, folder: str | Path, repo_id: str, *, dat
     """Save `model` (safetensors, config, remote code) with its model card (and figure files) into `folder`."""
     folder = Path(folder)
     model.save_pretrained(folder)
+    metrics = card_metrics(metrics)
+    config = model.config
     card = ModelCard.from_template(
-        _card_data(model.config.base_model, datasets, metrics=sorted(metrics or {})),
+        _card_data(config.base_model, datasets, metrics=sorted(metrics)),
         template_path=str(TEMPLATES / "model.md"),
         repo_id=repo_id,
-        config=model.config,
-        metrics=metrics or {},
+        config=config,
+        base_model=hub_name(config.base_model) if config.base_model else None,
+        hook_point=hook_point(config) if config.hook_layer is not None and config.hook_name else None,
+        hidden_state=config.hook_layer + (config.hook_name == "resid_post") if config.hook_layer is not None else None,
+        threshold=float(model.threshold),
+        datasets=[describe(d) for d in datasets or []],
+        metrics=metrics,
         figures=_copy_figures(folder, figures),
     )
     card.save(folder / "README.md")

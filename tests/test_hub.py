@@ -176,3 +176,21 @@ def test_a_core_with_inconsistent_tensors_is_refused():
     with pytest.raises(ValueError, match="one score and coverage value per id: 4 ids, 4 scores, 3 coverage"):
         DMSAECore(encoder_rows=core.encoder_rows, latent_ids=core.latent_ids, scores=core.scores,
                   pool_ids=core.pool_ids, pool_scores=core.pool_scores, coverage_curve=core.coverage_curve[:3])  # fmt: skip
+
+
+def test_a_model_card_names_its_hook_and_data_and_its_snippet_runs(tmp_path, tiny_lm_dir):
+    model = tiny_model(d_in=32, base_model=str(tiny_lm_dir), hook_layer=2, hook_name="resid_post")
+    model.threshold.fill_(0.05)
+    datasets = ["embedded:wiki-summaries", "monology/pile-uncopyrighted", str(tmp_path)]
+    metrics = {"eval_fvu": 0.281234, "eval_l0_core": 12.3, "eval_runtime": 3.2, "eval_samples_per_second": 9.0, "epoch": 1.0}
+    write_model_repo(model, tmp_path / "model", "org/card-dmsae", datasets=datasets, metrics=metrics)
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["monology/pile-uncopyrighted"]
+    assert card.data.metrics == ["fvu", "l0_core"] and "| fvu | 0.2812 |" in card.text and "runtime" not in card.text
+    assert "`blocks.2.hook_resid_post`" in card.text and "Wikipedia lead summaries" in card.text
+    # The usage snippet runs as written, against the pushed repo and the base model.
+    publish(tmp_path / "model", "org/card-dmsae", token=TOKEN)
+    snippet = card.text.split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(snippet, namespace)
+    assert namespace["latents"].shape[-1] == 128 and namespace["reconstruction"].shape == namespace["activations"].shape
