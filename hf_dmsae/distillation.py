@@ -27,7 +27,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from huggingface_hub.utils import get_token
 from transformers import set_seed
 
 from . import figures
@@ -36,7 +35,8 @@ from .attribution import Attribution, AttributionArguments, AttributionCallback,
 from .core import DMSAECore
 from .evaluation import activation_metrics
 from .formats import check_checkpoint_fits, checkpoint_weights, load_cycle0
-from .hub import core_repo_name, publish_all, resolve_folder, write_core_repo, write_model_repo
+from .hub import (check_push_token, core_repo_name, default_model_repo, publish_all, repo_folder, resolve_folder,
+                  write_core_repo, write_model_repo)
 from .integrity import IntegrityError, file_sha256
 from .language_model import lm_width
 from .modeling_dmsae import DMSAEModel
@@ -89,17 +89,6 @@ class DistillationArguments:
             raise ValueError("random_core_control needs at least one control seed")
 
 
-def default_model_repo(activation_args: ActivationArguments) -> str:
-    name = activation_args.model_name_or_path.replace("embedded:", "").rstrip("/").split("/")[-1].lower()
-    return f"dmsae-{name}-l{activation_args.hook_layer}"
-
-
-def check_push_token(training: DMSAETrainingArguments) -> None:
-    """A run that is to push must have a token before it spends hours training."""
-    if training.push_to_hub and not (training.hub_token or get_token()):
-        raise ValueError("push_to_hub needs a Hugging Face token (hub_token, HF_TOKEN or `hf auth login`)")
-
-
 class Distillation:
     """One distillation run; `run()` does every remaining step and returns the distilled core."""
 
@@ -107,7 +96,7 @@ class Distillation:
                  attribution: AttributionArguments, training: DMSAETrainingArguments):  # fmt: skip
         self.args, self.sae_args, self.activation_args = distillation, sae, activations
         self.attribution_args, self.training_args = attribution, training
-        check_push_token(training)
+        check_push_token(training.push_to_hub, training.hub_token)
         self.output_dir = Path(training.output_dir)
         self.k_noncore = sae.k_noncore if sae.k_noncore is not None else sae.k
         identity = arguments_identity(
@@ -317,20 +306,16 @@ class Distillation:
         items = []
         for t, core in enumerate(cores):
             repo = core_repo_name(self.model_repo, t)
-            items.append((write_core_repo(core, self._repo_folder(repo), repo, datasets=datasets), repo))
+            items.append((write_core_repo(core, repo_folder(self.output_dir, repo), repo, datasets=datasets), repo))
         repo = core_repo_name(self.model_repo, None)
-        items.append((write_core_repo(distilled, self._repo_folder(repo), repo, datasets=datasets,
+        items.append((write_core_repo(distilled, repo_folder(self.output_dir, repo), repo, datasets=datasets,
                                       carry_over=self.carry_over(), figures=plots[:2]), repo))  # fmt: skip
         if (self.output_dir / f"cycle{self.last_cycle}" / "model.safetensors").is_file():
             last = load_trained_model(self.output_dir / f"cycle{self.last_cycle}")
             metrics = self.state.record("cycles", str(self.last_cycle)).get("metrics", {})
-            items.append((write_model_repo(last, self._repo_folder(self.model_repo), self.model_repo, datasets=datasets,
-                                           metrics={k: round(v, 4) for k, v in metrics.items()}), self.model_repo))  # fmt: skip
+            items.append((write_model_repo(last, repo_folder(self.output_dir, self.model_repo), self.model_repo,
+                                           datasets=datasets, metrics=metrics), self.model_repo))  # fmt: skip
         publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)
 
     def figure(self, name: str) -> Path:
         return self.output_dir / "figures" / f"{name}.png"
-
-    def _repo_folder(self, repo_id: str) -> Path:
-        """Where the local copy of a repo lives: `<output_dir>/repos/<org>__<name>`."""
-        return self.output_dir / "repos" / repo_id.replace("/", "__")

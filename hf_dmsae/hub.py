@@ -34,6 +34,23 @@ class HubPushError(RuntimeError):
     """A push that failed for good; the local folder still holds everything."""
 
 
+def default_model_repo(activation_args) -> str:
+    """`dmsae-<lm>-l<layer>` for a run's `ActivationArguments`."""
+    name = activation_args.model_name_or_path.replace("embedded:", "").rstrip("/").split("/")[-1].lower()
+    return f"dmsae-{name}-l{activation_args.hook_layer}"
+
+
+def check_push_token(push_to_hub: bool, hub_token: str | None) -> None:
+    """A run that is to push must have a token before it spends hours training."""
+    if push_to_hub and not (hub_token or get_token()):
+        raise ValueError("push_to_hub needs a Hugging Face token (hub_token, HF_TOKEN or `hf auth login`)")
+
+
+def repo_folder(output_dir: str | Path, repo_id: str) -> Path:
+    """Where a run keeps the local copy of a repo: `<output_dir>/repos/<org>__<name>`."""
+    return Path(output_dir) / "repos" / repo_id.replace("/", "__")
+
+
 def core_repo_name(model_repo: str, cycle: int | None) -> str:
     """`org/dmsae-…-core-cycle{t}`, or `org/dmsae-…-core-distilled` for `cycle=None`."""
     return f"{model_repo}-core-distilled" if cycle is None else f"{model_repo}-core-cycle{cycle}"

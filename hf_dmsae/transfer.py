@@ -4,7 +4,8 @@ For every target L0 `k`: a DMSAE with the core's frozen rows in dense-core mode 
 sparse-core mode (one global BatchTopK of `k`), and a plain Matryoshka SAE; all on the same slice of the token
 stream, budget and seed. Each is evaluated on held-out data (FVU, L0s, dead fraction, CE loss recovered) and, if
 asked, with SAEBench's evals (`hf_dmsae.saebench`). Results are recorded in the run's `state.json` after every
-model, so re-running resumes (with the same core and settings only), and summarised in `report.md`.
+model, so re-running resumes (with the same core and settings only), and summarised in `report.md`. Every model is
+written as a repo with its model card (`<output_dir>/repos/`) and, with `push_to_hub`, pushed as one set.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from . import figures
 from .activations import ActivationArguments
 from .core import DMSAECore
 from .evaluation import activation_metrics, ce_loss_recovered
-from .hub import resolve_folder
+from .hub import check_push_token, default_model_repo, publish_all, repo_folder, resolve_folder, write_model_repo
 from .modeling_dmsae import DMSAEModel
 from .runs import RunData, RunState, SAEArguments, arguments_identity, load_trained_model, sae_config, train_sae
 from .saebench import HEADLINE_METRICS, SAEBenchArguments, headline_metrics
@@ -39,6 +40,11 @@ class TransferArguments:
     ks: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 320, 640], metadata={"help": "Target L0s."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Of {VARIANTS}."})
     ce_batches: int = field(default=8, metadata={"help": "Held-out LM batches for CE loss recovered."})
+    model_repo: str | None = field(
+        default=None,
+        metadata={"help": "Repo name stem of the trained models: each is <model_repo>-k<k>-<variant> (default: "
+                  "derived from the LM and layer)."},
+    )
 
     def __post_init__(self):
         unknown = set(self.variants) - set(VARIANTS)
@@ -59,7 +65,9 @@ class Transfer:
         self.core = DMSAECore.from_pretrained(resolve_folder(args.core, token=training.hub_token))
         if max(args.ks) > sae.dict_size:
             raise ValueError(f"ks={args.ks} is invalid: every k must be at most dict_size={sae.dict_size}")
-        identity = arguments_identity(args, sae, activations, training, exclude=("core", "ce_batches"))
+        check_push_token(training.push_to_hub, training.hub_token)
+        self.model_repo = args.model_repo or training.hub_model_id or default_model_repo(activations)
+        identity = arguments_identity(args, sae, activations, training, exclude=("core", "ce_batches", "model_repo"))
         identity["inputs.core"] = self.core.digest()
         self.state = RunState(self.output_dir, "transfer", identity, writer=training.process_index == 0)
         self.results: dict = self.state.record("results")
@@ -111,7 +119,22 @@ class Transfer:
                 self.state.save()
         if self.saebench is not None and self.training_args.process_index == 0:
             self.run_saebench()
+        self.publish()
         return self.results
+
+    def publish(self) -> None:
+        """Write every trained model as a repo with its card, named `<model_repo>-<name>`, and push them as one set
+        with `push_to_hub` (main process)."""
+        if self.training_args.process_index != 0:
+            return
+        items = []
+        for name, result in self.results.items():
+            repo = f"{self.model_repo}-{name}"
+            model = load_trained_model(self.output_dir / name)
+            folder = write_model_repo(model, repo_folder(self.output_dir, repo), repo, metrics=result,
+                                      datasets=[self.activation_args.dataset_name_or_path])  # fmt: skip
+            items.append((folder, repo))
+        publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)
 
     def run_saebench(self) -> None:
         """SAEBench on every saved model that lacks its results (main process, after all training, so no other
@@ -136,6 +159,9 @@ class Transfer:
                         if "skipped" in r or "failed" in r}  # fmt: skip
         if skipped:
             lines += ["", "SAEBench evals not run:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()]
+        if (self.output_dir / "repos").is_dir():
+            lines += ["", "Repos (local folders; pushed with `push_to_hub`):", ""]
+            lines += [f"- `{p.name.replace('__', '/')}`: `{p}`" for p in sorted((self.output_dir / "repos").iterdir())]
         if self.training_args.process_index == 0 and self.results:
             plot = figures.metrics_against_k(list(self.results.values()), columns[:4],
                                              self.output_dir / "figures" / "metrics_vs_k.png")  # fmt: skip

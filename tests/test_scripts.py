@@ -112,7 +112,8 @@ def test_transfer_cli_runs_every_default_saebench_eval(small_vocab_lm_dir, tmp_p
             "hook_layer": 2, "context_length": 32, "num_tokens": 2000, "eval_tokens": 500, "norm_tokens": 512,
             "shuffle_buffer_tokens": 1024, "dict_size": 128, "per_device_train_batch_size": 200, "report_to": "none",
             "output_dir": tmp_path / "transfer", "ce_batches": 1, "core_batches": 1, "core_batch_prompts": 2,
-            "core_variance_batches": 1, "meta_structure_steps": 5, "probe_datasets": "96_spam_is"}  # fmt: skip
+            "core_variance_batches": 1, "meta_structure_steps": 5, "probe_datasets": "96_spam_is",
+            "push_to_hub": "true", "hub_token": "hf_loopback", "model_repo": "org/transfer"}  # fmt: skip
     result = run_script("transfer", *[a for k, v in args.items() for a in (f"--{k}", v)])
     assert result.returncode == 0, result.stderr[-4000:]
     saebench = json.loads((tmp_path / "transfer" / "state.json").read_text())["results"]["k8-dense_core"]["saebench"]
@@ -125,6 +126,8 @@ def test_transfer_cli_runs_every_default_saebench_eval(small_vocab_lm_dir, tmp_p
     assert "metrics" in absorption or "insufficent first-letter features" in absorption.get("skipped", "") or \
         absorption.get("failed", "").startswith("SAEBench's absorption eval failed in absorption/")  # fmt: skip
     assert "| 8 | dense_core |" in result.stdout
+    pushed = AutoModel.from_pretrained("org/transfer-k8-dense_core")
+    assert pushed.config.core_ids == core.latent_ids and "## Held-out metrics" in HUB.files("org/transfer-k8-dense_core")["README.md"].decode()
 
 
 def test_synthetic_and_report_clis(tmp_path):

@@ -23,7 +23,7 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
     )  # fmt: skip
     core.save_pretrained(tmp_path / "core")
     arguments = (
-        TransferArguments(core=str(tmp_path / "core"), ks=[8, 16], ce_batches=2),
+        TransferArguments(core=str(tmp_path / "core"), ks=[8, 16], ce_batches=2, model_repo="local/transfer"),
         SAEArguments(dict_size=256, k=8),
         tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=3000),
         DMSAETrainingArguments(output_dir=str(tmp_path / "run"), max_steps=15, per_device_train_batch_size=200,
@@ -39,6 +39,10 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
         assert all(math.isfinite(result[m]) for m in metrics) and result["fvu"] > 0
         assert math.isfinite(result["sb_meta_fve"]) and "skipped" in result["saebench"]["autointerp"]
 
+    repos = sorted(p.name for p in (tmp_path / "run" / "repos").iterdir())
+    assert repos == sorted(f"local__transfer-{name}" for name in results)
+    card = (tmp_path / "run" / "repos" / repos[0] / "README.md").read_text()
+    assert "## Held-out metrics" in card and "| fvu |" in card and "ce_loss_recovered" in card
     dense = DMSAEModel.from_pretrained(tmp_path / "run" / "k16-dense_core")
     assert torch.equal(dense.W_enc_frozen, core.encoder_rows) and dense.config.k_noncore == round(16 * 250 / 256)
     sparse = DMSAEModel.from_pretrained(tmp_path / "run" / "k16-sparse_core")
