@@ -38,6 +38,19 @@ SAE_LENS_FILES = ("cfg.json", "sae_weights.safetensors")
 SAE_LENS_ARCHITECTURES = ("standard", "topk", "jumprelu")
 
 
+def parse_hook_point(name: str | None) -> tuple[int, str] | None:
+    """`(layer, hook)` of a TransformerLens hook name (`blocks.12.hook_resid_post` → `(12, "resid_post")`)."""
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", str(name or ""))
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def hook_point(config: DMSAEConfig) -> str:
+    """The hook's TransformerLens name, as SAELens, SAEBench and Neuronpedia name it (`blocks.12.hook_resid_post`)."""
+    if config.hook_layer is None or config.hook_name is None:
+        raise ValueError("the DMSAE's config must name its hook (hook_layer and hook_name)")
+    return f"blocks.{config.hook_layer}.hook_{config.hook_name}"
+
+
 def checkpoint_weights(folder: str | Path) -> Path:
     """The weights file of a cycle-0 checkpoint: dictionary_learning's `ae.pt` or SAELens' safetensors."""
     folder = Path(folder)
@@ -52,8 +65,8 @@ def _checkpoint_target(folder: Path) -> tuple[int, int | None, str]:
     if checkpoint_weights(folder).name == SAE_LENS_FILES[1]:
         cfg = read_json(folder / "cfg.json")
         metadata = cfg.get("metadata") or {}
-        hook = re.fullmatch(r"blocks\.(\d+)\.hook_\w+", str(metadata.get("hook_name") or ""))
-        return int(cfg["d_in"]), int(hook.group(1)) if hook else None, str(metadata.get("model_name") or "")
+        hook = parse_hook_point(metadata.get("hook_name"))
+        return int(cfg["d_in"]), hook[0] if hook else None, str(metadata.get("model_name") or "")
     trainer = _trainer_config(folder)
     d_in = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)["W_enc"].shape[0]
     return d_in, trainer.get("layer"), str(trainer.get("lm_name") or "")
@@ -114,11 +127,10 @@ def load_sae_lens(folder: str | Path, cycle: int = 0, k: int | None = None) -> D
             b_enc += W_enc @ b_dec  # ours encodes x − b_dec
         norms = W_dec.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
         metadata = cfg.metadata
-        hook = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", str(metadata.hook_name or ""))
+        layer, hook_name = parse_hook_point(metadata.hook_name) or (None, None)
         config = DMSAEConfig(
             d_in=cfg.d_in, dict_size=cfg.d_sae, group_sizes=[cfg.d_sae], k=int(k), k_noncore=int(k), cycle=cycle,
-            base_model=metadata.model_name, hook_layer=int(hook.group(1)) if hook else None,
-            hook_name=hook.group(2) if hook else None,
+            base_model=metadata.model_name, hook_layer=layer, hook_name=hook_name,
         )  # fmt: skip
         model = DMSAEModel(config)
         model.W_enc_trainable.copy_(W_enc * norms[:, None])
@@ -154,13 +166,6 @@ def load_dictionary_learning(folder: str | Path, cycle: int = 0) -> DMSAEModel:
         model.b_dec.copy_(state["b_dec"])
         model.threshold.copy_(state["threshold"])
     return model
-
-
-def hook_point(config: DMSAEConfig) -> str:
-    """The hook's TransformerLens name, as SAELens, SAEBench and Neuronpedia name it (`blocks.12.hook_resid_post`)."""
-    if config.hook_layer is None or config.hook_name is None:
-        raise ValueError("the DMSAE's config must name its hook (hook_layer and hook_name)")
-    return f"blocks.{config.hook_layer}.hook_{config.hook_name}"
 
 
 def save_sae_lens(model: DMSAEModel, folder: str | Path) -> Path:
