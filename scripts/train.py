@@ -1,55 +1,11 @@
 """Train one Matryoshka SAE or DMSAE on a causal LM's activations.
 
-    accelerate launch scripts/train.py configs/smollm2-135m.json [--field value ...]
+    accelerate launch scripts/train.py [options]
 
-The JSON file holds any field of `SAEArguments`, `ActivationArguments` and `DMSAETrainingArguments` (fields of the
-distillation's arguments are skipped, so one file serves both scripts); command-line flags override it. The run reads
-`num_tokens` rows of the training split (streamed, or through `activation_cache`) and evaluates on the held-out split.
-Re-running the same command resumes from the last complete checkpoint in `output_dir`; other arguments are refused.
+The command is `hf_dmsae.commands.train` (installed as `hf-dmsae-train`); `--help` lists every option.
 """
 
-import json
-import logging
-
-from transformers import set_seed
-
-from hf_dmsae import DMSAEModel
-from hf_dmsae.activations import ActivationArguments
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.distillation import DistillationArguments
-from hf_dmsae.evaluation import activation_metrics
-from hf_dmsae.runs import (
-    RunData,
-    RunState,
-    SAEArguments,
-    arguments_identity,
-    end_processes,
-    parse_arguments,
-    sae_config,
-    train_sae,
-)
-from hf_dmsae.trainer import DMSAETrainingArguments
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sae_args, activation_args, training_args = parse_arguments(
-        (SAEArguments, ActivationArguments, DMSAETrainingArguments),
-        shared=(DistillationArguments, AttributionArguments),
-    )
-    identity = arguments_identity(sae_args, activation_args, training_args)
-    state = RunState(training_args.output_dir, "train", identity, writer=training_args.process_index == 0)
-    data = RunData(activation_args, training_args, state)
-    set_seed(training_args.seed)
-    model = DMSAEModel(sae_config(sae_args, activation_args, data))
-    trainer = train_sae(model, data, data.training_slice("train"), training_args)
-    if trainer.is_world_process_zero() and data.eval_slice is not None:
-        metrics = activation_metrics(model, data.eval_batches(training_args.per_device_eval_batch_size))
-        state.data["metrics"] = metrics
-        state.save()
-        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
-
+from hf_dmsae.commands.train import main
 
 if __name__ == "__main__":
     main()
-    end_processes()

@@ -171,6 +171,15 @@ def test_every_option_of_every_script_is_documented():
         assert not undocumented_options(out), f"{script}.py options without help: {undocumented_options(out)}"
 
 
+def test_the_commands_are_installed_as_console_scripts():
+    """`pip install` users get the scripts as commands (`hf-dmsae-distill`, …); one of them runs."""
+    commands = Path(sys.executable).parent
+    assert all((commands / f"hf-dmsae-{name}").is_file() for name in SCRIPTS if name != "bench")
+    result = subprocess.run([str(commands / "hf-dmsae-distill"), "--help"], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert result.returncode == 0 and "--cycle0_checkpoint" in result.stdout, result.stderr[-2000:]
+
+
 def test_bench_times_every_implementation_and_attribution(tmp_path):
     result = run_script("bench", "--sizes", 256, "--steps", 1, "--out", tmp_path / "bench.json")
     assert result.returncode == 0, result.stderr[-4000:]

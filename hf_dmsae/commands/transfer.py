@@ -1,0 +1,37 @@
+"""Train DMSAEs around a distilled core at several sparsities, with Matryoshka baselines, and compare them.
+
+    accelerate launch scripts/transfer.py configs/smollm2-135m.json --core runs/smollm2-135m-l15/repos/<…-core-distilled>
+
+The JSON file holds any field of `TransferArguments`, `SAEArguments`, `ActivationArguments` and
+`DMSAETrainingArguments` and `SAEBenchArguments` (the distillation's fields are skipped); flags override it; `--core`
+takes a local folder or a Hub repo id; `--saebench_evals core meta_structure …` picks SAEBench's evals (none: `--saebench_evals`
+with no value). Re-running resumes; the table is written to `<output_dir>/report.md`.
+"""
+
+import logging
+
+from hf_dmsae.activations import ActivationArguments
+from hf_dmsae.attribution import AttributionArguments
+from hf_dmsae.distillation import DistillationArguments
+from hf_dmsae.runs import SAEArguments, end_processes, parse_arguments
+from hf_dmsae.saebench import SAEBenchArguments
+from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.transfer import Transfer, TransferArguments
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    arguments = parse_arguments(
+        (TransferArguments, SAEArguments, ActivationArguments, DMSAETrainingArguments, SAEBenchArguments),
+        shared=(DistillationArguments, AttributionArguments),
+    )
+    run = Transfer(*arguments)
+    run.run()
+    report = run.report()
+    if run.training_args.process_index == 0:
+        print(report)
+    end_processes()
+
+
+if __name__ == "__main__":
+    main()
