@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup test demo report bench clean
+.PHONY: setup chromium test demo report bench clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 
 setup: $(VENV)/.ready
 
-test: setup
+# The feature browser's test opens its pages in a real headless Chromium: Debian's package, installed if missing.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: setup chromium
 	$(BIN)/python -m pytest
 
 demo: setup

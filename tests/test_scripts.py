@@ -18,7 +18,7 @@ from hf_dmsae.core import DMSAECore
 from hf_dmsae.slices import SliceLayout
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "distill", "transfer", "synthetic", "report", "bench")
+SCRIPTS = ("train", "distill", "transfer", "synthetic", "report", "browse", "bench")
 
 
 def run_script(name: str, *args: str, launch: list[str] | None = None, timeout: int = 900):

@@ -1,0 +1,58 @@
+"""The feature browser, built by its CLI on a tiny LM and opened in a real headless Chromium."""
+
+import json
+import shutil
+import subprocess
+
+import torch
+from conftest import tiny_model, write_text_folder
+from test_scripts import run_script
+
+from hf_dmsae.browser import FeatureStatistics, context_windows
+from hf_dmsae.core import DMSAECore
+
+
+def test_feature_statistics_keep_the_top_contexts_over_batches():
+    stats = FeatureStatistics(dict_size=3, top=2, width=3)
+    input_ids = torch.arange(10).view(2, 5)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0, 0] = False  # a BOS, say: no row, but still a context token
+    windows, rows = context_windows(input_ids, keep, before=1, after=1)
+    assert windows[0].tolist() == [0, 1, 2] and rows[0].tolist() == [-1, 0, 1]
+    assert windows[4].tolist() == [-1, 5, 6], "a context stops at the sequence's start"
+    latents = torch.zeros(9, 3)
+    latents[2, 0], latents[7, 0], latents[5, 1] = 3.0, 1.0, 2.0
+    stats.update(latents, windows, rows)
+    later = torch.zeros(9, 3)
+    later[4, 0] = 2.0
+    stats.update(later, windows, rows)
+    assert stats.values[:, 0].tolist() == [3.0, 2.0] and stats.values[:, 1].tolist() == [2.0, 0.0]
+    assert stats.tokens[0, 0].tolist() == [2, 3, 4] and stats.window_acts[0, 0].tolist() == [0.0, 3.0, 0.0]
+    assert stats.fired.tolist() == [3, 1, 0] and stats.rows == 18 and stats.histogram.sum() == 4
+
+
+def test_the_browser_site_loads_in_chromium_without_errors(tiny_lm_dir, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "the browser test needs Chromium (`make test` installs Debian's chromium package)"
+    model = tiny_model(d_in=32, core_size=4, core_ids=[f"cycle1:{i}" for i in range(4)], base_model=str(tiny_lm_dir),
+                       hook_layer=2, hook_name="resid_post")  # fmt: skip
+    model.save_pretrained(tmp_path / "model")
+    DMSAECore(encoder_rows=model.W_enc_frozen.clone(), latent_ids=model.config.core_ids, scores=torch.arange(4.0),
+              pool_ids=[], pool_scores=torch.ones(0), coverage_curve=torch.ones(0),
+              provenance={"cycle": 1}).save_pretrained(tmp_path / "core")  # fmt: skip
+    text = write_text_folder(tmp_path / "text", {"train": 60, "test": 30})
+    result = run_script("browse", "--model", tmp_path / "model", "--site_dir", tmp_path / "site", "--cores",
+                        tmp_path / "core", "--browse_tokens", 600, "--model_name_or_path", tiny_lm_dir,
+                        "--dataset_name_or_path", text, "--hook_layer", 2, "--context_length", 32, "--norm_tokens", 256)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    latents = json.loads((tmp_path / "site" / "latents.json").read_text())
+    assert [latent["index"] for latent in latents[:4]] == [3, 2, 1, 0], "the core first, by attribution score"
+    assert latents[0]["cycles"] == [1] and latents[0]["score"] == 3.0
+    pages = {"index.html": "128 of 128 latents", f"latents/{latents[0]['index']}.html": "Top-activating contexts"}
+    for page, expected in pages.items():
+        opened = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                                 "--v=0", "--dump-dom", (tmp_path / "site" / page).as_uri()],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        console = [line for line in opened.stderr.splitlines() if ":CONSOLE" in line]
+        assert opened.returncode == 0 and not console, console or opened.stderr[-2000:]
+        assert expected in opened.stdout, page  # the index's count is written by its script: the script ran
