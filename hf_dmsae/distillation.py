@@ -303,18 +303,29 @@ class Distillation:
             return
         plots = self._figures(cores)
         datasets = [self.activation_args.dataset_name_or_path]
+        repos = {f"cycle {t} core": core_repo_name(self.model_repo, t) for t in range(len(cores))}
+        repos["distilled core"] = core_repo_name(self.model_repo, None)
+        has_model = (self.output_dir / f"cycle{self.last_cycle}" / "model.safetensors").is_file()
+        if has_model:
+            repos[f"model of cycle {self.last_cycle}"] = self.model_repo
+
+        def others(repo: str) -> dict[str, str]:
+            return {label: name for label, name in repos.items() if name != repo}
+
         items = []
         for t, core in enumerate(cores):
             repo = core_repo_name(self.model_repo, t)
-            items.append((write_core_repo(core, repo_folder(self.output_dir, repo), repo, datasets=datasets), repo))
+            items.append((write_core_repo(core, repo_folder(self.output_dir, repo), repo, datasets=datasets,
+                                          related=others(repo)), repo))  # fmt: skip
         repo = core_repo_name(self.model_repo, None)
         items.append((write_core_repo(distilled, repo_folder(self.output_dir, repo), repo, datasets=datasets,
-                                      carry_over=self.carry_over(), figures=plots[:2]), repo))  # fmt: skip
-        if (self.output_dir / f"cycle{self.last_cycle}" / "model.safetensors").is_file():
+                                      carry_over=self.carry_over(), figures=plots[:2], related=others(repo)), repo))  # fmt: skip
+        if has_model:
             last = load_trained_model(self.output_dir / f"cycle{self.last_cycle}")
             metrics = self.state.record("cycles", str(self.last_cycle)).get("metrics", {})
             items.append((write_model_repo(last, repo_folder(self.output_dir, self.model_repo), self.model_repo,
-                                           datasets=datasets, metrics=metrics), self.model_repo))  # fmt: skip
+                                           datasets=datasets, metrics=metrics, related=others(self.model_repo)),
+                          self.model_repo))  # fmt: skip
         publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)
 
     def figure(self, name: str) -> Path:

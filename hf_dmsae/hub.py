@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import PartialState
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import get_token
 
 from .core import DMSAECore
@@ -63,9 +63,20 @@ def hub_dataset_ids(datasets: list[str] | None) -> list[str]:
 
 
 def card_metrics(metrics: dict | None) -> dict[str, float]:
-    """`metrics` as a card reports them: the held-out metrics only, without the `eval_` prefix, rounded."""
-    named = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items()}
-    return {k: round(float(named[k]), 4) for k in CARD_METRICS if k in named}
+    """`metrics` as a card reports them: the held-out metrics and SAEBench's headline ones (`sb_*`), without the
+    `eval_` prefix, rounded."""
+    named = {k.removeprefix("eval_"): v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+    keys = [k for k in CARD_METRICS if k in named] + sorted(k for k in named if k.startswith("sb_"))
+    return {k: round(float(named[k]), 4) for k in keys}
+
+
+def _eval_results(metrics: dict[str, float], datasets: list[str] | None) -> list[EvalResult] | None:
+    """The card's `model-index`: one result per metric, on the held-out text of the run's dataset."""
+    dataset = (hub_dataset_ids(datasets) or datasets or ["held-out text"])[0]
+    return [EvalResult(task_type="feature-extraction", task_name="Sparse autoencoder evaluation",
+                       dataset_type=dataset, dataset_name=f"{dataset} (held-out)", metric_type=name,
+                       metric_name=f"{name} (SAEBench)" if name.startswith("sb_") else name, metric_value=value)
+            for name, value in metrics.items()] or None  # fmt: skip
 
 
 def _card_data(base_model: str | None, datasets: list[str] | None, **extra) -> ModelCardData:
@@ -87,7 +98,8 @@ def _copy_figures(folder: Path, figures: list[Path] | None) -> list[str]:
 
 
 def write_core_repo(core: DMSAECore, folder: str | Path, repo_id: str, *, datasets: list[str] | None = None,
-                    carry_over: list[dict] | None = None, figures: list[Path] | None = None) -> Path:  # fmt: skip
+                    carry_over: list[dict] | None = None, figures: list[Path] | None = None,
+                    related: dict[str, str] | None = None) -> Path:  # fmt: skip
     """Save `core` with its model card (and the given figure files) into `folder`."""
     folder = Path(folder)
     core.save_pretrained(folder)
@@ -101,20 +113,23 @@ def write_core_repo(core: DMSAECore, folder: str | Path, repo_id: str, *, datase
         distilled=core.provenance.get("distilled", False),
         carry_over=carry_over or [],
         figures=_copy_figures(folder, figures),
+        related=related or {},
     )
     card.save(folder / "README.md")
     return folder
 
 
 def write_model_repo(model: DMSAEModel, folder: str | Path, repo_id: str, *, datasets: list[str] | None = None,
-                     metrics: dict | None = None, figures: list[Path] | None = None) -> Path:  # fmt: skip
+                     metrics: dict | None = None, figures: list[Path] | None = None,
+                     related: dict[str, str] | None = None) -> Path:  # fmt: skip
     """Save `model` (safetensors, config, remote code) with its model card (and figure files) into `folder`."""
     folder = Path(folder)
     model.save_pretrained(folder)
     metrics = card_metrics(metrics)
     config = model.config
     card = ModelCard.from_template(
-        _card_data(config.base_model, datasets, metrics=sorted(metrics)),
+        _card_data(config.base_model, datasets, metrics=sorted(metrics), model_name=repo_id,
+                   eval_results=_eval_results(metrics, datasets)),
         template_path=str(TEMPLATES / "model.md"),
         repo_id=repo_id,
         config=config,
@@ -125,6 +140,7 @@ def write_model_repo(model: DMSAEModel, folder: str | Path, repo_id: str, *, dat
         datasets=[describe(d) for d in datasets or []],
         metrics=metrics,
         figures=_copy_figures(folder, figures),
+        related=related or {},
     )
     card.save(folder / "README.md")
     return folder

@@ -185,6 +185,10 @@ def test_cores_and_model_are_pushed_as_repos_that_reload(straight_run):
     files = HUB.files("org/tiny-dmsae-core-distilled")
     assert {"README.md", "coverage_curves.png", "carry_over.png"} <= set(files)
     assert b"![coverage_curves.png](coverage_curves.png)" in files["README.md"]
+    # Each card links the run's other repos: the model its cores, each core the model and the other cores.
+    model_card = HUB.files("org/tiny-dmsae")["README.md"].decode()
+    assert "[`org/tiny-dmsae-core-distilled`](https://huggingface.co/org/tiny-dmsae-core-distilled)" in model_card
+    assert "- model of cycle 2: [`org/tiny-dmsae`]" in files["README.md"].decode()
 
 
 def test_a_distillation_killed_during_a_cycle_finishes_with_the_same_cores(straight_run, tiny_lm_dir):

@@ -189,6 +189,8 @@ def test_a_model_card_names_its_hook_and_data_and_its_snippet_runs(tmp_path, tin
     assert card.data.metrics == ["fvu", "l0_core"] and "| fvu | 0.2812 |" in card.text and "runtime" not in card.text
     assert "output of `model.layers.2` (transformers) = `blocks.2.hook_resid_post`" in card.text
     assert "L0 = L0_core + L0_noncore" in card.text and "Wikipedia lead summaries" in card.text
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"fvu": 0.2812, "l0_core": 12.3} and card.data.model_name == "org/card-dmsae"
     # The usage snippet runs as written, against the pushed repo and the base model.
     publish(tmp_path / "model", "org/card-dmsae", token=TOKEN)
     snippet = card.text.split("```python\n")[1].split("```")[0]
