@@ -18,6 +18,7 @@ from hf_dmsae.cache import ActivationCache
 from hf_dmsae.core import DMSAECore
 from hf_dmsae.distillation import Distillation, DistillationArguments
 from hf_dmsae.formats import load_cycle0
+from hf_dmsae.hub import publish
 from hf_dmsae.language_model import load_language_model
 from hf_dmsae.runs import SAEArguments
 from hf_dmsae.slices import SliceLayout
@@ -335,15 +336,18 @@ def test_a_cycle_stops_once_its_tracked_selection_is_stable(tiny_lm_dir, tmp_pat
     run.state.close()
 
 
-def test_a_sae_lens_sae_seeds_cycle_zero_and_is_checked_against_the_run(tiny_lm_dir, tmp_path):
+def test_a_sae_lens_sae_on_the_hub_seeds_cycle_zero_and_is_checked_against_the_run(tiny_lm_dir, tmp_path):
     from test_formats import write_sae_lens_sae
 
-    write_sae_lens_sae(tmp_path / "sae", "jumprelu", d=32, n=128, model_name=str(tiny_lm_dir),
+    # A release on the Hub: the SAE in a subfolder of a repo, read by its id as SAEBench's releases are.
+    sae_folder = tmp_path / "release" / "blocks.2" / "width_128"
+    write_sae_lens_sae(sae_folder, "jumprelu", d=32, n=128, model_name=str(tiny_lm_dir),
                        hook_name="blocks.2.hook_resid_post")  # fmt: skip
+    publish(tmp_path / "release", "org/sae-lens-release", token="hf_loopback")
 
     def distillation(cycle0_k=8, **activation_overrides) -> Distillation:
         return Distillation(
-            DistillationArguments(cycle0_checkpoint=str(tmp_path / "sae"), cycle0_k=cycle0_k),
+            DistillationArguments(cycle0_checkpoint="org/sae-lens-release/blocks.2/width_128", cycle0_k=cycle0_k),
             SAEArguments(dict_size=256, k=8),
             tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), **activation_overrides),
             AttributionArguments(attribution_tokens=600, tau=0.8),
@@ -355,7 +359,7 @@ def test_a_sae_lens_sae_seeds_cycle_zero_and_is_checked_against_the_run(tiny_lm_
     run = distillation()
     run.attribution
     core = run._cycle(0, None)
-    cycle0 = load_cycle0(tmp_path / "sae", k=8)
+    cycle0 = load_cycle0(sae_folder, k=8)
     indices = [int(i.split(":")[1]) for i in core.latent_ids]
     assert 0 < len(core) and torch.equal(core.encoder_rows, cycle0.W_enc[indices].detach())
     assert run.state.data["identity"]["inputs.cycle0_checkpoint"]
