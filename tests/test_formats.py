@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from hf_dmsae.formats import load_dictionary_learning, save_dictionary_learning
+from hf_dmsae.formats import load_cycle0, load_dictionary_learning, save_dictionary_learning, save_sae_lens
 
 
 def write_dictionary_learning_checkpoint(folder, d=16, n=64, k=4, group_sizes=(2, 4, 8, 16, 34)):
@@ -71,8 +71,6 @@ def test_export_is_read_by_saebench_with_the_same_outputs(tmp_path):
 def test_sae_lens_export_loads_with_sae_lens_and_gives_the_same_latents(tmp_path):
     from sae_lens import SAE
 
-    from hf_dmsae.formats import save_sae_lens
-
     model = tiny_model(norm_factor=4.0, base_model="google/gemma-2-2b", hook_layer=12, hook_name="resid_post")
     with pytest.raises(ValueError, match="no inference threshold yet"):
         save_sae_lens(model, tmp_path / "too-early")
@@ -96,6 +94,12 @@ def test_sae_lens_export_loads_with_sae_lens_and_gives_the_same_latents(tmp_path
         torch.testing.assert_close(theirs[clear], ours[clear], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae.decode(ours), model.decode(ours), rtol=1e-5, atol=1e-4)
 
+    # And back: read as a cycle 0, the export gives the DMSAE's own encoder rows and unit decoder directions.
+    back = load_cycle0(tmp_path / "sae_lens", k=model.config.k)
+    torch.testing.assert_close(back.W_enc, model.W_enc.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(back.W_dec, model.W_dec.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(back.b_dec, model.b_dec.detach() * 4.0)  # raw units: the import reads raw activations
+
 
 def write_sae_lens_sae(folder, architecture="topk", d=16, n=64, **settings):
     """A SAELens SAE with random weights and decoder rows of any norm, saved by SAELens' own `save_model`."""
@@ -115,8 +119,6 @@ def write_sae_lens_sae(folder, architecture="topk", d=16, n=64, **settings):
 
 
 def test_a_sae_lens_sae_loads_as_cycle_zero_with_unit_decoder_rows(tmp_path):
-    from hf_dmsae.formats import load_cycle0
-
     sae = write_sae_lens_sae(tmp_path / "topk", k=4, apply_b_dec_to_input=False)
     model = load_cycle0(tmp_path / "topk")
     assert model.config.k == 4 and model.config.group_sizes == [64] and model.config.hook_layer == 12
