@@ -31,6 +31,7 @@ def _in_process_group(rank: int, worker, port: int, *args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         worker(rank, *args)
+        dist.barrier()  # no process tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
