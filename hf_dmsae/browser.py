@@ -110,13 +110,14 @@ def context_windows(input_ids: torch.Tensor, keep: torch.Tensor, before: int, af
 
 
 @torch.no_grad()
-def collect(sae: DMSAEModel, harvester: Harvester, split: str, tokens: int, args: BrowseArguments) -> FeatureStatistics:
-    """One streaming pass over `tokens` positions of `split`: the statistics of every latent."""
+def collect(sae: DMSAEModel, harvester: Harvester, args: BrowseArguments) -> FeatureStatistics:
+    """One streaming pass over `browse_tokens` positions of `split`: the statistics of every latent."""
     sae.eval()
     stats = FeatureStatistics(sae.config.dict_size, args.top_contexts, args.context_before + 1 + args.context_after)
     positions = harvester.positions()
-    batches = sequence_batches(harvester.source, split, harvester.packing, StreamPosition(), harvester.args.lm_batch_size)
-    progress = tqdm(total=tokens, desc="browsing", unit="tok", unit_scale=True)
+    batches = sequence_batches(harvester.source, args.split, harvester.packing, StreamPosition(),
+                               harvester.args.lm_batch_size)  # fmt: skip
+    progress = tqdm(total=args.browse_tokens, desc="browsing", unit="tok", unit_scale=True)
     for batch in batches:
         input_ids = batch.input_ids.to(harvester.lm.device)
         acts = harvester.layer(input_ids)
@@ -125,7 +126,7 @@ def collect(sae: DMSAEModel, harvester: Harvester, split: str, tokens: int, args
         latents = sae.encode(acts[keep].to(sae.device)).float().cpu()
         stats.update(latents, windows, rows)
         progress.update(len(latents))
-        if stats.rows >= tokens:
+        if stats.rows >= args.browse_tokens:
             break
     progress.close()
     return stats
@@ -304,7 +305,7 @@ def browse(args: BrowseArguments, activations: ActivationArguments) -> Path:
     if sae.config.hook_layer is not None and sae.config.hook_layer != activations.hook_layer:
         raise ValueError(f"the model reads layer {sae.config.hook_layer}; hook_layer={activations.hook_layer} given")
     harvester = Harvester(activations, lm, tokenizer)
-    stats = collect(sae.to(lm.device), harvester, args.split, args.browse_tokens, args)
+    stats = collect(sae.to(lm.device), harvester, args)
     promoted, suppressed = logit_effects(sae, lm.get_output_embeddings().weight, args.logit_tokens)
     infos = latent_infos(sae, stats, cores)
     folder = write_site(args.site_dir, sae, tokenizer, stats, infos, promoted, suppressed, max_pages=args.max_pages)

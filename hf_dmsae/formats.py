@@ -51,37 +51,45 @@ def hook_point(config: DMSAEConfig) -> str:
     return f"blocks.{config.hook_layer}.hook_{config.hook_name}"
 
 
+def is_sae_lens(folder: str | Path) -> bool:
+    """Whether `folder` holds a SAELens SAE (else it must be a dictionary_learning checkpoint)."""
+    return all((Path(folder) / name).is_file() for name in SAE_LENS_FILES)
+
+
 def checkpoint_weights(folder: str | Path) -> Path:
     """The weights file of a cycle-0 checkpoint: dictionary_learning's `ae.pt` or SAELens' safetensors."""
     folder = Path(folder)
-    if all((folder / name).is_file() for name in SAE_LENS_FILES):
+    if is_sae_lens(folder):
         return folder / SAE_LENS_FILES[1]
     _trainer_config(folder)
     return folder / "ae.pt"
 
 
-def _checkpoint_target(folder: Path) -> tuple[int, int | None, str]:
-    """`(d_in, layer, LM name)` a cycle-0 checkpoint was trained for."""
-    if checkpoint_weights(folder).name == SAE_LENS_FILES[1]:
+def _checkpoint_target(folder: Path) -> tuple[int, int | None, str | None, str]:
+    """`(d_in, layer, hook, LM name)` a cycle-0 checkpoint was trained for (layer and hook None when unrecorded;
+    dictionary_learning's checkpoints read the residual stream after the layer)."""
+    if is_sae_lens(folder):
         cfg = read_json(folder / "cfg.json")
         metadata = cfg.get("metadata") or {}
-        hook = parse_hook_point(metadata.get("hook_name"))
-        return int(cfg["d_in"]), hook[0] if hook else None, str(metadata.get("model_name") or "")
+        layer, hook = parse_hook_point(metadata.get("hook_name")) or (None, None)
+        return int(cfg["d_in"]), layer, hook, str(metadata.get("model_name") or "")
     trainer = _trainer_config(folder)
     d_in = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)["W_enc"].shape[0]
-    return d_in, trainer.get("layer"), str(trainer.get("lm_name") or "")
+    return d_in, trainer.get("layer"), "resid_post", str(trainer.get("lm_name") or "")
 
 
 def check_checkpoint_fits(folder: str | Path, activations, d_in: int) -> None:
     """Refuse a checkpoint made for another LM, layer or width than the run's activations (`ActivationArguments`),
     naming what differs. LM names are compared by their last path component (a local copy of a Hub model fits)."""
     folder = Path(folder)
-    width, layer, recorded_lm = _checkpoint_target(folder)
+    width, layer, hook, recorded_lm = _checkpoint_target(folder)
     differences = []
     if width != d_in:
         differences.append(f"width {width} (the run's activations: {d_in})")
     if layer is not None and layer != activations.hook_layer:
         differences.append(f"layer {layer} (the run's hook_layer: {activations.hook_layer})")
+    if hook is not None and hook != activations.hook_name:
+        differences.append(f"hook {hook} (the run's hook_name: {activations.hook_name})")
     run_lm = activations.model_name_or_path.rstrip("/").split("/")[-1].lower()
     if recorded_lm and recorded_lm.rstrip("/").split("/")[-1].lower() != run_lm:
         differences.append(f"LM {recorded_lm!r} (the run's: {activations.model_name_or_path!r})")
@@ -91,7 +99,7 @@ def check_checkpoint_fits(folder: str | Path, activations, d_in: int) -> None:
 
 def load_cycle0(folder: str | Path, k: int | None = None) -> DMSAEModel:
     """A cycle-0 checkpoint of either format as a coreless `DMSAEModel` (`k`: see `load_sae_lens`)."""
-    if checkpoint_weights(folder).name == SAE_LENS_FILES[1]:
+    if is_sae_lens(folder):
         return load_sae_lens(folder, k=k)
     return load_dictionary_learning(folder)
 

@@ -19,6 +19,7 @@ from huggingface_hub.utils import get_token
 from .core import DMSAECore
 from .embedded import describe, hub_name
 from .formats import hook_point
+from .language_model import HOOK_POINTS
 from .modeling_dmsae import DMSAEModel
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,9 @@ def write_model_repo(model: DMSAEModel, folder: str | Path, repo_id: str, *, dat
         config=config,
         base_model=hub_name(config.base_model) if config.base_model else None,
         hook_point=hook_point(config) if config.hook_layer is not None and config.hook_name else None,
-        hidden_state=config.hook_layer + (config.hook_name == "resid_post") if config.hook_layer is not None else None,
+        # transformers' hidden_states[i] is the residual stream before block i (after block i−1)
+        hidden_state=config.hook_layer + (config.hook_name == "resid_post")
+        if config.hook_layer is not None and config.hook_name in HOOK_POINTS else None,
         threshold=float(model.threshold),
         datasets=[describe(d) for d in datasets or []],
         metrics=metrics,

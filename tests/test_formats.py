@@ -1,10 +1,12 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_model
 
-from hf_dmsae.formats import load_cycle0, load_dictionary_learning, save_dictionary_learning, save_sae_lens
+from hf_dmsae.formats import (check_checkpoint_fits, load_cycle0, load_dictionary_learning, save_dictionary_learning,
+                              save_sae_lens)
 
 
 def write_dictionary_learning_checkpoint(folder, d=16, n=64, k=4, group_sizes=(2, 4, 8, 16, 34)):
@@ -131,6 +133,13 @@ def test_a_sae_lens_sae_loads_as_cycle_zero_with_unit_decoder_rows(tmp_path):
         theirs = torch.relu(x @ sae.W_enc + sae.b_enc)
         torch.testing.assert_close(model._relu_preactivations(x), theirs * norms, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.decode(theirs * norms), sae.decode(theirs), rtol=1e-5, atol=1e-4)
+
+    # A SAE of another hook at the same layer and width is refused, as another layer is.
+    run = SimpleNamespace(model_name_or_path="google/gemma-2-2b", hook_layer=12, hook_name="resid_post")
+    check_checkpoint_fits(tmp_path / "topk", run, 16)
+    write_sae_lens_sae(tmp_path / "mlp", k=4, hook_name="blocks.12.hook_mlp_out")
+    with pytest.raises(ValueError, match=r"trained for another model: hook mlp_out \(the run's hook_name: resid_post\)"):
+        check_checkpoint_fits(tmp_path / "mlp", run, 16)
 
     write_sae_lens_sae(tmp_path / "jumprelu", "jumprelu")
     with pytest.raises(ValueError, match="records no k: give the BatchTopK target"):
