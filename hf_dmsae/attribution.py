@@ -2,7 +2,7 @@
 
 For each position `u` of the run's attribution split (text no training run reads), `x_u` is the activation at the
 hook of a clean LM forward pass and `g_u = ∂L/∂x_u` the gradient of the LM's next-token loss there. Neither depends
-on the SAE, so the pairs are harvested once per run (`RunData.attribution_pairs`) and every cycle, control and
+on the SAE, so the pairs are harvested once per run (`runs.LMGradientPairs`) and every cycle, control and
 tracking step reuses them: scoring an SAE then costs one encode per position.
 
 `a_{u,j}` is latent j's activation under the training masks: BatchTopK over batches of the *training* batch size,
@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -253,26 +254,29 @@ def core_from_scores(sae: DMSAEModel, scores: torch.Tensor, tau: float, **proven
     )
 
 
-class Attribution:
-    """Scores SAEs on a run's attribution split: its pairs cached once (or harvested at every scoring)."""
+class GradientPairs(Protocol):
+    """What `∂L/∂x` is: `(x, g)` pairs at positions no training run reads (an LM's next-token loss,
+    `runs.LMGradientPairs`, or a synthetic objective), at most `max_rows` of them."""
 
-    def __init__(self, data, args: AttributionArguments, batch_size: int):
-        self.data, self.args, self.batch_size = data, args, batch_size
-        self.slice = data.fixed_slice("attribution", args.attribution_tokens)
-        self.max_rows = self.slice.sequences * data.args.body_length
-        self._cache = None
-        if args.cache_attribution_pairs:
-            self._cache = data.attribution_pairs(self.slice, args.attribution_batch_size, cached=True)
-            self.max_rows = len(self._cache)
+    max_rows: int
 
     def pairs(self) -> Iterable[dict[str, torch.Tensor]]:
-        if self._cache is not None:
-            return (self._cache.rows(i, i + 65_536) for i in range(0, len(self._cache), 65_536))
-        return self.data.attribution_pairs(self.slice, self.args.attribution_batch_size, cached=False)
+        """Blocks `{"activations": [n, d], "gradients": [n, d]}`, the same pairs in the same order at every call."""
+
+
+class Attribution:
+    """Scores SAEs on a source's gradient pairs and selects their cores."""
+
+    def __init__(self, gradients: GradientPairs, args: AttributionArguments, batch_size: int):
+        self.gradients, self.args, self.batch_size = gradients, args, batch_size
+
+    @property
+    def max_rows(self) -> int:
+        return self.gradients.max_rows
 
     def scores(self, sae: DMSAEModel, progress: bool = True) -> torch.Tensor:
-        return gxa_scores(sae, self.pairs(), batch_size=self.batch_size, q=self.args.q, max_rows=self.max_rows,
-                          progress=progress)  # fmt: skip
+        return gxa_scores(sae, self.gradients.pairs(), batch_size=self.batch_size, q=self.args.q,
+                          max_rows=self.max_rows, progress=progress)  # fmt: skip
 
     def select(self, sae: DMSAEModel, **provenance) -> DMSAECore:
         """Score `sae` and select its core."""

@@ -40,7 +40,8 @@ from .hub import (check_push_token, core_repo_name, default_model_repo, publish_
 from .integrity import IntegrityError, file_sha256
 from .language_model import lm_width
 from .modeling_dmsae import DMSAEModel
-from .runs import RunData, RunState, SAEArguments, arguments_identity, load_trained_model, sae_config, train_sae
+from .runs import (ActivationSource, RunState, SAEArguments, arguments_identity, load_trained_model, open_source,
+                   sae_config, train_sae)
 from .trainer import DMSAETrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -92,15 +93,22 @@ class DistillationArguments:
 class Distillation:
     """One distillation run; `run()` does every remaining step and returns the distilled core."""
 
-    def __init__(self, distillation: DistillationArguments, sae: SAEArguments, activations: ActivationArguments,
-                 attribution: AttributionArguments, training: DMSAETrainingArguments):  # fmt: skip
+    def __init__(self, distillation: DistillationArguments, sae: SAEArguments, activations: ActivationArguments | None,
+                 attribution: AttributionArguments, training: DMSAETrainingArguments, *,
+                 source: ActivationSource | None = None):  # fmt: skip
+        """`activations` name the LM and text the run reads (`RunData`, the LM's next-token loss for attribution);
+        or `source` gives the activations and the attribution objective itself (e.g. `synthetic.SyntheticSource`)."""
+        if (activations is None) == (source is None):
+            raise ValueError("give either activations (an LM and a text dataset) or a source, not both")
+        if source is not None and distillation.cycle0_checkpoint:
+            raise ValueError("cycle0_checkpoint is read at an LM's hook: it needs activations, not a source")
         self.args, self.sae_args, self.activation_args = distillation, sae, activations
-        self.attribution_args, self.training_args = attribution, training
+        self.attribution_args, self.training_args, self.source = attribution, training, source
         check_push_token(training.push_to_hub, training.hub_token)
         self.output_dir = Path(training.output_dir)
         self.k_noncore = sae.k_noncore if sae.k_noncore is not None else sae.k
         identity = arguments_identity(
-            distillation, sae, activations, attribution, training,
+            *(a for a in (distillation, sae, activations, attribution, training) if a is not None),
             exclude=("model_repo", "random_core_control", "control_seeds", "cycle0_checkpoint"),
         )  # fmt: skip
         self.cycle0 = None
@@ -109,17 +117,19 @@ class Distillation:
             check_checkpoint_fits(self.cycle0, activations, lm_width(activations))
             identity["inputs.cycle0_checkpoint"] = file_sha256(checkpoint_weights(self.cycle0))
         self.state = RunState(self.output_dir, "distillation", identity, writer=training.process_index == 0)
-        self.model_repo = distillation.model_repo or training.hub_model_id or default_model_repo(activations)
+        self.model_repo = distillation.model_repo or training.hub_model_id or (
+            default_model_repo(activations) if source is None else source.default_repo)
 
     @cached_property
-    def data(self) -> RunData:
-        """The LM and the activations, loaded on first use."""
-        return RunData(self.activation_args, self.training_args, self.state)
+    def data(self) -> ActivationSource:
+        """The activations: the LM's, loaded on first use, or the given source."""
+        return open_source(self.source, self.activation_args, self.training_args, self.state)
 
     @cached_property
     def attribution(self) -> Attribution:
-        """The attribution split's pairs (harvested once), scored with training-sized BatchTopK batches."""
-        return Attribution(self.data, self.attribution_args, self.training_args.per_device_train_batch_size)
+        """The source's gradient pairs (for an LM: harvested once), scored with training-sized BatchTopK batches."""
+        gradients = self.data.gradient_pairs(self.attribution_args)
+        return Attribution(gradients, self.attribution_args, self.training_args.per_device_train_batch_size)
 
     # -- one cycle ----------------------------------------------------------------------------------------------
     def _new_model(self, t: int, core: DMSAECore | None, seed: int, sae: SAEArguments | None = None) -> DMSAEModel:
@@ -127,8 +137,8 @@ class Distillation:
         set_seed(seed)
         sae = dataclasses.replace(sae or self.sae_args, k_noncore=self.k_noncore)
         if core is None:
-            return DMSAEModel(sae_config(sae, self.activation_args, self.data, cycle=t))
-        config = sae_config(sae, self.activation_args, self.data, cycle=t, core_size=len(core),
+            return DMSAEModel(sae_config(sae, self.data, cycle=t))
+        config = sae_config(sae, self.data, cycle=t, core_size=len(core),
                             core_ids=core.latent_ids)  # fmt: skip
         return DMSAEModel.from_core(config, core.encoder_rows, core.latent_ids)
 
@@ -302,7 +312,7 @@ class Distillation:
         if not self.state.writer:
             return
         plots = self._figures(cores)
-        datasets = [self.activation_args.dataset_name_or_path]
+        datasets = [self.data.dataset_name]
         repos = {f"cycle {t} core": core_repo_name(self.model_repo, t) for t in range(len(cores))}
         repos["distilled core"] = core_repo_name(self.model_repo, None)
         has_model = (self.output_dir / f"cycle{self.last_cycle}" / "model.safetensors").is_file()

@@ -1,6 +1,6 @@
 """The paper's figures from a run's records (PNG, matplotlib): coverage curves per cycle, carry-over between cycles
 (Fig. 2), `l0_core` over training for the distilled core and the controls (Fig. 3), the selected core's convergence
-within a cycle, and metrics against k (Fig. 4)."""
+within a cycle, metrics against k (Fig. 4), and the synthetic benchmark's selection scores and prefix FVU curves."""
 
 from __future__ import annotations
 
@@ -83,14 +83,54 @@ def selection_convergence(tracks: dict[int, list[dict]], finals: dict[int, set],
     return _save(figure, path)
 
 
+def _mean_and_spread(value) -> tuple[float, float]:
+    """A number, or the mean and standard deviation of a list of them (one per seed)."""
+    if not isinstance(value, list):
+        return value, 0.0
+    mean = sum(value) / len(value)
+    return mean, (sum((v - mean) ** 2 for v in value) / (len(value) - 1)) ** 0.5 if len(value) > 1 else 0.0
+
+
 def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path) -> Path:
-    """Fig. 4: each metric against target k, one line per variant (dense core, sparse core, Matryoshka)."""
+    """Fig. 4: each metric against target k, one line per variant (dense core, sparse core, Matryoshka); a metric
+    given as a list (one value per seed) is drawn as its mean with ± one standard deviation."""
     figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
     variants = sorted({r["variant"] for r in results})
     for axis, metric in zip(axes[0], metrics):
         for variant in variants:
-            points = sorted((r["k"], r[metric]) for r in results if r["variant"] == variant)
-            axis.plot([k for k, _ in points], [v for _, v in points], marker="o", label=variant)
+            points = sorted((r["k"], *_mean_and_spread(r[metric])) for r in results if r["variant"] == variant)
+            axis.errorbar([k for k, _, _ in points], [m for _, m, _ in points], yerr=[s for _, _, s in points],
+                          marker="o", capsize=3, label=variant)  # fmt: skip
         axis.set(xlabel="k", ylabel=metric, xscale="log")
     axes[0][0].legend(fontsize=8)
+    return _save(figure, path)
+
+
+def selection_against_truth(runs: dict[tuple[str, str], list[dict]], cores: list[str], selections: tuple[str, ...],
+                            path: Path) -> Path:  # fmt: skip
+    """Precision and recall of each core against the ground truth's useful features, one bar per selection method
+    (mean over seeds, ± one standard deviation)."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(selections)
+    for axis, metric in zip(axes, ("precision", "recall")):
+        for i, selection in enumerate(selections):
+            spread = [_mean_and_spread([r[metric] for r in runs[core, selection]]) for core in cores]
+            axis.bar([c + (i - (len(selections) - 1) / 2) * width for c in range(len(cores))], [m for m, _ in spread],
+                     width, yerr=[s for _, s in spread], capsize=2, label=selection)  # fmt: skip
+        axis.set(xticks=range(len(cores)), xticklabels=cores,
+                 ylabel=f"{metric} against the useful features", ylim=(0, 1.02))  # fmt: skip
+    axes[0].legend(fontsize=8)
+    return _save(figure, path)
+
+
+def prefix_fvu_curves(runs: list[dict], path: Path) -> Path:
+    """Progressive coding: FVU of the first G latents against G, one line per model and latent order (mean over
+    seeds, ± one standard deviation)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    prefixes = runs[0]["prefixes"]
+    for name in runs[0]["fvu"]:
+        spread = [_mean_and_spread([r["fvu"][name][i] for r in runs]) for i in range(len(prefixes))]
+        axis.errorbar(prefixes, [m for m, _ in spread], yerr=[s for _, s in spread], marker="o", capsize=3, label=name)
+    axis.set(xlabel="G (first latents kept)", ylabel="FVU", xscale="log")
+    axis.legend(fontsize=8)
     return _save(figure, path)

@@ -17,9 +17,10 @@ import hashlib
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from filelock import FileLock, Timeout
@@ -27,8 +28,11 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .activations import ActivationArguments, ActivationStream, Harvester, StreamStatistics, shuffled_windows
+from .attribution import AttributionArguments
 from .cache import ActivationCache, AttributionCache, identity_difference
 from .configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, DMSAEConfig, matryoshka_group_sizes
+from .evaluation import ce_loss_recovered
+from .hub import default_model_repo
 from .integrity import IntegrityError, checksums, read_json, verify_checksums, write_json_atomically
 from .language_model import load_language_model, weights_digest
 from .modeling_dmsae import DMSAEModel
@@ -362,6 +366,95 @@ class RunData:
                                          with_gradient=True, batch_size=lm_batch_size)  # fmt: skip
         return (w.tensors for w in shuffled_windows(batches, self.args.shuffle_buffer_tokens, self.args.harvest_seed))
 
+    # -- what a distillation or transfer asks of any activation source ------------------------------------------
+    def sae_fields(self) -> dict:
+        """The `DMSAEConfig` fields these activations decide: width, scale and where they are read."""
+        return {"d_in": self.d_in, "norm_factor": self.norm_factor, "base_model": self.args.model_name_or_path,
+                "hook_layer": self.args.hook_layer, "hook_name": self.args.hook_name}  # fmt: skip
+
+    @property
+    def dataset_name(self) -> str:
+        return self.args.dataset_name_or_path
+
+    @property
+    def default_repo(self) -> str:
+        return default_model_repo(self.args)
+
+    def gradient_pairs(self, args: AttributionArguments) -> LMGradientPairs:
+        """The attribution split's `(x, g)` pairs, `g` the gradient of the LM's next-token loss."""
+        return LMGradientPairs(self, args)
+
+    def downstream_metrics(self, model: DMSAEModel, batches: int) -> dict[str, float]:
+        """CE loss recovered with `model` spliced into the LM, on the first `batches` held-out LM batches."""
+        return ce_loss_recovered(model, self.lm, self.eval_text_batches(batches), self.harvester.positions())
+
+
+class LMGradientPairs:
+    """The `(x, g)` pairs of a run's attribution slice (text no training run reads), `g = ∂L/∂x` of the LM's
+    next-token loss: harvested once into a cache, or with `cache_attribution_pairs=False` at every pass."""
+
+    def __init__(self, data: RunData, args: AttributionArguments):
+        self.data, self.args = data, args
+        self.slice = data.fixed_slice("attribution", args.attribution_tokens)
+        self.max_rows = self.slice.sequences * data.args.body_length
+        self._cache = None
+        if args.cache_attribution_pairs:
+            self._cache = data.attribution_pairs(self.slice, args.attribution_batch_size, cached=True)
+            self.max_rows = len(self._cache)
+
+    def pairs(self) -> Iterable[dict[str, torch.Tensor]]:
+        if self._cache is not None:
+            return (self._cache.rows(i, i + 65_536) for i in range(0, len(self._cache), 65_536))
+        return self.data.attribution_pairs(self.slice, self.args.attribution_batch_size, cached=False)
+
+
+class ActivationSource(Protocol):
+    """What a distillation or a transfer reads, whatever produces the activations: `RunData` (an LM's hook on a text
+    stream) or a synthetic world (`synthetic.SyntheticSource`), with the objective whose `∂L/∂x` scores latents."""
+
+    d_in: int
+    eval_slice: object | None
+    """The held-out data, or None if there is none."""
+
+    dataset_name: str
+    default_repo: str
+
+    def input_identity(self) -> dict:
+        """What the run reads beyond its arguments (recorded in its state; a resumed run must read the same)."""
+
+    def sae_fields(self) -> dict:
+        """The `DMSAEConfig` fields the activations decide (`d_in`, `norm_factor`, `base_model`, hook)."""
+
+    def training_slice(self, name: str):
+        """The fresh rows a training run named `name` reads (`.name`, `.rows`), disjoint from every other slice."""
+
+    def training_data(self, piece, args: DMSAETrainingArguments):
+        """The Trainer's `train_dataset` for `piece`."""
+
+    def finish_slice(self, piece, dataset):
+        """Record that `piece` was read (by `dataset`)."""
+
+    def eval_dataset(self):
+        """The Trainer's `eval_dataset`, or None."""
+
+    def eval_batches(self, batch_size: int) -> Iterable[torch.Tensor]:
+        """Held-out activations in batches."""
+
+    def gradient_pairs(self, args: AttributionArguments):
+        """The `attribution.GradientPairs` that score latents."""
+
+    def downstream_metrics(self, model: DMSAEModel, batches: int) -> dict[str, float]:
+        """What the objective says of `model`'s reconstructions (an LM: CE loss recovered)."""
+
+
+def open_source(source: ActivationSource | None, activation_args: ActivationArguments | None,
+                training_args: DMSAETrainingArguments, state: RunState) -> ActivationSource:  # fmt: skip
+    """`source`, its inputs recorded in (or checked against) the run's state; without one, the LM's `RunData`."""
+    if source is None:
+        return RunData(activation_args, training_args, state)
+    state.require(source.input_identity())
+    return source
+
 
 def _counted(batches, progress):
     """Pass harvested batches through, counting their rows on a progress bar."""
@@ -370,11 +463,11 @@ def _counted(batches, progress):
         yield batch
 
 
-def sae_config(sae: SAEArguments, acts: ActivationArguments, data: RunData, **overrides) -> DMSAEConfig:
-    """The `DMSAEConfig` of a new SAE on these activations; `overrides` (e.g. a core) win."""
+def sae_config(sae: SAEArguments, data, **overrides) -> DMSAEConfig:
+    """The `DMSAEConfig` of a new SAE on the activations of `data` (a `RunData` or another source with
+    `sae_fields()`); `overrides` (e.g. a core) win."""
     core_size = overrides.get("core_size", 0)
     settings = dict(
-        d_in=data.d_in,
         dict_size=sae.dict_size,
         group_sizes=matryoshka_group_sizes(sae.dict_size - core_size, tuple(sae.group_fractions)),
         k=sae.k,
@@ -383,10 +476,7 @@ def sae_config(sae: SAEArguments, acts: ActivationArguments, data: RunData, **ov
         aux_coef=sae.aux_coef,
         dead_tokens_threshold=sae.dead_tokens_threshold,
         threshold_beta=sae.threshold_beta,
-        norm_factor=data.norm_factor,
-        base_model=acts.model_name_or_path,
-        hook_layer=acts.hook_layer,
-        hook_name=acts.hook_name,
+        **data.sae_fields(),
     )
     return DMSAEConfig(**{**settings, **overrides})
 

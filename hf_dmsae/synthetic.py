@@ -1,81 +1,207 @@
-"""Ground-truth benchmark on `sae_lens.synthetic`: distillation + transfer against Matryoshka SAEs with known features.
+"""Ground-truth benchmark: the shipped `Distillation` and `Transfer` in a synthetic world whose useful features are
+known.
 
-Synthetic activations `x = f W + b` come from a `SyntheticModel` with hierarchical ground-truth features `f` (rows
-of `W`). Per seed, the benchmark runs the distillation (cycle 0 a Matryoshka SAE, then DMSAEs around the previous
-core, `C* = C^(T) ∩ C^(T−1)`) and trains, on the same fresh token budget, a DMSAE around `C*` and a Matryoshka
-baseline at each k. Scores are sae_lens's own (`eval_sae_on_synthetic_data`: MCC against the true features,
-explained variance, dead latents, L0), and cross-seed consistency is the mean best-match |cos| between the two
-seeds' decoder directions. The DMSAE is trained in both core modes: dense core (the core never masked, so its L0 adds
-to k) and sparse core (one BatchTopK of k over all latents, L0 matched with the baseline).
+The world is `sae_lens.synthetic`'s: activations `x = f W + b` of sparse feature activations `f` (Zipfian firing
+probabilities, optionally a hierarchy and low-rank correlations) along known unit directions `W`. On top of it this
+module defines a downstream task, so that "which features matter" has an answer: a random readout `R` ([classes,
+features]) weights a known subset of features (`useful_fraction` of them) with scale `readout_scale` and the others
+with `readout_off_weight` times that; a row's label is drawn from `softmax(R f)`. The downstream model only sees `x`: it is the best
+linear readout of the label from `x` (a multinomial logistic probe `z(x) = A x + c`, fitted once per world on rows
+of its own), and its loss `L = CE(z(x), label)` gives `g = ∂L/∂x = Aᵀ (softmax(z) − onehot(label))`: the objective
+whose gradient × activation scores latents, as the LM's next-token loss does on text. Latents that carry useful
+features score high; the others carry gradient only through the probe's small weights on them and the directions'
+overlaps, so a selection can fail. (Reading the features back along their true directions instead does worse than
+no input at all once the features are in superposition.)
 
-Attribution objective. There is no LM here, so `∂L/∂x` comes from `L(x) = ½‖x − b‖²`, the energy of the signal
-around the dictionary's bias: `g = x − b`, and `GxA_j = |a_j · ŵ_j·(x − b)|` is the part of the input's signal
-that latent j carries. With no downstream network every direction of the signal matters alike, so the latents
-that keep carrying a large share of it (frequent, strong features) are the consistently useful ones. Scores use
-the same code as on an LM (`gxa_values`, exact streaming quantile, coverage selection).
+`SyntheticSource` is an `runs.ActivationSource`: each slice a run names is fresh rows, seeded by the seed and the
+slice's name. The benchmark (`SyntheticBenchmark`) runs, per seed, the shipped distillation and transfer on it and
+keeps only the scoring against the ground truth: each cycle's core and the distilled core against the useful
+features (precision, recall and MCC, a latent matching a feature when their directions' |cos| ≥ `match_cos`) next to
+selection baselines of the same size on the same model (random latents, latents by activation frequency, by mean
+squared activation: the permutation coding of `progressive`); the transferred SAEs' MCC against all features, task
+loss recovered and cross-seed consistency; and progressive coding, Matryoshka prefixes against a plain BatchTopK SAE
+reordered by mean squared activation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import logging
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import set_seed
 
+from . import figures
 from .activations import norm_factor
-from .attribution import StreamingQuantile, gxa_values, select_by_coverage
-from .configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, DMSAEConfig, matryoshka_group_sizes
+from .attribution import AttributionArguments
+from .core import DMSAECore
+from .distillation import Distillation, DistillationArguments
+from .integrity import read_json, write_json_atomically
 from .modeling_dmsae import DMSAEModel
-from .integrity import write_json_atomically
-from .runs import last_complete_checkpoint
-from .trainer import DMSAETrainer, DMSAETrainingArguments
-from .transfer import VARIANTS
+from .progressive import latent_statistics, order_by, prefix_fvu
+from .runs import SAEArguments, load_trained_model, sae_config, train_sae
+from .trainer import DMSAETrainingArguments
+from .transfer import VARIANTS, Transfer, TransferArguments
 
 logger = logging.getLogger(__name__)
+
+SELECTIONS = ("attribution", "random", "frequency", "mean_squared")
 
 
 @dataclass
 class SyntheticArguments:
-    """The synthetic world, the SAEs and the budget."""
+    """The synthetic world, its downstream task and the benchmark around the shipped distillation and transfer (the
+    SAEs, attribution and training take their own arguments)."""
 
-    num_features: int = field(default=1024, metadata={"help": 'Ground-truth features.'})
-    hidden_dim: int = field(default=128, metadata={"help": 'Dimension of the synthetic activations.'})
-    root_features: int = field(default=64, metadata={"help": 'Roots of the feature hierarchy (each with children, grandchildren).'})
-    branching_factor: int = field(default=3, metadata={"help": 'Children per parent in the hierarchy.'})
-    dict_size: int = field(default=1024, metadata={"help": 'Latents per SAE.'})
-    group_fractions: list[float] = field(default_factory=lambda: list(SAEBENCH_GROUP_FRACTIONS), metadata={"help": 'Matryoshka group fractions; the rest forms the last group.'})
-    distill_k: int = field(default=16, metadata={"help": 'k of the distillation cycles.'})
-    transfer_ks: list[int] = field(default_factory=lambda: [8, 16, 32], metadata={"help": 'k of the transferred SAEs and baselines.'})
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": 'Transferred SAEs: DMSAE in dense- and sparse-core mode, and the Matryoshka baseline.'})
-    cycles: int = field(default=3, metadata={"help": 'Distillation cycles T + 1 (cycle 0 included).'})
-    train_tokens: int = field(default=200_000, metadata={"help": 'Synthetic rows per SAE.'})
-    attribution_tokens: int = field(default=16_384, metadata={"help": 'Rows scored per attribution.'})
-    eval_tokens: int = field(default=50_000, metadata={"help": "Rows for sae_lens's evaluation."})
-    q: float = field(default=0.99, metadata={"help": 'Quantile of GxA that scores a latent.'})
-    tau: float = field(default=0.9, metadata={"help": 'Coverage the core reaches.'})
-    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": 'Training seeds (the synthetic world is the same for all).'})
-    world_seed: int = field(default=1234, metadata={"help": 'Seed of the synthetic model.'})
-    output_dir: str = field(default="runs/synthetic", metadata={"help": 'Where models, results and the report go.'})
-    batch_size: int = field(default=1024, metadata={"help": 'Rows per training step.'})
-    learning_rate: float = field(default=3e-3, metadata={"help": 'Adam learning rate.'})
+    num_features: int = field(default=256, metadata={"help": "Ground-truth features."})
+    hidden_dim: int = field(default=128, metadata={"help": "Dimension of the synthetic activations."})
+    root_features: int = field(
+        default=4, metadata={"help": "Roots of sae_lens's feature hierarchy (depth 2; 0: no hierarchy)."}
+    )
+    branching_factor: int = field(default=3, metadata={"help": "Children per parent in the hierarchy."})
+    correlation_rank: int = field(default=16, metadata={"help": "Rank of the features' correlations (0: none)."})
+    correlation_scale: float = field(default=0.1, metadata={"help": "Scale of the low-rank correlations."})
+    max_firing_probability: float = field(default=0.2, metadata={"help": "Firing probability of the most frequent feature (Zipfian)."})
+    min_firing_probability: float = field(default=0.01, metadata={"help": "Firing probability of the rarest feature."})
+    zipf_exponent: float = field(default=0.5, metadata={"help": "Exponent of the Zipfian firing probabilities."})
+    world_seed: int = field(default=1234, metadata={"help": "Seed of the world and its task (the same for every seed)."})
+    useful_fraction: float = field(default=0.25, metadata={"help": "Share of the features the task's readout weights heavily."})
+    readout_classes: int = field(default=16, metadata={"help": "Classes of the downstream task."})
+    readout_scale: float = field(default=3.0, metadata={"help": "Readout scale of the useful features (logits per unit of feature)."})
+    readout_off_weight: float = field(
+        default=0.1, metadata={"help": "Readout scale of the other features, relative to the useful ones'."}
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds, each a full run."})
+    num_cycles: int = field(default=2, metadata={"help": "Distillation cycles T after cycle 0."})
+    transfer_ks: list[int] = field(default_factory=lambda: [3, 6, 12], metadata={"help": "k of the transferred SAEs."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Transferred SAEs, of {VARIANTS}."})
+    train_rows: int = field(default=1_000_000, metadata={"help": "Fresh rows per trained SAE."})
+    eval_rows: int = field(default=65_536, metadata={"help": "Held-out rows (metrics, latent statistics)."})
+    match_cos: float = field(
+        default=0.8, metadata={"help": "|cos| at which a latent's decoder direction matches a true feature."}
+    )
 
     def __post_init__(self):
         unknown = set(self.variants) - set(VARIANTS)
         if unknown:
             raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
-        if self.cycles < 2:
-            raise ValueError(f"cycles={self.cycles} is invalid: the distilled core needs at least 2 cycles")
+        if not 0 < self.useful_fraction < 1:
+            raise ValueError(f"useful_fraction={self.useful_fraction} is invalid: must lie in (0, 1)")
+        if not 0 < self.match_cos <= 1:
+            raise ValueError(f"match_cos={self.match_cos} is invalid: must lie in (0, 1]")
+        if not self.seeds or not self.transfer_ks:
+            raise ValueError("seeds and transfer_ks must be non-empty")
+        if self.num_cycles < 1:
+            raise ValueError(f"num_cycles={self.num_cycles} is invalid: the distilled core needs at least 1 cycle")
+
+
+def _seed_of(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") % 2**62
+
+
+class SyntheticWorld:
+    """`sae_lens.synthetic.SyntheticModel` and the readout task on its true features (module docstring)."""
+
+    def __init__(self, args: SyntheticArguments):
+        from sae_lens.synthetic import (HierarchyConfig, LowRankCorrelationConfig, SyntheticModel,
+                                        SyntheticModelConfig, ZipfianFiringProbabilityConfig)  # fmt: skip
+
+        self.args = args
+        self.config = SyntheticModelConfig(
+            num_features=args.num_features, hidden_dim=args.hidden_dim, seed=args.world_seed,
+            firing_probability=ZipfianFiringProbabilityConfig(exponent=args.zipf_exponent,
+                                                              max_prob=args.max_firing_probability,
+                                                              min_prob=args.min_firing_probability),
+            hierarchy=HierarchyConfig(total_root_nodes=args.root_features, branching_factor=args.branching_factor,
+                                      max_depth=2, compensate_probabilities=True) if args.root_features else None,
+            correlation=LowRankCorrelationConfig(rank=args.correlation_rank, correlation_scale=args.correlation_scale,
+                                                 seed=args.world_seed) if args.correlation_rank else None,
+        )  # fmt: skip
+        with torch.random.fork_rng():
+            self.model = SyntheticModel(self.config)
+        self.directions = self.model.feature_dict.feature_vectors.detach().float()
+        self.bias = self.model.feature_dict.bias.detach().float()
+        generator = torch.Generator().manual_seed(_seed_of("readout", args.world_seed))
+        useful = torch.randperm(args.num_features, generator=generator)[: round(args.useful_fraction * args.num_features)]
+        self.useful = useful.sort().values
+        weight = torch.full((args.num_features,), args.readout_off_weight)
+        weight[self.useful] = 1.0
+        weight *= args.readout_scale
+        self.readout = torch.randn(args.readout_classes, args.num_features, generator=generator) * weight
+        self.norm_factor = norm_factor(self.sample(16_384, _seed_of("norm", args.world_seed))[0])
+        self.probe = self._fit_probe(65_536)
+
+    def _fit_probe(self, rows: int) -> torch.nn.Linear:
+        """The downstream model: multinomial logistic regression of the label on `x`, fitted by L-BFGS."""
+        x, f = self.sample(rows, _seed_of("probe", self.args.world_seed))
+        labels = self.labels(f, _seed_of("probe labels", self.args.world_seed))
+        with torch.random.fork_rng():
+            torch.manual_seed(self.args.world_seed)
+            probe = torch.nn.Linear(self.args.hidden_dim, self.args.readout_classes)
+        optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(probe(x), labels)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return probe.requires_grad_(False)
+
+    def digest(self) -> str:
+        """What decides the world and its task (recorded by every run on it)."""
+        task = {k: getattr(self.args, k) for k in ("useful_fraction", "readout_classes", "readout_scale", "readout_off_weight")}
+        task["probe"] = hashlib.sha256(self.probe.weight.numpy().tobytes()).hexdigest()
+        text = json.dumps({"world": self.config.to_dict(), "task": task}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` rows `x` and their true feature activations `f`, the same for the same seed."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            x, f = self.model.sample_with_features(n)
+        return x.float(), f.float()
+
+    def labels(self, features: torch.Tensor, seed: int) -> torch.Tensor:
+        """One label per row, drawn from `softmax(R f)`."""
+        generator = torch.Generator().manual_seed(seed)
+        return torch.multinomial(torch.softmax(features @ self.readout.T, dim=1), 1, generator=generator).squeeze(1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The downstream model's logits: the fitted linear probe on `x`."""
+        return self.probe(x.float())
+
+    def gradients(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`∂L/∂x` of each row's own task loss."""
+        error = torch.softmax(self.logits(x), dim=1) - F.one_hot(labels, self.args.readout_classes).float()
+        return error @ self.probe.weight
+
+    def task_loss(self, x: torch.Tensor, labels: torch.Tensor) -> float:
+        return float(F.cross_entropy(self.logits(x), labels, reduction="sum"))
+
+
+@dataclass
+class RowSlice:
+    """A named slice of fresh synthetic rows."""
+
+    name: str
+    rows: int
 
 
 class Rows(torch.utils.data.Dataset):
     """In-memory activation rows with the interface of the activation caches (`__getitems__`, `sample`)."""
 
     def __init__(self, rows: torch.Tensor):
-        self.rows, self.d_in, self.norm_factor = rows, rows.shape[1], norm_factor(rows)
+        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -90,15 +216,97 @@ class Rows(torch.utils.data.Dataset):
         return self.rows[:n]
 
 
-def synthetic_model(args: SyntheticArguments):
-    from sae_lens.synthetic import HierarchyConfig, SyntheticModel, SyntheticModelConfig
+class TaskGradients:
+    """The attribution's `(x, g)` pairs: held-out rows, their labels and the task's gradient (`GradientPairs`)."""
 
-    config = SyntheticModelConfig(
-        num_features=args.num_features, hidden_dim=args.hidden_dim, seed=args.world_seed,
-        hierarchy=HierarchyConfig(total_root_nodes=args.root_features, branching_factor=args.branching_factor,
-                                  max_depth=2, compensate_probabilities=True),
-    )  # fmt: skip
-    return SyntheticModel(config)
+    def __init__(self, world: SyntheticWorld, rows: int, seed: int):
+        x, f = world.sample(rows, _seed_of(seed, "attribution"))
+        self.pairs_ = {"activations": x, "gradients": world.gradients(x, world.labels(f, _seed_of(seed, "labels")))}
+        self.max_rows = rows
+
+    def pairs(self):
+        return [self.pairs_]
+
+
+class SyntheticSource:
+    """The world's activations for one seed's runs (`runs.ActivationSource`); the task is its objective."""
+
+    dataset_name = "sae_lens.synthetic"
+    default_repo = "dmsae-synthetic"
+
+    def __init__(self, world: SyntheticWorld, train_rows: int, eval_rows: int, seed: int):
+        self.world, self.train_rows, self.seed = world, train_rows, seed
+        self.d_in = world.args.hidden_dim
+        self.eval_slice = RowSlice("eval", eval_rows) if eval_rows else None
+        self._eval = None
+
+    def input_identity(self) -> dict:
+        return {"inputs.synthetic_world": self.world.digest(), "inputs.synthetic_seed": self.seed}
+
+    def sae_fields(self) -> dict:
+        return {"d_in": self.d_in, "norm_factor": self.world.norm_factor}
+
+    def training_slice(self, name: str) -> RowSlice:
+        return RowSlice(name, self.train_rows)
+
+    def training_data(self, piece: RowSlice, args: DMSAETrainingArguments) -> Rows:
+        return Rows(self.world.sample(piece.rows, _seed_of(self.seed, piece.name))[0])
+
+    def finish_slice(self, piece: RowSlice, dataset) -> RowSlice:
+        return piece
+
+    def eval_dataset(self) -> None:
+        return None
+
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out rows and their labels."""
+        if self._eval is None:
+            x, f = self.world.sample(self.eval_slice.rows, _seed_of(self.seed, "eval"))
+            self._eval = x, self.world.labels(f, _seed_of(self.seed, "eval labels"))
+        return self._eval
+
+    def eval_batches(self, batch_size: int):
+        if self.eval_slice is not None:
+            yield from self.held_out()[0].split(batch_size)
+
+    def gradient_pairs(self, args: AttributionArguments) -> TaskGradients:
+        return TaskGradients(self.world, args.attribution_tokens, self.seed)
+
+    @torch.no_grad()
+    def downstream_metrics(self, model: DMSAEModel, batches: int) -> dict[str, float]:
+        """Task loss clean, with the reconstruction, and with `x` ablated to the bias (no feature); the share
+        recovered; and the decoder's MCC against all true features."""
+        from sae_lens.synthetic import mean_correlation_coefficient
+
+        was_training = model.training
+        model.eval()
+        x, labels = self.held_out()
+        reconstruction = torch.cat([model.decode(model.encode(rows.to(model.device))).float().cpu() for rows in x.split(4096)])
+        model.train(was_training)
+        losses = {"task_loss_clean": self.world.task_loss(x, labels),
+                  "task_loss_sae": self.world.task_loss(reconstruction, labels),
+                  "task_loss_ablated": self.world.task_loss(self.world.bias.expand_as(x), labels)}  # fmt: skip
+        losses = {k: v / len(x) for k, v in losses.items()}
+        recovered = (losses["task_loss_ablated"] - losses["task_loss_sae"]) / (
+            losses["task_loss_ablated"] - losses["task_loss_clean"])
+        mcc = mean_correlation_coefficient(model.W_dec.detach().float().cpu(), self.world.directions)
+        return {**losses, "task_loss_recovered": recovered, "mcc": mcc}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring against the ground truth
+
+
+def match_truth(directions: torch.Tensor, truth: torch.Tensor, match_cos: float) -> dict[str, float]:
+    """Precision (share of `directions` matching a true direction), recall (share of `truth` matched) and MCC."""
+    from sae_lens.synthetic import mean_correlation_coefficient
+
+    a = directions / directions.norm(dim=1, keepdim=True)
+    b = truth / truth.norm(dim=1, keepdim=True)
+    cos = (a @ b.T).abs()
+    return {"size": len(directions), "precision": float((cos.max(1).values >= match_cos).float().mean()),
+            "recall": float((cos.max(0).values >= match_cos).float().mean()),
+            "mcc": mean_correlation_coefficient(a, b)}  # fmt: skip
 
 
 def consistency(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> float:
@@ -109,164 +317,219 @@ def consistency(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> float:
     return float((cos.max(1).values.mean() + cos.max(0).values.mean()) / 2)
 
 
+def baseline_selections(model: DMSAEModel, stats: dict[str, torch.Tensor], size: int, seed: int) -> dict[str, list[int]]:
+    """Latent indices of the candidate pool chosen without attribution, `size` of each: at random, by activation
+    frequency and by mean squared activation."""
+    pool = model.config.candidate_pool_size
+    generator = torch.Generator().manual_seed(seed)
+    return {"random": torch.randperm(pool, generator=generator)[:size].tolist(),
+            "frequency": order_by(stats["frequency"][:pool])[:size].tolist(),
+            "mean_squared": order_by(stats["mean_squared"][:pool])[:size].tolist()}  # fmt: skip
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 class SyntheticBenchmark:
-    """One benchmark run; results go to `<output_dir>/results.json` after every SAE, so re-running resumes."""
+    """All seeds' runs under `<output_dir>/seed{s}/` (`distillation/`, `transfer/`, `plain-batchtopk/`: resumable as
+    any run); the scores in `results.json`, the report in `report.md` with `figures/`."""
 
-    def __init__(self, args: SyntheticArguments):
-        self.args = args
-        self.output_dir = Path(args.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, args: SyntheticArguments, sae: SAEArguments, attribution: AttributionArguments,
+                 training: DMSAETrainingArguments):  # fmt: skip
+        self.args, self.sae_args, self.attribution_args, self.training_args = args, sae, attribution, training
+        if max(args.transfer_ks) > sae.dict_size:
+            raise ValueError(f"transfer_ks={args.transfer_ks} is invalid: every k must be at most dict_size")
+        self.output_dir = Path(training.output_dir)
         self.results_path = self.output_dir / "results.json"
-        self.results: dict = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
-        self.world = synthetic_model(args)
-        self.bias = self.world.feature_dict.bias.detach()
-        self.norm_factor = self.rows(16_384, seed=999_999).norm_factor
+        self.world = SyntheticWorld(args)
 
-    def rows(self, n: int, seed: int) -> Rows:
-        torch.manual_seed(seed)
-        return Rows(self.world.sample(n).detach())
+    def _training(self, folder: Path, seed: int) -> DMSAETrainingArguments:
+        return dataclasses.replace(self.training_args, output_dir=str(folder), seed=seed, push_to_hub=False)
 
-    def config(self, k: int, core_size: int = 0, core_ids=None, sparsity: str = "dense_core") -> DMSAEConfig:
+    def run_seed(self, seed: int) -> dict:
+        """The shipped distillation and transfer for one seed, then their scores against the ground truth."""
         a = self.args
-        return DMSAEConfig(d_in=a.hidden_dim, dict_size=a.dict_size, core_size=core_size, core_ids=core_ids,
-                           group_sizes=matryoshka_group_sizes(a.dict_size - core_size, tuple(a.group_fractions)),
-                           k=k, sparsity=sparsity, threshold_beta=0.99, dead_tokens_threshold=100_000,
-                           norm_factor=self.norm_factor)  # fmt: skip
+        folder = self.output_dir / f"seed{seed}"
+        source = SyntheticSource(self.world, a.train_rows, a.eval_rows, seed)
+        distillation = Distillation(DistillationArguments(num_cycles=a.num_cycles, model_repo=f"synthetic/dmsae-seed{seed}"),
+                                    self.sae_args, None, self.attribution_args,
+                                    self._training(folder / "distillation", seed), source=source)  # fmt: skip
+        distillation.run()
+        distillation.state.close()
+        transfer = Transfer(TransferArguments(core=str(folder / "distillation" / "distilled-core"), ks=a.transfer_ks,
+                                              variants=a.variants, model_repo=f"synthetic/dmsae-seed{seed}"),
+                            self.sae_args, None, self._training(folder / "transfer", seed), source=source)  # fmt: skip
+        transfer.run()
+        transfer.state.close()
+        return {"selection": self.selection_scores(distillation, source, seed), "transfer": transfer.results,
+                "progressive": self.progressive_coding(folder, source, seed)}  # fmt: skip
 
-    def train(self, model: DMSAEModel, name: str, data_seed: int) -> DMSAEModel:
-        folder = self.output_dir / name
-        if (folder / "model.safetensors").is_file():
-            return DMSAEModel.from_pretrained(folder)
-        a = self.args
-        args = DMSAETrainingArguments(
-            output_dir=str(folder), per_device_train_batch_size=a.batch_size, num_train_epochs=1, learning_rate=a.learning_rate,
-            save_steps=100, logging_steps=50, report_to="none", seed=data_seed, disable_tqdm=True, init_decoder_bias_rows=4096,
-        )  # fmt: skip
-        trainer = DMSAETrainer(model=model, args=args, train_dataset=self.rows(a.train_tokens, data_seed))
-        trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder))
-        trainer.save_model(folder)
-        return model
-
-    @torch.no_grad()
-    def scores(self, sae: DMSAEModel, seed: int) -> torch.Tensor:
-        """The q-quantile GxA of the candidate pool under `L = ½‖x − b‖²` (module docstring)."""
-        a = self.args
-        sae.eval()
-        pool = sae.config.candidate_pool_size
-        quantile = StreamingQuantile(pool, a.q, a.attribution_tokens)
-        for x in self.rows(a.attribution_tokens, seed).rows.split(a.batch_size):
-            quantile.update(gxa_values(sae, x, x - self.bias, pool))
-        return quantile.compute()
-
-    def distill(self, seed: int) -> tuple[torch.Tensor, list[str], list[dict]]:
-        """Cycles 0…T for one seed: the distilled core's encoder rows and ids, and each cycle's record."""
-        a = self.args
-        core_rows, core_ids, previous_ids, cycles = None, None, None, []
-        for cycle in range(a.cycles):
-            set_seed(seed)
-            name = f"seed{seed}/cycle{cycle}"
-            if core_ids is None:
-                model = DMSAEModel(self.config(a.distill_k))
-            else:
-                model = DMSAEModel.from_core(self.config(a.distill_k, len(core_ids), core_ids), core_rows, core_ids)
-            model.config.cycle = cycle
-            model = self.train(model, name, data_seed=1000 * seed + cycle)
-            scores = self.scores(model, seed=10_000 + 1000 * seed + cycle)
-            selection = select_by_coverage(scores, a.tau)
+    def selection_scores(self, distillation: Distillation, source: SyntheticSource, seed: int) -> list[dict]:
+        """Each cycle's core and the distilled core against the useful features, with the baselines of its size on
+        the same model."""
+        truth = self.world.directions[self.world.useful]
+        state = distillation.state.data
+        last = state["distilled"]["last_cycle"]
+        cores = [(f"cycle {t}", int(t), distillation.output_dir / record["core"]) for t, record in sorted(
+            state["cycles"].items(), key=lambda item: int(item[0]))]  # fmt: skip
+        cores.append(("distilled", last, distillation.output_dir / state["distilled"]["core"]))
+        rows = []
+        for name, t, path in cores:
+            model = load_trained_model(distillation.output_dir / f"cycle{t}")
+            core = DMSAECore.from_pretrained(path)
             ids = model.config.latent_ids()
-            previous_ids, core_ids = core_ids, [ids[i] for i in selection.indices.tolist()]
-            core_rows = model.W_enc[selection.indices].detach().clone()
-            carried = len(set(core_ids) & set(previous_ids)) if previous_ids else None
-            cycles.append({"cycle": cycle, "core_size": len(core_ids), "carried_over": carried,
-                           "mcc_core": self.mcc(model.W_dec[selection.indices])})  # fmt: skip
-        distilled = [i for i, latent in enumerate(core_ids) if latent in set(previous_ids)]
-        return core_rows[distilled], [core_ids[i] for i in distilled], cycles
+            chosen = {"attribution": [ids.index(i) for i in core.latent_ids]}
+            stats = latent_statistics(model, source.eval_batches(4096))
+            chosen |= baseline_selections(model, stats, len(core), _seed_of(seed, "random selection", name))
+            decoder = model.W_dec.detach().float()
+            record = state["cycles"].get(str(t), {}) if name != "distilled" else {}
+            for selection, indices in chosen.items():
+                rows.append({"core": name, "selection": selection, "carried_over": record.get("carried_over"),
+                             **match_truth(decoder[indices], truth, self.args.match_cos)})  # fmt: skip
+        return rows
 
-    def mcc(self, decoder: torch.Tensor) -> float:
-        from sae_lens.synthetic import mean_correlation_coefficient
-
-        return mean_correlation_coefficient(decoder.detach(), self.world.feature_dict.feature_vectors.detach())
-
-    def evaluate(self, sae: DMSAEModel, seed: int) -> dict[str, float]:
-        from sae_lens.synthetic import eval_sae_on_synthetic_data
-
-        torch.manual_seed(20_000 + seed)
-        result = eval_sae_on_synthetic_data(sae.eval(), self.world.feature_dict, self.world.activation_generator,
-                                            num_samples=self.args.eval_tokens, batch_size=4096)  # fmt: skip
-        return {"mcc": result.mcc, "explained_variance": result.explained_variance, "dead_latents": result.dead_latents,
-                "l0": result.sae_l0, "true_l0": result.true_l0, "uniqueness": result.uniqueness}  # fmt: skip
+    def progressive_coding(self, folder: Path, source: SyntheticSource, seed: int) -> dict:
+        """Prefix FVU at the Matryoshka group boundaries: the Matryoshka SAE at the middle k in its own order and
+        reordered by mean squared activation, and a plain BatchTopK SAE (one group, same k and budget) in its
+        own order and reordered by mean squared activation."""
+        k = sorted(self.args.transfer_ks)[len(self.args.transfer_ks) // 2]
+        if "matryoshka" not in self.args.variants:
+            return {}
+        matryoshka = load_trained_model(folder / "transfer" / f"k{k}-matryoshka")
+        plain_folder = folder / "plain-batchtopk"
+        if (plain_folder / "checksums.json").is_file():
+            plain = load_trained_model(plain_folder)
+        else:
+            set_seed(seed)
+            sae = dataclasses.replace(self.sae_args, k=k, group_fractions=[])
+            plain = DMSAEModel(sae_config(sae, source))
+            train_sae(plain, source, source.training_slice("plain-batchtopk"), self._training(plain_folder, seed))
+        prefixes = list(itertools.accumulate(matryoshka.config.group_sizes))
+        curves = {}
+        for name, model in (("matryoshka", matryoshka), ("plain_batchtopk", plain)):
+            mean_squared = latent_statistics(model, source.eval_batches(4096))["mean_squared"]
+            curves[f"{name} (own order)"] = prefix_fvu(model, source.eval_batches(4096), prefixes)
+            curves[f"{name} (by mean squared activation)"] = prefix_fvu(model, source.eval_batches(4096), prefixes,
+                                                                        order_by(mean_squared))  # fmt: skip
+        return {"k": k, "prefixes": prefixes, "fvu": {name: [curve[g] for g in prefixes] for name, curve in curves.items()}}
 
     def run(self) -> dict:
-        a = self.args
-        for seed in a.seeds:
-            key = f"seed{seed}"
-            record = self.results.setdefault(key, {"models": {}})
-            core_rows, core_ids, cycles = self.distill(seed)
-            record |= {"cycles": cycles, "distilled_core_size": len(core_ids)}
-            for k in a.transfer_ks:
-                for variant in a.variants:
-                    name = f"k{k}-{variant}"
-                    if name in record["models"]:
-                        continue
-                    set_seed(seed)
-                    if variant == "matryoshka":
-                        model = DMSAEModel(self.config(k))
-                    else:
-                        config = self.config(k, len(core_ids), core_ids, sparsity=variant)
-                        model = DMSAEModel.from_core(config, core_rows, core_ids)
-                    model = self.train(model, f"{key}/{name}", data_seed=1000 * seed + 999)
-                    record["models"][name] = {"k": k, "variant": variant, **self.evaluate(model, seed)}
-                    write_json_atomically(self.results_path, self.results)
-        self.results["consistency"] = self.consistency()
-        write_json_atomically(self.results_path, self.results)
-        return self.results
+        """Every seed (each resumes where it stopped), cross-seed consistency, `results.json` and the report."""
+        results = read_json(self.results_path) if self.results_path.is_file() else {}
+        if results.get("identity", self.identity()) != self.identity():
+            raise ValueError(f"{self.results_path} holds results of other settings: use another output_dir")
+        results["identity"] = self.identity()
+        started = time.perf_counter()
+        for seed in self.args.seeds:
+            if f"seed{seed}" not in results:
+                results[f"seed{seed}"] = self.run_seed(seed)
+                results.setdefault("seconds", {})[f"seed{seed}"] = time.perf_counter() - started
+                started = time.perf_counter()
+                write_json_atomically(self.results_path, results)
+        results["consistency"] = self.consistency()
+        write_json_atomically(self.results_path, results)
+        self.results = results
+        return results
 
-    def consistency(self) -> dict[str, float]:
-        """Per trained SAE name, the best-match |cos| between its decoders under the first two seeds."""
-        a = self.args
-        if len(a.seeds) < 2:
-            return {}
-        first, second = (self.output_dir / f"seed{s}" for s in a.seeds[:2])
-        names = [f"k{k}-{v}" for k in a.transfer_ks for v in a.variants]
-        return {name: consistency(DMSAEModel.from_pretrained(first / name).W_dec.detach(),
-                                  DMSAEModel.from_pretrained(second / name).W_dec.detach()) for name in names}  # fmt: skip
+    def identity(self) -> dict:
+        return json.loads(json.dumps({"synthetic": dataclasses.asdict(self.args), "sae": dataclasses.asdict(self.sae_args),
+                                      "attribution": dataclasses.asdict(self.attribution_args),
+                                      "world": self.world.digest()}, default=str))  # fmt: skip
+
+    def consistency(self) -> dict[str, list[float]]:
+        """Per transferred SAE, the consistency of every pair of seeds' decoders."""
+        pairs = list(itertools.combinations(self.args.seeds, 2))
+        names = [f"k{k}-{v}" for k in self.args.transfer_ks for v in self.args.variants]
+        decoders = {(s, name): load_trained_model(self.output_dir / f"seed{s}" / "transfer" / name).W_dec.detach()
+                    for s in self.args.seeds for name in names}  # fmt: skip
+        return {name: [consistency(decoders[a, name], decoders[b, name]) for a, b in pairs] for name in names}
+
+    # -- the report -----------------------------------------------------------------------------------------------
+    def _seeds(self) -> list[dict]:
+        return [self.results[f"seed{s}"] for s in self.args.seeds]
 
     def report(self) -> str:
-        """`report.md` (and its figure): the cycles, the seed-averaged scores per k and variant, and consistency."""
-        from . import figures
-
-        seeds = [self.results[f"seed{s}"] for s in self.args.seeds if f"seed{s}" in self.results]
-        columns = ("mcc", "explained_variance", "dead_latents", "l0", "uniqueness")
-        rows = []
-        for name in seeds[0]["models"] if seeds else []:
-            runs = [seed["models"][name] for seed in seeds if name in seed["models"]]
-            row = {"k": runs[0]["k"], "variant": runs[0]["variant"], "seeds": len(runs)}
-            row |= {c: sum(r[c] for r in runs) / len(runs) for c in columns}
-            if name in self.results.get("consistency", {}):
-                row["consistency"] = self.results["consistency"][name]
-            rows.append(row)
-        a = self.args
-        lines = [f"# Synthetic ground-truth benchmark (sae_lens.synthetic)", "",
-                 f"{a.num_features} hierarchical features ({a.root_features} roots, branching {a.branching_factor}, "
-                 f"depth 2) in {a.hidden_dim} dimensions; SAEs of {a.dict_size} latents, {a.train_tokens} rows each; "
-                 f"distillation at k={a.distill_k} over {a.cycles} cycles; seeds {a.seeds}.", "",
-                 "## Distillation cycles", "", "| seed | cycle | core size | carried over | MCC of the core |",
-                 "|---|---|---|---|---|"]  # fmt: skip
-        for seed, record in zip(a.seeds, seeds):
-            for c in record["cycles"]:
-                lines.append(f"| {seed} | {c['cycle']} | {c['core_size']} | {c['carried_over'] if c['carried_over'] is not None else '–'} | {c['mcc_core']:.4f} |")
-            lines.append(f"| {seed} | distilled | {record['distilled_core_size']} | | |")
-        shown = columns + ("consistency",)
-        lines += ["", "## Transfer: DMSAEs around the distilled core vs Matryoshka (mean over seeds)", "",
-                  "MCC, explained variance, dead latents, L0 and uniqueness are sae_lens's `eval_sae_on_synthetic_data`; "
-                  "consistency is the mean best-match |cos| between the two seeds' decoders.", "",
-                  "| k | variant | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]  # fmt: skip
-        for row in sorted(rows, key=lambda r: (r["k"], r["variant"])):
-            lines.append(f"| {row['k']} | {row['variant']} | " + " | ".join(f"{row[c]:.4f}" if c in row else "–" for c in shown) + " |")
-        if rows:
-            plotted = tuple(c for c in ("mcc", "explained_variance", "dead_latents", "consistency") if c in rows[0])
-            plot = figures.metrics_against_k(rows, plotted, self.output_dir / "figures" / "synthetic_vs_k.png")
-            lines += ["", f"![synthetic metrics against k](figures/{plot.name})"]
+        """`report.md` and its figures from `results.json`: every number with its mean ± standard deviation over
+        seeds."""
+        a, seeds = self.args, self._seeds()
+        true_l0 = float((self.world.sample(65_536, _seed_of("true l0"))[1] > 0).float().sum(1).mean())
+        lines = [
+            "# Synthetic ground-truth benchmark (sae_lens.synthetic + a downstream readout task)", "",
+            f"World: {a.num_features} features in {a.hidden_dim} dimensions (Zipfian firing {a.min_firing_probability}"
+            f"–{a.max_firing_probability}, exponent {a.zipf_exponent}; hierarchy of {a.root_features} roots, branching "
+            f"{a.branching_factor}, depth 2; low-rank correlations rank {a.correlation_rank}, scale "
+            f"{a.correlation_scale}); true L0 {true_l0:.2f}. Task: {a.readout_classes} classes from a readout weighting "
+            f"{len(self.world.useful)} useful features ×{a.readout_scale} and the others ×{a.readout_scale * a.readout_off_weight:g}; the downstream model is a linear probe fitted on x.", "",
+            f"SAEs of {self.sae_args.dict_size} latents, {a.train_rows} fresh rows each; distillation at k={self.sae_args.k} "
+            f"over {a.num_cycles + 1} cycles (q={self.attribution_args.q}, τ={self.attribution_args.tau}, "
+            f"{self.attribution_args.attribution_tokens} attribution rows); seeds {a.seeds}; every cell is mean ± "
+            f"standard deviation over seeds. A latent matches a feature when their directions' |cos| ≥ {a.match_cos}.",
+            "", f"Runtime: {sum(self.results.get('seconds', {}).values()) / 60:.1f} min for {len(a.seeds)} seeds.", "",
+            "## Core selection against the useful features", "",
+            "Each core (cycle t's, and the distilled `C^(T) ∩ C^(T−1)`) is compared with selections of the same size "
+            "from the same model's candidate pool: random latents, latents by activation frequency and by mean "
+            "squared activation (held-out rows).", "",
+            "| core | size | selection | precision | recall | MCC with the useful features |", "|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
+        for core in cores:
+            for selection in SELECTIONS:
+                runs = [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == selection]
+                lines.append(f"| {core} | {_cell([r['size'] for r in runs], 1)} | {selection} | "
+                             f"{_cell([r['precision'] for r in runs])} | {_cell([r['recall'] for r in runs])} | "
+                             f"{_cell([r['mcc'] for r in runs])} |")  # fmt: skip
+        lines += ["", "## Transferred SAEs (MCC against all true features)", "",
+                  "`consistency`: mean best-match |cos| between two seeds' decoders, over every pair of seeds.", "",
+                  "| k | variant | MCC | FVU | L0 | L0 core | task loss recovered | consistency |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        names = [(k, v) for k in a.transfer_ks for v in a.variants]
+        for k, variant in names:
+            runs = [s["transfer"][f"k{k}-{variant}"] for s in seeds]
+            cells = [_cell([r[c] for r in runs], 2 if c.startswith("l0") else 3)
+                     for c in ("mcc", "fvu", "l0", "l0_core", "task_loss_recovered")]  # fmt: skip
+            lines.append(f"| {k} | {variant} | " + " | ".join(cells) + f" | {_cell(self.results['consistency'][f'k{k}-{variant}'])} |")
+        if "matryoshka" in a.variants:
+            lines += ["", "## Paired differences DMSAE − Matryoshka (same seed, same k)", "",
+                      "The sparse-core DMSAE has the Matryoshka SAE's L0 (one BatchTopK of k); the dense-core one adds "
+                      "its core's activity to `k_noncore` (Eq. 4), so its L0 is higher (table above).", "",
+                      "| k | variant | Δ MCC | Δ FVU | Δ task loss recovered |", "|---|---|---|---|---|"]  # fmt: skip
+            for k, variant in names:
+                if variant == "matryoshka":
+                    continue
+                diffs = {c: [s["transfer"][f"k{k}-{variant}"][c] - s["transfer"][f"k{k}-matryoshka"][c] for s in seeds]
+                         for c in ("mcc", "fvu", "task_loss_recovered")}  # fmt: skip
+                lines.append(f"| {k} | {variant} | " + " | ".join(f"{_cell(d)}" for d in diffs.values()) + " |")
+        progressive = [s["progressive"] for s in seeds if s.get("progressive")]
+        if progressive:
+            prefixes = progressive[0]["prefixes"]
+            lines += ["", f"## Progressive coding at k={progressive[0]['k']}: FVU of the first G latents", "",
+                      "| order | " + " | ".join(f"G={g}" for g in prefixes) + " |", "|---|" + "---|" * len(prefixes)]  # fmt: skip
+            for name in progressive[0]["fvu"]:
+                lines.append(f"| {name} | " + " | ".join(_cell([p["fvu"][name][i] for p in progressive])
+                                                         for i in range(len(prefixes))) + " |")  # fmt: skip
+        plots = self.figures(seeds, cores, names, progressive)
+        lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in plots]
         text = "\n".join(lines) + "\n"
         (self.output_dir / "report.md").write_text(text)
         return text
+
+    def figures(self, seeds, cores, names, progressive) -> list[Path]:
+        folder = self.output_dir / "figures"
+        selection = {(core, sel): [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == sel]
+                     for core in cores for sel in SELECTIONS}  # fmt: skip
+        plots = [figures.selection_against_truth(selection, cores, SELECTIONS, folder / "selection_vs_truth.png")]
+        transfer = [{"k": k, "variant": v, **{c: [s["transfer"][f"k{k}-{v}"][c] for s in seeds]
+                                               for c in ("mcc", "fvu", "task_loss_recovered")},
+                     "consistency": self.results["consistency"][f"k{k}-{v}"]} for k, v in names]  # fmt: skip
+        plots.append(figures.metrics_against_k(transfer, ("mcc", "consistency", "fvu", "task_loss_recovered"),
+                                               folder / "synthetic_vs_k.png"))  # fmt: skip
+        if progressive:
+            plots.append(figures.prefix_fvu_curves(progressive, folder / "progressive_coding.png"))
+        return plots

@@ -20,10 +20,11 @@ from transformers import set_seed
 from . import figures
 from .activations import ActivationArguments
 from .core import DMSAECore
-from .evaluation import activation_metrics, ce_loss_recovered
+from .evaluation import activation_metrics
 from .hub import check_push_token, default_model_repo, publish_all, repo_folder, resolve_folder, write_model_repo
 from .modeling_dmsae import DMSAEModel
-from .runs import RunData, RunState, SAEArguments, arguments_identity, load_trained_model, sae_config, train_sae
+from .runs import (ActivationSource, RunState, SAEArguments, arguments_identity, load_trained_model, open_source,
+                   sae_config, train_sae)
 from .saebench import HEADLINE_METRICS, SAEBenchArguments, headline_metrics
 from .trainer import DMSAETrainingArguments
 
@@ -57,25 +58,34 @@ class TransferArguments:
 class Transfer:
     """One transfer run; `run()` trains and evaluates every (k, variant) not yet in `results.json`."""
 
-    def __init__(self, args: TransferArguments, sae: SAEArguments, activations: ActivationArguments,
-                 training: DMSAETrainingArguments, saebench: SAEBenchArguments | None = None):  # fmt: skip
+    def __init__(self, args: TransferArguments, sae: SAEArguments, activations: ActivationArguments | None,
+                 training: DMSAETrainingArguments, saebench: SAEBenchArguments | None = None, *,
+                 source: ActivationSource | None = None):  # fmt: skip
+        """`activations` name the LM and text (`RunData`); or `source` gives the activations and the objective that
+        evaluates reconstructions (`downstream_metrics`). SAEBench needs an LM."""
+        if (activations is None) == (source is None):
+            raise ValueError("give either activations (an LM and a text dataset) or a source, not both")
+        if source is not None and saebench is not None and saebench.saebench_evals:
+            raise ValueError("SAEBench's evals run an LM: they need activations, not a source")
         self.args, self.sae_args, self.activation_args, self.training_args = args, sae, activations, training
-        self.saebench_args = saebench
+        self.saebench_args, self.source = saebench, source
         self.output_dir = Path(training.output_dir)
         self.core = DMSAECore.from_pretrained(resolve_folder(args.core, token=training.hub_token))
         if max(args.ks) > sae.dict_size:
             raise ValueError(f"ks={args.ks} is invalid: every k must be at most dict_size={sae.dict_size}")
         check_push_token(training.push_to_hub, training.hub_token)
-        self.model_repo = args.model_repo or training.hub_model_id or default_model_repo(activations)
-        identity = arguments_identity(args, sae, activations, training, exclude=("core", "ce_batches", "model_repo"))
+        self.model_repo = args.model_repo or training.hub_model_id or (
+            default_model_repo(activations) if source is None else source.default_repo)
+        identity = arguments_identity(*(a for a in (args, sae, activations, training) if a is not None),
+                                      exclude=("core", "ce_batches", "model_repo"))  # fmt: skip
         identity["inputs.core"] = self.core.digest()
         self.state = RunState(self.output_dir, "transfer", identity, writer=training.process_index == 0)
         self.results: dict = self.state.record("results")
 
     @cached_property
-    def data(self) -> RunData:
-        """The LM and the activations, loaded on first use."""
-        return RunData(self.activation_args, self.training_args, self.state)
+    def data(self) -> ActivationSource:
+        """The activations: the LM's, loaded on first use, or the given source."""
+        return open_source(self.source, self.activation_args, self.training_args, self.state)
 
     @cached_property
     def saebench(self):
@@ -91,19 +101,17 @@ class Transfer:
         sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None,
                                   sparsity="sparse_core" if variant == "sparse_core" else "dense_core")  # fmt: skip
         if variant == "matryoshka":
-            return DMSAEModel(sae_config(sae, self.activation_args, self.data))
-        config = sae_config(sae, self.activation_args, self.data, core_size=len(self.core),
+            return DMSAEModel(sae_config(sae, self.data))
+        config = sae_config(sae, self.data, core_size=len(self.core),
                             core_ids=self.core.latent_ids)  # fmt: skip
         return DMSAEModel.from_core(config, self.core.encoder_rows, self.core.latent_ids)
 
     def evaluate(self, model: DMSAEModel) -> dict[str, float]:
-        """Held-out metrics and CE loss recovered (main process; {} elsewhere)."""
+        """Held-out metrics and the objective's (an LM: CE loss recovered) (main process; {} elsewhere)."""
         if self.training_args.process_index != 0:
             return {}
         rows = self.data.eval_batches(self.training_args.per_device_eval_batch_size)
-        ce_batches = self.data.eval_text_batches(self.args.ce_batches)
-        positions = self.data.harvester.positions()
-        return {**activation_metrics(model, rows), **ce_loss_recovered(model, self.data.lm, ce_batches, positions)}
+        return {**activation_metrics(model, rows), **self.data.downstream_metrics(model, self.args.ce_batches)}
 
     def run(self) -> dict:
         piece = self.data.training_slice("train")
@@ -132,7 +140,7 @@ class Transfer:
             repo = f"{self.model_repo}-{name}"
             model = load_trained_model(self.output_dir / name)
             folder = write_model_repo(model, repo_folder(self.output_dir, repo), repo, metrics=result,
-                                      datasets=[self.activation_args.dataset_name_or_path])  # fmt: skip
+                                      datasets=[self.data.dataset_name])  # fmt: skip
             items.append((folder, repo))
         publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)
 

@@ -1,6 +1,6 @@
-"""Ground-truth benchmark: distillation + transfer vs Matryoshka on sae_lens's synthetic hierarchical features.
+"""Ground-truth benchmark: the shipped distillation and transfer in a synthetic world with known useful features.
 
-    python scripts/synthetic.py [options]
+    python scripts/synthetic.py configs/synthetic.json [options]
 
 The command is `hf_dmsae.commands.synthetic` (installed as `hf-dmsae-synthetic`); `--help` lists every option.
 """

@@ -126,7 +126,7 @@ def test_gxa_scores_equal_a_brute_force_quantile(sae):
 
 def attribution_scores(data, sae, batch_size=64, **overrides):
     args = AttributionArguments(attribution_tokens=1500, q=0.9, tau=0.8, **overrides)
-    attribution = Attribution(data, args, batch_size)
+    attribution = Attribution(data.gradient_pairs(args), args, batch_size)
     return attribution, attribution.scores(sae)
 
 
@@ -134,6 +134,7 @@ def test_scores_from_cached_pairs_equal_the_live_lm(tiny_lm_dir, tmp_path, sae):
     data = tiny_run_data(tmp_path / "run", tiny_activation_args(tiny_lm_dir))
     cached, from_cache = attribution_scores(data, sae, cache_attribution_pairs=True)
     live, from_lm = attribution_scores(data, sae, cache_attribution_pairs=False)
+    cached, live = cached.gradients, live.gradients
     assert cached.slice == live.slice and len(cached._cache) > 1000
     assert torch.equal(from_cache, from_lm)  # the same fp32 pairs in the same order: the same scores
     assert (tmp_path / "run" / "cache").is_dir() and cached._cache.extra["end"] == cached.slice.end.to_dict()
@@ -145,7 +146,7 @@ def test_scores_do_not_depend_on_the_lm_batching(tiny_lm_dir, tmp_path, sae):
         args = tiny_activation_args(tiny_lm_dir, lm_batch_size=lm_batch)
         data = tiny_run_data(tmp_path / f"run{lm_batch}", args)
         attribution, result = attribution_scores(data, sae, attribution_batch_size=attribution_batch)
-        scores.append((attribution.slice, data.harvester.statistics, result))
+        scores.append((attribution.gradients.slice, data.harvester.statistics, result))
     (slice_a, stats_a, a), (slice_b, stats_b, b) = scores
     assert slice_a == slice_b and stats_a.median_norm == pytest.approx(stats_b.median_norm, rel=1e-5)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

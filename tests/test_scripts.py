@@ -131,12 +131,13 @@ def test_transfer_cli_runs_every_default_saebench_eval(small_vocab_lm_dir, tmp_p
 
 
 def test_synthetic_and_report_clis(tmp_path):
-    result = run_script("synthetic", "--num_features", 64, "--hidden_dim", 16, "--root_features", 8, "--dict_size", 64,
-                        "--distill_k", 4, "--transfer_ks", 4, "--cycles", 2, "--train_tokens", 2048,
-                        "--attribution_tokens", 1024, "--eval_tokens", 1024, "--batch_size", 256, "--seeds", 0,
-                        "--output_dir", tmp_path / "synthetic")  # fmt: skip
+    # The shipped config at a tiny size: one seed, one cycle, one k.
+    result = run_script("synthetic", REPO / "configs" / "synthetic.json", "--num_features", 64, "--hidden_dim", 16,
+                        "--root_features", 2, "--dict_size", 64, "--k", 4, "--transfer_ks", 4, "--num_cycles", 1,
+                        "--train_rows", 2048, "--attribution_tokens", 1024, "--eval_rows", 1024, "--seeds", 0, "--q", 0.95,
+                        "--per_device_train_batch_size", 256, "--output_dir", tmp_path / "synthetic")  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "| 4 | matryoshka |" in result.stdout
+    assert "| 4 | matryoshka |" in result.stdout and "| distilled |" in result.stdout
     report = run_script("report", "--out", tmp_path / "report", "--title", "Study", "--synthetic", tmp_path / "synthetic")
     assert report.returncode == 0, report.stderr[-3000:]
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Study")

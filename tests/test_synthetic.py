@@ -2,9 +2,15 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from hf_dmsae import DMSAEModel
-from hf_dmsae.synthetic import SyntheticArguments, SyntheticBenchmark, consistency
+from hf_dmsae.attribution import AttributionArguments
+from hf_dmsae.core import DMSAECore
+from hf_dmsae.runs import SAEArguments, load_trained_model, parse_arguments
+from hf_dmsae.synthetic import (SyntheticArguments, SyntheticBenchmark, SyntheticWorld, consistency, match_truth)  # fmt: skip
+from hf_dmsae.trainer import DMSAETrainingArguments
+
+TINY_WORLD = dict(num_features=64, hidden_dim=32, root_features=2, correlation_rank=4, readout_classes=5)
 
 
 def test_consistency_is_one_for_the_same_directions_in_any_order_and_sign():
@@ -13,37 +19,82 @@ def test_consistency_is_one_for_the_same_directions_in_any_order_and_sign():
     assert consistency(torch.eye(4), torch.eye(4)[:, [1, 0, 3, 2]] + torch.eye(4)) < 1.0
 
 
-def test_benchmark_distils_transfers_scores_and_resumes(tmp_path):
-    args = SyntheticArguments(num_features=128, hidden_dim=24, root_features=8, dict_size=128, distill_k=8,
-                              transfer_ks=[8], cycles=2, train_tokens=6144, attribution_tokens=2048, eval_tokens=2048,
-                              batch_size=512, output_dir=str(tmp_path / "run"))  # fmt: skip
-    results = SyntheticBenchmark(args).run()
+def test_matching_a_core_against_the_truth():
+    truth = torch.eye(6)
+    core = torch.stack([2 * truth[0], -truth[3], truth[1] + truth[2]])  # two exact matches (any scale or sign), one not
+    scores = match_truth(core, truth, match_cos=0.9)
+    assert scores["size"] == 3
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 6)
 
+
+def test_the_task_gradient_is_the_gradient_of_the_task_loss():
+    world = SyntheticWorld(SyntheticArguments(**TINY_WORLD))
+    x, f = world.sample(50, seed=3)
+    labels = world.labels(f, seed=4)
+    assert torch.equal(x, world.sample(50, seed=3)[0]) and not torch.equal(x, world.sample(50, seed=5)[0])
+    x.requires_grad_(True)
+    F.cross_entropy(world.logits(x), labels, reduction="sum").backward()
+    torch.testing.assert_close(world.gradients(x.detach(), labels), x.grad, rtol=1e-4, atol=1e-5)
+    # The useful features carry the readout: their columns are ~10x the others'.
+    weights = world.readout.abs().mean(0)
+    useful = torch.zeros(64, dtype=torch.bool)
+    useful[world.useful] = True
+    assert useful.sum() == 16 and weights[useful].mean() > 5 * weights[~useful].mean()
+
+
+def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_them(tmp_path):
+    config = tmp_path / "synthetic.json"
+    config.write_text(json.dumps({**TINY_WORLD, "seeds": [0, 1], "num_cycles": 1, "transfer_ks": [2, 4],
+                                  "train_rows": 8192, "eval_rows": 4096, "dict_size": 64, "k": 4, "group_fractions": [0.25, 0.25, 0.25],
+                                  "dead_tokens_threshold": 4096, "attribution_tokens": 4096, "q": 0.95,
+                                  "output_dir": str(tmp_path / "run"), "per_device_train_batch_size": 512,
+                                  "learning_rate": 0.003, "save_steps": 8, "report_to": "none"}))  # fmt: skip
+    arguments = parse_arguments((SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments),
+                                [str(config)])  # fmt: skip
+    results = SyntheticBenchmark(*arguments).run()
+
+    run = tmp_path / "run"
     for seed in (0, 1):
-        record = results[f"seed{seed}"]
-        first, last = record["cycles"]
-        assert last["carried_over"] <= min(first["core_size"], last["core_size"])
-        assert 0 < record["distilled_core_size"] <= last["core_size"]
-        for name in ("k8-dense_core", "k8-sparse_core", "k8-matryoshka"):
-            scores = record["models"][name]
-            assert 0 < scores["mcc"] <= 1 and scores["explained_variance"] <= 1 and scores["l0"] > 0
-        dmsae = DMSAEModel.from_pretrained(tmp_path / "run" / f"seed{seed}" / "k8-dense_core")
-        cycle1 = DMSAEModel.from_pretrained(tmp_path / "run" / f"seed{seed}" / "cycle1")
-        assert dmsae.config.core_size == record["distilled_core_size"]
-        # The distilled core's rows are cycle 1's encoder rows of those latents, bit for bit.
-        ids = cycle1.config.latent_ids()
-        rows = cycle1.W_enc[[ids.index(i) for i in dmsae.config.core_ids]]
-        assert torch.equal(dmsae.W_enc_frozen, rows)
-    assert set(results["consistency"]) == {"k8-dense_core", "k8-sparse_core", "k8-matryoshka"}
+        # The runs are the shipped ones: their state is what Distillation and Transfer write.
+        distillation = json.loads((run / f"seed{seed}" / "distillation" / "state.json").read_text())
+        transfer = json.loads((run / f"seed{seed}" / "transfer" / "state.json").read_text())
+        assert distillation["kind"] == "distillation" and transfer["kind"] == "transfer"
+        assert distillation["identity"]["inputs.synthetic_seed"] == seed
+        assert set(transfer["results"]) == {f"k{k}-{v}" for k in (2, 4) for v in ("dense_core", "sparse_core", "matryoshka")}
+        distilled = DMSAECore.from_pretrained(run / f"seed{seed}" / "distillation" / "distilled-core")
+        assert distilled.latent_ids == load_trained_model(run / f"seed{seed}" / "transfer" / "k4-dense_core").config.core_ids
+        scores = results[f"seed{seed}"]
+        cores = {(r["core"], r["selection"]): r for r in scores["selection"]}
+        assert {c for c, _ in cores} == {"cycle 0", "cycle 1", "distilled"}
+        for core in ("cycle 0", "cycle 1", "distilled"):
+            size = cores[core, "attribution"]["size"]
+            assert {cores[core, s]["size"] for s in ("random", "frequency", "mean_squared")} == {size}
+            assert all(0 <= cores[core, s][m] <= 1 for s in ("attribution", "random") for m in ("precision", "recall", "mcc"))
+        assert cores["distilled", "attribution"]["size"] == distillation["distilled"]["size"] == len(distilled)
+        for result in scores["transfer"].values():
+            assert 0 < result["mcc"] <= 1 and result["task_loss_clean"] < result["task_loss_ablated"]
+        progressive = scores["progressive"]
+        assert progressive["k"] == 4 and progressive["prefixes"][-1] == 64
+        assert len(progressive["fvu"]) == 4 and all(len(v) == len(progressive["prefixes"]) for v in progressive["fvu"].values())
+    assert all(len(pairs) == 1 for pairs in results["consistency"].values())
 
-    weights = tmp_path / "run" / "seed0" / "k8-dense_core" / "model.safetensors"
+    weights = run / "seed0" / "transfer" / "k4-dense_core" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    rerun = SyntheticBenchmark(args)
-    assert rerun.run()["seed0"]["models"] == results["seed0"]["models"]
+    rerun = SyntheticBenchmark(*arguments)
+    assert rerun.run()["seed0"] == results["seed0"] and weights.stat().st_mtime_ns == before  # nothing retrained
     report = rerun.report()
-    assert "| 8 | dense_core |" in report and "| 8 | sparse_core |" in report and "| 8 | matryoshka |" in report
+    assert "| distilled |" in report and "| mean_squared |" in report and "± " in report
+    assert "| 4 | sparse_core |" in report and "Paired differences" in report and "G=64" in report
+    for figure in ("selection_vs_truth", "synthetic_vs_k", "progressive_coding"):
+        assert (run / "figures" / f"{figure}.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="other settings"):
+        other = parse_arguments((SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments),
+                                [str(config), "--useful_fraction", "0.5"])  # fmt: skip
+        SyntheticBenchmark(*other).run()
+
+
+def test_bad_synthetic_arguments_are_refused():
     with pytest.raises(ValueError, match="'dmsae'"):
         SyntheticArguments(variants=["dmsae"])
-    assert (tmp_path / "run" / "figures" / "synthetic_vs_k.png").read_bytes().startswith(b"\x89PNG")
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["consistency"] == results["consistency"]
-    assert weights.stat().st_mtime_ns == before  # nothing retrained
+    with pytest.raises(ValueError, match="useful_fraction"):
+        SyntheticArguments(useful_fraction=1.0)

@@ -1,21 +1,24 @@
-"""Ground-truth benchmark: distillation + transfer vs Matryoshka on sae_lens's synthetic hierarchical features.
+"""Ground-truth benchmark: the shipped distillation and transfer in a synthetic world with known useful features.
 
-    python scripts/synthetic.py [config.json] [--num_features 1024 --seeds 0 1 …]
+    python scripts/synthetic.py configs/synthetic.json [--seeds 0 1 2 --train_rows 1000000 …]
 
-Fields are those of `hf_dmsae.synthetic.SyntheticArguments`. Re-running resumes (trained SAEs and
-`results.json` are kept in `--output_dir`); the report goes to `<output_dir>/report.md`.
+The JSON file holds any field of `SyntheticArguments` (the world, its task, seeds, budgets), `SAEArguments`,
+`AttributionArguments` and `DMSAETrainingArguments`; command-line flags override it. Re-running resumes (every run
+under `--output_dir` is resumable, `results.json` keeps finished seeds); the report goes to `<output_dir>/report.md`.
 """
 
 import logging
 
-from hf_dmsae.runs import parse_arguments
+from hf_dmsae.attribution import AttributionArguments
+from hf_dmsae.runs import SAEArguments, parse_arguments
 from hf_dmsae.synthetic import SyntheticArguments, SyntheticBenchmark
+from hf_dmsae.trainer import DMSAETrainingArguments
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    (args,) = parse_arguments((SyntheticArguments,))
-    benchmark = SyntheticBenchmark(args)
+    arguments = parse_arguments((SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments))
+    benchmark = SyntheticBenchmark(*arguments)
     benchmark.run()
     print(benchmark.report())
 

@@ -41,7 +41,7 @@ def main() -> None:
     state = RunState(training_args.output_dir, "train", identity, writer=training_args.process_index == 0)
     data = RunData(activation_args, training_args, state)
     set_seed(training_args.seed)
-    model = DMSAEModel(sae_config(sae_args, activation_args, data))
+    model = DMSAEModel(sae_config(sae_args, data))
     trainer = train_sae(model, data, data.training_slice("train"), training_args)
     if trainer.is_world_process_zero() and data.eval_slice is not None:
         metrics = activation_metrics(model, data.eval_batches(training_args.per_device_eval_batch_size))
