@@ -3,7 +3,8 @@ first G latents of an SAE reconstruct, for its own order (a Matryoshka SAE's nes
 trained SAE by a usage statistic (permutation coding: mean squared activation, or frequency).
 
 A prefix keeps the latents the full model selects (inference mode, its threshold) that lie among the first G of the
-order and drops the rest, the reconstruction a Matryoshka prefix loss trains for.
+order and drops the rest, the reconstruction a Matryoshka prefix loss trains for. `reorder_latents` turns a trained
+SAE into that progressive coder: the same model with its latents in the new order, to save or push as any other.
 """
 
 from __future__ import annotations
@@ -63,3 +64,23 @@ def prefix_fvu(sae: DMSAEModel, activations: Iterable[torch.Tensor], prefix_size
             metric.add(**fvu_sums(x, sae.decode(latents * (rank < g))))
     sae.train(was_training)
     return {g: metric.compute()["fvu"] for g, metric in metrics.items()}
+
+
+@torch.no_grad()
+def reorder_latents(sae: DMSAEModel, order: torch.Tensor) -> DMSAEModel:
+    """A copy of `sae` whose latent i is `sae`'s latent `order[i]` (encoder row and bias, decoder row, dead-latent
+    count): the same reconstructions, latents in a new order. A core stays where it is: `order` must begin with
+    `0 … core_size−1`."""
+    config, n = sae.config, sae.config.dict_size
+    order = order.cpu().long()
+    if sorted(order.tolist()) != list(range(n)):
+        raise ValueError(f"order is not a permutation of the {n} latents")
+    if not torch.equal(order[: config.core_size], torch.arange(config.core_size)):
+        raise ValueError(f"order moves core latents: its first {config.core_size} entries must be 0 … {config.core_size - 1}")
+    reordered = DMSAEModel(config.__class__.from_dict(config.to_dict())).to(sae.device)
+    reordered.load_state_dict(sae.state_dict())
+    noncore = order[config.core_size :] - config.core_size
+    reordered.W_enc_trainable.copy_(sae.W_enc_trainable[noncore])
+    for name in ("b_enc", "W_dec", "tokens_since_fired"):
+        getattr(reordered, name).copy_(getattr(sae, name)[order])
+    return reordered
