@@ -84,9 +84,11 @@ def selection_convergence(tracks: dict[int, list[dict]], finals: dict[int, set],
 
 
 def _mean_and_spread(value) -> tuple[float, float]:
-    """A number, or the mean and standard deviation of a list of them (one per seed)."""
+    """A number, or the mean and standard deviation of a list of them (one per seed; none: not a number)."""
     if not isinstance(value, list):
         return value, 0.0
+    if not value:
+        return float("nan"), 0.0
     mean = sum(value) / len(value)
     return mean, (sum((v - mean) ** 2 for v in value) / (len(value) - 1)) ** 0.5 if len(value) > 1 else 0.0
 

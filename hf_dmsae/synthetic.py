@@ -297,6 +297,12 @@ class SyntheticSource:
 # Scoring against the ground truth
 
 
+def matches(directions: torch.Tensor, truth: torch.Tensor, match_cos: float) -> torch.Tensor:
+    """Whether each direction matches one of `truth` (|cos| ≥ `match_cos`)."""
+    cos = F.normalize(directions, dim=1) @ F.normalize(truth, dim=1).T
+    return cos.abs().max(1).values >= match_cos
+
+
 def match_truth(directions: torch.Tensor, truth: torch.Tensor, match_cos: float) -> dict[str, float]:
     """Precision (share of `directions` matching a true direction), recall (share of `truth` matched) and MCC."""
     from sae_lens.synthetic import mean_correlation_coefficient
@@ -317,14 +323,23 @@ def consistency(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> float:
     return float((cos.max(1).values.mean() + cos.max(0).values.mean()) / 2)
 
 
-def baseline_selections(model: DMSAEModel, stats: dict[str, torch.Tensor], size: int, seed: int) -> dict[str, list[int]]:
-    """Latent indices of the candidate pool chosen without attribution, `size` of each: at random, by activation
-    frequency and by mean squared activation."""
+def pool_rankings(model: DMSAEModel, core: DMSAECore, stats: dict[str, torch.Tensor], seed: int) -> dict[str, list[int]]:
+    """The candidate pool's latents (indices) ranked by each selection method: by attribution score (the order the
+    core was selected in), at random, by activation frequency and by mean squared activation."""
     pool = model.config.candidate_pool_size
+    ids = model.config.latent_ids()
     generator = torch.Generator().manual_seed(seed)
-    return {"random": torch.randperm(pool, generator=generator)[:size].tolist(),
-            "frequency": order_by(stats["frequency"][:pool])[:size].tolist(),
-            "mean_squared": order_by(stats["mean_squared"][:pool])[:size].tolist()}  # fmt: skip
+    return {"attribution": [ids.index(i) for i in core.pool_ids],
+            "random": torch.randperm(pool, generator=generator).tolist(),
+            "frequency": order_by(stats["frequency"][:pool]).tolist(),
+            "mean_squared": order_by(stats["mean_squared"][:pool]).tolist()}  # fmt: skip
+
+
+def r_precision(ranking: list[int], useful: torch.Tensor) -> float | None:
+    """Share of useful latents among the first m of `ranking`, m the number of useful latents it holds (precision =
+    recall at that cut): how well the ranking alone separates them, whatever size τ gives the core."""
+    m = int(useful[ranking].sum())
+    return float(useful[ranking[:m]].float().mean()) if m else None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -369,7 +384,10 @@ class SyntheticBenchmark:
                             self.sae_args, None, self._training(folder / "transfer", seed), source=source)  # fmt: skip
         transfer.run()
         transfer.state.close()
-        return {"selection": self.selection_scores(distillation, source, seed), "transfer": transfer.results,
+        cycles = {t: {"size": c["size"], "carried_over": c["carried_over"], "coverage": c["coverage"],
+                      "l0_core": c.get("metrics", {}).get("eval_l0_core")}
+                  for t, c in distillation.state.data["cycles"].items()}  # fmt: skip
+        return {"cycles": cycles, "selection": self.selection_scores(distillation, source, seed), "transfer": transfer.results,
                 "progressive": self.progressive_coding(folder, source, seed)}  # fmt: skip
 
     def selection_scores(self, distillation: Distillation, source: SyntheticSource, seed: int) -> list[dict]:
@@ -385,15 +403,16 @@ class SyntheticBenchmark:
         for name, t, path in cores:
             model = load_trained_model(distillation.output_dir / f"cycle{t}")
             core = DMSAECore.from_pretrained(path)
-            ids = model.config.latent_ids()
-            chosen = {"attribution": [ids.index(i) for i in core.latent_ids]}
             stats = latent_statistics(model, source.eval_batches(4096))
-            chosen |= baseline_selections(model, stats, len(core), _seed_of(seed, "random selection", name))
+            rankings = pool_rankings(model, core, stats, _seed_of(seed, "random selection", name))
             decoder = model.W_dec.detach().float()
-            record = state["cycles"].get(str(t), {}) if name != "distilled" else {}
-            for selection, indices in chosen.items():
-                rows.append({"core": name, "selection": selection, "carried_over": record.get("carried_over"),
-                             **match_truth(decoder[indices], truth, self.args.match_cos)})  # fmt: skip
+            useful = matches(decoder, truth, self.args.match_cos)
+            ids = model.config.latent_ids()
+            members = {ids.index(i) for i in core.latent_ids}  # C* ⊂ C^(T) is not a prefix of the ranking
+            for selection, ranking in rankings.items():
+                chosen = [i for i in ranking if i in members] if selection == "attribution" else ranking[: len(core)]
+                rows.append({"core": name, "selection": selection, "r_precision": r_precision(ranking, useful),
+                             **match_truth(decoder[chosen], truth, self.args.match_cos)})  # fmt: skip
         return rows
 
     def progressive_coding(self, folder: Path, source: SyntheticSource, seed: int) -> dict:
@@ -473,11 +492,22 @@ class SyntheticBenchmark:
             f"{self.attribution_args.attribution_tokens} attribution rows); seeds {a.seeds}; every cell is mean ± "
             f"standard deviation over seeds. A latent matches a feature when their directions' |cos| ≥ {a.match_cos}.",
             "", f"Runtime: {sum(self.results.get('seconds', {}).values()) / 60:.1f} min for {len(a.seeds)} seeds.", "",
+            "## Cores of the distillation cycles", "",
+            "In dense-core cycles a core latent is never masked; `L0 core` is how many of them are active per row "
+            "(held-out rows, inference mode).", "",
+            "| cycle | core size | carried over from the previous core | L0 core |", "|---|---|---|---|",
+            *(f"| {t} | {_cell([s['cycles'][t]['size'] for s in seeds], 1)} | "
+              f"{_cell([s['cycles'][t]['carried_over'] for s in seeds], 1) if t != '0' else '–'} | "
+              f"{_cell([s['cycles'][t]['l0_core'] for s in seeds], 1) if t != '0' else '–'} |"
+              for t in seeds[0]["cycles"]), "",
             "## Core selection against the useful features", "",
             "Each core (cycle t's, and the distilled `C^(T) ∩ C^(T−1)`) is compared with selections of the same size "
             "from the same model's candidate pool: random latents, latents by activation frequency and by mean "
-            "squared activation (held-out rows).", "",
-            "| core | size | selection | precision | recall | MCC with the useful features |", "|---|---|---|---|---|---|",
+            "squared activation (held-out rows). `R-precision` ranks the whole pool by each method and takes the "
+            "share of useful latents among its first m, m the number of pool latents that match a useful feature: "
+            "how well the ranking separates them, whatever core size τ gives.", "",
+            "| core | size | selection | precision | recall | MCC with the useful features | R-precision of the pool ranking |",
+            "|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
         for core in cores:
@@ -485,7 +515,8 @@ class SyntheticBenchmark:
                 runs = [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == selection]
                 lines.append(f"| {core} | {_cell([r['size'] for r in runs], 1)} | {selection} | "
                              f"{_cell([r['precision'] for r in runs])} | {_cell([r['recall'] for r in runs])} | "
-                             f"{_cell([r['mcc'] for r in runs])} |")  # fmt: skip
+                             f"{_cell([r['mcc'] for r in runs])} | "
+                             f"{_cell([r['r_precision'] for r in runs if r['r_precision'] is not None])} |")  # fmt: skip
         lines += ["", "## Transferred SAEs (MCC against all true features)", "",
                   "`consistency`: mean best-match |cos| between two seeds' decoders, over every pair of seeds.", "",
                   "| k | variant | MCC | FVU | L0 | L0 core | task loss recovered | consistency |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip

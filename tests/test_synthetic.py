@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from hf_dmsae.attribution import AttributionArguments
 from hf_dmsae.core import DMSAECore
 from hf_dmsae.runs import SAEArguments, load_trained_model, parse_arguments
-from hf_dmsae.synthetic import (SyntheticArguments, SyntheticBenchmark, SyntheticWorld, consistency, match_truth)  # fmt: skip
+from hf_dmsae.synthetic import (SyntheticArguments, SyntheticBenchmark, SyntheticWorld, consistency, match_truth,
+                                r_precision)  # fmt: skip
 from hf_dmsae.trainer import DMSAETrainingArguments
 
 TINY_WORLD = dict(num_features=64, hidden_dim=32, root_features=2, correlation_rank=4, readout_classes=5)
@@ -25,6 +26,9 @@ def test_matching_a_core_against_the_truth():
     scores = match_truth(core, truth, match_cos=0.9)
     assert scores["size"] == 3
     assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 6)
+    useful = torch.tensor([False, True, True, False])
+    assert r_precision([2, 0, 1, 3], useful) == 0.5 and r_precision([1, 2, 0, 3], useful) == 1.0
+    assert r_precision([0, 3], useful) is None
 
 
 def test_the_task_gradient_is_the_gradient_of_the_task_loss():
@@ -64,12 +68,14 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
         distilled = DMSAECore.from_pretrained(run / f"seed{seed}" / "distillation" / "distilled-core")
         assert distilled.latent_ids == load_trained_model(run / f"seed{seed}" / "transfer" / "k4-dense_core").config.core_ids
         scores = results[f"seed{seed}"]
+        assert scores["cycles"]["1"]["carried_over"] <= min(scores["cycles"]["0"]["size"], scores["cycles"]["1"]["size"])
         cores = {(r["core"], r["selection"]): r for r in scores["selection"]}
         assert {c for c, _ in cores} == {"cycle 0", "cycle 1", "distilled"}
         for core in ("cycle 0", "cycle 1", "distilled"):
             size = cores[core, "attribution"]["size"]
             assert {cores[core, s]["size"] for s in ("random", "frequency", "mean_squared")} == {size}
             assert all(0 <= cores[core, s][m] <= 1 for s in ("attribution", "random") for m in ("precision", "recall", "mcc"))
+            assert cores[core, "attribution"]["r_precision"] is None or 0 <= cores[core, "attribution"]["r_precision"] <= 1
         assert cores["distilled", "attribution"]["size"] == distillation["distilled"]["size"] == len(distilled)
         for result in scores["transfer"].values():
             assert 0 < result["mcc"] <= 1 and result["task_loss_clean"] < result["task_loss_ablated"]
@@ -83,7 +89,7 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
     rerun = SyntheticBenchmark(*arguments)
     assert rerun.run()["seed0"] == results["seed0"] and weights.stat().st_mtime_ns == before  # nothing retrained
     report = rerun.report()
-    assert "| distilled |" in report and "| mean_squared |" in report and "± " in report
+    assert "| distilled |" in report and "| mean_squared |" in report and "± " in report and "| 1 | " in report
     assert "| 4 | sparse_core |" in report and "Paired differences" in report and "G=64" in report
     for figure in ("selection_vs_truth", "synthetic_vs_k", "progressive_coding"):
         assert (run / "figures" / f"{figure}.png").read_bytes().startswith(b"\x89PNG")
