@@ -76,7 +76,8 @@ def reorder_latents(sae: DMSAEModel, order: torch.Tensor) -> DMSAEModel:
     if sorted(order.tolist()) != list(range(n)):
         raise ValueError(f"order is not a permutation of the {n} latents")
     if not torch.equal(order[: config.core_size], torch.arange(config.core_size)):
-        raise ValueError(f"order moves core latents: its first {config.core_size} entries must be 0 … {config.core_size - 1}")
+        raise ValueError(f"order moves core latents: its first {config.core_size} entries must be "
+                         f"0 … {config.core_size - 1}")
     reordered = DMSAEModel(config.__class__.from_dict(config.to_dict())).to(sae.device)
     reordered.load_state_dict(sae.state_dict())
     noncore = order[config.core_size :] - config.core_size

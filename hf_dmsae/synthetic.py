@@ -5,15 +5,15 @@ The world is `sae_lens.synthetic`'s: activations `x = f W + b` of sparse feature
 probabilities, optionally a hierarchy and low-rank correlations) along known unit directions `W`. On top of it this
 module defines a downstream task, so that "which features matter" has an answer: a random readout `R` ([classes,
 features]) weights a known subset of features (`useful_fraction` of them) with scale `readout_scale` and the others
-with `readout_off_weight` times that; a row's label is drawn from `softmax(R f)`. The downstream model only sees `x`: it is the best
-linear readout of the label from `x` (a multinomial logistic probe `z(x) = A x + c`, fitted once per world on rows
-of its own), and its loss `L = CE(z(x), label)` gives `g = ∂L/∂x = Aᵀ (softmax(z) − onehot(label))`: the objective
-whose gradient × activation scores latents, as the LM's next-token loss does on text. Latents that carry useful
-features score high; the others carry gradient only through the probe's small weights on them and the directions'
-overlaps, so a selection can fail. (Reading the features back along their true directions instead does worse than
-no input at all once the features are in superposition.)
+with `readout_off_weight` times that; a row's label is drawn from `softmax(R f)`. The downstream model only sees `x`:
+it is the best linear readout of the label from `x` (a multinomial logistic probe `z(x) = A x + c`, fitted once per
+world on rows of its own), and its loss `L = CE(z(x), label)` gives `g = ∂L/∂x = Aᵀ (softmax(z) − onehot(label))`:
+the objective whose gradient × activation scores latents, as the LM's next-token loss does on text. Latents that
+carry useful features score high; the others carry gradient only through the probe's small weights on them and the
+directions' overlaps, so a selection can fail. (Reading the features back along their true directions instead does
+worse than no input at all once the features are in superposition.)
 
-`SyntheticSource` is an `runs.ActivationSource`: each slice a run names is fresh rows, seeded by the seed and the
+`SyntheticSource` is a `runs.ActivationSource`: each slice a run names is fresh rows, seeded by the seed and the
 slice's name. The benchmark (`SyntheticBenchmark`) runs, per seed, the shipped distillation and transfer on it and
 keeps only the scoring against the ground truth: each cycle's core and the distilled core against the useful
 features (precision, recall and MCC, a latent matching a feature when their directions' |cos| ≥ `match_cos`) next to
@@ -69,20 +69,28 @@ class SyntheticArguments:
     branching_factor: int = field(default=3, metadata={"help": "Children per parent in the hierarchy."})
     correlation_rank: int = field(default=16, metadata={"help": "Rank of the features' correlations (0: none)."})
     correlation_scale: float = field(default=0.1, metadata={"help": "Scale of the low-rank correlations."})
-    max_firing_probability: float = field(default=0.2, metadata={"help": "Firing probability of the most frequent feature (Zipfian)."})
+    max_firing_probability: float = field(
+        default=0.2, metadata={"help": "Firing probability of the most frequent feature (Zipfian)."}
+    )
     min_firing_probability: float = field(default=0.01, metadata={"help": "Firing probability of the rarest feature."})
     zipf_exponent: float = field(default=0.5, metadata={"help": "Exponent of the Zipfian firing probabilities."})
     world_seed: int = field(default=1234, metadata={"help": "Seed of the world and its task (the same for every seed)."})
-    useful_fraction: float = field(default=0.25, metadata={"help": "Share of the features the task's readout weights heavily."})
+    useful_fraction: float = field(
+        default=0.25, metadata={"help": "Share of the features the task's readout weights heavily."}
+    )
     readout_classes: int = field(default=16, metadata={"help": "Classes of the downstream task."})
-    readout_scale: float = field(default=3.0, metadata={"help": "Readout scale of the useful features (logits per unit of feature)."})
+    readout_scale: float = field(
+        default=3.0, metadata={"help": "Readout scale of the useful features (logits per unit of feature)."}
+    )
     readout_off_weight: float = field(
         default=0.1, metadata={"help": "Readout scale of the other features, relative to the useful ones'."}
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds, each a full run."})
     num_cycles: int = field(default=2, metadata={"help": "Distillation cycles T after cycle 0."})
     transfer_ks: list[int] = field(default_factory=lambda: [3, 6, 12], metadata={"help": "k of the transferred SAEs."})
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Transferred SAEs, of {VARIANTS}."})
+    variants: list[str] = field(
+        default_factory=lambda: list(VARIANTS), metadata={"help": f"Transferred SAEs, of {VARIANTS}."}
+    )
     train_rows: int = field(default=1_000_000, metadata={"help": "Fresh rows per trained SAE."})
     eval_rows: int = field(default=65_536, metadata={"help": "Held-out rows (metrics, latent statistics)."})
     match_cos: float = field(
@@ -130,8 +138,8 @@ class SyntheticWorld:
         self.directions = self.model.feature_dict.feature_vectors.detach().float()
         self.bias = self.model.feature_dict.bias.detach().float()
         generator = torch.Generator().manual_seed(_seed_of("readout", args.world_seed))
-        useful = torch.randperm(args.num_features, generator=generator)[: round(args.useful_fraction * args.num_features)]
-        self.useful = useful.sort().values
+        count = round(args.useful_fraction * args.num_features)
+        self.useful = torch.randperm(args.num_features, generator=generator)[:count].sort().values
         weight = torch.full((args.num_features,), args.readout_off_weight)
         weight[self.useful] = 1.0
         weight *= args.readout_scale
@@ -159,7 +167,8 @@ class SyntheticWorld:
 
     def digest(self) -> str:
         """What decides the world and its task (recorded by every run on it)."""
-        task = {k: getattr(self.args, k) for k in ("useful_fraction", "readout_classes", "readout_scale", "readout_off_weight")}
+        task = {k: getattr(self.args, k)
+                for k in ("useful_fraction", "readout_classes", "readout_scale", "readout_off_weight")}  # fmt: skip
         task["probe"] = hashlib.sha256(self.probe.weight.numpy().tobytes()).hexdigest()
         text = json.dumps({"world": self.config.to_dict(), "task": task}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -281,7 +290,8 @@ class SyntheticSource:
         was_training = model.training
         model.eval()
         x, labels = self.held_out()
-        reconstruction = torch.cat([model.decode(model.encode(rows.to(model.device))).float().cpu() for rows in x.split(4096)])
+        reconstruction = torch.cat([model.decode(model.encode(rows.to(model.device))).float().cpu()
+                                    for rows in x.split(4096)])  # fmt: skip
         model.train(was_training)
         losses = {"task_loss_clean": self.world.task_loss(x, labels),
                   "task_loss_sae": self.world.task_loss(reconstruction, labels),
@@ -374,21 +384,22 @@ class SyntheticBenchmark:
         a = self.args
         folder = self.output_dir / f"seed{seed}"
         source = SyntheticSource(self.world, a.train_rows, a.eval_rows, seed)
-        distillation = Distillation(DistillationArguments(num_cycles=a.num_cycles, model_repo=f"synthetic/dmsae-seed{seed}"),
+        repo = f"synthetic/dmsae-seed{seed}"
+        distillation = Distillation(DistillationArguments(num_cycles=a.num_cycles, model_repo=repo),
                                     self.sae_args, None, self.attribution_args,
                                     self._training(folder / "distillation", seed), source=source)  # fmt: skip
         distillation.run()
         distillation.state.close()
         transfer = Transfer(TransferArguments(core=str(folder / "distillation" / "distilled-core"), ks=a.transfer_ks,
-                                              variants=a.variants, model_repo=f"synthetic/dmsae-seed{seed}"),
+                                              variants=a.variants, model_repo=repo),
                             self.sae_args, None, self._training(folder / "transfer", seed), source=source)  # fmt: skip
         transfer.run()
         transfer.state.close()
         cycles = {t: {"size": c["size"], "carried_over": c["carried_over"], "coverage": c["coverage"],
                       "l0_core": c.get("metrics", {}).get("eval_l0_core")}
                   for t, c in distillation.state.data["cycles"].items()}  # fmt: skip
-        return {"cycles": cycles, "selection": self.selection_scores(distillation, source, seed), "transfer": transfer.results,
-                "progressive": self.progressive_coding(folder, source, seed)}  # fmt: skip
+        return {"cycles": cycles, "selection": self.selection_scores(distillation, source, seed),
+                "transfer": transfer.results, "progressive": self.progressive_coding(folder, source, seed)}  # fmt: skip
 
     def selection_scores(self, distillation: Distillation, source: SyntheticSource, seed: int) -> list[dict]:
         """Each cycle's core and the distilled core against the useful features, with the baselines of its size on
@@ -438,7 +449,8 @@ class SyntheticBenchmark:
             curves[f"{name} (own order)"] = prefix_fvu(model, source.eval_batches(4096), prefixes)
             curves[f"{name} (by mean squared activation)"] = prefix_fvu(model, source.eval_batches(4096), prefixes,
                                                                         order_by(mean_squared))  # fmt: skip
-        return {"k": k, "prefixes": prefixes, "fvu": {name: [curve[g] for g in prefixes] for name, curve in curves.items()}}
+        fvu = {name: [curve[g] for g in prefixes] for name, curve in curves.items()}
+        return {"k": k, "prefixes": prefixes, "fvu": fvu}
 
     def run(self) -> dict:
         """Every seed (each resumes where it stopped), cross-seed consistency, `results.json` and the report."""
@@ -459,9 +471,9 @@ class SyntheticBenchmark:
         return results
 
     def identity(self) -> dict:
-        return json.loads(json.dumps({"synthetic": dataclasses.asdict(self.args), "sae": dataclasses.asdict(self.sae_args),
-                                      "attribution": dataclasses.asdict(self.attribution_args),
-                                      "world": self.world.digest()}, default=str))  # fmt: skip
+        identity = {"synthetic": dataclasses.asdict(self.args), "sae": dataclasses.asdict(self.sae_args),
+                    "attribution": dataclasses.asdict(self.attribution_args), "world": self.world.digest()}
+        return json.loads(json.dumps(identity, default=str))
 
     def consistency(self) -> dict[str, list[float]]:
         """Per transferred SAE, the consistency of every pair of seeds' decoders."""
@@ -486,8 +498,10 @@ class SyntheticBenchmark:
             f"–{a.max_firing_probability}, exponent {a.zipf_exponent}; hierarchy of {a.root_features} roots, branching "
             f"{a.branching_factor}, depth 2; low-rank correlations rank {a.correlation_rank}, scale "
             f"{a.correlation_scale}); true L0 {true_l0:.2f}. Task: {a.readout_classes} classes from a readout weighting "
-            f"{len(self.world.useful)} useful features ×{a.readout_scale} and the others ×{a.readout_scale * a.readout_off_weight:g}; the downstream model is a linear probe fitted on x.", "",
-            f"SAEs of {self.sae_args.dict_size} latents, {a.train_rows} fresh rows each; distillation at k={self.sae_args.k} "
+            f"{len(self.world.useful)} useful features ×{a.readout_scale} and the others "
+            f"×{a.readout_scale * a.readout_off_weight:g}; the downstream model is a linear probe fitted on x.", "",
+            f"SAEs of {self.sae_args.dict_size} latents, {a.train_rows} fresh rows each; distillation at "
+            f"k={self.sae_args.k} ({self.sae_args.sparsity.replace('_', '-')} cycles) "
             f"over {a.num_cycles + 1} cycles (q={self.attribution_args.q}, τ={self.attribution_args.tau}, "
             f"{self.attribution_args.attribution_tokens} attribution rows); seeds {a.seeds}; every cell is mean ± "
             f"standard deviation over seeds. A latent matches a feature when their directions' |cos| ≥ {a.match_cos}.",
@@ -506,7 +520,8 @@ class SyntheticBenchmark:
             "squared activation (held-out rows). `R-precision` ranks the whole pool by each method and takes the "
             "share of useful latents among its first m, m the number of pool latents that match a useful feature: "
             "how well the ranking separates them, whatever core size τ gives.", "",
-            "| core | size | selection | precision | recall | MCC with the useful features | R-precision of the pool ranking |",
+            "| core | size | selection | precision | recall | MCC with the useful features | "
+            "R-precision of the pool ranking |",
             "|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
@@ -519,13 +534,15 @@ class SyntheticBenchmark:
                              f"{_cell([r['r_precision'] for r in runs if r['r_precision'] is not None])} |")  # fmt: skip
         lines += ["", "## Transferred SAEs (MCC against all true features)", "",
                   "`consistency`: mean best-match |cos| between two seeds' decoders, over every pair of seeds.", "",
-                  "| k | variant | MCC | FVU | L0 | L0 core | task loss recovered | consistency |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| k | variant | MCC | FVU | L0 | L0 core | task loss recovered | consistency |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         names = [(k, v) for k in a.transfer_ks for v in a.variants]
         for k, variant in names:
             runs = [s["transfer"][f"k{k}-{variant}"] for s in seeds]
             cells = [_cell([r[c] for r in runs], 2 if c.startswith("l0") else 3)
                      for c in ("mcc", "fvu", "l0", "l0_core", "task_loss_recovered")]  # fmt: skip
-            lines.append(f"| {k} | {variant} | " + " | ".join(cells) + f" | {_cell(self.results['consistency'][f'k{k}-{variant}'])} |")
+            cells.append(_cell(self.results["consistency"][f"k{k}-{variant}"]))
+            lines.append(f"| {k} | {variant} | " + " | ".join(cells) + " |")
         if "matryoshka" in a.variants:
             lines += ["", "## Paired differences DMSAE − Matryoshka (same seed, same k)", "",
                       "The sparse-core DMSAE has the Matryoshka SAE's L0 (one BatchTopK of k); the dense-core one adds "
@@ -541,7 +558,8 @@ class SyntheticBenchmark:
         if progressive:
             prefixes = progressive[0]["prefixes"]
             lines += ["", f"## Progressive coding at k={progressive[0]['k']}: FVU of the first G latents", "",
-                      "| order | " + " | ".join(f"G={g}" for g in prefixes) + " |", "|---|" + "---|" * len(prefixes)]  # fmt: skip
+                      "| order | " + " | ".join(f"G={g}" for g in prefixes) + " |",
+                      "|---|" + "---|" * len(prefixes)]  # fmt: skip
             for name in progressive[0]["fvu"]:
                 lines.append(f"| {name} | " + " | ".join(_cell([p["fvu"][name][i] for p in progressive])
                                                          for i in range(len(prefixes))) + " |")  # fmt: skip
@@ -553,7 +571,8 @@ class SyntheticBenchmark:
 
     def figures(self, seeds, cores, names, progressive) -> list[Path]:
         folder = self.output_dir / "figures"
-        selection = {(core, sel): [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == sel]
+        rows = [r for s in seeds for r in s["selection"]]
+        selection = {(core, sel): [r for r in rows if r["core"] == core and r["selection"] == sel]
                      for core in cores for sel in SELECTIONS}  # fmt: skip
         plots = [figures.selection_against_truth(selection, cores, SELECTIONS, folder / "selection_vs_truth.png")]
         transfer = [{"k": k, "variant": v, **{c: [s["transfer"][f"k{k}-{v}"][c] for s in seeds]
