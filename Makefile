@@ -40,7 +40,7 @@ report: demo
 	$(BIN)/python scripts/report.py --out reports/smollm2-135m --title "DMSAE study on SmolLM2-135M (embedded default)" \
 		--distillation runs/smollm2-135m-l15 --transfer runs/transfer --synthetic runs/synthetic
 
-# The ground-truth benchmark (configs/synthetic.json: 3 seeds; about 25 min on 2 CPU cores), into runs/synthetic.
+# The ground-truth benchmark (configs/synthetic.json: 3 seeds; about 13 min on 2 CPU cores), into runs/synthetic.
 synthetic: setup
 	$(BIN)/python scripts/synthetic.py configs/synthetic.json
 

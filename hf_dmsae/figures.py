@@ -103,7 +103,10 @@ def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path)
             points = sorted((r["k"], *_mean_and_spread(r[metric])) for r in results if r["variant"] == variant)
             axis.errorbar([k for k, _, _ in points], [m for _, m, _ in points], yerr=[s for _, _, s in points],
                           marker="o", capsize=3, label=variant)  # fmt: skip
+        ks = sorted({r["k"] for r in results})
         axis.set(xlabel="k", ylabel=metric, xscale="log")
+        axis.set_xticks(ks, [str(k) for k in ks])
+        axis.minorticks_off()
     axes[0][0].legend(fontsize=8)
     return _save(figure, path)
 
@@ -133,6 +136,6 @@ def prefix_fvu_curves(runs: list[dict], path: Path) -> Path:
     for name in runs[0]["fvu"]:
         spread = [_mean_and_spread([r["fvu"][name][i] for r in runs]) for i in range(len(prefixes))]
         axis.errorbar(prefixes, [m for m, _ in spread], yerr=[s for _, s in spread], marker="o", capsize=3, label=name)
-    axis.set(xlabel="G (first latents kept)", ylabel="FVU", xscale="log")
+    axis.set(xlabel="G (first latents kept)", ylabel="FVU", xticks=prefixes)
     axis.legend(fontsize=8)
     return _save(figure, path)

@@ -507,8 +507,8 @@ class SyntheticBenchmark:
             f"standard deviation over seeds. A latent matches a feature when their directions' |cos| ≥ {a.match_cos}.",
             "", f"Runtime: {sum(self.results.get('seconds', {}).values()) / 60:.1f} min for {len(a.seeds)} seeds.", "",
             "## Cores of the distillation cycles", "",
-            "In dense-core cycles a core latent is never masked; `L0 core` is how many of them are active per row "
-            "(held-out rows, inference mode).", "",
+            "`L0 core`: active core latents per row (held-out rows, inference mode); a dense core is never masked, a "
+            "sparse core competes in the one BatchTopK.", "",
             "| cycle | core size | carried over from the previous core | L0 core |", "|---|---|---|---|",
             *(f"| {t} | {_cell([s['cycles'][t]['size'] for s in seeds], 1)} | "
               f"{_cell([s['cycles'][t]['carried_over'] for s in seeds], 1) if t != '0' else '–'} | "
