@@ -5,9 +5,9 @@
 Training steps: the same in-memory activations (d_in 576, batch 4096 tokens, k 64, Matryoshka groups 1/32, 1/16,
 1/8, 1/4 and the rest, fp32, all threads), full steps (forward, every prefix loss, AuxK, backward, Adam step,
 decoder norm) timed interleaved, one step of each implementation per round, medians over rounds, for:
-our DMSAE (sparse kernels, dense core of 2% of the dictionary and no core; the reference kernels too), SAELens'
-`MatryoshkaBatchTopKTrainingSAE`, dictionary_learning's Matryoshka BatchTopK trainer, and the limit: one dense
-encoder matmul + ReLU. Peers that cannot be imported are reported as such (`make bench` installs them).
+our DMSAE (sparse kernels, dense core of 2% of the dictionary and no core; the first under bf16 autocast too; the
+reference kernels), SAELens' `MatryoshkaBatchTopKTrainingSAE`, dictionary_learning's Matryoshka BatchTopK trainer,
+and the limit: one dense encoder matmul + ReLU. Peers that cannot be imported are reported as such (`make bench` installs them).
 
 Harvesting: the embedded SmolLM2 run to the middle layer only vs a full forward with hidden states. Attribution:
 scoring an SAE (4096 latents) from cached (x, g) pairs, as every cycle does after the one-time harvest, vs what each
@@ -67,7 +67,7 @@ class PeakMemory:
 # -- implementations: each returns a function running one full training step on x -------------------------------
 
 
-def dmsae_step(n: int, core_fraction: float, kernels: str):
+def dmsae_step(n: int, core_fraction: float, kernels: str, autocast: bool = False):
     core = round(core_fraction * n)
     config = DMSAEConfig(d_in=D_IN, dict_size=n, core_size=core, k=K, core_ids=[f"c:{i}" for i in range(core)],
                          kernels=kernels)  # fmt: skip
@@ -75,7 +75,9 @@ def dmsae_step(n: int, core_fraction: float, kernels: str):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step(x):
-        model(x, return_latents=False).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, return_latents=False).loss
+        loss.backward()
         model.remove_parallel_decoder_grad()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -141,6 +143,7 @@ def training_steps(sizes: list[int], rounds: int) -> list[dict]:
             "limit (encoder matmul + ReLU)": lambda n=n: limit_step(n),
             "dmsae, dense core 2% (sparse kernels)": lambda n=n: dmsae_step(n, 0.02, "sparse"),
             "dmsae, no core (sparse kernels)": lambda n=n: dmsae_step(n, 0.0, "sparse"),
+            "dmsae, dense core 2% (sparse kernels, bf16 autocast)": lambda n=n: dmsae_step(n, 0.02, "sparse", True),
             "dmsae, dense core 2% (reference kernels)": lambda n=n: dmsae_step(n, 0.02, "reference"),
             "sae_lens MatryoshkaBatchTopKTrainingSAE": lambda n=n: saelens_step(n),
             "dictionary_learning MatryoshkaBatchTopKTrainer": lambda n=n: dictionary_learning_step(n),
@@ -345,9 +348,9 @@ def main() -> None:
     }
     for row in report["training_steps"]:
         if "error" in row:
-            print(f"n={row['dict_size']:>6}  {row['name']:<48} NOT RUN: {row['error']}")
+            print(f"n={row['dict_size']:>6}  {row['name']:<54} NOT RUN: {row['error']}")
         else:
-            print(f"n={row['dict_size']:>6}  {row['name']:<48} {row['median_s'] * 1e3:8.1f} ms  "
+            print(f"n={row['dict_size']:>6}  {row['name']:<54} {row['median_s'] * 1e3:8.1f} ms  "
                   f"{row['tokens_per_s']:9.0f} tok/s  {row['vs_limit']:5.2f}x limit  "
                   f"{row.get('dmsae_speedup', float('nan')):5.2f}x ours  +{row['peak_rss_rise_mb']:.0f} MB")  # fmt: skip
     lm = report["lm"]

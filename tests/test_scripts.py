@@ -187,6 +187,7 @@ def test_bench_times_every_implementation_and_attribution(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     timed = {row["name"] for row in report["training_steps"] if "median_s" in row}
     assert {"limit (encoder matmul + ReLU)", "dmsae, dense core 2% (sparse kernels)",
+            "dmsae, dense core 2% (sparse kernels, bf16 autocast)",
             "sae_lens MatryoshkaBatchTopKTrainingSAE", "dictionary_learning MatryoshkaBatchTopKTrainer"} <= timed
     lm = report["lm"]
     assert lm["attribution_cached_tok_per_s"] > 0 and lm["attribution_live_tok_per_s"] > 0
