@@ -4,6 +4,7 @@ within a cycle, metrics against k (Fig. 4), and the synthetic benchmark's select
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -83,14 +84,14 @@ def selection_convergence(tracks: dict[int, list[dict]], finals: dict[int, set],
     return _save(figure, path)
 
 
-def _mean_and_spread(value) -> tuple[float, float]:
-    """A number, or the mean and standard deviation of a list of them (one per seed; none: not a number)."""
+def mean_and_spread(value) -> tuple[float, float]:
+    """A number, or the mean and sample standard deviation of a list of them (one per seed; one value: spread 0;
+    none: not a number)."""
     if not isinstance(value, list):
         return value, 0.0
     if not value:
         return float("nan"), 0.0
-    mean = sum(value) / len(value)
-    return mean, (sum((v - mean) ** 2 for v in value) / (len(value) - 1)) ** 0.5 if len(value) > 1 else 0.0
+    return statistics.fmean(value), statistics.stdev(value) if len(value) > 1 else 0.0
 
 
 def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path) -> Path:
@@ -100,7 +101,7 @@ def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path)
     variants = sorted({r["variant"] for r in results})
     for axis, metric in zip(axes[0], metrics):
         for variant in variants:
-            points = sorted((r["k"], *_mean_and_spread(r[metric])) for r in results if r["variant"] == variant)
+            points = sorted((r["k"], *mean_and_spread(r[metric])) for r in results if r["variant"] == variant)
             axis.errorbar([k for k, _, _ in points], [m for _, m, _ in points], yerr=[s for _, _, s in points],
                           marker="o", capsize=3, label=variant)  # fmt: skip
         ks = sorted({r["k"] for r in results})
@@ -119,7 +120,7 @@ def selection_against_truth(runs: dict[tuple[str, str], list[dict]], cores: list
     width = 0.8 / len(selections)
     for axis, metric in zip(axes, ("precision", "recall")):
         for i, selection in enumerate(selections):
-            spread = [_mean_and_spread([r[metric] for r in runs[core, selection]]) for core in cores]
+            spread = [mean_and_spread([r[metric] for r in runs[core, selection]]) for core in cores]
             axis.bar([c + (i - (len(selections) - 1) / 2) * width for c in range(len(cores))], [m for m, _ in spread],
                      width, yerr=[s for _, s in spread], capsize=2, label=selection)  # fmt: skip
         axis.set(xticks=range(len(cores)), xticklabels=cores,
@@ -134,7 +135,7 @@ def prefix_fvu_curves(runs: list[dict], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6, 4))
     prefixes = runs[0]["prefixes"]
     for name in runs[0]["fvu"]:
-        spread = [_mean_and_spread([r["fvu"][name][i] for r in runs]) for i in range(len(prefixes))]
+        spread = [mean_and_spread([r["fvu"][name][i] for r in runs]) for i in range(len(prefixes))]
         axis.errorbar(prefixes, [m for m, _ in spread], yerr=[s for _, s in spread], marker="o", capsize=3, label=name)
     axis.set(xlabel="G (first latents kept)", ylabel="FVU", xticks=prefixes)
     axis.legend(fontsize=8)

@@ -32,7 +32,6 @@ from .attribution import AttributionArguments
 from .cache import ActivationCache, AttributionCache, identity_difference
 from .configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, DMSAEConfig, matryoshka_group_sizes
 from .evaluation import ce_loss_recovered
-from .hub import default_model_repo
 from .integrity import IntegrityError, checksums, read_json, verify_checksums, write_json_atomically
 from .language_model import load_language_model, weights_digest
 from .modeling_dmsae import DMSAEModel
@@ -376,10 +375,6 @@ class RunData:
     def dataset_name(self) -> str:
         return self.args.dataset_name_or_path
 
-    @property
-    def default_repo(self) -> str:
-        return default_model_repo(self.args)
-
     def gradient_pairs(self, args: AttributionArguments) -> LMGradientPairs:
         """The attribution split's `(x, g)` pairs, `g` the gradient of the LM's next-token loss."""
         return LMGradientPairs(self, args)
@@ -418,6 +413,7 @@ class ActivationSource(Protocol):
 
     dataset_name: str
     default_repo: str
+    """Repo name stem when none is given (read from a given source; an LM run's comes from its arguments)."""
 
     def input_identity(self) -> dict:
         """What the run reads beyond its arguments (recorded in its state; a resumed run must read the same)."""

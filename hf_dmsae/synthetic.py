@@ -30,7 +30,6 @@ import hashlib
 import itertools
 import json
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,11 +229,11 @@ class TaskGradients:
 
     def __init__(self, world: SyntheticWorld, rows: int, seed: int):
         x, f = world.sample(rows, _seed_of(seed, "attribution"))
-        self.pairs_ = {"activations": x, "gradients": world.gradients(x, world.labels(f, _seed_of(seed, "labels")))}
+        self._pairs = {"activations": x, "gradients": world.gradients(x, world.labels(f, _seed_of(seed, "labels")))}
         self.max_rows = rows
 
     def pairs(self):
-        return [self.pairs_]
+        return [self._pairs]
 
 
 class SyntheticSource:
@@ -307,29 +306,29 @@ class SyntheticSource:
 # Scoring against the ground truth
 
 
+def abs_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`[len(a), len(b)]` |cos| between the rows of `a` and `b`."""
+    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).abs()
+
+
 def matches(directions: torch.Tensor, truth: torch.Tensor, match_cos: float) -> torch.Tensor:
     """Whether each direction matches one of `truth` (|cos| ≥ `match_cos`)."""
-    cos = F.normalize(directions, dim=1) @ F.normalize(truth, dim=1).T
-    return cos.abs().max(1).values >= match_cos
+    return abs_cosines(directions, truth).max(1).values >= match_cos
 
 
 def match_truth(directions: torch.Tensor, truth: torch.Tensor, match_cos: float) -> dict[str, float]:
     """Precision (share of `directions` matching a true direction), recall (share of `truth` matched) and MCC."""
     from sae_lens.synthetic import mean_correlation_coefficient
 
-    a = directions / directions.norm(dim=1, keepdim=True)
-    b = truth / truth.norm(dim=1, keepdim=True)
-    cos = (a @ b.T).abs()
+    cos = abs_cosines(directions, truth)
     return {"size": len(directions), "precision": float((cos.max(1).values >= match_cos).float().mean()),
             "recall": float((cos.max(0).values >= match_cos).float().mean()),
-            "mcc": mean_correlation_coefficient(a, b)}  # fmt: skip
+            "mcc": mean_correlation_coefficient(F.normalize(directions, dim=1), F.normalize(truth, dim=1))}  # fmt: skip
 
 
 def consistency(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> float:
     """Mean best-match |cos| between two decoders' directions, averaged over both directions of matching."""
-    a = decoder_a / decoder_a.norm(dim=1, keepdim=True)
-    b = decoder_b / decoder_b.norm(dim=1, keepdim=True)
-    cos = (a @ b.T).abs()
+    cos = abs_cosines(decoder_a, decoder_b)
     return float((cos.max(1).values.mean() + cos.max(0).values.mean()) / 2)
 
 
@@ -352,14 +351,10 @@ def r_precision(ranking: list[int], useful: torch.Tensor) -> float | None:
     return float(useful[ranking[:m]].float().mean()) if m else None
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _cell(values: list[float], digits: int = 3) -> str:
     if not values:
         return "–"
-    mean, std = mean_std(values)
+    mean, std = figures.mean_and_spread(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -410,11 +405,13 @@ class SyntheticBenchmark:
         cores = [(f"cycle {t}", int(t), distillation.output_dir / record["core"]) for t, record in sorted(
             state["cycles"].items(), key=lambda item: int(item[0]))]  # fmt: skip
         cores.append(("distilled", last, distillation.output_dir / state["distilled"]["core"]))
-        rows = []
+        rows, models = [], {}
         for name, t, path in cores:
-            model = load_trained_model(distillation.output_dir / f"cycle{t}")
+            if t not in models:  # the distilled core is scored on the last cycle's model, loaded once
+                model = load_trained_model(distillation.output_dir / f"cycle{t}")
+                models[t] = model, latent_statistics(model, source.eval_batches(4096))
+            model, stats = models[t]
             core = DMSAECore.from_pretrained(path)
-            stats = latent_statistics(model, source.eval_batches(4096))
             rankings = pool_rankings(model, core, stats, _seed_of(seed, "random selection", name))
             decoder = model.W_dec.detach().float()
             useful = matches(decoder, truth, self.args.match_cos)
