@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium test demo synthetic report bench clean
+.PHONY: setup chromium test demo synthetic dynamics report bench clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ report: demo
 # The ground-truth benchmark (configs/synthetic.json: 3 seeds; about 13 min on 2 CPU cores), into runs/synthetic.
 synthetic: setup
 	$(BIN)/python scripts/synthetic.py configs/synthetic.json
+
+# The core's dynamics against Fig. 3 (distilled, random-init and no core; 3 budgets × 2 seeds; one ablation per
+# hypothesis): on the demo's distilled core (budgets 200k, 500k, 1M tokens, the last nearly the whole corpus), then on
+# the synthetic benchmark's (250k, 1M, 5M rows), into runs/…/core-dynamics; reports/core-dynamics-* hold the results.
+dynamics: demo synthetic
+	$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json
+	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic \
+		--budgets 250000 1000000 5000000
 
 bench: setup
 	$(BIN)/python scripts/bench.py --out reports/bench.json

@@ -6,6 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 SPARSITY_MODES = ("dense_core", "sparse_core")
+PREFIX_LOSS_WEIGHTINGS = ("sum", "dictionary_learning")
 
 # SAEBench's Matryoshka group fractions (1/32, 1/16, 1/8, 1/4, rest), applied to the non-core latents.
 SAEBENCH_GROUP_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
@@ -87,6 +88,14 @@ class DMSAEConfig(PreTrainedConfig):
     aux_coef: float = 1 / 32
     """Weight `α` of the AuxK loss."""
 
+    prefix_loss_weighting: str = "sum"
+    """`"sum"`: `Σ_i ‖x − x̂_i‖²` as Eq. 5. `"dictionary_learning"`: each prefix weighted `1/G`, then averaged over the
+    `G` prefixes (`Σ_i ‖x − x̂_i‖² / G²`), as dictionary_learning's Matryoshka trainer; under Adam only the AuxK
+    loss's relative weight changes (×G²)."""
+
+    train_core_bias: bool = True
+    """Whether the core latents' encoder biases train (False: they keep their initial value, 0)."""
+
     dead_tokens_threshold: int = 10_000_000
     """A latent that has not fired for this many training tokens counts as dead (feeds AuxK)."""
 
@@ -137,6 +146,7 @@ class DMSAEConfig(PreTrainedConfig):
               "k_noncore": (int, type(None)), "frozen_rows": (int, type(None)), "aux_k": (int, type(None)),
               "hook_layer": (int, type(None)), "aux_coef": (int, float), "threshold_beta": (int, float),
               "norm_factor": (int, float), "threshold": (int, float, type(None)), "sparsity": str, "kernels": str,
+              "prefix_loss_weighting": str, "train_core_bias": bool,
               "base_model": (str, type(None)), "hook_name": (str, type(None)),
               "group_sizes": (list, type(None)), "core_ids": (list, type(None))}  # fmt: skip
 
@@ -144,7 +154,7 @@ class DMSAEConfig(PreTrainedConfig):
         """Raise `ValueError` naming the first field of the wrong type (e.g. `"k": "16"` in a config.json)."""
         for field, expected in self._TYPES.items():
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, expected):
+            if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
                 names = [t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,))]
                 raise ValueError(f"DMSAEConfig.{field}={value!r} is invalid: must be of type {' or '.join(names)}")
         if self.group_sizes is not None and not all(isinstance(g, int) for g in self.group_sizes):
@@ -169,6 +179,8 @@ class DMSAEConfig(PreTrainedConfig):
             fail("kernels", "must be 'sparse' or 'reference'")
         if self.sparsity not in SPARSITY_MODES:
             fail("sparsity", f"must be one of {SPARSITY_MODES}")
+        if self.prefix_loss_weighting not in PREFIX_LOSS_WEIGHTINGS:
+            fail("prefix_loss_weighting", f"must be one of {PREFIX_LOSS_WEIGHTINGS}")
         if self.sparsity == "dense_core" and self.k_noncore > self.dict_size - self.core_size:
             fail("k_noncore", f"must not exceed the {self.dict_size - self.core_size} non-core latents")
         if self.sparsity == "sparse_core" and self.k > self.dict_size:
@@ -222,4 +234,5 @@ class DMSAEConfig(PreTrainedConfig):
         return list(self.core_ids) + [f"cycle{self.cycle}:{j}" for j in range(self.core_size, self.dict_size)]
 
 
-__all__ = ["DMSAEConfig", "matryoshka_group_sizes", "noncore_k", "SAEBENCH_GROUP_FRACTIONS", "SPARSITY_MODES"]
+__all__ = ["DMSAEConfig", "matryoshka_group_sizes", "noncore_k", "SAEBENCH_GROUP_FRACTIONS", "SPARSITY_MODES",
+           "PREFIX_LOSS_WEIGHTINGS"]

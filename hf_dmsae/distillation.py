@@ -90,6 +90,33 @@ class DistillationArguments:
             raise ValueError("random_core_control needs at least one control seed")
 
 
+def random_core_generator(seed: int) -> torch.Generator:
+    """The random stream of a control seed's random core rows. Not `manual_seed(seed)`: models initialised under
+    that seed draw the same directions (a cycle-0 latent would come back as a "random" row); a stream of its own keeps
+    the rows independent of every model's initialisation."""
+    stream = int.from_bytes(hashlib.sha256(f"random core rows {seed}".encode()).digest()[:8], "little")
+    return torch.Generator().manual_seed(stream)
+
+
+def random_core(like: DMSAECore, d_in: int, generator: torch.Generator, remove: torch.Tensor | None = None) -> DMSAECore:
+    """`len(like)` random unit rows (ids `random:i`), drawn as the tied initialisation draws directions; with
+    `remove` (`[m, d_in]` orthonormal rows), the rows are drawn in the orthogonal complement of those directions."""
+    rows = torch.randn(len(like), d_in, generator=generator)
+    if remove is not None:
+        rows -= (rows @ remove.T) @ remove
+    return dataclasses.replace(like, encoder_rows=rows / rows.norm(dim=1, keepdim=True),
+                               latent_ids=[f"random:{i}" for i in range(len(like))], scores=torch.zeros(len(like)))  # fmt: skip
+
+
+def new_model(sae: SAEArguments, data: ActivationSource, core: DMSAECore | None, seed: int, cycle: int = 0) -> DMSAEModel:
+    """A freshly initialised model (under `seed`) on `data`'s activations, around `core` (rows copied unchanged)."""
+    set_seed(seed)
+    if core is None:
+        return DMSAEModel(sae_config(sae, data, cycle=cycle))
+    config = sae_config(sae, data, cycle=cycle, core_size=len(core), core_ids=core.latent_ids)
+    return DMSAEModel.from_core(config, core.encoder_rows, core.latent_ids)
+
+
 class Distillation:
     """One distillation run; `run()` does every remaining step and returns the distilled core."""
 
@@ -132,15 +159,9 @@ class Distillation:
         return Attribution(gradients, self.attribution_args, self.training_args.per_device_train_batch_size)
 
     # -- one cycle ----------------------------------------------------------------------------------------------
-    def _new_model(self, t: int, core: DMSAECore | None, seed: int, sae: SAEArguments | None = None) -> DMSAEModel:
+    def _new_model(self, t: int, core: DMSAECore | None, seed: int) -> DMSAEModel:
         """A fresh model of cycle `t` around `core` (rows copied unchanged), `k_noncore` fixed for the run."""
-        set_seed(seed)
-        sae = dataclasses.replace(sae or self.sae_args, k_noncore=self.k_noncore)
-        if core is None:
-            return DMSAEModel(sae_config(sae, self.data, cycle=t))
-        config = sae_config(sae, self.data, cycle=t, core_size=len(core),
-                            core_ids=core.latent_ids)  # fmt: skip
-        return DMSAEModel.from_core(config, core.encoder_rows, core.latent_ids)
+        return new_model(dataclasses.replace(self.sae_args, k_noncore=self.k_noncore), self.data, core, seed, cycle=t)
 
     def _training_args(self, folder: Path, seed: int) -> DMSAETrainingArguments:
         return dataclasses.replace(self.training_args, output_dir=str(folder), seed=seed, push_to_hub=False)
@@ -263,14 +284,8 @@ class Distillation:
     def control_cores(self, distilled: DMSAECore, last: int, seed: int) -> dict[str, DMSAECore]:
         """The three cores of a control seed, all of `|C*|` rows: the distilled core, random unit rows and trained
         latents of the last cycle outside the distilled core."""
-        # Not `manual_seed(seed)`: models initialised under that seed draw the same directions (a cycle-0 latent
-        # would come back as a "random" row); a stream of its own keeps the rows independent of every model's init.
-        stream = int.from_bytes(hashlib.sha256(f"random core rows {seed}".encode()).digest()[:8], "little")
-        generator = torch.Generator().manual_seed(stream)
-        rows = torch.randn(len(distilled), self.data.d_in, generator=generator)
-        random_init = dataclasses.replace(distilled, encoder_rows=rows / rows.norm(dim=1, keepdim=True),
-                                          latent_ids=[f"random:{i}" for i in range(len(distilled))],
-                                          scores=torch.zeros(len(distilled)))  # fmt: skip
+        generator = random_core_generator(seed)
+        random_init = random_core(distilled, self.data.d_in, generator)
         last_model = load_trained_model(self.output_dir / f"cycle{last}")
         ids = last_model.config.latent_ids()
         outside = [j for j, i in enumerate(ids) if i not in set(distilled.latent_ids)]

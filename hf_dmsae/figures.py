@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .core import DMSAECore  # noqa: E402
 
 
-def _save(figure, path: Path) -> Path:
+def save(figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -33,7 +33,7 @@ def coverage_curves(cores: list[DMSAECore], tau: float, path: Path) -> Path:
     axis.axhline(tau, color="grey", linestyle="--", linewidth=1, label=f"τ = {tau}")
     axis.set(xlabel="latents, by descending attribution score", ylabel="coverage", xscale="log", ylim=(0, 1.02))
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save(figure, path)
 
 
 def carry_over(rows: list[dict], path: Path) -> Path:
@@ -44,27 +44,37 @@ def carry_over(rows: list[dict], path: Path) -> Path:
     axis.bar(cycles, [r["kept"] for r in rows], color="steelblue", label="carried over from the previous core")
     axis.set(xlabel="cycle", ylabel="latents", xticks=cycles)
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save(figure, path)
 
 
 def l0_core_curves(control: dict[str, dict], path: Path) -> Path:
     """Fig. 3: mean active core latents per token over training, one line per core kind (mean over seeds, the band
     spanning the seeds)."""
     figure, axis = plt.subplots(figsize=(6, 4))
-    for kind in sorted({r["core"] for r in control.values()}):
-        curves = [r["l0_core_curve"] for r in control.values() if r["core"] == kind and r["l0_core_curve"]]
-        if not curves:
+    draw_l0_core(axis, list(control.values()))
+    return save(figure, path)
+
+
+_CORE_COLOURS = {"distilled": "C0", "random_init": "C1", "random_trained": "C2", "random_off_top": "C3"}
+
+
+def draw_l0_core(axis, runs: list[dict], share: bool = False, style: str = "-") -> None:
+    """Onto `axis`: each core kind's `l0_core_curve` (`[[step, E[L0 core]], …]`) over training, the mean over its
+    runs with a band spanning them; `share` divides by the core's size (`core_size`)."""
+    for kind in sorted({r["core"] for r in runs}):
+        chosen = [r for r in runs if r["core"] == kind and r["l0_core_curve"]]
+        if not chosen:
             continue
-        length = min(map(len, curves))
-        steps = [step for step, _ in curves[0][:length]]
-        values = [[v for _, v in c[:length]] for c in curves]
+        length = min(len(r["l0_core_curve"]) for r in chosen)
+        steps = [step for step, _ in chosen[0]["l0_core_curve"][:length]]
+        values = [[v / (r["core_size"] if share else 1) for _, v in r["l0_core_curve"][:length]] for r in chosen]
         mean = [sum(col) / len(col) for col in zip(*values)]
-        line = axis.plot(steps, mean, marker="o", markersize=3, label=f"{kind} core ({len(curves)} seeds)")[0]
+        line = axis.plot(steps, mean, style, marker="o" if style == "-" else None, markersize=3,
+                         color=_CORE_COLOURS.get(kind), label=f"{kind} core ({len(chosen)} seeds)")[0]  # fmt: skip
         axis.fill_between(steps, [min(col) for col in zip(*values)], [max(col) for col in zip(*values)],
                           color=line.get_color(), alpha=0.2)  # fmt: skip
-    axis.set(xlabel="training step", ylabel="E[L0 core]", ylim=(0, None))
+    axis.set(xlabel="training step", ylabel="E[L0 core] / |C|" if share else "E[L0 core]", ylim=(0, 1.02 if share else None))
     axis.legend(fontsize=8)
-    return _save(figure, path)
 
 
 def selection_convergence(tracks: dict[int, list[dict]], finals: dict[int, set], path: Path) -> Path:
@@ -81,7 +91,7 @@ def selection_convergence(tracks: dict[int, list[dict]], finals: dict[int, set],
     overlap_axis.set(xlabel="training step", ylabel="Jaccard overlap with the final core", ylim=(0, 1.02))
     size_axis.set(xlabel="training step", ylabel="selected core size (dotted: final)")
     overlap_axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save(figure, path)
 
 
 def mean_and_spread(value) -> tuple[float, float]:
@@ -109,7 +119,7 @@ def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path)
         axis.set_xticks(ks, [str(k) for k in ks])
         axis.minorticks_off()
     axes[0][0].legend(fontsize=8)
-    return _save(figure, path)
+    return save(figure, path)
 
 
 def selection_against_truth(runs: dict[tuple[str, str], list[dict]], cores: list[str], selections: tuple[str, ...],
@@ -126,7 +136,7 @@ def selection_against_truth(runs: dict[tuple[str, str], list[dict]], cores: list
         axis.set(xticks=range(len(cores)), xticklabels=cores,
                  ylabel=f"{metric} against the useful features", ylim=(0, 1.02))  # fmt: skip
     axes[0].legend(fontsize=8)
-    return _save(figure, path)
+    return save(figure, path)
 
 
 def prefix_fvu_curves(runs: list[dict], path: Path) -> Path:
@@ -139,4 +149,4 @@ def prefix_fvu_curves(runs: list[dict], path: Path) -> Path:
         axis.errorbar(prefixes, [m for m, _ in spread], yerr=[s for _, s in spread], marker="o", capsize=3, label=name)
     axis.set(xlabel="G (first latents kept)", ylabel="FVU", xticks=prefixes)
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save(figure, path)

@@ -29,7 +29,8 @@ class DMSAEOutput(ModelOutput):
     """Output of [`DMSAEModel.forward`].
 
     Args:
-        loss: `Σ_i prefix_losses[i] + aux_coef · aux_loss`, the training objective (Eq. 5).
+        loss: `Σ_i prefix_losses[i] + aux_coef · aux_loss`, the training objective (Eq. 5); the sum is divided by
+            `G²` with `prefix_loss_weighting="dictionary_learning"`.
         prefix_losses: `[G]` mean squared error (summed over `d_in`, normalised units) of the reconstruction from
             the core and the first `i` non-core groups; the last one uses the full dictionary.
         aux_loss: AuxK loss: how well the top `aux_k` dead latents reconstruct the residual, relative to its variance.
@@ -156,7 +157,16 @@ class DMSAEModel(PreTrainedModel):
         centred = x - self.b_dec
         frozen = F.linear(centred, self.W_enc_frozen)
         trainable = F.linear(centred, self.W_enc_trainable)
-        return torch.cat([frozen, trainable], dim=1).add_(self.b_enc).relu_()
+        return torch.cat([frozen, trainable], dim=1).add_(self.encoder_bias).relu_()
+
+    @property
+    def encoder_bias(self) -> torch.Tensor:
+        """`b_enc` as the encoder adds it: with `train_core_bias=False` its core entries are detached, so no gradient
+        (hence no Adam step) ever reaches them."""
+        c = self.config.core_size
+        if self.config.train_core_bias or c == 0:
+            return self.b_enc
+        return torch.cat([self.b_enc[:c].detach(), self.b_enc[c:]])
 
     def _mask(self, z: torch.Tensor, batch_topk: bool | None = None) -> torch.Tensor:
         """BatchTopK while training (or before a threshold exists), the threshold at inference; `batch_topk`
@@ -198,7 +208,7 @@ class DMSAEModel(PreTrainedModel):
         prefix_losses = torch.stack([squared_error(x, r) for r in step.reconstructions])
         aux_loss = self._aux_loss(x, step.reconstructions[-1], step.preactivations_of)
         return DMSAEOutput(
-            loss=prefix_losses.sum() + self.config.aux_coef * aux_loss,
+            loss=self._prefix_weight(len(prefix_losses)) * prefix_losses.sum() + self.config.aux_coef * aux_loss,
             prefix_losses=prefix_losses,
             aux_loss=aux_loss,
             latents=step.latents if return_latents else None,
@@ -206,6 +216,10 @@ class DMSAEModel(PreTrainedModel):
             l0_core=step.l0_core,
             l0_noncore=step.l0_noncore,
         )
+
+    def _prefix_weight(self, prefixes: int) -> float:
+        """The weight of each prefix loss: 1 (Eq. 5) or dictionary_learning's `1/G²`."""
+        return 1.0 if self.config.prefix_loss_weighting == "sum" else 1.0 / prefixes**2
 
     def _dense_pass(self, x: torch.Tensor) -> _Pass:
         """The reference: dense latents `[B, n]`, masked, decoded group after group."""
@@ -231,7 +245,7 @@ class DMSAEModel(PreTrainedModel):
         c, start, n, batch = self.config.core_size, self.config.first_masked_latent, self.config.dict_size, len(x)
         centred = x - self.b_dec
         core, rows, cols, values = SparseEncode.apply(
-            centred, self.W_enc_frozen, self.W_enc_trainable, self.b_enc, start, self.config.topk_per_row * batch
+            centred, self.W_enc_frozen, self.W_enc_trainable, self.encoder_bias, start, self.config.topk_per_row * batch
         )
         reconstructions = sparse_decode_groups(core, rows, cols, values, self.W_dec, self.b_dec,
                                                self.config.prefix_ends, batch)  # fmt: skip
@@ -247,7 +261,8 @@ class DMSAEModel(PreTrainedModel):
         return _Pass(
             reconstructions=reconstructions, latents=latents, fired=fired, kept_values=values,
             l0_core=((core[:, :c] > 0).sum() + core_entries) / batch, l0_noncore=(active.sum() - core_entries) / batch,
-            preactivations_of=lambda index: F.relu(F.linear(centred, self.W_enc[index], self.b_enc[index])),
+            preactivations_of=lambda index: F.relu(F.linear(centred, self.W_enc[index],
+                                                            self.encoder_bias[index])),
         )  # fmt: skip
 
     def _aux_loss(self, x: torch.Tensor, reconstruction: torch.Tensor, preactivations_of) -> torch.Tensor:

@@ -61,6 +61,14 @@ class SAEArguments:
         metadata={"help": "Matryoshka group fractions of the non-core latents; the rest forms the last group."},
     )
     aux_coef: float = field(default=1 / 32, metadata={"help": "AuxK loss weight."})
+    prefix_loss_weighting: Literal["sum", "dictionary_learning"] = field(
+        default="sum",
+        metadata={"help": "sum: Σ of the prefix losses (Eq. 5); dictionary_learning: Σ/G² (G prefixes), as its "
+                  "Matryoshka trainer (under Adam: AuxK weighs G² times more)."},
+    )
+    train_core_bias: bool = field(
+        default=True, metadata={"help": "Train the core latents' encoder biases (False: they stay at 0)."}
+    )
     dead_tokens_threshold: int = field(default=10_000_000, metadata={"help": "Tokens without firing = dead."})
     threshold_beta: float = field(default=0.999, metadata={"help": "EMA decay of the inference threshold."})
 
@@ -76,6 +84,7 @@ class SAEArguments:
         # Everything else DMSAEConfig checks; building one here reports it now, before any harvesting.
         DMSAEConfig(d_in=1, dict_size=self.dict_size, k=self.k, k_noncore=self.k_noncore, sparsity=self.sparsity,
                     aux_coef=self.aux_coef, dead_tokens_threshold=self.dead_tokens_threshold,
+                    prefix_loss_weighting=self.prefix_loss_weighting, train_core_bias=self.train_core_bias,
                     threshold_beta=self.threshold_beta,
                     group_sizes=matryoshka_group_sizes(self.dict_size, tuple(self.group_fractions)))  # fmt: skip
 
@@ -88,7 +97,7 @@ class SAEArguments:
 TRAINING_FIELDS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "seed",
                    "weight_decay", "lr_scheduler_type", "warmup_steps", "decay_fraction", "bf16", "fp16",
                    "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "init_decoder_bias_rows",
-                   "calibrate_threshold_rows", "world_size")  # fmt: skip
+                   "calibrate_threshold_rows", "train_decoder_bias", "unit_norm_decoder", "world_size")  # fmt: skip
 # Activation arguments that only say where or how data is read, not what it is.
 _READ_ONLY_FIELDS = ("activation_cache", "streaming")
 
@@ -470,6 +479,8 @@ def sae_config(sae: SAEArguments, data, **overrides) -> DMSAEConfig:
         k_noncore=sae.k_noncore,
         sparsity=sae.sparsity,
         aux_coef=sae.aux_coef,
+        prefix_loss_weighting=sae.prefix_loss_weighting,
+        train_core_bias=sae.train_core_bias,
         dead_tokens_threshold=sae.dead_tokens_threshold,
         threshold_beta=sae.threshold_beta,
         **data.sae_fields(),

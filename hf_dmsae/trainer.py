@@ -1,8 +1,9 @@
 """`DMSAETrainer`: the `transformers.Trainer` that trains a `DMSAEModel` on activations.
 
 What it adds to the Trainer: the loss and metrics from the model output, the decoder's unit-norm constraint around
-every optimiser step (parallel gradient projected out after backward, rows renormalised after the step), the decoder
-bias started at the geometric median of a first batch, and SAE metrics in the logs (per-prefix loss, FVU, L0s, dead
+every optimiser step (parallel gradient projected out after backward, rows renormalised after the step; switched off
+by `unit_norm_decoder=False` for ablations), the decoder bias started at the geometric median of a first batch (and
+held there with `train_decoder_bias=False`), and SAE metrics in the logs (per-prefix loss, FVU, L0s, dead
 fraction, threshold), the package's `evaluate` metrics (FVU, L0s) on `eval_dataset`, and the inference threshold
 calibrated at the end. Everything else (accelerate, DDP/FSDP, bf16, checkpoints and exact resumption, progress bars,
 `report_to`) is the Trainer's own. The dead-latent counters and the threshold are model buffers, so checkpoints carry
@@ -54,6 +55,13 @@ class DMSAETrainingArguments(TrainingArguments):
         metadata={"help": "Rows of the training data the inference threshold is calibrated on at the end (0: keep "
                   "the training EMA)."},
     )
+    train_decoder_bias: bool = field(
+        default=True, metadata={"help": "Train b_dec (False: it keeps its initial value, the geometric median)."}
+    )
+    unit_norm_decoder: bool = field(
+        default=True,
+        metadata={"help": "Keep decoder rows unit norm (Eq. 5's constraint; False: rows are free, for ablations)."},
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Activation datasets have one column."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Adam learning rate."})
     lr_scheduler_type: str = field(default="warmup_stable_decay", metadata={"help": "Learning-rate schedule."})
@@ -98,8 +106,10 @@ class DMSAETrainer(Trainer):
             kwargs.setdefault("compute_metrics", SAEEvalMetrics())
         if isinstance(kwargs.get("train_dataset"), ActivationStream):
             args.ignore_data_skip = True  # the stream resumes at its recorded position instead
+        model.b_dec.requires_grad_(args.train_decoder_bias)  # before the Trainer builds its optimiser
         super().__init__(model=model, args=args, **kwargs)
-        self.add_callback(_DecoderNormCallback(self))
+        if args.unit_norm_decoder:
+            self.add_callback(_DecoderNormCallback(self))
         # Training metric sums since the last log, and their step count.
         self._metric_sums = defaultdict(lambda: torch.zeros((), device=args.device))
         self._metric_steps = 0
@@ -169,7 +179,8 @@ class DMSAETrainer(Trainer):
         """Backward, then project the decoder gradient onto the rows' tangent space (linear, so it commutes with
         gradient accumulation)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.sae.remove_parallel_decoder_grad()
+        if self.args.unit_norm_decoder:
+            self.sae.remove_parallel_decoder_grad()
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

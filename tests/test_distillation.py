@@ -164,6 +164,31 @@ def test_the_controls_train_three_cores_per_seed_and_the_papers_is_random(straig
     assert not list((folder / "control").glob("*/core")), "control models are not scored"
 
 
+def test_the_core_dynamics_study_trains_the_controls_cores_on_one_lm_slice(straight_run, tiny_lm_dir):
+    tmp_path, _ = straight_run
+    folder = tmp_path / "straight"
+    config = distill_config(tmp_path, tiny_lm_dir, "straight")
+    attribution = {i for i, a in enumerate(config) if a in ("--attribution_tokens", "--track_selection_steps")}
+    config = [a for i, a in enumerate(config) if i not in attribution and i - 1 not in attribution]
+    command = [sys.executable, str(REPO / "scripts" / "core_dynamics.py"), *config, "--budgets", "1000", "2000",
+               "--study_seeds", "0", "--ablations", "biases_frozen", "--ablation_budget", "1000", "--top_components", "4",
+               "--geometry_rows", "512"]  # fmt: skip
+    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    study = folder / "core-dynamics" / "seed0"
+    state = json.loads((study / "state.json").read_text())
+    assert [(p["name"], p["start"]["sequence"], p["rows"]) for p in state["slices"] if p["split"] == "train"] == [
+        ("core-dynamics", 0, 2000)], "one slice of the largest budget, which every run reads"  # fmt: skip
+    assert set(state["runs"]) == {f"paper/{c}-b{b}" for c in ("distilled", "random_init", "none") for b in (1000, 2000)} | {
+        "biases_frozen/distilled-b1000", "biases_frozen/random_init-b1000"}  # fmt: skip
+    assert state["runs"]["paper/distilled-b2000"]["steps"] == 2000 // 200
+    for core in ("distilled", "random_init"):  # the rows of the distillation's control of the same seed
+        control = DMSAEModel.from_pretrained(folder / "control" / f"{core}-seed0").W_enc_frozen
+        assert torch.equal(DMSAEModel.from_pretrained(study / "paper" / f"{core}-b1000").W_enc_frozen, control)
+    assert "## Hypotheses and their ablations" in result.stdout and "| biases_frozen | random_init | 1 |" in result.stdout
+
+
 def test_selection_is_tracked_during_training(straight_run):
     tmp_path, _ = straight_run
     cycle = json.loads((tmp_path / "straight" / "state.json").read_text())["cycles"]["2"]

@@ -141,6 +141,38 @@ def test_every_prefix_loss_equals_a_naive_recomputation(core_size):
     torch.testing.assert_close(out.reconstruction, latents @ model.W_dec + model.b_dec)
 
 
+def test_dictionary_learning_weighting_divides_the_prefix_losses_by_g_squared():
+    paper, weighted = tiny_model(), tiny_model(prefix_loss_weighting="dictionary_learning")
+    weighted.load_state_dict(paper.state_dict())
+    for m in (paper, weighted):
+        m.eval()
+        m.tokens_since_fired[40:] = 10**9  # a live AuxK term, whose relative weight the weighting changes
+    x = torch.randn(64, 16)
+    a, b = paper(x), weighted(x)
+    assert torch.equal(a.prefix_losses, b.prefix_losses) and torch.equal(a.aux_loss, b.aux_loss) and a.aux_loss > 0
+    groups = len(a.prefix_losses)
+    torch.testing.assert_close(b.loss, a.prefix_losses.sum() / groups**2 + a.aux_loss / 32)
+    with pytest.raises(ValueError, match="prefix_loss_weighting"):
+        tiny_model(prefix_loss_weighting="mean")
+
+
+@pytest.mark.parametrize("kernels", ["sparse", "reference"])
+def test_a_frozen_core_bias_never_moves_while_the_other_biases_train(kernels):
+    model = tiny_model(train_core_bias=False, kernels=kernels)
+    model.train()
+    model.tokens_since_fired[:4] = 10**9  # dead core latents: AuxK reaches their bias too, if anything does
+    before = model.b_enc.detach().clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        model(torch.randn(64, 16, generator=generator)).loss.backward()
+        assert not model.b_enc.grad[:8].any()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(model.b_enc[:8], before[:8])
+    assert not torch.equal(model.b_enc[8:], before[8:])
+
+
 def test_aux_loss_is_zero_without_dead_latents_and_trains_only_dead_encoders(model):
     model.eval()  # BatchTopK (no threshold yet) without updating the dead counters set here
     x = torch.randn(64, 16)

@@ -104,6 +104,18 @@ def test_decoder_bias_starts_at_the_median_of_the_first_rows(caches, tmp_path):
     assert (model.b_dec - rows.mean(0)).norm() < 0.5 * rows.mean(0).norm()
 
 
+def test_the_decoder_bias_and_the_decoder_norm_can_be_left_free_or_fixed_for_ablations(caches, tmp_path):
+    train, _ = caches
+    model = core_model(train.norm_factor)
+    args = training_args(tmp_path, max_steps=20, train_decoder_bias=False, unit_norm_decoder=False)
+    DMSAETrainer(model=model, args=args, train_dataset=train).train()
+    reference = core_model(train.norm_factor)
+    reference.init_decoder_bias(train.sample(args.init_decoder_bias_rows))
+    assert torch.equal(model.b_dec, reference.b_dec), "b_dec left its geometric-median start"
+    assert (model.W_dec.norm(dim=1) - 1).abs().max() > 1e-3, "decoder rows kept unit norm without the constraint"
+    assert not torch.equal(model.b_enc, reference.b_enc)
+
+
 def run_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> list[str]:
     """Command line of scripts/train.py on the tiny LM, long enough to be killed mid-way."""
     config = {

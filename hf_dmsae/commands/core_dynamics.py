@@ -1,0 +1,38 @@
+"""The core's dynamics against the paper's Fig. 3: E[L0_core] over training for the distilled core, a random-init core
+and no core, at several budgets and seeds, with one ablation per hypothesis of what drives a dense core towards
+always-on.
+
+    python scripts/core_dynamics.py configs/smollm2-135m.json                          # the demo's distilled core
+    python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic    # the synthetic benchmark's
+
+The JSON file is the distillation's own config (its distillation and attribution fields are skipped); any field of
+`CoreDynamicsArguments`, `SAEArguments`, `ActivationArguments` (lm) or `SyntheticArguments` (synthetic) and
+`DMSAETrainingArguments` can be given on the command line. Re-running resumes; the report goes to
+`<study_dir>/report.md`.
+"""
+
+import logging
+
+from hf_dmsae.activations import ActivationArguments
+from hf_dmsae.attribution import AttributionArguments
+from hf_dmsae.core_dynamics import CoreDynamics, CoreDynamicsArguments
+from hf_dmsae.distillation import DistillationArguments
+from hf_dmsae.runs import SAEArguments, parse_arguments
+from hf_dmsae.synthetic import SyntheticArguments
+from hf_dmsae.trainer import DMSAETrainingArguments
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    study, sae, activations, synthetic, training = parse_arguments(
+        (CoreDynamicsArguments, SAEArguments, ActivationArguments, SyntheticArguments, DMSAETrainingArguments),
+        shared=(DistillationArguments, AttributionArguments),
+    )
+    lm = study.study_source == "lm"
+    run = CoreDynamics(study, sae, activations if lm else None, None if lm else synthetic, training)
+    run.run()
+    print((run.study_dir / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
