@@ -18,7 +18,7 @@ from hf_dmsae.core import DMSAECore
 from hf_dmsae.slices import SliceLayout
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "distill", "transfer", "synthetic", "report", "browse", "bench")
+SCRIPTS = ("train", "distill", "transfer", "synthetic", "core_dynamics", "report", "browse", "bench")
 
 
 def run_script(name: str, *args: str, launch: list[str] | None = None, timeout: int = 900):
@@ -175,7 +175,7 @@ def test_every_option_of_every_script_is_documented():
 def test_the_commands_are_installed_as_console_scripts():
     """`pip install` users get the scripts as commands (`hf-dmsae-distill`, …); one of them runs."""
     commands = Path(sys.executable).parent
-    assert all((commands / f"hf-dmsae-{name}").is_file() for name in SCRIPTS if name != "bench")
+    assert all((commands / f"hf-dmsae-{name.replace('_', '-')}").is_file() for name in SCRIPTS if name != "bench")
     result = subprocess.run([str(commands / "hf-dmsae-distill"), "--help"], capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
     assert result.returncode == 0 and "--cycle0_checkpoint" in result.stdout, result.stderr[-2000:]
