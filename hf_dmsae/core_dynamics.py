@@ -243,6 +243,7 @@ class CoreDynamics:
                 "geometry": {"start": start, "end": core_geometry(model, held_out)},
             }  # fmt: skip
             state.save()
+            del trainer, model  # a synthetic slice's rows: gone before the next run draws its own
         state.close()
         return list(state.data["runs"].values())
 

@@ -110,6 +110,10 @@ class SyntheticArguments:
             raise ValueError(f"num_cycles={self.num_cycles} is invalid: the distilled core needs at least 1 cycle")
 
 
+SAMPLE_CHUNK = 1_000_000
+"""Rows a training slice is drawn in at a time."""
+
+
 def _seed_of(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") % 2**62
 
@@ -258,7 +262,12 @@ class SyntheticSource:
         return RowSlice(name, self.train_rows)
 
     def training_data(self, piece: RowSlice, args: DMSAETrainingArguments) -> Rows:
-        return Rows(self.world.sample(piece.rows, _seed_of(self.seed, piece.name))[0])
+        """The slice's rows, drawn in chunks of `SAMPLE_CHUNK` rows (the true features of a whole large slice would
+        not fit in memory); the first chunk's seed is the slice's own, so a slice of one chunk is one draw."""
+        chunks = range(0, piece.rows, SAMPLE_CHUNK)
+        return Rows(torch.cat([self.world.sample(min(SAMPLE_CHUNK, piece.rows - start),
+                                                 _seed_of(self.seed, piece.name, *([start] if start else [])))[0]
+                               for start in chunks]))  # fmt: skip
 
     def finish_slice(self, piece: RowSlice, dataset) -> RowSlice:
         return piece

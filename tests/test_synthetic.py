@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from hf_dmsae.attribution import AttributionArguments
 from hf_dmsae.core import DMSAECore
 from hf_dmsae.runs import SAEArguments, load_trained_model, parse_arguments
-from hf_dmsae.synthetic import (SyntheticArguments, SyntheticBenchmark, SyntheticWorld, consistency, match_truth,
-                                r_precision)  # fmt: skip
+from hf_dmsae import synthetic
+from hf_dmsae.synthetic import (SyntheticArguments, SyntheticBenchmark, SyntheticSource, SyntheticWorld, consistency,
+                                match_truth, r_precision)  # fmt: skip
 from hf_dmsae.trainer import DMSAETrainingArguments
 
 TINY_WORLD = dict(num_features=64, hidden_dim=32, root_features=2, correlation_rank=4, readout_classes=5)
@@ -44,6 +45,18 @@ def test_the_task_gradient_is_the_gradient_of_the_task_loss():
     useful = torch.zeros(64, dtype=torch.bool)
     useful[world.useful] = True
     assert useful.sum() == 16 and weights[useful].mean() > 5 * weights[~useful].mean()
+
+
+def test_a_large_training_slice_is_drawn_in_chunks_the_first_of_which_is_the_one_draw(monkeypatch):
+    world = SyntheticWorld(SyntheticArguments(**TINY_WORLD))
+    monkeypatch.setattr(synthetic, "SAMPLE_CHUNK", 1000)
+    one_chunk = SyntheticSource(world, 1000, 0, seed=3)
+    rows = one_chunk.training_data(one_chunk.training_slice("s"), None).rows
+    assert torch.equal(rows, world.sample(1000, synthetic._seed_of(3, "s"))[0])
+    large = SyntheticSource(world, 2500, 0, seed=3)
+    chunked = large.training_data(large.training_slice("s"), None).rows
+    assert chunked.shape == (2500, 32) and torch.equal(chunked[:1000], rows)
+    assert not torch.equal(chunked[1000:2000], rows), "each chunk draws rows of its own"
 
 
 def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_them(tmp_path):
