@@ -18,6 +18,11 @@ import torch
 import torch.nn.functional as F
 
 
+ONE_TOPK_DEVICES = {"cuda"}
+"""Devices where `batch_topk_entries` selects with one `topk` over the whole batch (no step waits for the device)
+rather than by the candidate search (faster on a CPU)."""
+
+
 def batch_topk_entries(z: torch.Tensor, k_total: int, candidates_per_row: int | None = None):
     """The `k_total` largest entries of `z` `[B, m]` over the whole batch, as `(rows, cols, values)` grouped by row
     (in row order). Exactly `batch_topk`'s selection (ties aside), without sorting all `B · m` values.
@@ -27,6 +32,8 @@ def batch_topk_entries(z: torch.Tensor, k_total: int, candidates_per_row: int | 
     none is saturated (at worst the whole row), so the selection is exact."""
     batch, width = z.shape
     k_total = min(k_total, z.numel())
+    if z.device.type in ONE_TOPK_DEVICES:
+        return _batch_topk_entries_in_one_topk(z, k_total)
     mean_share = math.ceil(k_total / batch)
     per_row = min(width, max(mean_share, candidates_per_row or 2 * mean_share))
     values, cols = z.topk(per_row, dim=1, sorted=False)
@@ -54,6 +61,21 @@ def batch_topk_entries(z: torch.Tensor, k_total: int, candidates_per_row: int | 
     ties = torch.nonzero(values == threshold).squeeze(1)[: k_total - int(chosen.sum())]
     chosen[ties] = True
     return rows[chosen], cols[chosen], values[chosen]
+
+
+def _batch_topk_entries_in_one_topk(z: torch.Tensor, k_total: int):
+    """`batch_topk_entries` as one `topk` over all `B · m` values: on a GPU the candidate search's widening loop and
+    its tie count would wait for the device, while one large `topk` is fast there."""
+    values, flat = z.flatten().topk(k_total, sorted=False)
+    rows, cols = flat.div(z.shape[1], rounding_mode="floor"), flat.remainder(z.shape[1])
+    order = torch.argsort(rows, stable=True)
+    return rows[order], cols[order], values[order]
+
+
+def counts_of(index: torch.Tensor, size: int) -> torch.Tensor:
+    """`bincount(index, minlength=size)` for `index < size`, without waiting for the device (a CUDA `bincount` reads
+    the maximum back to size its output)."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 class SparseEncode(torch.autograd.Function):
@@ -94,14 +116,15 @@ class SparseEncode(torch.autograd.Function):
 
         # ∂x_c = (∂pre) W_enc: the dense core part, plus one embedding_bag over the kept entries (sorted by row).
         grad_x = grad_core @ W[:start] if start else torch.zeros(batch, d, device=x_c.device)
-        offsets = torch.cumsum(torch.bincount(rows, minlength=batch), 0) - torch.bincount(rows, minlength=batch)
+        per_row = counts_of(rows, batch)
+        offsets = torch.cumsum(per_row, 0) - per_row
         grad_x = grad_x + F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=grad_values)
 
         # ∂W_enc[j] = Σ over kept entries of latent j of ∂pre · x_c[row]: entries sorted by column, bagged over x_c.
         grad_W = None
         if ctx.needs_input_grad[2]:
             by_col = torch.argsort(cols, stable=True)
-            counts = torch.bincount(cols, minlength=n)
+            counts = counts_of(cols, n)
             col_offsets = torch.cumsum(counts, 0) - counts
             grad_W = F.embedding_bag(rows[by_col], x_c.float(), col_offsets, mode="sum",
                                      per_sample_weights=grad_values[by_col])  # fmt: skip
@@ -118,7 +141,7 @@ def sparse_decode_groups(core_latents, rows, cols, values, W_dec, b_dec, group_e
     start, groups = core_latents.shape[1], len(group_ends)
     bag = rows * groups + torch.bucketize(cols, torch.tensor(group_ends, device=cols.device), right=True)
     bag, order = bag.sort(stable=True)
-    counts = torch.bincount(bag, minlength=batch * groups)
+    counts = counts_of(bag, batch * groups)
     # In the decoder's dtype (bf16 weights under FSDP's mixed precision): embedding_bag needs matching dtypes.
     per_group = F.embedding_bag(cols[order], W_dec, torch.cumsum(counts, 0) - counts, mode="sum",
                                 per_sample_weights=values[order].to(W_dec.dtype))  # fmt: skip

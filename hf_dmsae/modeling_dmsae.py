@@ -92,6 +92,9 @@ class DMSAEModel(PreTrainedModel):
         self.register_buffer("threshold", torch.tensor(-1.0))
         # Training tokens since each latent last fired; a latent is dead past `dead_tokens_threshold` (AuxK).
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        # The dead latents AuxK reads, as set by `refresh_dead_latents` (None: found at every step, which waits for
+        # the device; `DMSAETrainer` refreshes them at its logging steps instead).
+        self.dead_latents: torch.Tensor | None = None
         self.post_init()
 
     @torch.no_grad()
@@ -137,8 +140,10 @@ class DMSAEModel(PreTrainedModel):
         """`[dict_size, d_in]` encoder: the frozen rows, then the trainable ones."""
         return torch.cat([self.W_enc_frozen, self.W_enc_trainable])
 
-    def _checked(self, activations: torch.Tensor) -> torch.Tensor:
-        """Check the input is usable, flatten leading dimensions to `[B, d_in]`, cast to the model's dtype."""
+    def _checked(self, activations: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+        """Check the input is usable, flatten leading dimensions to `[B, d_in]`, cast to the model's dtype.
+        `check_values=False` leaves out the NaN/inf check, which waits for the device (`DMSAETrainer` checks training
+        inputs at its logging steps instead)."""
         d = self.config.d_in
         if not torch.is_tensor(activations) or not activations.is_floating_point():
             raise ValueError(f"activations must be a floating-point tensor of shape [..., {d}]")
@@ -146,7 +151,7 @@ class DMSAEModel(PreTrainedModel):
             raise ValueError(f"activations must have last dimension d_in={d}, got shape {tuple(activations.shape)}")
         if activations.numel() == 0:
             raise ValueError("activations are empty: at least one row is needed")
-        if not torch.isfinite(activations).all():
+        if check_values and not torch.isfinite(activations).all():
             raise ValueError("activations contain NaN or inf values")
         return activations.reshape(-1, d).to(self.W_dec.dtype)
 
@@ -197,7 +202,7 @@ class DMSAEModel(PreTrainedModel):
     def forward(self, activations: torch.Tensor, return_latents: bool = True) -> DMSAEOutput:
         """Loss and statistics of a batch. BatchTopK masks run on the sparse kernels (`config.kernels`) unless the
         threshold masks (inference); `return_latents=False` skips building the dense `[B, n]` latents."""
-        x = self._checked(activations) / self.config.norm_factor
+        x = self._checked(activations, check_values=not self.training) / self.config.norm_factor
         batch_topk = self.training or bool(self.threshold < 0)
         if self.config.kernels == "sparse" and batch_topk:
             step = self._sparse_pass(x, return_latents)
@@ -250,8 +255,7 @@ class DMSAEModel(PreTrainedModel):
         reconstructions = sparse_decode_groups(core, rows, cols, values, self.W_dec, self.b_dec,
                                                self.config.prefix_ends, batch)  # fmt: skip
         active = values > 0
-        fired = torch.zeros(n, dtype=torch.bool, device=x.device)
-        fired[cols[active]] = True
+        fired = torch.zeros(n, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
         fired[:start] |= (core > 0).any(0)
         core_entries = (active & (cols < c)).sum()
         latents = None
@@ -269,7 +273,7 @@ class DMSAEModel(PreTrainedModel):
         """AuxK (as in dictionary_learning): the top `aux_k` dead latents of each row reconstruct the detached
         residual `x − x̂`; the squared error is divided by the residual's variance. Zero when none is dead.
         `preactivations_of(index)` gives the ReLU pre-activations `[B, len(index)]` of those latents."""
-        dead = torch.nonzero(self.tokens_since_fired >= self.config.dead_tokens_threshold).squeeze(1)
+        dead = self.dead_latents if self.dead_latents is not None else self._find_dead_latents()
         if len(dead) == 0:
             return x.new_zeros((), dtype=torch.float32)
         residual = (x - reconstruction).detach().float()
@@ -280,12 +284,21 @@ class DMSAEModel(PreTrainedModel):
         residual_variance = squared_error(residual, residual.mean(0, keepdim=True))
         return (aux_error / residual_variance).nan_to_num(0.0)
 
+    def _find_dead_latents(self) -> torch.Tensor:
+        return torch.nonzero(self.tokens_since_fired >= self.config.dead_tokens_threshold).squeeze(1)
+
+    @torch.no_grad()
+    def refresh_dead_latents(self) -> None:
+        """Fix the dead latents AuxK reads until the next refresh (finding them waits for the device, so a trainer
+        does it where it waits anyway: at logging steps)."""
+        self.dead_latents = self._find_dead_latents()
+
     @torch.no_grad()
     def _update_statistics(self, fired: torch.Tensor, kept_values: torch.Tensor, batch: int) -> None:
         """Dead-latent counters and the inference threshold's EMA, agreed across processes."""
         fired = all_reduce_any(fired)
         self.tokens_since_fired += batch * world_size()
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired.masked_fill_(fired, 0)
 
         smallest = smallest_kept_activation(kept_values)
         beta = self.config.threshold_beta

@@ -8,6 +8,10 @@ fraction, threshold), the package's `evaluate` metrics (FVU, L0s) on `eval_datas
 calibrated at the end. Everything else (accelerate, DDP/FSDP, bf16, checkpoints and exact resumption, progress bars,
 `report_to`) is the Trainer's own. The dead-latent counters and the threshold are model buffers, so checkpoints carry
 them and a resumed run continues them.
+
+No training step waits for the device (a CUDA host runs ahead): what needs a value read back — the input's NaN/inf
+check, the loss's finiteness, the set of dead latents AuxK reads — happens at logging steps, where the logged metrics
+are read anyway; the dead latents found there serve AuxK until the next log.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class DMSAETrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Keep decoder rows unit norm (Eq. 5's constraint; False: rows are free, for ablations)."},
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "The Trainer's check of every step's loss (waits for the device at each step); a non-finite "
+                  "loss ends training at the next log anyway."},
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Activation datasets have one column."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Adam learning rate."})
     lr_scheduler_type: str = field(default="warmup_stable_decay", metadata={"help": "Learning-rate schedule."})
@@ -86,14 +95,19 @@ class DMSAETrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-class _DecoderNormCallback(TrainerCallback):
-    """Renormalises decoder rows right after each optimiser step."""
+class _SAEStepCallback(TrainerCallback):
+    """Finds the dead latents when training starts (after a checkpoint is loaded) and renormalises decoder rows right
+    after each optimiser step (unless `unit_norm_decoder` is off)."""
 
     def __init__(self, trainer: DMSAETrainer):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.sae.refresh_dead_latents()
+
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.sae.normalize_decoder()
+        if args.unit_norm_decoder:
+            self.trainer.sae.normalize_decoder()
 
 
 class DMSAETrainer(Trainer):
@@ -108,11 +122,11 @@ class DMSAETrainer(Trainer):
             args.ignore_data_skip = True  # the stream resumes at its recorded position instead
         model.b_dec.requires_grad_(args.train_decoder_bias)  # before the Trainer builds its optimiser
         super().__init__(model=model, args=args, **kwargs)
-        if args.unit_norm_decoder:
-            self.add_callback(_DecoderNormCallback(self))
-        # Training metric sums since the last log, and their step count.
+        self.add_callback(_SAEStepCallback(self))
+        # Training metric sums since the last log, their step count, and the input rows with NaN or inf in them.
         self._metric_sums = defaultdict(lambda: torch.zeros((), device=args.device))
         self._metric_steps = 0
+        self._nonfinite_rows = torch.zeros((), dtype=torch.long, device=args.device)
 
     @property
     def sae(self) -> DMSAEModel:
@@ -198,6 +212,7 @@ class DMSAETrainer(Trainer):
     @torch.no_grad()
     def _accumulate_metrics(self, activations: torch.Tensor, outputs) -> None:
         x = activations.reshape(-1, activations.shape[-1]).float()
+        self._nonfinite_rows += (~torch.isfinite(x)).any(1).sum()
         metrics = {
             "fvu": fraction_of_variance_unexplained(x, outputs.reconstruction.float()),
             "aux_loss": outputs.aux_loss,
@@ -213,9 +228,13 @@ class DMSAETrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the SAE metrics of the training steps since the last log, averaged over steps and processes, to the
-        Trainer's own training log. A non-finite loss ends training with `TrainingDivergedError` (checked here,
-        where the metrics are read anyway, so no step waits on it; the Trainer's own `loss` filters NaN out)."""
+        Trainer's own training log. Checked here, where the metrics are read anyway, so that no step waits for the
+        device: input rows with NaN or inf end training with `ValueError`, a non-finite loss with
+        `TrainingDivergedError`; and the dead latents AuxK reads are found again."""
         if "loss" in logs and self._metric_steps:
+            if int(self.accelerator.reduce(self._nonfinite_rows, reduction="sum")):
+                raise ValueError(f"activations contain NaN or inf values: {int(self._nonfinite_rows)} rows of this "
+                                 f"process in the steps before step {self.state.global_step}")  # fmt: skip
             names = sorted(self._metric_sums)
             sums = torch.stack([self._metric_sums[n] for n in names])
             averaged = self.accelerator.reduce(sums / self._metric_steps, reduction="mean")
@@ -230,6 +249,7 @@ class DMSAETrainer(Trainer):
                 )
         if "loss" in logs:
             sae = self.sae
+            sae.refresh_dead_latents()
             logs["dead_fraction"] = float((sae.tokens_since_fired >= sae.config.dead_tokens_threshold).float().mean())
             logs["threshold"] = float(sae.threshold)
         super().log(logs, *args, **kwargs)

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_config, tiny_model
 
 from hf_dmsae import DMSAEModel
+from hf_dmsae import kernels
 from hf_dmsae.kernels import batch_topk_entries
 from hf_dmsae.sparsity import batch_topk
 
@@ -15,8 +16,16 @@ def dense(rows, cols, values, shape):
     return torch.zeros(shape).index_put((rows, cols), values)
 
 
+@pytest.fixture(params=["candidate search", "one topk"])
+def selection(request, monkeypatch):
+    """Either selection of `batch_topk_entries`: the CPU's candidate search, or the one topk CUDA runs."""
+    if request.param == "one topk":
+        monkeypatch.setattr(kernels, "ONE_TOPK_DEVICES", {"cpu"})
+    return request.param
+
+
 @pytest.mark.parametrize("k_total", [1, 37, 256, 1000])
-def test_batch_topk_entries_select_what_the_flat_sort_selects(k_total):
+def test_batch_topk_entries_select_what_the_flat_sort_selects(k_total, selection):
     z = torch.relu(torch.randn(64, 200))
     rows, cols, values = batch_topk_entries(z, k_total)
     assert torch.equal(dense(rows, cols, values, z.shape), batch_topk(z, k_total))
@@ -64,7 +73,7 @@ def paired_models(**overrides):
     ],
     ids=["dense-core", "no-core", "sparse-core", "partly-frozen-core"],
 )
-def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides):
+def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides, selection):
     sparse, reference = paired_models(**overrides)
     for model in (sparse, reference):
         model.eval()  # BatchTopK (no threshold yet) without resetting the dead counters set here

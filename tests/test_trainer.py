@@ -5,19 +5,23 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import tiny_activation_args, tiny_run_data
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from hf_dmsae import DMSAEConfig, DMSAEModel
+from hf_dmsae import DMSAEConfig, DMSAEModel, kernels
 from hf_dmsae.evaluation import activation_metrics
 from hf_dmsae.integrity import IntegrityError
 from hf_dmsae.runs import RunState, SAEArguments, arguments_identity, last_complete_checkpoint
 from hf_dmsae.trainer import DMSAETrainer, DMSAETrainingArguments, TrainingDivergedError
+
+aten = torch.ops.aten
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +118,80 @@ def test_the_decoder_bias_and_the_decoder_norm_can_be_left_free_or_fixed_for_abl
     assert torch.equal(model.b_dec, reference.b_dec), "b_dec left its geometric-median start"
     assert (model.W_dec.norm(dim=1) - 1).abs().max() > 1e-3, "decoder rows kept unit norm without the constraint"
     assert not torch.equal(model.b_enc, reference.b_enc)
+
+
+class SynchronisingCalls(TorchDispatchMode):
+    """Records the ops that make a CUDA host wait for the device: reading a value back (`item`, `bool`, `int`),
+    outputs sized by their values (`nonzero`, boolean-mask indexing, `bincount`, `unique`, `repeat_interleave`
+    without `output_size`). On a CPU they cost nothing, but they run the same code a CUDA step runs."""
+
+    SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten.unique_consecutive,
+               aten._unique2, aten.unique_dim, aten.equal, aten.is_nonzero}  # fmt: skip
+    INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        masked = packet in self.INDEXING and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)  # fmt: skip
+        unsized = packet is aten.repeat_interleave and kwargs.get("output_size") is None
+        if packet in self.SYNCING or masked or unsized:
+            frames = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack() if "hf_dmsae" in f.filename]
+            self.calls.append(f"{func} at {frames}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("sparsity", ["dense_core", "sparse_core"])
+def test_a_training_step_never_waits_for_the_device_outside_logging(caches, tmp_path, sparsity, monkeypatch):
+    """Forward, backward, the decoder's projection and renormalisation, the dead counters, the threshold and the
+    logged metrics of every step, with dead latents (AuxK live), as CUDA runs them (one-topk selection)."""
+    monkeypatch.setattr(kernels, "ONE_TOPK_DEVICES", {"cpu"})
+    train, _ = caches
+    model = core_model(train.norm_factor)
+    model.config.sparsity = sparsity
+    model.tokens_since_fired[100:140] = 10**9
+    trainer = DMSAETrainer(model=model, args=training_args(tmp_path, max_steps=6, logging_steps=3), train_dataset=train)
+    assert not trainer.args.logging_nan_inf_filter, "the Trainer's own per-step loss check waits for the device"
+    counter = SynchronisingCalls()
+    step, renormalise = trainer.training_step, trainer.sae.normalize_decoder
+    steps = []
+
+    def counted(function):
+        def run(*args, **kwargs):
+            with counter:
+                return function(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(trainer, "training_step", counted(lambda *a, **k: steps.append(1) or step(*a, **k)))
+    monkeypatch.setattr(trainer.sae, "normalize_decoder", counted(renormalise))
+    trainer.train()
+    assert len(steps) == 6 and trainer.state.log_history[0]["aux_loss"] > 0, "AuxK ran on dead latents"
+    assert counter.calls == []
+
+
+def test_nan_inputs_end_training_at_the_next_log_with_a_clear_error(caches, tmp_path):
+    train, _ = caches
+
+    class Poisoned(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, index):
+            row = train[index]
+            return {"activations": torch.full_like(row["activations"], float("nan"))} if index % 7 == 0 else row
+
+        def sample(self, n):
+            return train.sample(n)
+
+    model = core_model(train.norm_factor)
+    trainer = DMSAETrainer(model=model, args=training_args(tmp_path, max_steps=6, logging_steps=3),
+                           train_dataset=Poisoned())  # fmt: skip
+    with pytest.raises(ValueError, match="activations contain NaN or inf values: .* rows"):
+        trainer.train()
 
 
 def run_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> list[str]:
