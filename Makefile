@@ -45,10 +45,12 @@ synthetic: setup
 	$(BIN)/python scripts/synthetic.py configs/synthetic.json
 
 # The core's dynamics against Fig. 3 (distilled, random-init and no core; 3 budgets × 2 seeds; one ablation per
-# hypothesis): on the demo's distilled core (budgets 200k, 500k, 1M tokens, the last nearly the whole corpus), then on
-# the synthetic benchmark's (250k, 1M, 5M rows), into runs/…/core-dynamics; reports/core-dynamics-* hold the results.
+# hypothesis): on the demo's distilled core (200k, 500k and 996 352 tokens: every usable row of the corpus's training
+# split; ablations at 500k, seed 0), then on the synthetic benchmark's (250k, 1M, 5M rows; ablations at 1M, 2 seeds),
+# into runs/…/core-dynamics; reports/core-dynamics-* hold the results (about 1 h 30 on 2 CPU cores).
 dynamics: demo synthetic
-	$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json
+	$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --budgets 200000 500000 996352 \
+		--ablation_seeds 0
 	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic \
 		--budgets 250000 1000000 5000000
 

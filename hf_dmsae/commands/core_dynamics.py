@@ -2,7 +2,7 @@
 and no core, at several budgets and seeds, with one ablation per hypothesis of what drives a dense core towards
 always-on.
 
-    python scripts/core_dynamics.py configs/smollm2-135m.json                          # the demo's distilled core
+    python scripts/core_dynamics.py configs/smollm2-135m.json --budgets 200000 500000 996352  # the demo's core
     python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic    # the synthetic benchmark's
 
 The JSON file is the distillation's own config (its distillation and attribution fields are skipped); any field of
