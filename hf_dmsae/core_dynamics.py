@@ -4,8 +4,9 @@ world; and, one at a time, an ablation for each hypothesis of what drives a dens
 
 Every run is an ordinary resumable `train_sae` run around a core from a finished distillation (its distilled core;
 the random cores drawn as its control draws them, per seed). An LM study reads one training slice of `max(budgets)`
-rows from the start of the training split (cached or streamed, as the activation arguments say): each run reads its
-budget's rows from it, none twice. A synthetic study reads fresh rows per seed and budget. Every budget is a full run
+rows from the start of the training split (cached or streamed, as the activation arguments say): each run reads
+`budget` rows of it, none twice (cached: drawn in its seed's order; streamed: the first ones). A synthetic study
+reads fresh rows per seed and budget. Every budget is a full run
 with its own learning-rate schedule. Beside the curves each run records the core's geometry before and after training
 (`core_geometry`): how often its latents fire, their mean pre-activation in units of its spread, their alignment with
 the activations' mean direction and the variance of the activations along them.
@@ -248,8 +249,8 @@ class CoreDynamics:
         return list(state.data["runs"].values())
 
     def _data(self, state: RunState, seed: int, budget: int):
-        """The activations and the training slice of a run: for an LM the one slice every run reads a prefix of, for
-        the synthetic world fresh rows of this seed and budget."""
+        """The activations and the training slice of a run: for an LM the one slice every run reads from, for the
+        synthetic world fresh rows of this seed and budget."""
         if self.world is None:
             data = open_source(None, self.activation_args, self.training_args, state)
             return data, data.training_slice("core-dynamics")
@@ -390,22 +391,31 @@ def study_report(results: dict, figure_dir: Path) -> str:
                 lines.append(f"| {name} | {core} | {c['seeds']} | {c['min']} | {c['end']} | {c['eval_l0_core']} | "
                              f"{c['eval_fvu']} | {c['firing_start']} → {c['firing_end']} | "
                              f"{c['mean_preactivation_in_std_end']} |")  # fmt: skip
-    lines += ["", "## The cores' geometry (paper settings, largest budget)", "",
-              "variance ratio: the activations' variance along a core row over the mean per direction (1: isotropic); "
-              "mean-direction |cos|: alignment of a core row with the activations' mean.", "",
-              "| core | variance ratio | mean-direction cos | firing start → end | mean pre-activation / std start → "
-              "end |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "## The cores' geometry", "",
+              "Variance ratio: the activations' variance along a core row over the mean per direction (1: isotropic); "
+              "mean-direction |cos|: alignment of a core row with the activations' mean (both properties of the "
+              "frozen rows). Firing and pre-activation / std at the start and the end of the largest budget's runs "
+              "(the off-top random core: its ablation's budget).", "",
+              "| core | budget | variance ratio | mean-direction cos | firing start → end | pre-activation / std start "
+              "→ end |", "|---|---|---|---|---|---|"]  # fmt: skip
     largest = max(results["budgets"])
     for core in CORE_KINDS:
-        chosen = [r for r in runs if r["core"] == core and r["core_size"] and r["budget"] == largest
-                  and r["ablation"] in ("paper", "random_core_off_top")]  # fmt: skip
+        chosen = [r for r in runs if r["core"] == core and r["core_size"] and (
+            (r["ablation"] == "paper" and r["budget"] == largest) or r["ablation"] == "random_core_off_top")]  # fmt: skip
         if chosen:
             c = _summary(chosen)
-            lines.append(f"| {core} | {c['variance_ratio_start']} | {c['mean_direction_cos_start']} | "
-                         f"{c['firing_start']} → {c['firing_end']} | {c['mean_preactivation_in_std_start']} → "
-                         f"{c['mean_preactivation_in_std_end']} |")  # fmt: skip
+            lines.append(f"| {core} | {chosen[0]['budget']} | {c['variance_ratio_start']} | "
+                         f"{c['mean_direction_cos_start']} | {c['firing_start']} → {c['firing_end']} | "
+                         f"{c['mean_preactivation_in_std_start']} → {c['mean_preactivation_in_std_end']} |")  # fmt: skip
     lines += ["", *(f"![{p.stem}](figures/{p.name})" for p in study_figures(results, figure_dir))]
     return "\n".join(lines) + "\n"
+
+
+def decay_start(learning_rates: list) -> int | None:
+    """The first logged step after the peak whose learning rate is below the peak (None: no decay)."""
+    peak = max(v for _, v in learning_rates)
+    after_peak = learning_rates[[v for _, v in learning_rates].index(peak):]
+    return next((step for step, v in after_peak if v < peak), None)
 
 
 def study_figures(results: dict, folder: Path) -> list[Path]:
@@ -416,8 +426,11 @@ def study_figures(results: dict, folder: Path) -> list[Path]:
     runs, budgets = results["runs"], results["budgets"]
     figure, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
     for axis, budget in zip(axes[0], budgets):
-        figures.draw_l0_core(axis, [r for r in runs if r["ablation"] == "paper" and r["budget"] == budget], share=True)
-        axis.set_title(f"{budget} tokens", fontsize=9)
+        chosen = [r for r in runs if r["ablation"] == "paper" and r["budget"] == budget]
+        figures.draw_l0_core(axis, chosen, share=True)
+        if (decay := decay_start(chosen[0]["learning_rate_curve"])) is not None:
+            axis.axvline(decay, color="grey", linestyle=":", linewidth=1)
+        axis.set_title(f"{budget} tokens (dotted: the learning rate decays)", fontsize=9)
     paths = [figures.save(figure, folder / "l0_core_by_budget.png")]
     names = [n for n in ABLATIONS if n != "paper" and any(r["ablation"] == n for r in runs)]
     if names:

@@ -7,7 +7,7 @@ from test_synthetic import TINY_WORLD
 from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.attribution import AttributionArguments
 from hf_dmsae.core import DMSAECore
-from hf_dmsae.core_dynamics import (ABLATIONS, CoreDynamics, CoreDynamicsArguments, core_geometry,
+from hf_dmsae.core_dynamics import (ABLATIONS, CoreDynamics, CoreDynamicsArguments, core_geometry, decay_start,
                                     principal_directions)  # fmt: skip
 from hf_dmsae.distillation import Distillation, DistillationArguments
 from hf_dmsae.runs import SAEArguments, load_trained_model
@@ -126,3 +126,8 @@ def test_core_geometry_measures_firing_spread_and_variance_along_the_core():
     assert geometry["firing"] == pytest.approx((0.5 + 0.8413) / 2, abs=0.01)
     assert geometry["mean_preactivation_in_std"] == pytest.approx((0 + 1) / 2, abs=0.02)
     assert geometry["mean_direction_cos"] == pytest.approx((0 + 1) / 2, abs=0.02)
+
+
+def test_the_decay_phase_starts_at_the_first_step_below_the_peak_after_warm_up():
+    assert decay_start([[1, 0.0], [2, 0.01], [3, 0.01], [4, 0.005], [5, 0.001]]) == 4
+    assert decay_start([[1, 0.0], [2, 0.01], [3, 0.01]]) is None
