@@ -367,13 +367,15 @@ def study_report(results: dict, figure_dir: Path) -> str:
              "E[L0 core] / |C|: the share of the core's latents active per token (dense core: every core latent "
              "with a positive pre-activation), logged over training; min and end of the training log.", "",
              "## Curves per budget and seed (the paper's settings)", "",
-             "| budget | core | seed | steps | share min | share end | held-out L0 core | held-out L0 non-core | "
-             "held-out FVU |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| budget | core | seed | steps | share min (at step) | share end | held-out L0 core | held-out L0 "
+             "non-core | held-out FVU |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(paper, key=lambda r: (r["budget"], r["core"], r["seed"])):
-        curve = [v / r["core_size"] for _, v in r["l0_core_curve"]] if r["core_size"] else []
+        curve = [(step, v / r["core_size"]) for step, v in r["l0_core_curve"]] if r["core_size"] else []
+        low = min(curve, key=lambda point: point[1]) if curve else None
         m = r["metrics"]
         lines.append(f"| {r['budget']} | {r['core']} | {r['seed']} | {r['steps']} | "
-                     + (f"{min(curve):.3f} | {curve[-1]:.3f} | {m['eval_l0_core']:.1f}" if curve else "– | – | –")
+                     + (f"{low[1]:.3f} ({low[0]}) | {curve[-1][1]:.3f} | {m['eval_l0_core']:.1f}" if curve else
+                        "– | – | –")
                      + f" | {m['eval_l0_noncore']:.1f} | {m['eval_fvu']:.4f} |")  # fmt: skip
     lines += ["", "## Hypotheses and their ablations", "", "| ablation | hypothesis | change |", "|---|---|---|"]
     lines += [f"| {a.name} | {a.hypothesis} | {_change(a)} |" for a in ABLATIONS.values()]
