@@ -91,7 +91,8 @@ class CoreDynamicsArguments:
                   "(default: output_dir for lm, output_dir/seed{seed}/distillation for synthetic)."},
     )
     study_dir: str | None = field(
-        default=None, metadata={"help": "Folder of the study's runs, results and report (default: output_dir/core-dynamics)."}
+        default=None,
+        metadata={"help": "Folder of the study's runs, results and report (default: output_dir/core-dynamics)."},
     )
     budgets: list[int] = field(
         default_factory=lambda: [200_000, 500_000, 1_000_000],
@@ -191,7 +192,8 @@ class CoreDynamics:
         given = [a for a in (self.sae_args, self.activation_args, self.synthetic_args, self.training_args) if a]
         identity = arguments_identity(*given, exclude=("SyntheticArguments.seeds", "DMSAETrainingArguments.seed"))
         identity |= {"study.source": self.args.study_source, "study.seed": seed,
-                     "study.top_components": self.args.top_components, "study.geometry_rows": self.args.geometry_rows}  # fmt: skip
+                     "study.top_components": self.args.top_components,
+                     "study.geometry_rows": self.args.geometry_rows}  # fmt: skip
         return identity
 
     def _training(self, folder: Path, seed: int, budget: int, overrides: dict) -> DMSAETrainingArguments:
@@ -222,8 +224,8 @@ class CoreDynamics:
                 held_out = torch.cat(list(_first_rows(data.eval_batches(4096), self.args.geometry_rows)))
                 cores = self.cores(distilled, seed, held_out / data.sae_fields()["norm_factor"])
             a = planned.ablation
-            sae = dataclasses.replace(self.sae_args, k_noncore=self.k_noncore,
-                                      **{k: v for k, v in a.overrides.items() if hasattr(self.sae_args, k)})  # fmt: skip
+            overrides = {k: v for k, v in a.overrides.items() if hasattr(self.sae_args, k)}
+            sae = dataclasses.replace(self.sae_args, k_noncore=self.k_noncore, **overrides)
             core = cores[planned.core]
             model = new_model(sae, data, core, seed)
             # The geometry at the start, with b_dec at the geometric median (of held-out rows here; training starts
@@ -403,7 +405,8 @@ def study_report(results: dict, figure_dir: Path) -> str:
     largest = max(results["budgets"])
     for core in CORE_KINDS:
         chosen = [r for r in runs if r["core"] == core and r["core_size"] and (
-            (r["ablation"] == "paper" and r["budget"] == largest) or r["ablation"] == "random_core_off_top")]  # fmt: skip
+            (r["ablation"] == "paper" and r["budget"] == largest)
+            or r["ablation"] == "random_core_off_top")]  # fmt: skip
         if chosen:
             c = _summary(chosen)
             lines.append(f"| {core} | {chosen[0]['budget']} | {c['variance_ratio_start']} | "

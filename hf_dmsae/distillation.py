@@ -98,17 +98,20 @@ def random_core_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(stream)
 
 
-def random_core(like: DMSAECore, d_in: int, generator: torch.Generator, remove: torch.Tensor | None = None) -> DMSAECore:
+def random_core(like: DMSAECore, d_in: int, generator: torch.Generator,
+                remove: torch.Tensor | None = None) -> DMSAECore:  # fmt: skip
     """`len(like)` random unit rows (ids `random:i`), drawn as the tied initialisation draws directions; with
     `remove` (`[m, d_in]` orthonormal rows), the rows are drawn in the orthogonal complement of those directions."""
     rows = torch.randn(len(like), d_in, generator=generator)
     if remove is not None:
         rows -= (rows @ remove.T) @ remove
     return dataclasses.replace(like, encoder_rows=rows / rows.norm(dim=1, keepdim=True),
-                               latent_ids=[f"random:{i}" for i in range(len(like))], scores=torch.zeros(len(like)))  # fmt: skip
+                               latent_ids=[f"random:{i}" for i in range(len(like))],
+                               scores=torch.zeros(len(like)))  # fmt: skip
 
 
-def new_model(sae: SAEArguments, data: ActivationSource, core: DMSAECore | None, seed: int, cycle: int = 0) -> DMSAEModel:
+def new_model(sae: SAEArguments, data: ActivationSource, core: DMSAECore | None, seed: int,
+              cycle: int = 0) -> DMSAEModel:  # fmt: skip
     """A freshly initialised model (under `seed`) on `data`'s activations, around `core` (rows copied unchanged)."""
     set_seed(seed)
     if core is None:

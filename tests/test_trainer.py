@@ -13,7 +13,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import tiny_activation_args, tiny_run_data
 from safetensors.torch import load_file
-from transformers import AutoModel
 
 from hf_dmsae import DMSAEConfig, DMSAEModel, kernels
 from hf_dmsae.evaluation import activation_metrics
