@@ -4,8 +4,9 @@ world; and, one at a time, an ablation for each hypothesis of what drives a dens
 
 Every run is an ordinary resumable `train_sae` run around a core from a finished distillation (its distilled core;
 the random cores drawn as its control draws them, per seed). An LM study reads one training slice of `max(budgets)`
-rows from the start of the training split (cached or streamed, as the activation arguments say): each run reads
-`budget` rows of it, none twice (cached: drawn in its seed's order; streamed: the first ones). A synthetic study
+rows from the start of the training split, harvested once into the activation cache: each run reads `budget` rows of
+it, drawn in its seed's order, none twice (streamed, every run would harvest its tokens again, and runs of different
+budgets would end the one slice at different places). A synthetic study
 reads fresh rows per seed and budget. Every budget is a full run
 with its own learning-rate schedule. Beside the curves each run records the core's geometry before and after training
 (`core_geometry`): how often its latents fire, their mean pre-activation in units of its spread, their alignment with
@@ -151,6 +152,9 @@ class CoreDynamics:
                  synthetic: SyntheticArguments | None, training: DMSAETrainingArguments):  # fmt: skip
         if args.study_source == "lm" and activations is None:
             raise ValueError("an lm study needs activation arguments (the LM and the text)")
+        if args.study_source == "lm" and activations.activation_cache is None:
+            raise ValueError("an lm study reads one slice of max(budgets) rows in every run: give --activation_cache "
+                             "(the slice is harvested from the stream once, into it)")  # fmt: skip
         self.args, self.sae_args, self.synthetic_args, self.training_args = args, sae, synthetic, training
         self.activation_args = None
         if args.study_source == "lm":

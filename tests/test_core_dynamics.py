@@ -5,6 +5,7 @@ import torch
 from test_synthetic import TINY_WORLD
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
+from hf_dmsae.activations import ActivationArguments
 from hf_dmsae.attribution import AttributionArguments
 from hf_dmsae.core import DMSAECore
 from hf_dmsae.core_dynamics import (ABLATIONS, CoreDynamics, CoreDynamicsArguments, core_geometry, decay_start,
@@ -112,6 +113,9 @@ def test_bad_study_arguments_are_refused():
         CoreDynamicsArguments(ablations=["no_such_thing"])
     with pytest.raises(ValueError, match="budgets"):
         CoreDynamicsArguments(budgets=[])
+    with pytest.raises(ValueError, match="activation_cache"):
+        CoreDynamics(CoreDynamicsArguments(), SAEArguments(), ActivationArguments(), None,
+                     DMSAETrainingArguments(output_dir="unused"))  # fmt: skip
 
 
 def test_core_geometry_measures_firing_spread_and_variance_along_the_core():
