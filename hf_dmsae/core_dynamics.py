@@ -337,23 +337,18 @@ def core_geometry(model: DMSAEModel, activations: torch.Tensor) -> dict[str, flo
 def _summary(runs: list[dict]) -> dict[str, str]:
     """Cells over the runs of one setting (one per seed): E[L0 core] share at its minimum and at the end, held-out
     FVU and L0s, the geometry at the end."""
-
-    def cell(values: list[float], digits: int = 3) -> str:
-        mean, spread = figures.mean_and_spread(values)
-        return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
-
+    cell = figures.spread_cell
     cored = [r for r in runs if r["core_size"]]
     share = {r["seed"]: [v / r["core_size"] for _, v in r["l0_core_curve"]] or [float("nan")] for r in cored}
     cells = {"seeds": str(len(runs)),
-             "min": cell([min(s) for s in share.values()]) if cored else "–",
-             "end": cell([s[-1] for s in share.values()]) if cored else "–",
-             "eval_l0_core": cell([r["metrics"]["eval_l0_core"] for r in runs], 1) if cored else "–",
+             "min": cell([min(s) for s in share.values()]),
+             "end": cell([s[-1] for s in share.values()]),
+             "eval_l0_core": cell([r["metrics"]["eval_l0_core"] for r in cored], 1),
              "eval_l0_noncore": cell([r["metrics"]["eval_l0_noncore"] for r in runs], 1),
              "eval_fvu": cell([r["metrics"]["eval_fvu"] for r in runs])}  # fmt: skip
     for key in ("firing", "mean_preactivation_in_std", "variance_ratio", "mean_direction_cos"):
         for when in ("start", "end"):
-            values = [r["geometry"][when][key] for r in cored]
-            cells[f"{key}_{when}"] = cell(values, 2) if values else "–"
+            cells[f"{key}_{when}"] = cell([r["geometry"][when][key] for r in cored], 2)
     return cells
 
 

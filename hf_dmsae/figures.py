@@ -104,6 +104,14 @@ def mean_and_spread(value) -> tuple[float, float]:
     return statistics.fmean(value), statistics.stdev(value) if len(value) > 1 else 0.0
 
 
+def spread_cell(values: list[float], digits: int = 3) -> str:
+    """A report's table cell for values over seeds: `mean ± std`, the value alone for one seed, `–` for none."""
+    if not values:
+        return "–"
+    mean, spread = mean_and_spread(values)
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
 def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path) -> Path:
     """Fig. 4: each metric against target k, one line per variant (dense core, sparse core, Matryoshka); a metric
     given as a list (one value per seed) is drawn as its mean with ± one standard deviation."""

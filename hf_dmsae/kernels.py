@@ -72,10 +72,12 @@ def _batch_topk_entries_in_one_topk(z: torch.Tensor, k_total: int):
     return rows[order], cols[order], values[order]
 
 
-def counts_of(index: torch.Tensor, size: int) -> torch.Tensor:
-    """`bincount(index, minlength=size)` for `index < size`, without waiting for the device (a CUDA `bincount` reads
-    the maximum back to size its output)."""
-    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+def bag_offsets(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Where each of the `size` bags starts among entries sorted by bag (`index < size`: each entry's bag), as
+    `embedding_bag` takes them. Counted with `index_add_`, not `bincount`: a CUDA `bincount` reads the maximum back
+    to size its output, which waits for the device."""
+    counts = torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+    return torch.cumsum(counts, 0) - counts
 
 
 class SparseEncode(torch.autograd.Function):
@@ -116,17 +118,14 @@ class SparseEncode(torch.autograd.Function):
 
         # ∂x_c = (∂pre) W_enc: the dense core part, plus one embedding_bag over the kept entries (sorted by row).
         grad_x = grad_core @ W[:start] if start else torch.zeros(batch, d, device=x_c.device)
-        per_row = counts_of(rows, batch)
-        offsets = torch.cumsum(per_row, 0) - per_row
-        grad_x = grad_x + F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=grad_values)
+        grad_x = grad_x + F.embedding_bag(cols, W, bag_offsets(rows, batch), mode="sum",
+                                          per_sample_weights=grad_values)  # fmt: skip
 
         # ∂W_enc[j] = Σ over kept entries of latent j of ∂pre · x_c[row]: entries sorted by column, bagged over x_c.
         grad_W = None
         if ctx.needs_input_grad[2]:
             by_col = torch.argsort(cols, stable=True)
-            counts = counts_of(cols, n)
-            col_offsets = torch.cumsum(counts, 0) - counts
-            grad_W = F.embedding_bag(rows[by_col], x_c.float(), col_offsets, mode="sum",
+            grad_W = F.embedding_bag(rows[by_col], x_c.float(), bag_offsets(cols, n), mode="sum",
                                      per_sample_weights=grad_values[by_col])  # fmt: skip
             if start > f:  # trainable core rows see the dense core gradient
                 grad_W[f:start] += grad_core[:, f:].T @ x_c.float()
@@ -141,9 +140,8 @@ def sparse_decode_groups(core_latents, rows, cols, values, W_dec, b_dec, group_e
     start, groups = core_latents.shape[1], len(group_ends)
     bag = rows * groups + torch.bucketize(cols, torch.tensor(group_ends, device=cols.device), right=True)
     bag, order = bag.sort(stable=True)
-    counts = counts_of(bag, batch * groups)
     # In the decoder's dtype (bf16 weights under FSDP's mixed precision): embedding_bag needs matching dtypes.
-    per_group = F.embedding_bag(cols[order], W_dec, torch.cumsum(counts, 0) - counts, mode="sum",
+    per_group = F.embedding_bag(cols[order], W_dec, bag_offsets(bag, batch * groups), mode="sum",
                                 per_sample_weights=values[order].to(W_dec.dtype))  # fmt: skip
     reconstruction = b_dec + core_latents.to(W_dec.dtype) @ W_dec[:start] if start else b_dec.expand(batch, -1)
     reconstructions = []

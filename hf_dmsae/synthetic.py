@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from transformers import set_seed
 
 from . import figures
+from .figures import spread_cell
 from .activations import norm_factor
 from .attribution import AttributionArguments
 from .core import DMSAECore
@@ -360,13 +361,6 @@ def r_precision(ranking: list[int], useful: torch.Tensor) -> float | None:
     return float(useful[ranking[:m]].float().mean()) if m else None
 
 
-def _cell(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "–"
-    mean, std = figures.mean_and_spread(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 class SyntheticBenchmark:
     """All seeds' runs under `<output_dir>/seed{s}/` (`distillation/`, `transfer/`, `plain-batchtopk/`: resumable as
     any run); the scores in `results.json`, the report in `report.md` with `figures/`."""
@@ -516,9 +510,9 @@ class SyntheticBenchmark:
             "`L0 core`: active core latents per row (held-out rows, inference mode); a dense core is never masked, a "
             "sparse core competes in the one BatchTopK.", "",
             "| cycle | core size | carried over from the previous core | L0 core |", "|---|---|---|---|",
-            *(f"| {t} | {_cell([s['cycles'][t]['size'] for s in seeds], 1)} | "
-              f"{_cell([s['cycles'][t]['carried_over'] for s in seeds], 1) if t != '0' else '–'} | "
-              f"{_cell([s['cycles'][t]['l0_core'] for s in seeds], 1) if t != '0' else '–'} |"
+            *(f"| {t} | {spread_cell([s['cycles'][t]['size'] for s in seeds], 1)} | "
+              f"{spread_cell([s['cycles'][t]['carried_over'] for s in seeds], 1) if t != '0' else '–'} | "
+              f"{spread_cell([s['cycles'][t]['l0_core'] for s in seeds], 1) if t != '0' else '–'} |"
               for t in seeds[0]["cycles"]), "",
             "## Core selection against the useful features", "",
             "Each core (cycle t's, and the distilled `C^(T) ∩ C^(T−1)`) is compared with selections of the same size "
@@ -534,10 +528,11 @@ class SyntheticBenchmark:
         for core in cores:
             for selection in SELECTIONS:
                 runs = [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == selection]
-                lines.append(f"| {core} | {_cell([r['size'] for r in runs], 1)} | {selection} | "
-                             f"{_cell([r['precision'] for r in runs])} | {_cell([r['recall'] for r in runs])} | "
-                             f"{_cell([r['mcc'] for r in runs])} | "
-                             f"{_cell([r['r_precision'] for r in runs if r['r_precision'] is not None])} |")  # fmt: skip
+                ranked = [r["r_precision"] for r in runs if r["r_precision"] is not None]
+                cells = [spread_cell([r["size"] for r in runs], 1), selection,
+                         *(spread_cell([r[m] for r in runs]) for m in ("precision", "recall", "mcc")),
+                         spread_cell(ranked)]  # fmt: skip
+                lines.append(f"| {core} | " + " | ".join(cells) + " |")
         lines += ["", "## Transferred SAEs (MCC against all true features)", "",
                   "`consistency`: mean best-match |cos| between two seeds' decoders, over every pair of seeds.", "",
                   "| k | variant | MCC | FVU | L0 | L0 core | task loss recovered | consistency |",
@@ -545,9 +540,9 @@ class SyntheticBenchmark:
         names = [(k, v) for k in a.transfer_ks for v in a.variants]
         for k, variant in names:
             runs = [s["transfer"][f"k{k}-{variant}"] for s in seeds]
-            cells = [_cell([r[c] for r in runs], 2 if c.startswith("l0") else 3)
+            cells = [spread_cell([r[c] for r in runs], 2 if c.startswith("l0") else 3)
                      for c in ("mcc", "fvu", "l0", "l0_core", "task_loss_recovered")]  # fmt: skip
-            cells.append(_cell(self.results["consistency"][f"k{k}-{variant}"]))
+            cells.append(spread_cell(self.results["consistency"][f"k{k}-{variant}"]))
             lines.append(f"| {k} | {variant} | " + " | ".join(cells) + " |")
         if "matryoshka" in a.variants:
             lines += ["", "## Paired differences DMSAE − Matryoshka (same seed, same k)", "",
@@ -559,7 +554,7 @@ class SyntheticBenchmark:
                     continue
                 diffs = {c: [s["transfer"][f"k{k}-{variant}"][c] - s["transfer"][f"k{k}-matryoshka"][c] for s in seeds]
                          for c in ("mcc", "fvu", "task_loss_recovered")}  # fmt: skip
-                lines.append(f"| {k} | {variant} | " + " | ".join(f"{_cell(d)}" for d in diffs.values()) + " |")
+                lines.append(f"| {k} | {variant} | " + " | ".join(f"{spread_cell(d)}" for d in diffs.values()) + " |")
         progressive = [s["progressive"] for s in seeds if s.get("progressive")]
         if progressive:
             prefixes = progressive[0]["prefixes"]
@@ -567,7 +562,7 @@ class SyntheticBenchmark:
                       "| order | " + " | ".join(f"G={g}" for g in prefixes) + " |",
                       "|---|" + "---|" * len(prefixes)]  # fmt: skip
             for name in progressive[0]["fvu"]:
-                lines.append(f"| {name} | " + " | ".join(_cell([p["fvu"][name][i] for p in progressive])
+                lines.append(f"| {name} | " + " | ".join(spread_cell([p["fvu"][name][i] for p in progressive])
                                                          for i in range(len(prefixes))) + " |")  # fmt: skip
         plots = self.figures(seeds, cores, names, progressive)
         lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in plots]

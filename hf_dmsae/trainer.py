@@ -250,7 +250,7 @@ class DMSAETrainer(Trainer):
         if "loss" in logs:
             sae = self.sae
             sae.refresh_dead_latents()
-            logs["dead_fraction"] = float((sae.tokens_since_fired >= sae.config.dead_tokens_threshold).float().mean())
+            logs["dead_fraction"] = len(sae.dead_latents) / sae.config.dict_size
             logs["threshold"] = float(sae.threshold)
         super().log(logs, *args, **kwargs)
 
