@@ -248,10 +248,8 @@ class DMSAEModel(PreTrainedModel):
     def _sparse_pass(self, x: torch.Tensor, return_latents: bool) -> _Pass:
         """The same computation on the kept entries only (`hf_dmsae.kernels`)."""
         c, start, n, batch = self.config.core_size, self.config.first_masked_latent, self.config.dict_size, len(x)
-        centred = x - self.b_dec
-        core, rows, cols, values = SparseEncode.apply(
-            centred, self.W_enc_frozen, self.W_enc_trainable, self.encoder_bias, start, self.config.topk_per_row * batch
-        )
+        core, rows, cols, values = SparseEncode.apply(x, self.b_dec, self.W_enc_frozen, self.W_enc_trainable,
+                                                      self.encoder_bias, start, self.config.topk_per_row * batch)
         reconstructions = sparse_decode_groups(core, rows, cols, values, self.W_dec, self.b_dec,
                                                self.config.prefix_ends, batch)  # fmt: skip
         active = values > 0
@@ -265,7 +263,7 @@ class DMSAEModel(PreTrainedModel):
         return _Pass(
             reconstructions=reconstructions, latents=latents, fired=fired, kept_values=values,
             l0_core=((core[:, :c] > 0).sum() + core_entries) / batch, l0_noncore=(active.sum() - core_entries) / batch,
-            preactivations_of=lambda index: F.relu(F.linear(centred, self.W_enc[index],
+            preactivations_of=lambda index: F.relu(F.linear(x - self.b_dec, self.W_enc[index],
                                                             self.encoder_bias[index])),
         )  # fmt: skip
 
@@ -363,8 +361,10 @@ class DMSAEModel(PreTrainedModel):
 
 
 def squared_error(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """`‖x − x̂‖²` summed over features, averaged over rows, in fp32."""
-    return (x.float() - reconstruction.float()).pow(2).sum(-1).mean()
+    """`‖x − x̂‖²` summed over features, averaged over rows `[B, d]`, in fp32 (`reconstruction` may broadcast). One
+    fused kernel each way (`mse_loss`), where the plain expression takes four, each through a `[B, d]` temporary."""
+    x = x.float()
+    return F.mse_loss(reconstruction.float().expand_as(x), x, reduction="sum") / len(x)
 
 
 __all__ = ["DMSAEModel", "DMSAEOutput", "geometric_median"]

@@ -29,15 +29,18 @@ import gc
 import json
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
 import torch
+from transformers import Trainer
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, matryoshka_group_sizes
+from hf_dmsae.trainer import DMSAETrainingArguments
 
 D_IN, BATCH, K = 576, 4096, 64
 
@@ -72,7 +75,7 @@ def dmsae_step(n: int, core_fraction: float, kernels: str, autocast: bool = Fals
     config = DMSAEConfig(d_in=D_IN, dict_size=n, core_size=core, k=K, core_ids=[f"c:{i}" for i in range(core)],
                          kernels=kernels)  # fmt: skip
     model = DMSAEModel.from_core(config, torch.randn(core, D_IN) / D_IN**0.5, config.core_ids).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = trainer_optimizer(model)
 
     def step(x):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -84,6 +87,14 @@ def dmsae_step(n: int, core_fraction: float, kernels: str, autocast: bool = Fals
         model.normalize_decoder()
 
     return step
+
+
+def trainer_optimizer(model: DMSAEModel) -> torch.optim.Optimizer:
+    """The optimiser `DMSAETrainer` builds by default (fused AdamW, where available), at the bench's learning rate."""
+    with tempfile.TemporaryDirectory() as folder:
+        args = DMSAETrainingArguments(output_dir=folder, learning_rate=1e-4, report_to=[])
+    optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return optimizer_class(model.parameters(), **kwargs)
 
 
 def limit_step(n: int):
