@@ -23,12 +23,13 @@ ONE_TOPK_DEVICES = {"cuda"}
 """Devices where `batch_topk_entries` selects with one `topk` over the whole batch (no step waits for the device)
 rather than above a sampled bound (faster on a CPU, where a `topk` over `B · m` values or per row is slow)."""
 
-SAMPLE_SIZE = 2**20
+SAMPLE_SIZE = 2**18
 """Values of `z` (whole rows, evenly spaced) from which the CPU selection estimates its bound."""
 
 SAMPLE_MARGIN = 1.5
 """The bound is the sample's value at `SAMPLE_MARGIN` times the kept share: about that many times `k_total`
-candidates on representative rows (1.4–1.6 on SmolLM2's activations, never fewer than `k_total` there)."""
+candidates on representative rows (1.32–1.62 over 16 batches of SmolLM2's activations, never fewer than `k_total`
+there)."""
 
 
 def batch_topk_entries(z: torch.Tensor, k_total: int, sample_size: int = SAMPLE_SIZE):
@@ -45,9 +46,10 @@ def batch_topk_entries(z: torch.Tensor, k_total: int, sample_size: int = SAMPLE_
         return _batch_topk_entries_in_one_topk(z, k_total)
     sample = z[:: max(1, z.numel() // sample_size)].flatten()
     depth = math.ceil(SAMPLE_MARGIN * k_total * len(sample) / z.numel())
+    candidates = reused_cpu_buffer("candidates", z.shape, torch.bool) if z.device.type == "cpu" else None
     while True:
-        bound = sample.kthvalue(len(sample) - depth + 1).values if depth < len(sample) else -math.inf
-        rows, cols = torch.nonzero(z >= bound, as_tuple=True)
+        bound = float(sample.kthvalue(len(sample) - depth + 1).values) if depth < len(sample) else -math.inf
+        rows, cols = torch.nonzero(torch.ge(z, bound, out=candidates), as_tuple=True)
         if len(rows) >= k_total or depth >= len(sample):
             break
         depth *= 4
@@ -82,17 +84,19 @@ def bag_offsets(index: torch.Tensor, size: int) -> torch.Tensor:
 _reused = threading.local()
 
 
-def reused_cpu_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor that this thread's next call hands out again (the same memory, grown as needed):
-    for the step's `[B, n]` pre-activations, which nothing keeps past `SparseEncode.forward`. A fresh tensor of
-    that size is mapped anew by the OS at every step, and its page faults cost ~15% of the encoder's matmul (on
-    CUDA the caching allocator reuses blocks already)."""
+def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor that this thread's next call for `name` hands out again (the same memory, grown
+    as needed): for the step's large temporaries that nothing keeps past the function using them (the `[B, n]`
+    pre-activations, the decoder's bag gradients). A fresh tensor of that size is mapped anew by the OS at every
+    step, and its page faults cost as much as ~15% of the encoder's matmul (on CUDA the caching allocator reuses
+    blocks already)."""
     size = math.prod(shape)
     buffers = _reused.__dict__.setdefault("buffers", {})
-    if dtype not in buffers or buffers[dtype].numel() < size:
-        buffers.pop(dtype, None)  # freed before the larger one is allocated
-        buffers[dtype] = torch.empty(size, dtype=dtype)
-    return buffers[dtype][:size].view(shape)
+    key = (name, dtype)
+    if key not in buffers or buffers[key].numel() < size:
+        buffers.pop(key, None)  # freed before the larger one is allocated
+        buffers[key] = torch.empty(size, dtype=dtype)
+    return buffers[key][:size].view(shape)
 
 
 class SparseEncode(torch.autograd.Function):
@@ -113,12 +117,14 @@ class SparseEncode(torch.autograd.Function):
             x_c = x - b_dec
             W_enc = torch.cat([W_frozen, W_trainable]).to(dtype)
             shape = (x.shape[0], W_enc.shape[0])
-            out = reused_cpu_buffer(shape, dtype) if x.device.type == "cpu" else None
-            pre = torch.addmm(b_enc.to(dtype), x_c.to(dtype), W_enc.T, out=out).relu_()
-            # Copies: nothing returned or saved may point into the reused buffer.
-            core = pre[:, :start].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            out = reused_cpu_buffer("preactivations", shape, dtype) if x.device.type == "cpu" else None
+            pre = torch.addmm(b_enc.to(dtype), x_c.to(dtype), W_enc.T, out=out)
+            # ReLU on what is kept only (new tensors: nothing returned or saved may point into a reused buffer). The
+            # selection on the raw values keeps the same positive entries; where fewer than k_total are positive, the
+            # others it keeps are zeros after ReLU either way.
+            core = F.relu(pre[:, :start]).float()
             rows, cols, values = batch_topk_entries(pre[:, start:], k_total)
-            cols, values = cols + start, values.float()
+            cols, values = cols + start, F.relu(values).float()
         ctx.save_for_backward(x_c, W_enc, core, rows, cols, values)
         ctx.frozen_rows = W_frozen.shape[0]
         ctx.mark_non_differentiable(rows, cols)
@@ -157,19 +163,62 @@ class SparseEncode(torch.autograd.Function):
         return grad_x, grad_b_dec, None, grad_W, grad_b_enc, None, None
 
 
+class SparseDecode(torch.autograd.Function):
+    """Cumulative Matryoshka reconstructions `b_dec + Σ_{j < end} a_j W_dec[j]`, one per group end, from the dense
+    core `[B, c]` and the kept entries (in (row, column) order, as `batch_topk_entries` gives them; `bag` is each
+    entry's (row, group) pair, `row · groups + group`): one `embedding_bag` over the active decoder rows, summed over
+    groups in place. The reconstructions are views of that one `[B, groups, d]` tensor.
+
+    Backward: each bag's gradient is the suffix sum of the prefixes' gradients, written once into one table; `∂a` is
+    the per-entry dot products `embedding_bag`'s own backward computes, `∂W_dec` one bag over the entries sorted by
+    column (torch's `embedding_bag` backward accumulates a dense gradient entry by entry, about twice as slow on a
+    CPU)."""
+
+    @staticmethod
+    def forward(ctx, core_latents, values, W_dec, b_dec, cols, bag, groups: int):
+        batch, start = core_latents.shape
+        offsets = bag_offsets(bag, batch * groups)
+        # In the decoder's dtype (bf16 weights under FSDP's mixed precision): embedding_bag needs matching dtypes.
+        sums = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype))
+        sums = sums.view(batch, groups, -1)
+        sums[:, 0] += b_dec + core_latents.to(W_dec.dtype) @ W_dec[:start] if start else b_dec
+        for group in range(1, groups):  # a running sum: cumsum over dim 1 is slow on CPU
+            sums[:, group] += sums[:, group - 1]
+        ctx.save_for_backward(core_latents, values, W_dec, cols, bag, offsets)
+        return tuple(sums.unbind(1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        core_latents, values, W_dec, cols, bag, offsets = ctx.saved_tensors
+        batch, start = core_latents.shape
+        groups, (n, d) = len(grads), W_dec.shape
+        shape = (batch, groups, d)
+        table = reused_cpu_buffer("bag gradients", shape, W_dec.dtype) if W_dec.device.type == "cpu" else None
+        table = table if table is not None else torch.empty(shape, dtype=W_dec.dtype, device=W_dec.device)
+        table[:, -1] = grads[-1]
+        for group in range(groups - 2, -1, -1):
+            torch.add(table[:, group + 1], grads[group], out=table[:, group])
+        every_prefix = table[:, 0]  # the gradient of b_dec + the core's part, which every prefix holds
+        flat = table.view(batch * groups, d)
+        grad_core = grad_values = grad_W = grad_b_dec = None
+        if ctx.needs_input_grad[0] and start:
+            grad_core = (every_prefix @ W_dec[:start].T).to(core_latents.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(flat, W_dec, cols, offsets, bag, 0)
+            grad_values = grad_values.to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            by_col = torch.argsort(cols, stable=True)
+            grad_W = F.embedding_bag(bag[by_col], flat, bag_offsets(cols, n), mode="sum",
+                                     per_sample_weights=values[by_col].to(flat.dtype))  # fmt: skip
+            if start:
+                grad_W[:start] += core_latents.to(flat.dtype).T @ every_prefix
+        if ctx.needs_input_grad[3]:
+            grad_b_dec = every_prefix.sum(0)
+        return grad_core, grad_values, grad_W, grad_b_dec, None, None, None
+
+
 def sparse_decode_groups(core_latents, rows, cols, values, W_dec, b_dec, group_ends: list[int], batch: int):
-    """Cumulative Matryoshka reconstructions `[b_dec + Σ_{j < end} a_j W_dec[j] for end in group_ends]` from the dense
-    core `[B, c]` and the kept entries (in (row, column) order, as `batch_topk_entries` gives them), touching only
-    decoder rows that are active: one `embedding_bag` whose bags are (row, group) pairs, then a running sum over
-    groups."""
-    start, groups = core_latents.shape[1], len(group_ends)
+    """`SparseDecode`'s reconstructions, one per Matryoshka group end (`group_ends`, in latents)."""
+    groups = len(group_ends)
     bag = rows * groups + torch.bucketize(cols, torch.tensor(group_ends, device=cols.device), right=True)
-    # In the decoder's dtype (bf16 weights under FSDP's mixed precision): embedding_bag needs matching dtypes.
-    per_group = F.embedding_bag(cols, W_dec, bag_offsets(bag, batch * groups), mode="sum",
-                                per_sample_weights=values.to(W_dec.dtype))  # fmt: skip
-    reconstruction = b_dec + core_latents.to(W_dec.dtype) @ W_dec[:start] if start else b_dec.expand(batch, -1)
-    reconstructions = []
-    for group in per_group.view(batch, groups, -1).unbind(1):  # a running sum: cumsum over dim 1 is slow on CPU
-        reconstruction = reconstruction + group
-        reconstructions.append(reconstruction)
-    return reconstructions
+    return list(SparseDecode.apply(core_latents, values, W_dec, b_dec, cols, bag, groups))
