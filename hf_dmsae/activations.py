@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .embedded import EMBEDDED_CORPUS, EMBEDDED_LM
 from .language_model import LayerActivations
+from .stages import stage
 from .text import StreamPosition, TextSource, TokenPacking, sequence_batches
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
@@ -201,20 +202,26 @@ class Harvester:
     def _batches(self, split, start, positions: TrainingPositions, with_gradient: bool, *, first_batch=0,
                  shard=(0, 1), max_sequences=None, batch_size=None) -> Iterator[Harvested]:  # fmt: skip
         batch_size = batch_size or self.args.lm_batch_size
-        for batch in sequence_batches(self.source, split, self.packing, start, batch_size, first_batch=first_batch,
-                                      shard=shard, max_sequences=max_sequences):  # fmt: skip
-            input_ids = batch.input_ids.to(self.lm.device)
-            if with_gradient:
-                acts, grads = self.layer.with_gradient(input_ids)
-            else:
-                with torch.inference_mode():
-                    acts = self.layer(input_ids)
-            keep = positions.mask(input_ids, acts)
-            batch_size_now, length = input_ids.shape
-            token = (batch.start.sequence + torch.arange(batch_size_now))[:, None] * length + torch.arange(length)
-            tensors = {"activations": acts[keep].detach().cpu(), "positions": token[keep.cpu()]}
-            if with_gradient:
-                tensors["gradients"] = grads[keep].detach().cpu()
+        batches = sequence_batches(self.source, split, self.packing, start, batch_size, first_batch=first_batch,
+                                   shard=shard, max_sequences=max_sequences)  # fmt: skip
+        while True:
+            with stage("attribution pairs" if with_gradient else "harvest") as timed:  # text, tokens, the LM
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                input_ids = batch.input_ids.to(self.lm.device)
+                if with_gradient:
+                    acts, grads = self.layer.with_gradient(input_ids)
+                else:
+                    with torch.inference_mode():
+                        acts = self.layer(input_ids)
+                keep = positions.mask(input_ids, acts)
+                batch_size_now, length = input_ids.shape
+                token = (batch.start.sequence + torch.arange(batch_size_now))[:, None] * length + torch.arange(length)
+                tensors = {"activations": acts[keep].detach().cpu(), "positions": token[keep.cpu()]}
+                if with_gradient:
+                    tensors["gradients"] = grads[keep].detach().cpu()
+                timed.tokens += len(tensors["activations"])
             yield Harvested(batch.index, batch.start, batch.end, tensors)
 
 

@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from .core import DMSAECore
 from .kernels import batch_topk_entries
 from .modeling_dmsae import DMSAEModel
+from .stages import stage
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +276,10 @@ class Attribution:
         return self.gradients.max_rows
 
     def scores(self, sae: DMSAEModel, progress: bool = True) -> torch.Tensor:
-        return gxa_scores(sae, self.gradients.pairs(), batch_size=self.batch_size, q=self.args.q,
-                          max_rows=self.max_rows, progress=progress)  # fmt: skip
+        with stage("attribution") as timed:
+            timed.tokens = self.max_rows
+            return gxa_scores(sae, self.gradients.pairs(), batch_size=self.batch_size, q=self.args.q,
+                              max_rows=self.max_rows, progress=progress)  # fmt: skip
 
     def select(self, sae: DMSAEModel, **provenance) -> DMSAECore:
         """Score `sae` and select its core."""

@@ -42,6 +42,7 @@ from .language_model import lm_width
 from .modeling_dmsae import DMSAEModel
 from .runs import (ActivationSource, RunState, SAEArguments, arguments_identity, load_trained_model, open_source,
                    sae_config, train_sae)
+from .stages import StageTimes
 from .trainer import DMSAETrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -192,21 +193,23 @@ class Distillation:
         if record.get("core"):
             return self._load_core(record)
         folder = self.output_dir / f"cycle{t}"
-        if t == 0 and self.cycle0 is not None:
-            model = load_cycle0(self.cycle0, k=self.args.cycle0_k).to(self.training_args.device)
-            core = self.attribution.select(model.eval(), cycle=0, source_model=self.args.cycle0_checkpoint)
-            metrics = self.held_out_metrics(model)
-        else:
-            seed = self.training_args.seed + t
-            piece = self.data.training_slice(f"cycle{t}")
-            callback = AttributionCallback(self.attribution, previous.latent_ids if previous else None, cycle=t,
-                                           source_model=str(folder))  # fmt: skip
-            model = self._new_model(t, previous, seed)
-            trainer = train_sae(model, self.data, piece, self._training_args(folder, seed), callbacks=[callback])
-            core = callback.core
-            metrics = self.held_out_metrics(model)
-            record.update(log_history=trainer.state.log_history, track=callback.track,
-                          steps=trainer.state.global_step)  # fmt: skip
+        with StageTimes() as times:
+            if t == 0 and self.cycle0 is not None:
+                model = load_cycle0(self.cycle0, k=self.args.cycle0_k).to(self.training_args.device)
+                core = self.attribution.select(model.eval(), cycle=0, source_model=self.args.cycle0_checkpoint)
+                metrics = self.held_out_metrics(model)
+            else:
+                seed = self.training_args.seed + t
+                piece = self.data.training_slice(f"cycle{t}")
+                callback = AttributionCallback(self.attribution, previous.latent_ids if previous else None, cycle=t,
+                                               source_model=str(folder))  # fmt: skip
+                model = self._new_model(t, previous, seed)
+                trainer = train_sae(model, self.data, piece, self._training_args(folder, seed), callbacks=[callback])
+                core = callback.core
+                metrics = self.held_out_metrics(model)
+                record.update(log_history=trainer.state.log_history, track=callback.track,
+                              steps=trainer.state.global_step)  # fmt: skip
+        record["stages"] = times.summary()
         carried = len(set(core.latent_ids) & set(previous.latent_ids)) if previous is not None else 0
         self._save_core(core, folder / "core", record)
         record.update(size=len(core), coverage=core.coverage, carried_over=carried, metrics=metrics,
@@ -218,7 +221,11 @@ class Distillation:
 
     # -- the whole run ------------------------------------------------------------------------------------------
     def run(self) -> DMSAECore:
-        self.attribution  # the attribution split comes first in the stream: its pairs are harvested before cycle 0
+        with StageTimes() as times:
+            self.attribution  # the attribution split comes first in the stream: its pairs are harvested before cycle 0
+        if "setup" not in self.state.data:  # what a resumed run finds cached is not the setup's cost
+            self.state.data["setup"] = {"stages": times.summary()}
+            self.state.save()
         cores: list[DMSAECore] = []
         for t in range(self.args.num_cycles + 1):
             cores.append(self._cycle(t, cores[-1] if cores else None))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .activations import TrainingPositions
 from .language_model import LayerActivations
 from .modeling_dmsae import DMSAEModel
+from .stages import stage
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
@@ -66,12 +67,14 @@ def activation_metrics(sae: DMSAEModel, activations: Iterable[torch.Tensor]) -> 
     sae.eval()
     fvu, l0, dead = load_metric("fvu"), load_metric("l0"), load_metric("dead_latents")
     fired = torch.zeros(sae.config.dict_size, dtype=torch.bool, device=sae.device)
-    for x in activations:
-        x = x.to(sae.device)
-        latents = sae.encode(x)
-        fvu.add(**fvu_sums(x, sae.decode(latents)))
-        l0.add(**l0_sums(active_counts(latents, sae.config.core_size)))
-        fired |= (latents > 0).any(0)
+    with stage("evaluation") as timed:
+        for x in activations:
+            x = x.to(sae.device)
+            latents = sae.encode(x)
+            fvu.add(**fvu_sums(x, sae.decode(latents)))
+            l0.add(**l0_sums(active_counts(latents, sae.config.core_size)))
+            fired |= (latents > 0).any(0)
+            timed.tokens += len(x)
     dead.add(fired_latents=fired.nonzero().squeeze(1).tolist())
     sae.train(was_training)
     return {**fvu.compute(), **l0.compute(), **dead.compute(dict_size=sae.config.dict_size)}

@@ -36,6 +36,7 @@ from .integrity import IntegrityError, checksums, read_json, verify_checksums, w
 from .language_model import load_language_model, weights_digest
 from .modeling_dmsae import DMSAEModel
 from .slices import SliceLayout, TokenSlice
+from .stages import stage
 from .text import StreamPosition, position_after, sequence_batches
 from .trainer import CHECKSUMS, DMSAETrainer, DMSAETrainingArguments
 
@@ -547,7 +548,11 @@ def train_sae(model: DMSAEModel, data: RunData, piece: TokenSlice, args: DMSAETr
     checkpoint = last_complete_checkpoint(args.output_dir)
     if checkpoint:
         logger.info("Resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    first_step = read_json(Path(checkpoint) / "trainer_state.json")["global_step"] if checkpoint else 0
+    with stage("train") as timed:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        timed.tokens = (trainer.state.global_step - first_step) * rows_per_step
     trainer.save_model(args.output_dir)
     if args.should_save:
         write_json_atomically(Path(args.output_dir) / CHECKSUMS, checksums(args.output_dir, list(MODEL_FILES)))

@@ -1,10 +1,10 @@
 """Speed of a DMSAE training step against its peers, and of harvesting and attribution, on this machine.
 
-    python scripts/bench.py [--sizes 4096 16384] [--steps 7] [--out reports/bench.json]
+    python scripts/bench.py [--sizes 4096 16384] [--steps 7] [--cycle_tokens 131072] [--out reports/bench.json]
 
 Training steps: the same in-memory activations (d_in 576, batch 4096 tokens, k 64, Matryoshka groups 1/32, 1/16,
-1/8, 1/4 and the rest, fp32, all threads), full steps (forward, every prefix loss, AuxK, backward, Adam step,
-decoder norm) timed interleaved, one step of each implementation per round, medians over rounds, for:
+1/8, 1/4 and the rest, fp32, all threads), full steps (forward, every prefix loss, AuxK, backward, optimiser step
+(ours: the Trainer's, fused AdamW), decoder norm) timed interleaved, one step of each implementation per round, medians over rounds, for:
 our DMSAE (sparse kernels, dense core of 2% of the dictionary and no core; the first under bf16 autocast too; the
 reference kernels), SAELens' `MatryoshkaBatchTopKTrainingSAE`, dictionary_learning's Matryoshka BatchTopK trainer,
 and the limit: one dense encoder matmul + ReLU. Peers that cannot be imported are reported as such (`make bench` installs them).
@@ -13,6 +13,9 @@ Harvesting: the embedded SmolLM2 run to the middle layer only vs a full forward 
 scoring an SAE (4096 latents) from cached (x, g) pairs, as every cycle does after the one-time harvest, vs what each
 scoring would cost without the cache: the LM's forward + backward to the hooked activation.
 Peak memory is the rise of the process's resident set during an implementation's steps.
+Distillation cycles: a real run of the embedded default (`configs/smollm2-135m.json`, cycles 0 and 1 with fewer
+tokens, in a fresh folder and cache), each cycle's seconds and tokens/s per stage as its state records them:
+harvest (LM forward into the activation cache), train, attribution (scoring from the cached pairs), evaluation.
 
     python scripts/bench.py --paper_memory [--out reports/memory-paper-scale.json]
 
@@ -246,6 +249,42 @@ def harvest_and_attribution(rounds: int, cached_positions: int = 16_384) -> dict
     }
 
 
+def distillation_cycles(config: str, tokens: int, attribution_tokens: int, eval_tokens: int) -> dict:
+    """A real distillation (cycle 0 and cycle 1) on `config` (the embedded default: SmolLM2-135M layer 15, 4096
+    latents) with `tokens` per cycle, in a fresh folder and activation cache, as `scripts/distill.py` runs it; the
+    stage times each cycle records in the run's state (`hf_dmsae.stages`)."""
+    from hf_dmsae.activations import ActivationArguments
+    from hf_dmsae.attribution import AttributionArguments
+    from hf_dmsae.distillation import Distillation, DistillationArguments
+    from hf_dmsae.runs import SAEArguments, parse_arguments
+
+    with tempfile.TemporaryDirectory() as folder:
+        overrides = {"output_dir": f"{folder}/run", "activation_cache": f"{folder}/cache", "num_tokens": tokens,
+                     "attribution_tokens": attribution_tokens, "eval_tokens": eval_tokens, "num_cycles": 1,
+                     "random_core_control": False, "save_steps": 10**6, "report_to": "none", "disable_tqdm": True}  # fmt: skip
+        argv = [config] + [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+        arguments = parse_arguments((DistillationArguments, SAEArguments, ActivationArguments, AttributionArguments,
+                                     DMSAETrainingArguments), argv)  # fmt: skip
+        run = Distillation(*arguments)
+        run.run()
+        state = run.state.data
+    return {"config": config, "tokens_per_cycle": tokens, "attribution_tokens": attribution_tokens,
+            "eval_tokens": eval_tokens, "setup": state["setup"]["stages"],
+            "cycles": {t: record["stages"] for t, record in state["cycles"].items()}}  # fmt: skip
+
+
+def cycle_lines(result: dict) -> list[str]:
+    """Where each cycle's time goes: seconds, tokens/s and share of the cycle per stage."""
+    lines = [f"distillation on {result['config']}, {result['tokens_per_cycle']} tokens per cycle "
+             f"(attribution split {result['attribution_tokens']} tokens, harvested once before cycle 0):"]
+    for name, stages in [("before cycle 0", result["setup"])] + [(f"cycle {t}", s) for t, s in result["cycles"].items()]:
+        total = sum(s["seconds"] for s in stages.values())
+        cells = [f"{stage} {s['seconds']:.1f} s ({s['seconds'] / total:.0%}, {s['tokens_per_s']:.0f} tok/s)"
+                 for stage, s in stages.items()]  # fmt: skip
+        lines.append(f"  {name}: {total:.1f} s = " + ", ".join(cells))
+    return lines
+
+
 # -- memory at the paper's scale ---------------------------------------------------------------------------------
 
 PAPER = {"d_in": 2304, "dict_size": 65_536, "batch": 4096, "core": 197, "k_noncore": 160}
@@ -338,6 +377,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384], help="dictionary sizes to time")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (one step of each implementation each)")
     parser.add_argument("--out", default="reports/bench.json", help="where the JSON report goes")
+    parser.add_argument("--cycle_config", default="configs/smollm2-135m.json",
+                        help="the distillation whose cycles are timed stage by stage (default: the embedded default)")
+    parser.add_argument("--cycle_tokens", type=int, default=131_072, help="training tokens per timed cycle")
+    parser.add_argument("--cycle_attribution_tokens", type=int, default=32_768, help="the timed run's attribution split")
+    parser.add_argument("--cycle_eval_tokens", type=int, default=8192, help="the timed run's held-out tokens")
     parser.add_argument("--paper_memory", action="store_true",
                         help="measure memory at the paper's scale instead (written to reports/memory-paper-scale.json unless given)")
     parser.add_argument("--memory_probe", help="internal: run one memory measurement in this process")
@@ -356,6 +400,8 @@ def main() -> None:
         "setup": {"d_in": D_IN, "batch": BATCH, "k": K, "group_fractions": list(SAEBENCH_GROUP_FRACTIONS) + ["rest"]},
         "training_steps": training_steps(args.sizes, args.steps),
         "lm": harvest_and_attribution(args.steps),
+        "distillation_cycles": distillation_cycles(args.cycle_config, args.cycle_tokens, args.cycle_attribution_tokens,
+                                                   args.cycle_eval_tokens),
     }
     for row in report["training_steps"]:
         if "error" in row:
@@ -371,6 +417,7 @@ def main() -> None:
           f"{lm['attribution_live_tok_per_s']:.0f} tok/s with the live LM's forward + backward "
           f"({lm['attribution_cached_speedup']:.1f}x); per cycle at 120k positions: "
           f"{120_000 / lm['attribution_cached_tok_per_s']:.0f} s vs {120_000 / lm['attribution_live_tok_per_s']:.0f} s")
+    print("\n".join(cycle_lines(report["distillation_cycles"])))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")

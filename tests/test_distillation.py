@@ -198,6 +198,23 @@ def test_selection_is_tracked_during_training(straight_run):
     assert [e["selection_size"] for e in logged] == [t["selection_size"] for t in cycle["track"]]
 
 
+def test_each_cycle_records_where_its_time_goes(straight_run):
+    tmp_path, _ = straight_run
+    state = json.loads((tmp_path / "straight" / "state.json").read_text())
+    setup = state["setup"]["stages"]
+    attribution_rows = setup["attribution pairs"]["tokens"]  # kept positions of the 2000-token split
+    assert 1900 <= attribution_rows <= 2000 and setup["harvest"]["tokens"] > 0  # and the norm statistics' rows
+    for t in ("1", "2"):
+        cycle = state["cycles"][t]
+        stages = cycle["stages"]
+        assert set(stages) == {"harvest", "train", "attribution", "evaluation"}
+        assert stages["harvest"]["tokens"] >= 6000  # the slice's rows, whole LM batches
+        assert stages["train"]["tokens"] == cycle["steps"] * 200
+        assert stages["attribution"]["tokens"] == (len(cycle["track"]) + 1) * attribution_rows  # tracked, then final
+        assert stages["evaluation"]["tokens"] >= 1000
+        assert all(s["seconds"] > 0 and s["tokens_per_s"] > 0 for s in stages.values())
+
+
 def test_cores_and_model_are_pushed_as_repos_that_reload(straight_run):
     tmp_path, _ = straight_run
     cores = cores_of(tmp_path / "straight")

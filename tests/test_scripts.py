@@ -181,10 +181,17 @@ def test_the_commands_are_installed_as_console_scripts():
     assert result.returncode == 0 and "--cycle0_checkpoint" in result.stdout, result.stderr[-2000:]
 
 
-def test_bench_times_every_implementation_and_attribution(tmp_path):
-    result = run_script("bench", "--sizes", 256, "--steps", 1, "--out", tmp_path / "bench.json")
+def test_bench_times_every_implementation_attribution_and_the_stages_of_a_cycle(tmp_path):
+    result = run_script("bench", "--sizes", 256, "--steps", 1, "--out", tmp_path / "bench.json", "--cycle_tokens",
+                        2048, "--cycle_attribution_tokens", 1024, "--cycle_eval_tokens", 1024)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "bench.json").read_text())
+    cycles = report["distillation_cycles"]  # the embedded default's distillation, on fewer tokens
+    assert set(cycles["cycles"]) == {"0", "1"} and cycles["setup"]["attribution pairs"]["tokens"] >= 1024
+    for stages in cycles["cycles"].values():
+        assert {"harvest", "train", "attribution", "evaluation"} <= set(stages)
+        assert all(s["tokens_per_s"] > 0 for s in stages.values())
+    assert "cycle 1: " in result.stdout and "train" in result.stdout
     timed = {row["name"] for row in report["training_steps"] if "median_s" in row}
     assert {"limit (encoder matmul + ReLU)", "dmsae, dense core 2% (sparse kernels)",
             "dmsae, dense core 2% (sparse kernels, bf16 autocast)",
