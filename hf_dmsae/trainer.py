@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .activations import ActivationStream, collate_activations
 from .evaluation import SAEEvalMetrics, active_counts
 from .integrity import checksums, read_json, write_json_atomically
+from .kernels import release_reused_buffers
 from .modeling_dmsae import DMSAEModel
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class DMSAETrainer(Trainer):
             state = read_json(checkpoint / stream_state_file(self.args.process_index))
             self.train_dataset.resume(state, step * self.args.gradient_accumulation_steps)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        release_reused_buffers()
         if self.args.calibrate_threshold_rows > 0:
             self.calibrate_threshold()
         return output

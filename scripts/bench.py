@@ -1,6 +1,6 @@
 """Speed of a DMSAE training step against its peers, and of harvesting and attribution, on this machine.
 
-    python scripts/bench.py [--sizes 4096 16384] [--steps 7] [--cycle_tokens 131072] [--out reports/bench.json]
+    python scripts/bench.py [--sizes 4096 16384] [--steps 7] [--cycle_tokens 65536] [--out reports/bench.json]
 
 Training steps: the same in-memory activations (d_in 576, batch 4096 tokens, k 64, Matryoshka groups 1/32, 1/16,
 1/8, 1/4 and the rest, fp32, all threads), full steps (forward, every prefix loss, AuxK, backward, optimiser step
@@ -379,8 +379,8 @@ def main() -> None:
     parser.add_argument("--out", default="reports/bench.json", help="where the JSON report goes")
     parser.add_argument("--cycle_config", default="configs/smollm2-135m.json",
                         help="the distillation whose cycles are timed stage by stage (default: the embedded default)")
-    parser.add_argument("--cycle_tokens", type=int, default=131_072, help="training tokens per timed cycle")
-    parser.add_argument("--cycle_attribution_tokens", type=int, default=32_768, help="the timed run's attribution split")
+    parser.add_argument("--cycle_tokens", type=int, default=65_536, help="training tokens per timed cycle")
+    parser.add_argument("--cycle_attribution_tokens", type=int, default=16_384, help="the timed run's attribution split")
     parser.add_argument("--cycle_eval_tokens", type=int, default=8192, help="the timed run's held-out tokens")
     parser.add_argument("--paper_memory", action="store_true",
                         help="measure memory at the paper's scale instead (written to reports/memory-paper-scale.json unless given)")

@@ -159,3 +159,28 @@ def test_the_sparse_step_runs_on_bf16_weights_as_fsdp_mixed_precision_holds_them
     out.loss.backward()
     assert sparse.W_dec.grad.dtype == torch.bfloat16 and torch.isfinite(sparse.W_dec.grad.float()).all()
     torch.testing.assert_close(out.loss, reference(x).loss, rtol=0.05, atol=0.05)
+
+
+def test_a_second_step_before_the_first_backward_leaves_the_first_intact():
+    """The reused CPU buffers (pre-activations, candidates, bag gradients) are never what a step returns or saves."""
+    one, both = paired_models()[0], tiny_model()
+    both.load_state_dict(one.state_dict())
+    for model in (one, both):
+        model.train()
+    x1, x2 = torch.randn(96, 16) * 2, torch.randn(96, 16) * 2
+    expected = one(x1)
+    expected.loss.backward()
+    first = both(x1)
+    both(x2)  # overwrites every reused buffer before the first step's backward
+    torch.testing.assert_close(first.reconstruction, expected.reconstruction, rtol=0, atol=0)
+    first.loss.backward()
+    for (name, p), (_, q) in zip(one.named_parameters(), both.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_reused_buffers_are_handed_out_again_until_released():
+    a = kernels.reused_cpu_buffer("test", (4, 8), torch.float32)
+    assert kernels.reused_cpu_buffer("test", (2, 8), torch.float32).data_ptr() == a.data_ptr()
+    assert kernels.reused_cpu_buffer("test", (8, 8), torch.float32).shape == (8, 8)  # grown
+    kernels.release_reused_buffers()
+    assert "buffers" not in kernels._reused.__dict__
