@@ -4,8 +4,9 @@ that touch only the kept activations.
 The only dense `[B, n]` work is the encoder's matmul (the cost no sparsity can remove). BatchTopK keeps `K = k · B`
 entries: `batch_topk_entries` finds them at or above a bound read from a sample of rows, lowering it where the sample
 misleads, so it stays exact. The kept entries travel as `(rows, cols, values)` in (row, column) order; decoding is
-one `embedding_bag` over decoder rows for all Matryoshka groups, whose bags that order already sorts; `SparseEncode`'s backward builds the encoder gradients from the kept
-entries alone (sparsify's approach, adapted to a variable count per row).
+one `embedding_bag` over decoder rows for all Matryoshka groups, whose bags that order already sorts; the backward
+passes (`SparseEncode`, `SparseDecode`) build every gradient from the kept entries alone (sparsify's approach,
+adapted to a variable count per row).
 
 `hf_dmsae.sparsity` keeps the plain reference implementation; tests check these against it.
 """
@@ -87,7 +88,7 @@ _reused = threading.local()
 def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor that this thread's next call for `name` hands out again (the same memory, grown
     as needed): for the step's large temporaries that nothing keeps past the function using them (the `[B, n]`
-    pre-activations, the decoder's bag gradients). A fresh tensor of that size is mapped anew by the OS at every
+    pre-activations and candidates' mask, the decoder's bag gradients). A fresh tensor of that size is mapped anew by the OS at every
     step, and its page faults cost as much as ~15% of the encoder's matmul (on CUDA the caching allocator reuses
     blocks already)."""
     size = math.prod(shape)
@@ -199,8 +200,8 @@ class SparseDecode(torch.autograd.Function):
         batch, start = core_latents.shape
         groups, (n, d) = len(grads), W_dec.shape
         shape = (batch, groups, d)
-        table = reused_cpu_buffer("bag gradients", shape, W_dec.dtype) if W_dec.device.type == "cpu" else None
-        table = table if table is not None else torch.empty(shape, dtype=W_dec.dtype, device=W_dec.device)
+        table = (reused_cpu_buffer("bag gradients", shape, W_dec.dtype) if W_dec.device.type == "cpu"
+                 else torch.empty(shape, dtype=W_dec.dtype, device=W_dec.device))  # fmt: skip
         table[:, -1] = grads[-1]
         for group in range(groups - 2, -1, -1):
             torch.add(table[:, group + 1], grads[group], out=table[:, group])
@@ -210,6 +211,7 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0] and start:
             grad_core = (every_prefix @ W_dec[:start].T).to(core_latents.dtype)
         if ctx.needs_input_grad[1]:
+            # The op F.embedding_bag's own backward runs for its per-sample weights (mode 0: sum).
             grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(flat, W_dec, cols, offsets, bag, 0)
             grad_values = grad_values.to(values.dtype)
         if ctx.needs_input_grad[2]:
@@ -223,7 +225,7 @@ class SparseDecode(torch.autograd.Function):
         return grad_core, grad_values, grad_W, grad_b_dec, None, None, None
 
 
-def sparse_decode_groups(core_latents, rows, cols, values, W_dec, b_dec, group_ends: list[int], batch: int):
+def sparse_decode_groups(core_latents, rows, cols, values, W_dec, b_dec, group_ends: list[int]):
     """`SparseDecode`'s reconstructions, one per Matryoshka group end (`group_ends`, in latents)."""
     groups = len(group_ends)
     bag = rows * groups + torch.bucketize(cols, torch.tensor(group_ends, device=cols.device), right=True)

@@ -251,7 +251,7 @@ class DMSAEModel(PreTrainedModel):
         core, rows, cols, values = SparseEncode.apply(x, self.b_dec, self.W_enc_frozen, self.W_enc_trainable,
                                                       self.encoder_bias, start, self.config.topk_per_row * batch)
         reconstructions = sparse_decode_groups(core, rows, cols, values, self.W_dec, self.b_dec,
-                                               self.config.prefix_ends, batch)  # fmt: skip
+                                               self.config.prefix_ends)  # fmt: skip
         active = values > 0
         fired = torch.zeros(n, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
         fired[:start] |= (core > 0).any(0)

@@ -4,7 +4,8 @@
 
 Training steps: the same in-memory activations (d_in 576, batch 4096 tokens, k 64, Matryoshka groups 1/32, 1/16,
 1/8, 1/4 and the rest, fp32, all threads), full steps (forward, every prefix loss, AuxK, backward, optimiser step
-(ours: the Trainer's, fused AdamW), decoder norm) timed interleaved, one step of each implementation per round, medians over rounds, for:
+(ours: the Trainer's, fused AdamW), decoder norm) timed interleaved, one step of each implementation per round,
+medians over rounds, for:
 our DMSAE (sparse kernels, dense core of 2% of the dictionary and no core; the first under bf16 autocast too; the
 reference kernels), SAELens' `MatryoshkaBatchTopKTrainingSAE`, dictionary_learning's Matryoshka BatchTopK trainer,
 and the limit: one dense encoder matmul + ReLU. Peers that cannot be imported are reported as such (`make bench` installs them).
