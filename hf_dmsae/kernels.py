@@ -88,9 +88,9 @@ _reused = threading.local()
 def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor that this thread's next call for `name` hands out again (the same memory, grown
     as needed): for the step's large temporaries that nothing keeps past the function using them (the `[B, n]`
-    pre-activations and candidates' mask, the decoder's bag gradients). A fresh tensor of that size is mapped anew by the OS at every
-    step, and its page faults cost as much as ~15% of the encoder's matmul (on CUDA the caching allocator reuses
-    blocks already)."""
+    pre-activations and candidates' mask, the decoder's bag gradients). A fresh tensor of that size is mapped anew
+    by the OS at every step, and its page faults cost as much as ~15% of the encoder's matmul (on CUDA the caching
+    allocator reuses blocks already)."""
     size = math.prod(shape)
     buffers = _reused.__dict__.setdefault("buffers", {})
     key = (name, dtype)

@@ -381,7 +381,8 @@ def main() -> None:
     parser.add_argument("--cycle_config", default="configs/smollm2-135m.json",
                         help="the distillation whose cycles are timed stage by stage (default: the embedded default)")
     parser.add_argument("--cycle_tokens", type=int, default=65_536, help="training tokens per timed cycle")
-    parser.add_argument("--cycle_attribution_tokens", type=int, default=16_384, help="the timed run's attribution split")
+    parser.add_argument("--cycle_attribution_tokens", type=int, default=16_384,
+                        help="the timed run's attribution split")
     parser.add_argument("--cycle_eval_tokens", type=int, default=8192, help="the timed run's held-out tokens")
     parser.add_argument("--paper_memory", action="store_true",
                         help="measure memory at the paper's scale instead (written to reports/memory-paper-scale.json unless given)")
