@@ -170,63 +170,82 @@ class SparseEncode(torch.autograd.Function):
         return grad_x, grad_b_dec, None, grad_W, grad_b_enc, None, None
 
 
-class SparseDecode(torch.autograd.Function):
-    """Cumulative Matryoshka reconstructions `b_dec + Σ_{j < end} a_j W_dec[j]`, one per group end, from the dense
-    core `[B, c]` and the kept entries (in (row, column) order, as `batch_topk_entries` gives them; `bag` is each
-    entry's (row, group) pair, `row · groups + group`): one `embedding_bag` over the active decoder rows, summed over
-    groups in place. The reconstructions are views of that one `[B, groups, d]` tensor.
+class SparseMatryoshkaLoss(torch.autograd.Function):
+    """The prefix losses `‖x − x̂_g‖²` (summed over features, averaged over rows, fp32) of the cumulative Matryoshka
+    reconstructions `x̂_g = b_dec + core · W_dec[:c] + Σ_{kept entries of groups ≤ g} a_j W_dec[j]`, and the full
+    reconstruction `x̂_{G−1}`, from the dense core `[B, c]` and the kept entries (`bag`: each entry's (group, row)
+    pair, `group · B + row`).
 
-    Backward: each bag's gradient is the suffix sum of the prefixes' gradients, written once into one table; `∂a` is
-    the per-entry dot products `embedding_bag`'s own backward computes, `∂W_dec` one bag over the entries sorted by
-    column (torch's `embedding_bag` backward accumulates a dense gradient entry by entry, about twice as slow on a
-    CPU)."""
+    One `embedding_bag` over the active decoder rows, its bags group-major and summed over groups in place, so each
+    `x̂_g` is a contiguous `[B, d]` block of one `[G, B, d]` tensor; the residuals go to a reused buffer and each
+    loss is one reduction. Backward: each bag's gradient (the suffix sum over later prefixes of their residuals'
+    gradients) is written once into one table; `∂a` is the per-entry dot products `embedding_bag`'s own backward
+    computes; `∂W_dec` one bag over the entries sorted by column (torch's `embedding_bag` backward accumulates a
+    dense gradient entry by entry, about twice as slow on a CPU)."""
 
     @staticmethod
-    def forward(ctx, core_latents, values, W_dec, b_dec, cols, bag, groups: int):
+    def forward(ctx, x, core_latents, values, W_dec, b_dec, cols, bag, groups: int):
         batch, start = core_latents.shape
-        offsets = bag_offsets(bag, batch * groups)
+        order = torch.argsort(bag, stable=True)  # the entries bag by bag
+        cols_by_bag, bag_by_bag = cols[order], bag[order]
+        offsets = bag_offsets(bag, groups * batch)
         # In the decoder's dtype (bf16 weights under FSDP's mixed precision): embedding_bag needs matching dtypes.
-        sums = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype))
-        sums = sums.view(batch, groups, -1)
-        sums[:, 0] += b_dec + core_latents.to(W_dec.dtype) @ W_dec[:start] if start else b_dec
-        for group in range(1, groups):  # a running sum: cumsum over dim 1 is slow on CPU
-            sums[:, group] += sums[:, group - 1]
-        ctx.save_for_backward(core_latents, values, W_dec, cols, bag, offsets)
-        return tuple(sums.unbind(1))
+        sums = F.embedding_bag(cols_by_bag, W_dec, offsets, mode="sum",
+                               per_sample_weights=values[order].to(W_dec.dtype)).view(groups, batch, -1)  # fmt: skip
+        sums[0] += b_dec + core_latents.to(W_dec.dtype) @ W_dec[:start] if start else b_dec
+        for group in range(1, groups):
+            sums[group] += sums[group - 1]
+        residuals = _residuals(sums, x, "residuals")
+        losses = torch.linalg.vector_norm(residuals.view(groups, -1), dim=1).square() / batch
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, core_latents, values, W_dec, cols, bag, order, cols_by_bag, bag_by_bag, offsets, sums)
+        return losses, sums[-1]
 
     @staticmethod
-    def backward(ctx, *grads):
-        core_latents, values, W_dec, cols, bag, offsets = ctx.saved_tensors
-        batch, start = core_latents.shape
-        groups, (n, d) = len(grads), W_dec.shape
-        shape = (batch, groups, d)
-        table = (reused_cpu_buffer("bag gradients", shape, W_dec.dtype) if W_dec.device.type == "cpu"
-                 else torch.empty(shape, dtype=W_dec.dtype, device=W_dec.device))  # fmt: skip
-        table[:, -1] = grads[-1]
+    def backward(ctx, grad_losses, grad_reconstruction):
+        x, core_latents, values, W_dec, cols, bag, order, cols_by_bag, bag_by_bag, offsets, sums = ctx.saved_tensors
+        groups, batch, d = sums.shape
+        start, n = core_latents.shape[1], W_dec.shape[0]
+        table = _residuals(sums, x, "bag gradients")
+        if grad_losses is None:
+            table.zero_()
+        else:
+            table *= ((2 / batch) * grad_losses.float()).view(-1, 1, 1)  # ∂L_g/∂x̂_g
         for group in range(groups - 2, -1, -1):
-            torch.add(table[:, group + 1], grads[group], out=table[:, group])
-        every_prefix = table[:, 0]  # the gradient of b_dec + the core's part, which every prefix holds
-        flat = table.view(batch * groups, d)
+            table[group] += table[group + 1]
+        grad_x = -table[0].to(x.dtype) if ctx.needs_input_grad[0] else None  # before x̂'s own gradient: not x's
+        if grad_reconstruction is not None:  # x̂_{G−1} holds every group's entries
+            table += grad_reconstruction.float()
+        every_prefix = table[0]  # the gradient of b_dec + the core's part, which every prefix holds
+        flat = table.view(groups * batch, d).to(W_dec.dtype)
         grad_core = grad_values = grad_W = grad_b_dec = None
-        if ctx.needs_input_grad[0] and start:
-            grad_core = (every_prefix @ W_dec[:start].T).to(core_latents.dtype)
-        if ctx.needs_input_grad[1]:
-            # The op F.embedding_bag's own backward runs for its per-sample weights (mode 0: sum).
-            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(flat, W_dec, cols, offsets, bag, 0)
-            grad_values = grad_values.to(values.dtype)
+        if ctx.needs_input_grad[1] and start:
+            grad_core = (every_prefix @ W_dec[:start].T.float()).to(core_latents.dtype)
         if ctx.needs_input_grad[2]:
+            # The op F.embedding_bag's own backward runs for its per-sample weights (mode 0: sum), bag by bag.
+            by_bag = torch.ops.aten._embedding_bag_per_sample_weights_backward(flat, W_dec, cols_by_bag, offsets,
+                                                                               bag_by_bag, 0)  # fmt: skip
+            grad_values = torch.empty_like(values).index_copy_(0, order, by_bag.to(values.dtype))
+        if ctx.needs_input_grad[3]:
             by_col = torch.argsort(cols, stable=True)
             grad_W = F.embedding_bag(bag[by_col], flat, bag_offsets(cols, n), mode="sum",
                                      per_sample_weights=values[by_col].to(flat.dtype))  # fmt: skip
             if start:
-                grad_W[:start] += core_latents.to(flat.dtype).T @ every_prefix
-        if ctx.needs_input_grad[3]:
-            grad_b_dec = every_prefix.sum(0)
-        return grad_core, grad_values, grad_W, grad_b_dec, None, None, None
+                grad_W[:start] += (core_latents.float().T @ every_prefix).to(grad_W.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b_dec = every_prefix.sum(0).to(W_dec.dtype)
+        return grad_x, grad_core, grad_values, grad_W, grad_b_dec, None, None, None
 
 
-def sparse_decode_groups(core_latents, rows, cols, values, W_dec, b_dec, group_ends: list[int]):
-    """`SparseDecode`'s reconstructions, one per Matryoshka group end (`group_ends`, in latents)."""
-    groups = len(group_ends)
-    bag = rows * groups + torch.bucketize(cols, torch.tensor(group_ends, device=cols.device), right=True)
-    return list(SparseDecode.apply(core_latents, values, W_dec, b_dec, cols, bag, groups))
+def _residuals(sums: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """`x̂_g − x` for every prefix, `[G, B, d]` in fp32 (in a reused buffer on a CPU)."""
+    out = reused_cpu_buffer(name, sums.shape, torch.float32) if sums.device.type == "cpu" else None
+    return torch.sub(sums.float(), x.float(), out=out)
+
+
+def sparse_matryoshka_losses(x, core_latents, rows, cols, values, W_dec, b_dec, group_ends: list[int]):
+    """`SparseMatryoshkaLoss` for the Matryoshka groups ending at `group_ends` (in latents): `(losses [G],
+    reconstruction [B, d])`."""
+    group = torch.bucketize(cols, torch.tensor(group_ends, device=cols.device), right=True)
+    bag = group * len(x) + rows
+    return SparseMatryoshkaLoss.apply(x, core_latents, values, W_dec, b_dec, cols, bag, len(group_ends))

@@ -20,7 +20,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_dmsae import DMSAEConfig
-from .kernels import SparseEncode, sparse_decode_groups
+from .kernels import SparseEncode, sparse_matryoshka_losses
 from .sparsity import all_reduce_any, mask_batch_topk, mask_threshold, smallest_kept_activation, world_size
 
 
@@ -53,7 +53,8 @@ class DMSAEOutput(ModelOutput):
 class _Pass:
     """What one forward computes, whichever kernels computed it."""
 
-    reconstructions: list[torch.Tensor]  # one per Matryoshka prefix, normalised units
+    prefix_losses: torch.Tensor  # [G] squared error of each Matryoshka prefix's reconstruction
+    reconstruction: torch.Tensor  # [B, d_in] the full dictionary's, normalised units
     latents: torch.Tensor | None  # [B, n] masked latents (None when not asked for on the sparse path)
     fired: torch.Tensor  # [n] bool: latents active in the batch
     kept_values: torch.Tensor  # the activations BatchTopK kept (threshold EMA target)
@@ -210,14 +211,14 @@ class DMSAEModel(PreTrainedModel):
             step = self._dense_pass(x)
         if self.training:
             self._update_statistics(step.fired, step.kept_values, len(x))
-        prefix_losses = torch.stack([squared_error(x, r) for r in step.reconstructions])
-        aux_loss = self._aux_loss(x, step.reconstructions[-1], step.preactivations_of)
+        prefix_losses = step.prefix_losses
+        aux_loss = self._aux_loss(x, step.reconstruction, step.preactivations_of)
         return DMSAEOutput(
             loss=self._prefix_weight(len(prefix_losses)) * prefix_losses.sum() + self.config.aux_coef * aux_loss,
             prefix_losses=prefix_losses,
             aux_loss=aux_loss,
             latents=step.latents if return_latents else None,
-            reconstruction=step.reconstructions[-1] * self.config.norm_factor,
+            reconstruction=step.reconstruction * self.config.norm_factor,
             l0_core=step.l0_core,
             l0_noncore=step.l0_noncore,
         )
@@ -240,7 +241,8 @@ class DMSAEModel(PreTrainedModel):
             low = end
         active = (latents > 0).float()
         return _Pass(
-            reconstructions=reconstructions, latents=latents, fired=(latents > 0).any(0),
+            prefix_losses=torch.stack([squared_error(x, r) for r in reconstructions]), reconstruction=reconstruction,
+            latents=latents, fired=(latents > 0).any(0),
             kept_values=latents[:, start:], l0_core=active[:, :c].sum(1).mean(), l0_noncore=active[:, c:].sum(1).mean(),
             preactivations_of=lambda index: z[:, index],
         )  # fmt: skip
@@ -250,8 +252,8 @@ class DMSAEModel(PreTrainedModel):
         c, start, n, batch = self.config.core_size, self.config.first_masked_latent, self.config.dict_size, len(x)
         core, rows, cols, values = SparseEncode.apply(x, self.b_dec, self.W_enc_frozen, self.W_enc_trainable,
                                                       self.encoder_bias, start, self.config.topk_per_row * batch)
-        reconstructions = sparse_decode_groups(core, rows, cols, values, self.W_dec, self.b_dec,
-                                               self.config.prefix_ends)  # fmt: skip
+        prefix_losses, reconstruction = sparse_matryoshka_losses(x, core, rows, cols, values, self.W_dec, self.b_dec,
+                                                                 self.config.prefix_ends)  # fmt: skip
         active = values > 0
         fired = torch.zeros(n, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
         fired[:start] |= (core > 0).any(0)
@@ -261,7 +263,7 @@ class DMSAEModel(PreTrainedModel):
             kept = torch.zeros(batch, n - start, device=x.device, dtype=values.dtype)
             latents = torch.cat([core, kept.index_put((rows, cols - start), values)], dim=1)
         return _Pass(
-            reconstructions=reconstructions, latents=latents, fired=fired, kept_values=values,
+            prefix_losses=prefix_losses, reconstruction=reconstruction, latents=latents, fired=fired, kept_values=values,
             l0_core=((core[:, :c] > 0).sum() + core_entries) / batch, l0_noncore=(active.sum() - core_entries) / batch,
             preactivations_of=lambda index: F.relu(F.linear(x - self.b_dec, self.W_enc[index],
                                                             self.encoder_bias[index])),
