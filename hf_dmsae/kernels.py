@@ -61,9 +61,10 @@ def batch_topk_entries(z: torch.Tensor, k_total: int, sample_size: int = SAMPLE_
     threshold = values.kthvalue(len(values) - k_total + 1).values
     # Everything above the threshold, then as many entries equal to it as fill k_total (ties in (row, column) order).
     chosen = values > threshold
-    ties = torch.nonzero(values == threshold).squeeze(1)[: k_total - int(chosen.sum())]
-    chosen[ties] = True
-    return rows[chosen], cols[chosen], values[chosen]
+    if missing := k_total - int(torch.count_nonzero(chosen)):
+        chosen[torch.nonzero(values == threshold).squeeze(1)[:missing]] = True
+    keep = torch.nonzero(chosen).squeeze(1)
+    return rows[keep], cols[keep], values[keep]
 
 
 def _batch_topk_entries_in_one_topk(z: torch.Tensor, k_total: int):
@@ -108,7 +109,8 @@ def release_reused_buffers() -> None:
 
 class SparseEncode(torch.autograd.Function):
     """`z = ReLU((x − b_dec) W_encᵀ + b_enc)`; the first `start` columns (the dense core) returned whole, BatchTopK
-    of `k_total` entries over the rest returned as `(rows, cols, values)` (cols counted from 0 = first latent).
+    of `k_total` entries over the rest returned as `(rows, cols, values)` (cols counted from 0 = first latent), and
+    `by_col`, the entries' order by column, which this backward and `SparseMatryoshkaLoss`'s both bag by.
 
     Backward touches only the kept entries and the core: `∂W_enc`, `∂b_enc` and `∂b_dec` without a dense `[B, n]`
     gradient. `∂b_dec = −(Σ_rows ∂pre) W_enc = −∂b_enc · W_enc` needs no per-row gradient; the per-row `∂x` (one
@@ -132,14 +134,15 @@ class SparseEncode(torch.autograd.Function):
             core = F.relu(pre[:, :start]).float()
             rows, cols, values = batch_topk_entries(pre[:, start:], k_total)
             cols, values = cols + start, F.relu(values).float()
-        ctx.save_for_backward(x_c, W_enc, core, rows, cols, values)
+            by_col = torch.argsort(cols, stable=True)
+        ctx.save_for_backward(x_c, W_enc, core, rows, cols, values, by_col)
         ctx.frozen_rows = W_frozen.shape[0]
-        ctx.mark_non_differentiable(rows, cols)
-        return core, rows, cols, values
+        ctx.mark_non_differentiable(rows, cols, by_col)
+        return core, rows, cols, values, by_col
 
     @staticmethod
-    def backward(ctx, grad_core, grad_rows, grad_cols, grad_values):
-        x_c, W_enc, core, rows, cols, values = ctx.saved_tensors
+    def backward(ctx, grad_core, grad_rows, grad_cols, grad_values, grad_by_col):
+        x_c, W_enc, core, rows, cols, values, by_col = ctx.saved_tensors
         batch, d = x_c.shape
         n, f, start = W_enc.shape[0], ctx.frozen_rows, core.shape[1]
         grad_values = grad_values * (values > 0)  # ReLU: kept zeros pass no gradient
@@ -161,7 +164,6 @@ class SparseEncode(torch.autograd.Function):
         # ∂W_enc[j] = Σ over kept entries of latent j of ∂pre · x_c[row]: entries sorted by column, bagged over x_c.
         grad_W = None
         if ctx.needs_input_grad[3]:
-            by_col = torch.argsort(cols, stable=True)
             grad_W = F.embedding_bag(rows[by_col], x_c.float(), bag_offsets(cols, n), mode="sum",
                                      per_sample_weights=grad_values[by_col])  # fmt: skip
             if start > f:  # trainable core rows see the dense core gradient
@@ -174,7 +176,7 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
     """The prefix losses `‖x − x̂_g‖²` (summed over features, averaged over rows, fp32) of the cumulative Matryoshka
     reconstructions `x̂_g = b_dec + core · W_dec[:c] + Σ_{kept entries of groups ≤ g} a_j W_dec[j]`, and the full
     reconstruction `x̂_{G−1}`, from the dense core `[B, c]` and the kept entries (`bag`: each entry's (group, row)
-    pair, `group · B + row`).
+    pair, `group · B + row`; `by_col`: their order by column).
 
     One `embedding_bag` over the active decoder rows, its bags group-major and summed over groups in place, so each
     `x̂_g` is a contiguous `[B, d]` block of one `[G, B, d]` tensor; the residuals go to a reused buffer and each
@@ -184,7 +186,7 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
     dense gradient entry by entry, about twice as slow on a CPU)."""
 
     @staticmethod
-    def forward(ctx, x, core_latents, values, W_dec, b_dec, cols, bag, groups: int):
+    def forward(ctx, x, core_latents, values, W_dec, b_dec, cols, bag, by_col, groups: int):
         batch, start = core_latents.shape
         order = torch.argsort(bag, stable=True)  # the entries bag by bag
         cols_by_bag, bag_by_bag = cols[order], bag[order]
@@ -198,12 +200,14 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
         residuals = _residuals(sums, x, "residuals")
         losses = torch.linalg.vector_norm(residuals.view(groups, -1), dim=1).square() / batch
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, core_latents, values, W_dec, cols, bag, order, cols_by_bag, bag_by_bag, offsets, sums)
+        ctx.save_for_backward(x, core_latents, values, W_dec, cols, bag, by_col, order, cols_by_bag, bag_by_bag, offsets,
+                              sums)  # fmt: skip
         return losses, sums[-1]
 
     @staticmethod
     def backward(ctx, grad_losses, grad_reconstruction):
-        x, core_latents, values, W_dec, cols, bag, order, cols_by_bag, bag_by_bag, offsets, sums = ctx.saved_tensors
+        x, core_latents, values, W_dec, cols, bag, by_col, order, cols_by_bag, bag_by_bag, offsets, sums = (
+            ctx.saved_tensors)  # fmt: skip
         groups, batch, d = sums.shape
         start, n = core_latents.shape[1], W_dec.shape[0]
         table = _residuals(sums, x, "bag gradients")
@@ -227,14 +231,13 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
                                                                                bag_by_bag, 0)  # fmt: skip
             grad_values = torch.empty_like(values).index_copy_(0, order, by_bag.to(values.dtype))
         if ctx.needs_input_grad[3]:
-            by_col = torch.argsort(cols, stable=True)
             grad_W = F.embedding_bag(bag[by_col], flat, bag_offsets(cols, n), mode="sum",
                                      per_sample_weights=values[by_col].to(flat.dtype))  # fmt: skip
             if start:
                 grad_W[:start] += (core_latents.float().T @ every_prefix).to(grad_W.dtype)
         if ctx.needs_input_grad[4]:
             grad_b_dec = every_prefix.sum(0).to(W_dec.dtype)
-        return grad_x, grad_core, grad_values, grad_W, grad_b_dec, None, None, None
+        return grad_x, grad_core, grad_values, grad_W, grad_b_dec, None, None, None, None
 
 
 def _residuals(sums: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -243,9 +246,9 @@ def _residuals(sums: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     return torch.sub(sums.float(), x.float(), out=out)
 
 
-def sparse_matryoshka_losses(x, core_latents, rows, cols, values, W_dec, b_dec, group_ends: list[int]):
+def sparse_matryoshka_losses(x, core_latents, rows, cols, values, by_col, W_dec, b_dec, group_ends: list[int]):
     """`SparseMatryoshkaLoss` for the Matryoshka groups ending at `group_ends` (in latents): `(losses [G],
     reconstruction [B, d])`."""
     group = torch.bucketize(cols, torch.tensor(group_ends, device=cols.device), right=True)
     bag = group * len(x) + rows
-    return SparseMatryoshkaLoss.apply(x, core_latents, values, W_dec, b_dec, cols, bag, len(group_ends))
+    return SparseMatryoshkaLoss.apply(x, core_latents, values, W_dec, b_dec, cols, bag, by_col, len(group_ends))

@@ -250,10 +250,11 @@ class DMSAEModel(PreTrainedModel):
     def _sparse_pass(self, x: torch.Tensor, return_latents: bool) -> _Pass:
         """The same computation on the kept entries only (`hf_dmsae.kernels`)."""
         c, start, n, batch = self.config.core_size, self.config.first_masked_latent, self.config.dict_size, len(x)
-        core, rows, cols, values = SparseEncode.apply(x, self.b_dec, self.W_enc_frozen, self.W_enc_trainable,
-                                                      self.encoder_bias, start, self.config.topk_per_row * batch)
-        prefix_losses, reconstruction = sparse_matryoshka_losses(x, core, rows, cols, values, self.W_dec, self.b_dec,
-                                                                 self.config.prefix_ends)  # fmt: skip
+        core, rows, cols, values, by_col = SparseEncode.apply(x, self.b_dec, self.W_enc_frozen, self.W_enc_trainable,
+                                                              self.encoder_bias, start,
+                                                              self.config.topk_per_row * batch)  # fmt: skip
+        prefix_losses, reconstruction = sparse_matryoshka_losses(x, core, rows, cols, values, by_col, self.W_dec,
+                                                                 self.b_dec, self.config.prefix_ends)  # fmt: skip
         active = values > 0
         fired = torch.zeros(n, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
         fired[:start] |= (core > 0).any(0)
