@@ -89,7 +89,7 @@ _reused = threading.local()
 def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor that this thread's next call for `name` hands out again (the same memory, grown
     as needed): for the step's large temporaries that nothing keeps past the function using them (the `[B, n]`
-    pre-activations and candidates' mask, the decoder's bag gradients). A fresh tensor of that size is mapped anew
+    pre-activations and candidates' mask, the prefixes' residuals, the decoder's bag gradients). A fresh tensor of that size is mapped anew
     by the OS at every step, and its page faults cost as much as ~15% of the encoder's matmul (on CUDA the caching
     allocator reuses blocks already)."""
     size = math.prod(shape)
@@ -103,7 +103,7 @@ def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> 
 
 def release_reused_buffers() -> None:
     """Free this thread's reused buffers (held from one training step to the next; `DMSAETrainer` releases them when
-    training ends). At the paper's scale on a CPU they hold ~1.5 GB through each step's backward."""
+    training ends). At the paper's scale on a CPU they hold ~1.6 GB through each step's backward."""
     _reused.__dict__.pop("buffers", None)
 
 
