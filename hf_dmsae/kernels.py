@@ -4,8 +4,8 @@ that touch only the kept activations.
 The only dense `[B, n]` work is the encoder's matmul (the cost no sparsity can remove). BatchTopK keeps `K = k · B`
 entries: `batch_topk_entries` finds them at or above a bound read from a sample of rows, lowering it where the sample
 misleads, so it stays exact. The kept entries travel as `(rows, cols, values)` in (row, column) order; decoding is
-one `embedding_bag` over decoder rows for all Matryoshka groups, whose bags that order already sorts; the backward
-passes (`SparseEncode`, `SparseDecode`) build every gradient from the kept entries alone (sparsify's approach,
+one `embedding_bag` over decoder rows for all Matryoshka groups, fused with the prefix losses; the backward passes
+(`SparseEncode`, `SparseMatryoshkaLoss`) build every gradient from the kept entries alone (sparsify's approach,
 adapted to a variable count per row).
 
 `hf_dmsae.sparsity` keeps the plain reference implementation; tests check these against it.
@@ -47,7 +47,7 @@ def batch_topk_entries(z: torch.Tensor, k_total: int, sample_size: int = SAMPLE_
         return _batch_topk_entries_in_one_topk(z, k_total)
     sample = z[:: max(1, z.numel() // sample_size)].flatten()
     depth = math.ceil(SAMPLE_MARGIN * k_total * len(sample) / z.numel())
-    candidates = reused_cpu_buffer("candidates", z.shape, torch.bool) if z.device.type == "cpu" else None
+    candidates = reused_cpu_buffer("candidates", z.shape, torch.bool, z.device)
     while True:
         bound = float(sample.kthvalue(len(sample) - depth + 1).values) if depth < len(sample) else -math.inf
         rows, cols = torch.nonzero(torch.ge(z, bound, out=candidates), as_tuple=True)
@@ -95,12 +95,16 @@ def bag_offsets(index: torch.Tensor, size: int) -> torch.Tensor:
 _reused = threading.local()
 
 
-def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor that this thread's next call for `name` hands out again (the same memory, grown
-    as needed): for the step's large temporaries that nothing keeps past the function using them (the `[B, n]`
-    pre-activations and candidates' mask, the prefixes' residuals, the decoder's bag gradients). A fresh tensor of
-    that size is mapped anew by the OS at every step, and its page faults cost as much as ~15% of the encoder's
-    matmul (on CUDA the caching allocator reuses blocks already)."""
+def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor | None:  # fmt: skip
+    """On a CPU, an uninitialised tensor that this thread's next call for `name` hands out again (the same memory,
+    grown as needed); elsewhere `None`, the `out=` that makes a fresh tensor. For the step's large temporaries that
+    nothing keeps past the function using them (the `[B, n]` pre-activations and candidates' mask, the prefixes'
+    residuals, the decoder's bag gradients): a fresh CPU tensor of that size is mapped anew by the OS at every step,
+    and its page faults cost as much as ~15% of the encoder's matmul (on CUDA the caching allocator reuses blocks
+    already)."""
+    if device.type != "cpu":
+        return None
     size = math.prod(shape)
     buffers = _reused.__dict__.setdefault("buffers", {})
     key = (name, dtype)
@@ -135,7 +139,7 @@ class SparseEncode(torch.autograd.Function):
             x_c = x - b_dec
             W_enc = torch.cat([W_frozen, W_trainable]).to(dtype)
             shape = (x.shape[0], W_enc.shape[0])
-            out = reused_cpu_buffer("preactivations", shape, dtype) if x.device.type == "cpu" else None
+            out = reused_cpu_buffer("preactivations", shape, dtype, x.device)
             pre = torch.addmm(b_enc.to(dtype), x_c.to(dtype), W_enc.T, out=out)
             # ReLU on what is kept only (new tensors: nothing returned or saved may point into a reused buffer). The
             # selection on the raw values keeps the same positive entries; where fewer than k_total are positive, the
@@ -252,8 +256,7 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
 
 def _residuals(sums: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     """`x̂_g − x` for every prefix, `[G, B, d]` in fp32 (in a reused buffer on a CPU)."""
-    out = reused_cpu_buffer(name, sums.shape, torch.float32) if sums.device.type == "cpu" else None
-    return torch.sub(sums.float(), x.float(), out=out)
+    return torch.sub(sums.float(), x.float(), out=reused_cpu_buffer(name, sums.shape, torch.float32, sums.device))
 
 
 def sparse_matryoshka_losses(x, core_latents, rows, cols, values, by_col, W_dec, b_dec, group_ends: list[int]):

@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from transformers import set_seed
 
 from . import figures
-from .figures import spread_cell
 from .activations import norm_factor
 from .attribution import AttributionArguments
 from .core import DMSAECore
 from .distillation import Distillation, DistillationArguments
+from .figures import spread_cell
 from .integrity import read_json, write_json_atomically
 from .modeling_dmsae import DMSAEModel
 from .progressive import latent_statistics, order_by, prefix_fvu

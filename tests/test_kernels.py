@@ -34,7 +34,7 @@ def test_batch_topk_entries_select_what_the_flat_sort_selects(k_total, selection
     z = torch.relu(torch.randn(64, 200))
     rows, cols, values = batch_topk_entries(z, k_total)
     assert torch.equal(dense(rows, cols, values, z.shape), batch_topk(z, k_total))
-    assert in_row_column_order(rows, cols, z.shape[1]), "the decoder's bags rely on (row, column) order"
+    assert in_row_column_order(rows, cols, z.shape[1]), "∂x's bags rely on the row order"
 
 
 @pytest.mark.parametrize("inflated", ["sampled rows", "unsampled rows"])
@@ -179,8 +179,10 @@ def test_a_second_step_before_the_first_backward_leaves_the_first_intact():
 
 
 def test_reused_buffers_are_handed_out_again_until_released():
-    a = kernels.reused_cpu_buffer("test", (4, 8), torch.float32)
-    assert kernels.reused_cpu_buffer("test", (2, 8), torch.float32).data_ptr() == a.data_ptr()
-    assert kernels.reused_cpu_buffer("test", (8, 8), torch.float32).shape == (8, 8)  # grown
+    cpu = torch.device("cpu")
+    a = kernels.reused_cpu_buffer("test", (4, 8), torch.float32, cpu)
+    assert kernels.reused_cpu_buffer("test", (2, 8), torch.float32, cpu).data_ptr() == a.data_ptr()
+    assert kernels.reused_cpu_buffer("test", (8, 8), torch.float32, cpu).shape == (8, 8)  # grown
+    assert kernels.reused_cpu_buffer("test", (8, 8), torch.float32, torch.device("meta")) is None  # a fresh tensor
     kernels.release_reused_buffers()
     assert "buffers" not in kernels._reused.__dict__
