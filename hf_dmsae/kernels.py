@@ -84,12 +84,13 @@ def _batch_topk_entries_in_one_topk(z: torch.Tensor, k_total: int):
     return flat.div(z.shape[1], rounding_mode="floor"), flat.remainder(z.shape[1]), values.index_select(0, order)
 
 
-def bag_offsets(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Where each of the `size` bags starts among entries sorted by bag (`index < size`: each entry's bag), as
-    `embedding_bag` takes them. Counted with `index_add_`, not `bincount`: a CUDA `bincount` reads the maximum back
-    to size its output, which waits for the device."""
-    counts = torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
-    return torch.cumsum(counts, 0) - counts
+def bag_bounds(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Where each of the `size` bags starts among entries sorted by bag (`index < size`: each entry's bag), and where
+    the last ends: `[size + 1]`, the first `size` being the offsets `embedding_bag` takes. Counted with `index_add_`,
+    not `bincount`: a CUDA `bincount` reads the maximum back to size its output, which waits for the device."""
+    bounds = torch.zeros(size + 1, dtype=torch.long, device=index.device)
+    bounds[1:].index_add_(0, index, torch.ones_like(index))
+    return bounds.cumsum_(0)
 
 
 _reused = threading.local()
@@ -98,11 +99,11 @@ _reused = threading.local()
 def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor | None:  # fmt: skip
     """On a CPU, an uninitialised tensor that this thread's next call for `name` hands out again (the same memory,
-    grown as needed); elsewhere `None`, the `out=` that makes a fresh tensor. For the step's large temporaries that
-    nothing keeps past the function using them (the `[B, n]` pre-activations and candidates' mask, the prefixes'
-    residuals, the decoder's bag gradients): a fresh CPU tensor of that size is mapped anew by the OS at every step,
-    and its page faults cost as much as ~15% of the encoder's matmul (on CUDA the caching allocator reuses blocks
-    already)."""
+    grown as needed); elsewhere `None`, the `out=` that makes a fresh tensor. For the step's large temporaries (the
+    `[B, n]` pre-activations and candidates' mask, the prefixes' residuals): a fresh CPU tensor of that size is
+    mapped anew by the OS at every step, and its page faults cost as much as ~15% of the encoder's matmul (on CUDA
+    the caching allocator reuses blocks already). Nothing a step returns may point into one; what a backward reads
+    from one must check that its `_version` (shared by every view of the buffer) has not moved since."""
     if device.type != "cpu":
         return None
     size = math.prod(shape)
@@ -116,7 +117,7 @@ def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype,
 
 def release_reused_buffers() -> None:
     """Free this thread's reused buffers (held from one training step to the next; `DMSAETrainer` releases them when
-    training ends). At the paper's scale on a CPU they hold ~1.6 GB through each step's backward."""
+    training ends). At the paper's scale on a CPU they hold ~1.5 GB through each step's backward."""
     _reused.__dict__.pop("buffers", None)
 
 
@@ -168,7 +169,7 @@ class SparseEncode(torch.autograd.Function):
         grad_x = grad_b_dec = None
         if ctx.needs_input_grad[0]:  # ∂x = (∂pre) W_enc: the dense core part, plus a bag over the kept entries
             grad_x = grad_core @ W[:start] if start else torch.zeros(batch, d, device=x_c.device)
-            grad_x = grad_x + F.embedding_bag(cols, W, bag_offsets(rows, batch), mode="sum",
+            grad_x = grad_x + F.embedding_bag(cols, W, bag_bounds(rows, batch)[:-1], mode="sum",
                                               per_sample_weights=grad_values)  # fmt: skip
             grad_x = grad_x.to(x_c.dtype)
         if ctx.needs_input_grad[1]:
@@ -177,12 +178,19 @@ class SparseEncode(torch.autograd.Function):
         # ∂W_enc[j] = Σ over kept entries of latent j of ∂pre · x_c[row]: entries sorted by column, bagged over x_c.
         grad_W = None
         if ctx.needs_input_grad[3]:
-            grad_W = F.embedding_bag(rows.index_select(0, by_col), x_c.float(), bag_offsets(cols, n), mode="sum",
+            grad_W = F.embedding_bag(rows.index_select(0, by_col), x_c.float(), bag_bounds(cols, n)[:-1], mode="sum",
                                      per_sample_weights=grad_values.index_select(0, by_col))  # fmt: skip
             if start > f:  # trainable core rows see the dense core gradient
                 grad_W[f:start] += grad_core[:, f:].T @ x_c.float()
             grad_W = grad_W[f:].to(W_enc.dtype)
         return grad_x, grad_b_dec, None, grad_W, grad_b_enc, None, None
+
+
+DECODE_BLOCK_BYTES = 2**20
+"""On a CPU the decoder's bag sums are computed in blocks of about this size, each added into the residuals as it
+comes: all `G · B` sums at once are a fresh allocation of `G · B · d` values (47 MB at the bench's 4096 latents),
+which the OS maps anew at every step, at twice the cost of the sums' arithmetic; a block this size is reused from
+the heap (bench: the decoder and residuals 14 ms instead of 30)."""
 
 
 class SparseMatryoshkaLoss(torch.autograd.Function):
@@ -191,40 +199,38 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
     reconstruction `x̂_{G−1}`, from the dense core `[B, c]` and the kept entries (`bag`: each entry's (group, row)
     pair, `group · B + row`; `by_col`: their order by column).
 
-    One `embedding_bag` over the active decoder rows, its bags group-major and summed over groups in place, so each
-    `x̂_g` is a contiguous `[B, d]` block of one `[G, B, d]` tensor; the residuals go to a reused buffer and each
-    loss is one reduction. Backward: each bag's gradient (the suffix sum over later prefixes of their residuals'
-    gradients) is written once into one table; `∂a` is the per-entry dot products `embedding_bag`'s own backward
-    computes; `∂W_dec` one bag over the entries sorted by column (torch's `embedding_bag` backward accumulates a
-    dense gradient entry by entry, about twice as slow on a CPU)."""
+    The residuals `x̂_g − x` are one fp32 `[G, B, d]` tensor, built group by group from `embedding_bag` sums over
+    the active decoder rows (bags group-major), each loss one reduction over its block. Backward turns the residuals
+    in place into each bag's gradient (the suffix sum over later prefixes of their residuals' gradients); `∂a` is
+    the per-entry dot products `embedding_bag`'s own backward computes; `∂W_dec` one bag over the entries sorted by
+    column (torch's `embedding_bag` backward accumulates a dense gradient entry by entry, about twice as slow on a
+    CPU). Where the residuals were overwritten before the backward (a reused buffer handed out again, or a second
+    backward through the graph) it builds them again."""
 
     @staticmethod
     def forward(ctx, x, core_latents, values, W_dec, b_dec, cols, bag, by_col, groups: int):
-        batch, start = core_latents.shape
+        batch = len(x)
         order = torch.argsort(bag, stable=True)  # the entries bag by bag
         cols_by_bag, bag_by_bag = cols.index_select(0, order), bag.index_select(0, order)
-        offsets = bag_offsets(bag, groups * batch)
-        # In the decoder's dtype (bf16 weights under FSDP's mixed precision): embedding_bag needs matching dtypes.
-        weights = values.index_select(0, order).to(W_dec.dtype)
-        sums = F.embedding_bag(cols_by_bag, W_dec, offsets, mode="sum", per_sample_weights=weights)
-        sums = sums.view(groups, batch, -1)
-        sums[0] += b_dec + core_latents.to(W_dec.dtype) @ W_dec[:start] if start else b_dec
-        for group in range(1, groups):
-            sums[group] += sums[group - 1]
-        residuals = _residuals(sums, x, "residuals")
+        bounds = bag_bounds(bag, groups * batch)
+        residuals = _prefix_residuals(x, core_latents, values, W_dec, b_dec, cols_by_bag, order, bounds, groups)
         losses = torch.linalg.vector_norm(residuals.view(groups, -1), dim=1).square() / batch
+        reconstruction = (residuals[-1] + x.float()).to(W_dec.dtype)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, core_latents, values, W_dec, cols, bag, by_col, order, cols_by_bag, bag_by_bag, offsets,
-                              sums)  # fmt: skip
-        return losses, sums[-1]
+        ctx.save_for_backward(x, core_latents, values, W_dec, b_dec, cols, bag, by_col, order, cols_by_bag, bag_by_bag,
+                              bounds)  # fmt: skip
+        ctx.residuals, ctx.residuals_version = residuals, residuals._version
+        return losses, reconstruction
 
     @staticmethod
     def backward(ctx, grad_losses, grad_reconstruction):
-        x, core_latents, values, W_dec, cols, bag, by_col, order, cols_by_bag, bag_by_bag, offsets, sums = (
+        x, core_latents, values, W_dec, b_dec, cols, bag, by_col, order, cols_by_bag, bag_by_bag, bounds = (
             ctx.saved_tensors)  # fmt: skip
-        groups, batch, d = sums.shape
+        table = ctx.residuals
+        groups, batch, d = table.shape
         start, n = core_latents.shape[1], W_dec.shape[0]
-        table = _residuals(sums, x, "bag gradients")
+        if table._version != ctx.residuals_version:
+            table = _prefix_residuals(x, core_latents, values, W_dec, b_dec, cols_by_bag, order, bounds, groups)
         if grad_losses is None:
             table.zero_()
         else:
@@ -241,11 +247,11 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
             grad_core = (every_prefix @ W_dec[:start].T.float()).to(core_latents.dtype)
         if ctx.needs_input_grad[2]:
             # The op F.embedding_bag's own backward runs for its per-sample weights (mode 0: sum), bag by bag.
-            by_bag = torch.ops.aten._embedding_bag_per_sample_weights_backward(flat, W_dec, cols_by_bag, offsets,
+            by_bag = torch.ops.aten._embedding_bag_per_sample_weights_backward(flat, W_dec, cols_by_bag, bounds[:-1],
                                                                                bag_by_bag, 0)  # fmt: skip
             grad_values = torch.empty_like(values).index_copy_(0, order, by_bag.to(values.dtype))
         if ctx.needs_input_grad[3]:
-            grad_W = F.embedding_bag(bag.index_select(0, by_col), flat, bag_offsets(cols, n), mode="sum",
+            grad_W = F.embedding_bag(bag.index_select(0, by_col), flat, bag_bounds(cols, n)[:-1], mode="sum",
                                      per_sample_weights=values.index_select(0, by_col).to(flat.dtype))  # fmt: skip
             if start:
                 grad_W[:start] += (core_latents.float().T @ every_prefix).to(grad_W.dtype)
@@ -254,11 +260,45 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
         return grad_x, grad_core, grad_values, grad_W, grad_b_dec, None, None, None, None
 
 
-def _residuals(sums: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    """`x̂_g − x` for every prefix, `[G, B, d]` in fp32 (in a reused buffer on a CPU)."""
-    return torch.sub(sums.float(), x.float(), out=reused_cpu_buffer(name, sums.shape, torch.float32, sums.device))
+def _prefix_residuals(x, core_latents, values, W_dec, b_dec, cols_by_bag, order, bounds, groups: int) -> torch.Tensor:
+    """`x̂_g − x` for every prefix, `[G, B, d]` in fp32 (a reused buffer on a CPU): `b_dec + core · W_dec[:c] − x`,
+    then each group's bag sums added to the previous prefix's residuals, block by block on a CPU
+    (`DECODE_BLOCK_BYTES`), in one `embedding_bag` elsewhere (where reading the blocks' bounds would wait for the
+    device)."""
+    (batch, d), start = x.shape, core_latents.shape[1]
+    # In the decoder's dtype (bf16 weights under FSDP's mixed precision): embedding_bag needs matching dtypes.
+    weights = values.index_select(0, order).to(W_dec.dtype)
+    shape = (groups, batch, d)
+    residuals = reused_cpu_buffer("residuals", shape, torch.float32, x.device)
+    if residuals is None:
+        residuals = torch.empty(shape, device=x.device)
+    torch.sub(b_dec.float(), x.float(), out=residuals[0])
+    if start:
+        residuals[0].addmm_(core_latents.float(), W_dec[:start].float())
+    for group, first_row, sums in _bag_sums(cols_by_bag, W_dec, weights, bounds, groups, batch):
+        block = residuals[group, first_row : first_row + len(sums)]
+        if group:
+            torch.add(residuals[group - 1, first_row : first_row + len(sums)], sums, out=block)
+        else:
+            block += sums
+    return residuals
 
 
+def _bag_sums(cols_by_bag, W_dec, weights, bounds, groups: int, batch: int):
+    """The bags' sums `Σ a_j W_dec[j]`, group by group, as `(group, first row, sums [rows, d])`."""
+    if bounds.device.type != "cpu":
+        sums = F.embedding_bag(cols_by_bag, W_dec, bounds[:-1], mode="sum", per_sample_weights=weights)
+        yield from ((group, 0, block) for group, block in enumerate(sums.view(groups, batch, -1)))
+        return
+    rows_per_block = max(1, DECODE_BLOCK_BYTES // (W_dec.shape[1] * W_dec.element_size()))
+    blocks = [(group, row) for group in range(groups) for row in range(0, batch, rows_per_block)]
+    first_bags = [group * batch + row for group, row in blocks] + [groups * batch]
+    first_entries = bounds[first_bags].tolist()
+    for i, (group, row) in enumerate(blocks):
+        low, high = first_entries[i], first_entries[i + 1]
+        offsets = bounds[first_bags[i] : first_bags[i + 1]] - low
+        yield group, row, F.embedding_bag(cols_by_bag[low:high], W_dec, offsets, mode="sum",
+                                          per_sample_weights=weights[low:high])  # fmt: skip
 def sparse_matryoshka_losses(x, core_latents, rows, cols, values, by_col, W_dec, b_dec, group_ends: list[int]):
     """`SparseMatryoshkaLoss` for the Matryoshka groups ending at `group_ends` (in latents): `(losses [G],
     reconstruction [B, d])`."""

@@ -24,6 +24,15 @@ def selection(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["one block per group", "blocks of 7 rows"])
+def decode_blocks(request, monkeypatch):
+    """The decoder's sums on a CPU in one block per Matryoshka group (the tests' 16-d rows), or in blocks of 7 rows,
+    which split every group unevenly (as the bench's 455-row blocks split its 4096 rows)."""
+    if request.param == "blocks of 7 rows":
+        monkeypatch.setattr(kernels, "DECODE_BLOCK_BYTES", 7 * 16 * 4)
+    return request.param
+
+
 def in_row_column_order(rows, cols, width):
     flat = rows * width + cols
     return bool((flat[1:] > flat[:-1]).all())
@@ -84,7 +93,7 @@ def paired_models(**overrides):
     ],
     ids=["dense-core", "no-core", "sparse-core", "partly-frozen-core"],
 )
-def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides, selection):
+def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides, selection, decode_blocks):
     sparse, reference = paired_models(**overrides)
     for model in (sparse, reference):
         model.eval()  # BatchTopK (no threshold yet) without resetting the dead counters set here
@@ -162,7 +171,8 @@ def test_the_sparse_step_runs_on_bf16_weights_as_fsdp_mixed_precision_holds_them
 
 
 def test_a_second_step_before_the_first_backward_leaves_the_first_intact():
-    """The reused CPU buffers (pre-activations, candidates, bag gradients) are never what a step returns or saves."""
+    """A step returns nothing that points into the reused CPU buffers (pre-activations, candidates, residuals), and
+    its backward builds again what a later step overwrote there (the residuals)."""
     one, both = paired_models()[0], tiny_model()
     both.load_state_dict(one.state_dict())
     for model in (one, both):
@@ -176,6 +186,17 @@ def test_a_second_step_before_the_first_backward_leaves_the_first_intact():
     first.loss.backward()
     for (name, p), (_, q) in zip(one.named_parameters(), both.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_a_second_backward_through_the_graph_gets_the_same_gradients():
+    """The first backward turns the saved residuals into gradients in place; a second builds them again."""
+    model = paired_models()[0].train()
+    out = model(torch.randn(96, 16) * 2)
+    out.loss.backward(retain_graph=True)
+    first = {name: p.grad.clone() for name, p in model.named_parameters()}
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * first[name], rtol=0, atol=0, msg=name)
 
 
 def test_reused_buffers_are_handed_out_again_until_released():
