@@ -334,10 +334,11 @@ class DMSAEModel(PreTrainedModel):
     def remove_parallel_decoder_grad(self) -> None:
         """Project out the gradient component along each (unit) decoder row, so a step keeps rows near unit norm.
         Call between `backward` and the optimiser step."""
-        if self.W_dec.grad is None:
+        W, grad = self.W_dec, self.W_dec.grad
+        if grad is None:
             return
-        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
-        self.W_dec.grad -= (self.W_dec.grad * unit).sum(1, keepdim=True) * unit
+        along = torch.linalg.vecdot(grad, W) / torch.linalg.vecdot(W, W)  # (g · u) / ‖W‖ for u = W / ‖W‖
+        grad.addcmul_(W, along.unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -46,21 +46,29 @@ def test_batch_topk_entries_select_what_the_flat_sort_selects(k_total, selection
     assert in_row_column_order(rows, cols, z.shape[1]), "∂x's bags rely on the row order"
 
 
-@pytest.mark.parametrize("inflated", ["sampled rows", "unsampled rows"])
+@pytest.mark.parametrize("inflated", ["sampled values", "unsampled values"])
 def test_batch_topk_entries_stay_exact_where_the_sample_misleads(inflated):
     torch.manual_seed(0)
     z = torch.rand(32, 100)
-    # A sample of 400 values is rows 0, 8, 16, 24. Inflated, they hold every large value: the bound read from them
-    # admits 29, then 116 entries, fewer than 150, and is lowered twice (to every entry). Uninflated, the rows
-    # outside it hold the 150 largest values.
-    if inflated == "sampled rows":
-        z[::8] += 10.0
+    sampled = kernels.sample_positions(z.shape, 400)
+    # Inflated, the ~355 sampled values hold every large one: the bound read from them admits ~25 entries, then
+    # ~100, fewer than 150, and is lowered twice (to every entry). Uninflated, values outside the sample hold the 150
+    # largest.
+    flat = z.view(-1)
+    if inflated == "sampled values":
+        flat[sampled] += 10.0
     else:
-        z[7] += 10.0
-        z[20, :50] += 5.0
+        unsampled = torch.ones(z.numel(), dtype=torch.bool).index_fill_(0, sampled, False).nonzero().squeeze(1)
+        flat[unsampled[torch.randperm(len(unsampled))[:150]]] += 10.0
     rows, cols, values = batch_topk_entries(z, 150, sample_size=400)
     assert torch.equal(dense(rows, cols, values, z.shape), batch_topk(z, 150))
     assert in_row_column_order(rows, cols, z.shape[1])
+
+
+def test_the_sample_spreads_over_every_column_even_where_the_step_shares_a_factor_with_the_width():
+    positions = kernels.sample_positions((64, 100), 800)  # a step of 8 would visit 25 columns only
+    assert len(positions) >= 700
+    assert len(torch.unique(positions % 100)) == 100 and len(torch.unique(positions // 100)) == 64
 
 
 def test_batch_topk_entries_fill_ties_to_exactly_k():

@@ -102,6 +102,21 @@ def test_frozen_rows_stay_bit_identical_while_everything_else_trains(autocast):
     torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(128))
 
 
+def test_decoder_gradient_loses_only_its_component_along_each_row(model):
+    model.train()
+    with torch.no_grad():
+        model.W_dec.mul_(torch.rand(128, 1) + 0.5)  # rows off unit norm: the projection must divide by ‖W_j‖²
+    model(torch.randn(64, 16) * 2).loss.backward()
+    grad = model.W_dec.grad.clone()
+    model.remove_parallel_decoder_grad()
+    W, after = model.W_dec.detach(), model.W_dec.grad
+    assert ((after * W).sum(1).abs() <= 1e-5 * grad.norm(dim=1) * W.norm(dim=1)).all()  # orthogonal up to rounding
+    removed = grad - after
+    parallel = W * ((grad * W).sum(1) / (W * W).sum(1)).unsqueeze(1)
+    torch.testing.assert_close(removed, parallel, rtol=1e-4, atol=1e-6)
+    assert removed.abs().max() > 1e-4  # there was a parallel part to remove
+
+
 def test_dense_core_never_masks_the_core_and_keeps_k_noncore_per_row(model):
     model.train()
     x = torch.randn(64, 16)
