@@ -168,7 +168,7 @@ class SparseEncode(torch.autograd.Function):
             # others it keeps are zeros after ReLU either way.
             core = F.relu(pre[:, :start]).float()
             rows, cols, values = batch_topk_entries(pre[:, start:], k_total)
-            cols, values = cols + start, F.relu(values).float()
+            cols, values = cols.add_(start), values.relu_().float()  # fresh from the selection: in place
             by_col = stable_order(cols, W_enc.shape[0])
         ctx.save_for_backward(x_c, W_enc, core, rows, cols, values, by_col)
         ctx.frozen_rows = W_frozen.shape[0]

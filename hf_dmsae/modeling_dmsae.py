@@ -255,17 +255,18 @@ class DMSAEModel(PreTrainedModel):
                                                               self.config.topk_per_row * batch)  # fmt: skip
         prefix_losses, reconstruction = sparse_matryoshka_losses(x, core, rows, cols, values, by_col, self.W_dec,
                                                                  self.b_dec, self.config.prefix_ends)  # fmt: skip
-        active = values > 0
+        active, core_active = values > 0, core > 0  # counted by count_nonzero: a bool sum copies to int64 first
         fired = torch.zeros(n, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
-        fired[:start] |= (core > 0).any(0)
-        core_entries = (active & (cols < c)).sum()
+        fired[:start] |= core_active.any(0)
+        core_entries = torch.count_nonzero(active & (cols < c))
         latents = None
         if return_latents:
             kept = torch.zeros(batch, n - start, device=x.device, dtype=values.dtype)
             latents = torch.cat([core, kept.index_put((rows, cols - start), values)], dim=1)
         return _Pass(
             prefix_losses=prefix_losses, reconstruction=reconstruction, latents=latents, fired=fired, kept_values=values,
-            l0_core=((core[:, :c] > 0).sum() + core_entries) / batch, l0_noncore=(active.sum() - core_entries) / batch,
+            l0_core=(torch.count_nonzero(core_active[:, :c]) + core_entries) / batch,
+            l0_noncore=(torch.count_nonzero(active) - core_entries) / batch,
             preactivations_of=lambda index: F.relu(F.linear(x - self.b_dec, self.W_enc[index],
                                                             self.encoder_bias[index])),
         )  # fmt: skip
