@@ -121,9 +121,9 @@ def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor | None:  # fmt: skip
     """On a CPU, an uninitialised tensor that this thread's next call for `name` hands out again (the same memory,
     grown as needed); elsewhere `None`, the `out=` that makes a fresh tensor. For the step's large temporaries (the
-    `[B, n]` pre-activations and candidates' mask, the prefixes' residuals): a fresh CPU tensor of that size is
-    mapped anew by the OS at every step, and its page faults cost as much as ~15% of the encoder's matmul (on CUDA
-    the caching allocator reuses blocks already). Nothing a step returns may point into one; what a backward reads
+    `[B, n]` pre-activations and candidates' mask, the matmul's centred inputs and whole encoder, the prefixes'
+    residuals): a fresh CPU tensor of that size is mapped anew by the OS at every step, and its page faults cost as
+    much as ~15% of the encoder's matmul (on CUDA the caching allocator reuses blocks already). Nothing a step returns may point into one; what a backward reads
     from one must check that its `_version` (shared by every view of the buffer) has not moved since."""
     if device.type != "cpu":
         return None
@@ -138,7 +138,7 @@ def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype,
 
 def release_reused_buffers() -> None:
     """Free this thread's reused buffers (held from one training step to the next; `DMSAETrainer` releases them when
-    training ends). At the paper's scale on a CPU they hold ~1.5 GB through each step's backward."""
+    training ends). At the paper's scale on a CPU they hold ~2.2 GB between steps."""
     _reused.__dict__.pop("buffers", None)
 
 
@@ -149,8 +149,9 @@ class SparseEncode(torch.autograd.Function):
 
     Backward touches only the kept entries and the core: `∂W_enc`, `∂b_enc` and `∂b_dec` without a dense `[B, n]`
     gradient. `∂b_dec = −(Σ_rows ∂pre) W_enc = −∂b_enc · W_enc` needs no per-row gradient; the per-row `∂x` (one
-    more pass over the kept entries) is built only when `x` requires it. The frozen rows get no gradient (they are
-    not an input)."""
+    more pass over the kept entries) is built only when `x` requires it; `∂W_enc` bags the rows of `x`, less a
+    rank-one `∂b_enc ⊗ b_dec`, so the centred inputs need not outlive the forward. The frozen rows get no gradient
+    (a buffer, not a parameter)."""
 
     @staticmethod
     def forward(ctx, x, b_dec, W_frozen, W_trainable, b_enc, start: int, k_total: int):
@@ -158,10 +159,14 @@ class SparseEncode(torch.autograd.Function):
             compute_dtype = torch.get_autocast_dtype("cpu" if x.device.type == "cpu" else x.device.type)
             autocast = torch.is_autocast_enabled(x.device.type)
             dtype = compute_dtype if autocast else x.dtype
-            x_c = x - b_dec
-            W_enc = torch.cat([W_frozen, W_trainable]).to(dtype)
-            shape = (x.shape[0], W_enc.shape[0])
-            out = reused_cpu_buffer("preactivations", shape, dtype, x.device)
+            # The centred inputs and the whole encoder serve the matmul only (the backward reads x, b_dec and the
+            # two blocks of rows): on a CPU in reused buffers.
+            x_c = torch.sub(x, b_dec, out=reused_cpu_buffer("centred inputs", x.shape, torch.result_type(x, b_dec),
+                                                            x.device))  # fmt: skip
+            n = W_frozen.shape[0] + W_trainable.shape[0]
+            W_enc = torch.cat([W_frozen.to(dtype), W_trainable.to(dtype)],
+                              out=reused_cpu_buffer("encoder", (n, x.shape[1]), dtype, x.device))  # fmt: skip
+            out = reused_cpu_buffer("preactivations", (x.shape[0], n), dtype, x.device)
             pre = torch.addmm(b_enc.to(dtype), x_c.to(dtype), W_enc.T, out=out)
             # ReLU on what is kept only (new tensors: nothing returned or saved may point into a reused buffer). The
             # selection on the raw values keeps the same positive entries; where fewer than k_total are positive, the
@@ -169,41 +174,43 @@ class SparseEncode(torch.autograd.Function):
             core = F.relu(pre[:, :start]).float()
             rows, cols, values = batch_topk_entries(pre[:, start:], k_total)
             cols, values = cols.add_(start), values.relu_().float()  # fresh from the selection: in place
-            by_col = stable_order(cols, W_enc.shape[0])
-        ctx.save_for_backward(x_c, W_enc, core, rows, cols, values, by_col)
-        ctx.frozen_rows = W_frozen.shape[0]
+            by_col = stable_order(cols, n)
+        ctx.save_for_backward(x, b_dec, W_frozen, W_trainable, core, rows, cols, values, by_col)
         ctx.mark_non_differentiable(rows, cols, by_col)
         return core, rows, cols, values, by_col
 
     @staticmethod
     def backward(ctx, grad_core, grad_rows, grad_cols, grad_values, grad_by_col):
-        x_c, W_enc, core, rows, cols, values, by_col = ctx.saved_tensors
-        batch, d = x_c.shape
-        n, f, start = W_enc.shape[0], ctx.frozen_rows, core.shape[1]
+        x, b_dec, W_frozen, W_trainable, core, rows, cols, values, by_col = ctx.saved_tensors
+        batch, d = x.shape
+        f, start = W_frozen.shape[0], core.shape[1]
+        n = f + W_trainable.shape[0]
         grad_values = grad_values * (values > 0)  # ReLU: kept zeros pass no gradient
         grad_core = grad_core * (core > 0) if grad_core is not None else torch.zeros_like(core)
-        W = W_enc.float()
 
-        grad_b_enc = torch.zeros(n, device=x_c.device).index_add_(0, cols, grad_values)
+        grad_b_enc = torch.zeros(n, device=x.device).index_add_(0, cols, grad_values)
         grad_b_enc[:start] += grad_core.sum(0)
 
         grad_x = grad_b_dec = None
         if ctx.needs_input_grad[0]:  # ∂x = (∂pre) W_enc: the dense core part, plus a bag over the kept entries
-            grad_x = grad_core @ W[:start] if start else torch.zeros(batch, d, device=x_c.device)
+            W = torch.cat([W_frozen, W_trainable]).float()
+            grad_x = grad_core @ W[:start] if start else torch.zeros(batch, d, device=x.device)
             grad_x = grad_x + F.embedding_bag(cols, W, bag_bounds(rows, batch)[:-1], mode="sum",
                                               per_sample_weights=grad_values)  # fmt: skip
-            grad_x = grad_x.to(x_c.dtype)
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_b_dec = -(grad_b_enc @ W).to(x_c.dtype)
+            grad_b_dec = -(grad_b_enc[:f] @ W_frozen.float() + grad_b_enc[f:] @ W_trainable.float()).to(b_dec.dtype)
 
-        # ∂W_enc[j] = Σ over kept entries of latent j of ∂pre · x_c[row]: entries sorted by column, bagged over x_c.
+        # ∂W_enc = (∂pre)ᵀ (x − b_dec) = (∂pre)ᵀ x − ∂b_enc ⊗ b_dec: over the kept entries sorted by column, a bag
+        # of the rows of x, then one rank-one update.
         grad_W = None
         if ctx.needs_input_grad[3]:
-            grad_W = F.embedding_bag(rows.index_select(0, by_col), x_c.float(), bag_bounds(cols, n)[:-1], mode="sum",
+            x32 = x.float()
+            grad_W = F.embedding_bag(rows.index_select(0, by_col), x32, bag_bounds(cols, n)[:-1], mode="sum",
                                      per_sample_weights=grad_values.index_select(0, by_col))  # fmt: skip
             if start > f:  # trainable core rows see the dense core gradient
-                grad_W[f:start] += grad_core[:, f:].T @ x_c.float()
-            grad_W = grad_W[f:].to(W_enc.dtype)
+                grad_W[f:start] += grad_core[:, f:].T @ x32
+            grad_W = grad_W[f:].addr_(grad_b_enc[f:], b_dec.float(), alpha=-1).to(W_trainable.dtype)
         return grad_x, grad_b_dec, None, grad_W, grad_b_enc, None, None
 
 
