@@ -214,11 +214,15 @@ class SparseEncode(torch.autograd.Function):
         return grad_x, grad_b_dec, None, grad_W, grad_b_enc, None, None
 
 
+BLOCKED_DECODE_DEVICES = {"cpu"}
+"""Devices where the decoder's bag sums are computed in blocks of about `DECODE_BLOCK_BYTES`, each added into the
+residuals as it comes: all `G · B` sums at once are a fresh allocation of `G · B · d` values (47 MB at the bench's
+4096 latents), which a CPU's OS maps anew at every step, at twice the cost of the sums' arithmetic, while a block
+that size is reused from the heap (decoder and residuals 14 ms instead of 30). Elsewhere one `embedding_bag`: the
+blocks' bounds would be read back from the device, and a GPU's caching allocator reuses the whole output."""
+
 DECODE_BLOCK_BYTES = 2**20
-"""On a CPU the decoder's bag sums are computed in blocks of about this size, each added into the residuals as it
-comes: all `G · B` sums at once are a fresh allocation of `G · B · d` values (47 MB at the bench's 4096 latents),
-which the OS maps anew at every step, at twice the cost of the sums' arithmetic; a block this size is reused from
-the heap (bench: the decoder and residuals 14 ms instead of 30)."""
+"""About the size of those blocks (455 rows of 576 fp32 values): one freed at a time stays in the heap."""
 
 
 class SparseMatryoshkaLoss(torch.autograd.Function):
@@ -289,9 +293,8 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
 
 def _prefix_residuals(x, core_latents, values, W_dec, b_dec, cols_by_bag, order, bounds, groups: int) -> torch.Tensor:
     """`x̂_g − x` for every prefix, `[G, B, d]` in fp32 (a reused buffer on a CPU): `b_dec + core · W_dec[:c] − x`,
-    then each group's bag sums added to the previous prefix's residuals, block by block on a CPU
-    (`DECODE_BLOCK_BYTES`), in one `embedding_bag` elsewhere (where reading the blocks' bounds would wait for the
-    device)."""
+    then each group's bag sums added to the previous prefix's residuals (block by block on a CPU:
+    `BLOCKED_DECODE_DEVICES`)."""
     (batch, d), start = x.shape, core_latents.shape[1]
     # In the decoder's dtype (bf16 weights under FSDP's mixed precision): embedding_bag needs matching dtypes.
     weights = values.index_select(0, order).to(W_dec.dtype)
@@ -313,7 +316,7 @@ def _prefix_residuals(x, core_latents, values, W_dec, b_dec, cols_by_bag, order,
 
 def _bag_sums(cols_by_bag, W_dec, weights, bounds, groups: int, batch: int):
     """The bags' sums `Σ a_j W_dec[j]`, group by group, as `(group, first row, sums [rows, d])`."""
-    if bounds.device.type != "cpu":
+    if bounds.device.type not in BLOCKED_DECODE_DEVICES:
         sums = F.embedding_bag(cols_by_bag, W_dec, bounds[:-1], mode="sum", per_sample_weights=weights)
         yield from ((group, 0, block) for group, block in enumerate(sums.view(groups, batch, -1)))
         return

@@ -24,12 +24,15 @@ def selection(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["one block per group", "blocks of 7 rows"])
+@pytest.fixture(params=["one block per group", "blocks of 7 rows", "one call"])
 def decode_blocks(request, monkeypatch):
-    """The decoder's sums on a CPU in one block per Matryoshka group (the tests' 16-d rows), or in blocks of 7 rows,
-    which split every group unevenly (as the bench's 455-row blocks split its 4096 rows)."""
+    """The decoder's sums on a CPU in one block per Matryoshka group (the tests' 16-d rows), in blocks of 7 rows,
+    which split every group unevenly (as the bench's 455-row blocks split its 4096 rows), or in the one call GPUs
+    make."""
     if request.param == "blocks of 7 rows":
         monkeypatch.setattr(kernels, "DECODE_BLOCK_BYTES", 7 * 16 * 4)
+    if request.param == "one call":
+        monkeypatch.setattr(kernels, "BLOCKED_DECODE_DEVICES", set())
     return request.param
 
 
