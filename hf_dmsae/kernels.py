@@ -329,6 +329,8 @@ def _bag_sums(cols_by_bag, W_dec, weights, bounds, groups: int, batch: int):
         offsets = bounds[first_bags[i] : first_bags[i + 1]] - low
         yield group, row, F.embedding_bag(cols_by_bag[low:high], W_dec, offsets, mode="sum",
                                           per_sample_weights=weights[low:high])  # fmt: skip
+
+
 def sparse_matryoshka_losses(x, core_latents, rows, cols, values, by_col, W_dec, b_dec, group_ends: list[int]):
     """`SparseMatryoshkaLoss` for the Matryoshka groups ending at `group_ends` (in latents), from kept entries in
     (row, column) order: `(losses [G], reconstruction [B, d])`."""

@@ -1,6 +1,6 @@
 """Speed of a DMSAE training step against its peers, and of harvesting and attribution, on this machine.
 
-    python scripts/bench.py [--sizes 4096 16384] [--steps 7] [--cycle_tokens 65536] [--out reports/bench.json]
+    python scripts/bench.py [--sizes 4096 16384] [--steps 11] [--cycle_tokens 65536] [--out reports/bench.json]
 
 Training steps: the same in-memory activations (d_in 576, batch 4096 tokens, k 64, Matryoshka groups 1/32, 1/16,
 1/8, 1/4 and the rest, fp32, all threads), full steps (forward, every prefix loss, AuxK, backward, optimiser step
@@ -375,7 +375,8 @@ def paper_scale_memory(out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384], help="dictionary sizes to time")
-    parser.add_argument("--steps", type=int, default=7, help="timed rounds (one step of each implementation each)")
+    parser.add_argument("--steps", type=int, default=11,
+                        help="timed rounds (one step of each implementation each; medians over them)")
     parser.add_argument("--out", default="reports/bench.json", help="where the JSON report goes")
     parser.add_argument("--cycle_config", default="configs/smollm2-135m.json",
                         help="the distillation whose cycles are timed stage by stage (default: the embedded default)")
