@@ -147,8 +147,10 @@ class SynchronisingCalls(TorchDispatchMode):
 @pytest.mark.parametrize("sparsity", ["dense_core", "sparse_core"])
 def test_a_training_step_never_waits_for_the_device_outside_logging(caches, tmp_path, sparsity, monkeypatch):
     """Forward, backward, the decoder's projection and renormalisation, the dead counters, the threshold and the
-    logged metrics of every step, with dead latents (AuxK live), as CUDA runs them (one-topk selection)."""
+    logged metrics of every step, with dead latents (AuxK live), as CUDA runs them (one-topk selection, the decoder's
+    sums in one call)."""
     monkeypatch.setattr(kernels, "ONE_TOPK_DEVICES", {"cpu"})
+    monkeypatch.setattr(kernels, "BLOCKED_DECODE_DEVICES", set())
     train, _ = caches
     model = core_model(train.norm_factor)
     model.config.sparsity = sparsity
@@ -159,9 +161,17 @@ def test_a_training_step_never_waits_for_the_device_outside_logging(caches, tmp_
     step, renormalise = trainer.training_step, trainer.sae.normalize_decoder
     steps = []
 
+    tolist = torch.Tensor.tolist
+
+    def read_back(tensor):  # reads values back without an op the dispatch mode sees
+        caller = traceback.extract_stack()[-2]
+        counter.calls.append(f"tolist at {Path(caller.filename).name}:{caller.lineno}")
+        return tolist(tensor)
+
     def counted(function):
         def run(*args, **kwargs):
-            with counter:
+            with counter, monkeypatch.context() as patch:
+                patch.setattr(torch.Tensor, "tolist", read_back)
                 return function(*args, **kwargs)
         return run
 
