@@ -338,7 +338,8 @@ class DMSAEModel(PreTrainedModel):
         W, grad = self.W_dec, self.W_dec.grad
         if grad is None:
             return
-        along = torch.linalg.vecdot(grad, W) / torch.linalg.vecdot(W, W)  # (g · u) / ‖W‖ for u = W / ‖W‖
+        # (g · u) / ‖W‖ for u = W / ‖W‖; the norm reduces without a [n, d] temporary, as vecdot(W, W) would not
+        along = torch.linalg.vecdot(grad, W) / torch.linalg.vector_norm(W, dim=1).square()
         grad.addcmul_(W, along.unsqueeze(1), value=-1)
 
     @torch.no_grad()
