@@ -54,6 +54,8 @@ dynamics: demo synthetic
 	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic \
 		--budgets 250000 1000000 5000000
 
+# Training-step speed against SAELens, dictionary_learning and the encoder limit, harvest and attribution speed, and
+# a distillation's stages (about 16 min on 2 CPU cores), into reports/bench.json.
 bench: setup
 	$(BIN)/python scripts/bench.py --out reports/bench.json
 
