@@ -123,8 +123,9 @@ def reused_cpu_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype,
     grown as needed); elsewhere `None`, the `out=` that makes a fresh tensor. For the step's large temporaries (the
     `[B, n]` pre-activations and candidates' mask, the matmul's centred inputs and whole encoder, the prefixes'
     residuals): a fresh CPU tensor of that size is mapped anew by the OS at every step, and its page faults cost as
-    much as ~15% of the encoder's matmul (on CUDA the caching allocator reuses blocks already). Nothing a step returns may point into one; what a backward reads
-    from one must check that its `_version` (shared by every view of the buffer) has not moved since."""
+    much as ~15% of the encoder's matmul (on CUDA the caching allocator reuses blocks already). Nothing a step
+    returns may point into one; what a backward reads from one must check that its `_version` (shared by every view
+    of the buffer) has not moved since."""
     if device.type != "cpu":
         return None
     size = math.prod(shape)
