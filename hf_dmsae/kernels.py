@@ -265,10 +265,11 @@ class SparseMatryoshkaLoss(torch.autograd.Function):
             table = _prefix_residuals(x, core_latents, values, W_dec, b_dec, cols_by_bag, order, bounds, groups)
         if grad_losses is None:
             table.zero_()
-        else:
-            table *= ((2 / batch) * grad_losses.float()).view(-1, 1, 1)  # ∂L_g/∂x̂_g
-        for group in range(groups - 2, -1, -1):
-            table[group] += table[group + 1]
+        else:  # ∂L_g/∂x̂_g = (2/B) ∂L/∂L_g (x̂_g − x); group g's bags get their sum over g' ≥ g (one pass each)
+            scale = (2 / batch) * grad_losses.float()
+            table[-1] *= scale[-1]
+            for group in range(groups - 2, -1, -1):
+                torch.addcmul(table[group + 1], table[group], scale[group], out=table[group])
         grad_x = -table[0].to(x.dtype) if ctx.needs_input_grad[0] else None  # before x̂'s own gradient: not x's
         if grad_reconstruction is not None:  # x̂_{G−1} holds every group's entries
             table += grad_reconstruction.float()
