@@ -13,7 +13,7 @@ and the limit: one dense encoder matmul + ReLU. Peers that cannot be imported ar
 Harvesting: the embedded SmolLM2 run to the middle layer only vs a full forward with hidden states. Attribution:
 scoring an SAE (4096 latents) from cached (x, g) pairs, as every cycle does after the one-time harvest, vs what each
 scoring would cost without the cache: the LM's forward + backward to the hooked activation.
-Peak memory is the rise of the process's resident set during an implementation's steps.
+Peak memory is the rise of the process's resident set during one more step of each implementation, untimed.
 Distillation cycles: a real run of the embedded default (`configs/smollm2-135m.json`, cycles 0 and 1 with fewer
 tokens, in a fresh folder and cache), each cycle's seconds and tokens/s per stage as its state records them:
 harvest (LM forward into the activation cache), train, attribution (scoring from the cached pairs), evaluation.
@@ -171,14 +171,16 @@ def training_steps(sizes: list[int], rounds: int) -> list[dict]:
                 rows[name] = {"name": name, "dict_size": n, "error": f"{type(error).__name__}: {error}"[:300]}
                 steps.pop(name, None)
         times = {name: [] for name in steps}
-        memory = dict.fromkeys(steps, 0.0)
         for _ in range(rounds):
             for name, step in steps.items():
-                with PeakMemory() as peak:
-                    start = time.perf_counter()
-                    step(x)
-                    times[name].append(time.perf_counter() - start)
-                memory[name] = max(memory[name], peak.rise_mb)
+                start = time.perf_counter()
+                step(x)
+                times[name].append(time.perf_counter() - start)
+        memory = {}
+        for name, step in steps.items():  # a round of its own: the sampling thread slows a step by 3–7%
+            with PeakMemory() as peak:
+                step(x)
+            memory[name] = peak.rise_mb
         limit = statistics.median(times["limit (encoder matmul + ReLU)"])
         for name in steps:
             median = statistics.median(times[name])
