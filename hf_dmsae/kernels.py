@@ -80,7 +80,7 @@ def sample_positions(shape: tuple[int, int], size: int) -> torch.Tensor:
 
 
 def _gather_2d(z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """`z[rows, cols]`; for a view with unit column stride (the `[B, n]` pre-activations past the core), by one 1-D
+    """`z[rows, cols]`; for a tensor with unit column stride (the `[B, n]` pre-activations, or a view of them), by one 1-D
     `index_select` over the memory the rows span, about twice as fast on a CPU as two-index indexing."""
     if z.stride(1) != 1 or len(rows) == 0:
         return z[rows, cols]
@@ -173,8 +173,11 @@ class SparseEncode(torch.autograd.Function):
             # selection on the raw values keeps the same positive entries; where fewer than k_total are positive, the
             # others it keeps are zeros after ReLU either way.
             core = F.relu(pre[:, :start]).float()
-            rows, cols, values = batch_topk_entries(pre[:, start:], k_total)
-            cols, values = cols.add_(start), values.relu_().float()  # fresh from the selection: in place
+            # The core's columns (copied out above) are never selected: BatchTopK over the whole buffer, so that a
+            # GPU's one topk flattens it without copying the [B, n − c] rest (1 GB at the paper's scale).
+            pre[:, :start] = -math.inf
+            rows, cols, values = batch_topk_entries(pre, min(k_total, x.shape[0] * (n - start)))
+            values = values.relu_().float()  # fresh from the selection: in place
             by_col = stable_order(cols, n)
         ctx.save_for_backward(x, b_dec, W_frozen, W_trainable, core, rows, cols, values, by_col)
         ctx.mark_non_differentiable(rows, cols, by_col)
