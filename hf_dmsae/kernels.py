@@ -80,8 +80,8 @@ def sample_positions(shape: tuple[int, int], size: int) -> torch.Tensor:
 
 
 def _gather_2d(z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """`z[rows, cols]`; for a tensor with unit column stride (the `[B, n]` pre-activations, or a view of them), by one 1-D
-    `index_select` over the memory the rows span, about twice as fast on a CPU as two-index indexing."""
+    """`z[rows, cols]`; for a tensor with unit column stride (the `[B, n]` pre-activations, or a view of them), by
+    one 1-D `index_select` over the memory the rows span, about twice as fast on a CPU as two-index indexing."""
     if z.stride(1) != 1 or len(rows) == 0:
         return z[rows, cols]
     spanned = torch.as_strided(z, ((len(z) - 1) * z.stride(0) + z.shape[1],), (1,))
