@@ -1,6 +1,7 @@
 """The sparse kernels against the plain reference they replace."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -79,6 +80,19 @@ def test_batch_topk_entries_fill_ties_to_exactly_k():
     z[:, :3] = 1.0  # 48 positive entries, 52 more wanted: they are zeros
     rows, cols, values = batch_topk_entries(z, 100)
     assert len(values) == 100 and int((values > 0).sum()) == 48
+
+
+@pytest.mark.parametrize(
+    "high, low",
+    [(0.8, 0.6), (0.5, 0.3), (0.95, 0.85), (0.7, 0.7), (math.inf, -math.inf)],
+    ids=["bracket-holds", "all-above-high", "too-few-reach-low", "bracket-on-a-tie", "no-bracket"],
+)
+def test_the_kth_largest_candidate_is_exact_whether_the_bracket_holds_or_not(high, low):
+    torch.manual_seed(0)
+    values = torch.rand(1000).mul_(20).round_().div_(20)  # many repeats, some at the bracket's ends
+    for k in (1, 150, 300, 1000):
+        expected = values.kthvalue(len(values) - k + 1).values
+        assert kernels._kth_largest(values, k, high, low) == expected, k
 
 
 def paired_models(**overrides):
