@@ -71,14 +71,18 @@ def batch_topk_entries(z: torch.Tensor, k_total: int, sample_size: int = SAMPLE_
     if k_total:
         high, low = (_sorted_value(top, math.floor((1 - side * SAMPLE_BRACKET) * share)) for side in (1, -1))
         threshold = _kth_largest(values, k_total, high, low)
-        # Everything above the threshold, then as many entries equal to it as fill k_total (ties in (row, column)
-        # order).
+        # Everything above the threshold, then as many equal to it as fill k_total (ties in (row, column) order).
         chosen = values > threshold
         if missing := k_total - int(torch.count_nonzero(chosen)):
             chosen[torch.nonzero(values == threshold).squeeze(1)[:missing]] = True
         keep = torch.nonzero(chosen).squeeze(1)
         flat, values = flat.index_select(0, keep), values.index_select(0, keep)
-    return flat.div(width, rounding_mode="floor"), flat.remainder(width), values
+    return *_rows_and_columns(flat, width), values
+
+
+def _rows_and_columns(flat: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows and columns of flat positions in a tensor `width` columns wide."""
+    return flat.div(width, rounding_mode="floor"), flat.remainder(width)
 
 
 def _sorted_value(top: torch.Tensor, depth: int) -> float:
@@ -115,7 +119,7 @@ def _batch_topk_entries_in_one_topk(z: torch.Tensor, k_total: int):
     would wait for the device, while one large `topk` is fast there."""
     values, flat = z.flatten().topk(k_total, sorted=False)
     flat, order = flat.sort()
-    return flat.div(z.shape[1], rounding_mode="floor"), flat.remainder(z.shape[1]), values.index_select(0, order)
+    return *_rows_and_columns(flat, z.shape[1]), values.index_select(0, order)
 
 
 def stable_order(keys: torch.Tensor, bound: int) -> torch.Tensor:
