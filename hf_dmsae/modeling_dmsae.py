@@ -257,7 +257,7 @@ class DMSAEModel(PreTrainedModel):
                                                                  self.b_dec, self.config.prefix_ends)  # fmt: skip
         active, core_active = values > 0, core > 0  # counted by count_nonzero: a bool sum copies to int64 first
         fired = torch.zeros(n, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
-        fired[:start] |= core_active.any(0)
+        fired[:start] |= core.sum(0) > 0  # core ≥ 0: as any(0), which reduces across rows ~20x slower on a CPU
         core_entries = torch.count_nonzero(active & (cols < c))
         latents = None
         if return_latents:

@@ -203,9 +203,10 @@ def test_dead_counters_count_tokens_since_each_latent_fired(model):
     model.train()
     with torch.no_grad():
         model.b_enc[50] = -1e6  # latent 50 can never fire
+        model.b_enc[3] = -1e6  # nor core latent 3 (counted from the dense core, not the kept entries)
     for _ in range(3):
         latents = model(torch.randn(32, 16)).latents
-    assert model.tokens_since_fired[50] == 96
+    assert model.tokens_since_fired[50] == 96 and model.tokens_since_fired[3] == 96
     fired_last = (latents > 0).any(0)
     assert (model.tokens_since_fired[fired_last] == 0).all()
 
