@@ -16,6 +16,24 @@ import torch  # noqa: E402
 from hf_dmsae import DMSAEConfig, DMSAEModel  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="where the tests that take the `device` fixture run their models and tensors (e.g. cuda); "
+                          "the others run on the CPU")  # fmt: skip
+
+
+def pytest_configure(config):
+    if torch.device(config.getoption("--device")).type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device (a CPU build of torch, or no GPU)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of `--device`: the sparse kernels, the reference they are checked against, the frozen rows and
+    the training step's synchronisation are tested there (CUDA on a GPU machine; the CPU in CI)."""
+    return torch.device(request.config.getoption("--device"))
+
+
 def tiny_config(**overrides) -> DMSAEConfig:
     """A small DMSAE config: 16-d inputs, 128 latents, a core of 8."""
     core_size = overrides.pop("core_size", 8)

@@ -14,26 +14,25 @@ from hf_dmsae.sparsity import batch_topk
 
 
 def dense(rows, cols, values, shape):
-    return torch.zeros(shape).index_put((rows, cols), values)
+    return torch.zeros(shape, device=values.device).index_put((rows, cols), values)
 
 
 @pytest.fixture(params=["sampled bound", "one topk"])
-def selection(request, monkeypatch):
-    """Either selection of `batch_topk_entries`: the CPU's search above a sampled bound, or the one topk CUDA runs."""
-    if request.param == "one topk":
-        monkeypatch.setattr(kernels, "ONE_TOPK_DEVICES", {"cpu"})
+def selection(request, monkeypatch, device):
+    """Either selection of `batch_topk_entries`, on the tests' device: the CPU's search above a sampled bound, or
+    the one topk CUDA runs."""
+    monkeypatch.setattr(kernels, "ONE_TOPK_DEVICES", {device.type} if request.param == "one topk" else set())
     return request.param
 
 
 @pytest.fixture(params=["one block per group", "blocks of 7 rows", "one call"])
-def decode_blocks(request, monkeypatch):
-    """The decoder's sums on a CPU in one block per Matryoshka group (the tests' 16-d rows), in blocks of 7 rows,
-    which split every group unevenly (as the bench's 455-row blocks split its 4096 rows), or in the one call GPUs
-    make."""
+def decode_blocks(request, monkeypatch, device):
+    """The decoder's sums as a CPU makes them, in one block per Matryoshka group (the tests' 16-d rows) or in blocks
+    of 7 rows, which split every group unevenly (as the bench's 455-row blocks split its 4096 rows), or in the one
+    call GPUs make; on the tests' device."""
     if request.param == "blocks of 7 rows":
         monkeypatch.setattr(kernels, "DECODE_BLOCK_BYTES", 7 * 16 * 4)
-    if request.param == "one call":
-        monkeypatch.setattr(kernels, "BLOCKED_DECODE_DEVICES", set())
+    monkeypatch.setattr(kernels, "BLOCKED_DECODE_DEVICES", set() if request.param == "one call" else {device.type})
     return request.param
 
 
@@ -43,18 +42,19 @@ def in_row_column_order(rows, cols, width):
 
 
 @pytest.mark.parametrize("k_total", [1, 37, 256, 1000])
-def test_batch_topk_entries_select_what_the_flat_sort_selects(k_total, selection):
-    z = torch.relu(torch.randn(64, 200))
+def test_batch_topk_entries_select_what_the_flat_sort_selects(k_total, selection, device):
+    z = torch.relu(torch.randn(64, 200)).to(device)
     rows, cols, values = batch_topk_entries(z, k_total)
     assert torch.equal(dense(rows, cols, values, z.shape), batch_topk(z, k_total))
     assert in_row_column_order(rows, cols, z.shape[1]), "∂x's bags rely on the row order"
 
 
 @pytest.mark.parametrize("inflated", ["sampled values", "unsampled values"])
-def test_batch_topk_entries_stay_exact_where_the_sample_misleads(inflated):
+def test_batch_topk_entries_stay_exact_where_the_sample_misleads(inflated, device, monkeypatch):
+    monkeypatch.setattr(kernels, "ONE_TOPK_DEVICES", set())  # the sampled bound on every device
     torch.manual_seed(0)
-    z = torch.rand(32, 100)
-    sampled = kernels.sample_positions(z.shape, 400)
+    z = torch.rand(32, 100).to(device)
+    sampled = kernels.sample_positions(z.shape, 400).to(device)
     # Inflated, the ~355 sampled values hold every large one: the bound read from them admits ~25 entries, then
     # ~100, fewer than 150, and is lowered twice (to every entry). Uninflated, values outside the sample hold the 150
     # largest.
@@ -62,8 +62,9 @@ def test_batch_topk_entries_stay_exact_where_the_sample_misleads(inflated):
     if inflated == "sampled values":
         flat[sampled] += 10.0
     else:
-        unsampled = torch.ones(z.numel(), dtype=torch.bool).index_fill_(0, sampled, False).nonzero().squeeze(1)
-        flat[unsampled[torch.randperm(len(unsampled))[:150]]] += 10.0
+        unsampled = torch.ones(z.numel(), dtype=torch.bool, device=device).index_fill_(0, sampled, False)
+        unsampled = unsampled.nonzero().squeeze(1)
+        flat[unsampled[torch.randperm(len(unsampled), device=device)[:150]]] += 10.0
     rows, cols, values = batch_topk_entries(z, 150, sample_size=400)
     assert torch.equal(dense(rows, cols, values, z.shape), batch_topk(z, 150))
     assert in_row_column_order(rows, cols, z.shape[1])
@@ -75,8 +76,8 @@ def test_the_sample_spreads_over_every_column_even_where_the_step_shares_a_facto
     assert len(torch.unique(positions % 100)) == 100 and len(torch.unique(positions // 100)) == 64
 
 
-def test_batch_topk_entries_fill_ties_to_exactly_k():
-    z = torch.zeros(16, 50)
+def test_batch_topk_entries_fill_ties_to_exactly_k(selection, device):
+    z = torch.zeros(16, 50, device=device)
     z[:, :3] = 1.0  # 48 positive entries, 52 more wanted: they are zeros
     rows, cols, values = batch_topk_entries(z, 100)
     assert len(values) == 100 and int((values > 0).sum()) == 48
@@ -95,7 +96,7 @@ def test_the_kth_largest_candidate_is_exact_whether_the_bracket_holds_or_not(hig
         assert kernels._kth_largest(values, k, high, low) == expected, k
 
 
-def paired_models(**overrides):
+def paired_models(device: torch.device = torch.device("cpu"), **overrides):
     if "frozen_rows" in overrides:  # from_core freezes whole cores; build a partly frozen one directly
         torch.manual_seed(0)
         sparse = DMSAEModel(tiny_config(**overrides))
@@ -105,7 +106,7 @@ def paired_models(**overrides):
         sparse = tiny_model(**overrides)
     reference = copy.deepcopy(sparse)
     reference.config.kernels = "reference"
-    return sparse, reference
+    return sparse.to(device), reference.to(device)
 
 
 @pytest.mark.parametrize(
@@ -118,12 +119,12 @@ def paired_models(**overrides):
     ],
     ids=["dense-core", "no-core", "sparse-core", "partly-frozen-core"],
 )
-def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides, selection, decode_blocks):
-    sparse, reference = paired_models(**overrides)
+def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides, selection, decode_blocks, device):
+    sparse, reference = paired_models(device, **overrides)
     for model in (sparse, reference):
         model.eval()  # BatchTopK (no threshold yet) without resetting the dead counters set here
         model.tokens_since_fired[60:90] = 10**9  # dead latents: the AuxK term is live
-    x = torch.randn(96, 16) * 2
+    x = torch.randn(96, 16, device=device) * 2
     x_sparse, x_reference = x.clone().requires_grad_(), x.clone().requires_grad_()  # ∂x: the path b_dec skips
     out_sparse, out_reference = sparse(x_sparse), reference(x_reference)
     for key in ("loss", "prefix_losses", "aux_loss", "latents", "reconstruction", "l0_core", "l0_noncore"):
@@ -142,13 +143,13 @@ def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides, se
     assert torch.equal(sparse.tokens_since_fired, reference.tokens_since_fired)
 
 
-def test_sparse_step_under_bf16_autocast_follows_the_reference():
-    sparse, reference = paired_models()
-    x = torch.randn(96, 16) * 2
+def test_sparse_step_under_bf16_autocast_follows_the_reference(device):
+    sparse, reference = paired_models(device)
+    x = torch.randn(96, 16, device=device) * 2
     losses = []
     for model in (sparse, reference):
         model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(x)
         out.loss.backward()
         losses.append(out.loss)
@@ -157,16 +158,17 @@ def test_sparse_step_under_bf16_autocast_follows_the_reference():
     assert cosine > 0.98
 
 
-def test_the_step_under_bf16_autocast_matches_fp32_within_bf16_rounding():
+def test_the_step_under_bf16_autocast_matches_fp32_within_bf16_rounding(device):
     """Tolerances: loss within 1% (measured ≤ 0.04% over 5 seeds), every gradient's cosine with fp32's ≥ 0.99
     (measured ≥ 0.997, the encoder's the lowest: its matmul runs in bf16), the same mask on ≥ 99% of entries (99.97%:
     only entries at the BatchTopK threshold flip)."""
-    fp32 = tiny_model(dict_size=512, d_in=64, core_size=16, core_ids=[f"c:{i}" for i in range(16)], k=16).train()
+    fp32 = tiny_model(dict_size=512, d_in=64, core_size=16, core_ids=[f"c:{i}" for i in range(16)], k=16)
+    fp32 = fp32.to(device).train()
     bf16 = copy.deepcopy(fp32)
-    x = torch.randn(512, 64) * 2
+    x = torch.randn(512, 64, device=device) * 2
     expected = fp32(x)
     expected.loss.backward()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         out = bf16(x)
     out.loss.backward()
     assert abs(float(out.loss) - float(expected.loss)) <= 0.01 * float(expected.loss)
@@ -184,11 +186,11 @@ def test_training_step_can_skip_the_dense_latents():
     assert out.latents is None and out.loss.requires_grad
 
 
-def test_the_sparse_step_runs_on_bf16_weights_as_fsdp_mixed_precision_holds_them():
-    sparse, reference = paired_models()
+def test_the_sparse_step_runs_on_bf16_weights_as_fsdp_mixed_precision_holds_them(device):
+    sparse, reference = paired_models(device)
     for model in (sparse, reference):
         model.train()
-    x = torch.randn(96, 16) * 2
+    x = torch.randn(96, 16, device=device) * 2
     out = sparse.to(torch.bfloat16)(x)  # FSDP2's MixedPrecisionPolicy(param_dtype=bf16) casts the parameters
     out.loss.backward()
     assert sparse.W_dec.grad.dtype == torch.bfloat16 and torch.isfinite(sparse.W_dec.grad.float()).all()

@@ -74,8 +74,8 @@ def test_autoconfig_knows_the_model_type():
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_frozen_rows_stay_bit_identical_while_everything_else_trains(autocast):
-    model = tiny_model()
+def test_frozen_rows_stay_bit_identical_while_everything_else_trains(autocast, device):
+    model = tiny_model().to(device)
     model.train()
     frozen = model.W_enc_frozen.clone()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -84,8 +84,8 @@ def test_frozen_rows_stay_bit_identical_while_everything_else_trains(autocast):
 
     generator = torch.Generator().manual_seed(1)
     for _ in range(50):
-        x = torch.randn(64, 16, generator=generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        x = torch.randn(64, 16, generator=generator).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(x).loss
         loss.backward()
         model.remove_parallel_decoder_grad()
@@ -99,7 +99,7 @@ def test_frozen_rows_stay_bit_identical_while_everything_else_trains(autocast):
     for name, p in model.named_parameters():
         assert not torch.equal(p, before[name]), f"{name} did not move"
     assert not torch.equal(model.b_enc[:8], before["b_enc"][:8]), "core encoder biases must train"
-    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(128))
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(128, device=device))
 
 
 def test_decoder_gradient_loses_only_its_component_along_each_row(model):

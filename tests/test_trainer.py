@@ -55,16 +55,17 @@ def training_args(tmp_path, **overrides) -> DMSAETrainingArguments:
     return DMSAETrainingArguments(**settings)
 
 
-def test_trainer_learns_with_a_frozen_core_under_bf16_and_weight_decay(caches, tmp_path):
+def test_trainer_learns_with_a_frozen_core_under_bf16_and_weight_decay(caches, tmp_path, device):
     train, held_out = caches
     model = core_model(train.norm_factor)
-    frozen = model.W_enc_frozen.clone()
-    args = training_args(tmp_path, bf16=True, weight_decay=0.1, max_steps=120, logging_steps=20)
+    frozen = model.W_enc_frozen.clone().to(device)
+    args = training_args(tmp_path, bf16=True, weight_decay=0.1, max_steps=120, logging_steps=20,
+                         use_cpu=device.type == "cpu")  # fmt: skip
     trainer = DMSAETrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
     trainer.train()
 
     assert torch.equal(model.W_enc_frozen.view(torch.int32), frozen.view(torch.int32))
-    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(256))
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(256, device=device))
     logs = [entry for entry in trainer.state.log_history if "fvu" in entry]
     assert len(logs) == 6
     expected = {"loss", "fvu", "aux_loss", "l0", "l0_core", "l0_noncore", "dead_fraction", "threshold"}
@@ -76,7 +77,8 @@ def test_trainer_learns_with_a_frozen_core_under_bf16_and_weight_decay(caches, t
 
     # The inference threshold ends calibrated on the first training rows, not at its lagging EMA.
     assert float(model.threshold) != logs[-1]["threshold"]
-    assert float(model.threshold) == copy.deepcopy(model).calibrate_threshold(train.sample(args.calibrate_threshold_rows))
+    rows = train.sample(args.calibrate_threshold_rows).to(device)
+    assert float(model.threshold) == copy.deepcopy(model).calibrate_threshold(rows)
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_fvu", "eval_l0_core", "eval_l0_noncore"} <= set(metrics)
     assert metrics["eval_fvu"] < 0.5
@@ -145,17 +147,18 @@ class SynchronisingCalls(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("sparsity", ["dense_core", "sparse_core"])
-def test_a_training_step_never_waits_for_the_device_outside_logging(caches, tmp_path, sparsity, monkeypatch):
+def test_a_training_step_never_waits_for_the_device_outside_logging(caches, tmp_path, sparsity, monkeypatch, device):
     """Forward, backward, the decoder's projection and renormalisation, the dead counters, the threshold and the
     logged metrics of every step, with dead latents (AuxK live), as CUDA runs them (one-topk selection, the decoder's
-    sums in one call)."""
-    monkeypatch.setattr(kernels, "ONE_TOPK_DEVICES", {"cpu"})
+    sums in one call). On CUDA, torch's own sync debug mode fails any step that waits for the device, too."""
+    monkeypatch.setattr(kernels, "ONE_TOPK_DEVICES", {device.type})
     monkeypatch.setattr(kernels, "BLOCKED_DECODE_DEVICES", set())
     train, _ = caches
     model = core_model(train.norm_factor)
     model.config.sparsity = sparsity
     model.tokens_since_fired[100:140] = 10**9
-    trainer = DMSAETrainer(model=model, args=training_args(tmp_path, max_steps=6, logging_steps=3), train_dataset=train)
+    args = training_args(tmp_path, max_steps=6, logging_steps=3, use_cpu=device.type == "cpu")
+    trainer = DMSAETrainer(model=model, args=args, train_dataset=train)
     assert not trainer.args.logging_nan_inf_filter, "the Trainer's own per-step loss check waits for the device"
     counter = SynchronisingCalls()
     step, renormalise = trainer.training_step, trainer.sae.normalize_decoder
@@ -172,7 +175,13 @@ def test_a_training_step_never_waits_for_the_device_outside_logging(caches, tmp_
         def run(*args, **kwargs):
             with counter, monkeypatch.context() as patch:
                 patch.setattr(torch.Tensor, "tolist", read_back)
-                return function(*args, **kwargs)
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.set_sync_debug_mode("default")
         return run
 
     monkeypatch.setattr(trainer, "training_step", counted(lambda *a, **k: steps.append(1) or step(*a, **k)))
