@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium test demo synthetic dynamics report bench clean
+.PHONY: setup chromium test demo synthetic dynamics report bench gpu-check clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,13 @@ dynamics: demo synthetic
 # a distillation's stages (about 16 min on 2 CPU cores), into reports/bench.json.
 bench: setup
 	$(BIN)/python scripts/bench.py --out reports/bench.json
+
+# On a GPU machine (set up with e.g. `make TORCH=torch setup`): the device tests (the sparse kernels against the
+# reference, bf16, the frozen rows, the Trainer's steps without a host sync) and the training steps' speed on CUDA,
+# up to 65 536 latents, into reports/bench-cuda.json.
+gpu-check: setup
+	$(BIN)/python -m pytest --device cuda tests/test_kernels.py tests/test_modeling.py tests/test_trainer.py
+	$(BIN)/python scripts/bench.py --device cuda --parts steps --sizes 4096 16384 65536 --out reports/bench-cuda.json
 
 clean:
 	rm -rf $(VENV) runs

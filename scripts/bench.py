@@ -1,9 +1,11 @@
 """Speed of a DMSAE training step against its peers, and of harvesting and attribution, on this machine.
 
     python scripts/bench.py [--sizes 4096 16384] [--steps 11] [--cycle_tokens 65536] [--out reports/bench.json]
+    python scripts/bench.py --device cuda --parts steps --sizes 4096 16384 65536 --out reports/bench-cuda.json
 
-Training steps: the same in-memory activations (d_in 576, batch 4096 tokens, k 64, Matryoshka groups 1/32, 1/16,
-1/8, 1/4 and the rest, fp32, all threads), full steps (forward, every prefix loss, AuxK, backward, optimiser step
+Training steps: the same in-memory activations (d_in 576, batch 4096 tokens, k 64 unless told, Matryoshka groups
+1/32, 1/16, 1/8, 1/4 and the rest, fp32, all threads), on the CPU or a CUDA device (each step timed to the device's
+end), full steps (forward, every prefix loss, AuxK, backward, optimiser step
 (ours: the Trainer's, fused AdamW), decoder norm) timed interleaved, one step of each implementation per round,
 medians over rounds, for:
 our DMSAE (sparse kernels, dense core of 2% of the dictionary and no core; the first under bf16 autocast too; the
@@ -13,7 +15,8 @@ and the limit: one dense encoder matmul + ReLU. Peers that cannot be imported ar
 Harvesting: the embedded SmolLM2 run to the middle layer only vs a full forward with hidden states. Attribution:
 scoring an SAE (4096 latents) from cached (x, g) pairs, as every cycle does after the one-time harvest, vs what each
 scoring would cost without the cache: the LM's forward + backward to the hooked activation.
-Peak memory is the rise of the process's resident set during one more step of each implementation, untimed.
+Peak memory is the rise of the process's resident set (on CUDA: of the memory torch's allocator holds) during one
+more step of each implementation, untimed.
 Distillation cycles: a real run of the embedded default (`configs/smollm2-135m.json`, cycles 0 and 1 with fewer
 tokens, in a fresh folder and cache), each cycle's seconds and tokens/s per stage as its state records them:
 harvest (LM forward into the activation cache), train, attribution (scoring from the cached pairs), evaluation.
@@ -36,6 +39,7 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -46,15 +50,41 @@ from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, matryoshka_group_sizes
 from hf_dmsae.trainer import DMSAETrainingArguments
 
-D_IN, BATCH, K = 576, 4096, 64
+@dataclass(frozen=True)
+class StepSetting:
+    """What every timed training step runs on."""
+
+    d_in: int = 576
+    """Width of the activations."""
+    batch: int = 4096
+    """Tokens per step."""
+    k: int = 64
+    """Kept latents per token (BatchTopK's average)."""
+    device: torch.device = torch.device("cpu")
+    """Where the activations, the models and the optimisers live."""
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer read next measures it (a CUDA host runs ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class PeakMemory:
-    """Peak rise of the resident set size while the block runs (sampled every millisecond)."""
+    """Peak rise of the resident set size while the block runs (sampled every millisecond); on CUDA, of the memory
+    torch's allocator holds on the device."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")):
+        self.device = device
 
     def __enter__(self):
         self.process, self.base, self.peak, self.running = psutil.Process(), 0, 0, True
         gc.collect()
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
         self.base = self.peak = self.process.memory_info().rss
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -66,23 +96,27 @@ class PeakMemory:
             time.sleep(0.001)
 
     def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.running = False
+            self.thread.join()
         self.rise_mb = (self.peak - self.base) / 2**20
 
 
 # -- implementations: each returns a function running one full training step on x -------------------------------
 
 
-def dmsae_step(n: int, core_fraction: float, kernels: str, autocast: bool = False):
-    core = round(core_fraction * n)
-    config = DMSAEConfig(d_in=D_IN, dict_size=n, core_size=core, k=K, core_ids=[f"c:{i}" for i in range(core)],
+def dmsae_step(setting: StepSetting, n: int, core_fraction: float, kernels: str, autocast: bool = False):
+    core, d = round(core_fraction * n), setting.d_in
+    config = DMSAEConfig(d_in=d, dict_size=n, core_size=core, k=setting.k, core_ids=[f"c:{i}" for i in range(core)],
                          kernels=kernels)  # fmt: skip
-    model = DMSAEModel.from_core(config, torch.randn(core, D_IN) / D_IN**0.5, config.core_ids).train()
+    model = DMSAEModel.from_core(config, torch.randn(core, d) / d**0.5, config.core_ids).to(setting.device).train()
     optimizer = trainer_optimizer(model)
 
     def step(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(setting.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(x, return_latents=False).loss
         loss.backward()
         model.remove_parallel_decoder_grad()
@@ -100,8 +134,9 @@ def trainer_optimizer(model: DMSAEModel) -> torch.optim.Optimizer:
     return optimizer_class(model.parameters(), **kwargs)
 
 
-def limit_step(n: int):
-    weight, bias = torch.randn(n, D_IN) / D_IN**0.5, torch.zeros(n)
+def limit_step(setting: StepSetting, n: int):
+    weight = torch.randn(n, setting.d_in, device=setting.device) / setting.d_in**0.5
+    bias = torch.zeros(n, device=setting.device)
 
     def step(x):
         torch.relu(torch.addmm(bias, x, weight.T))
@@ -109,7 +144,7 @@ def limit_step(n: int):
     return step
 
 
-def saelens_step(n: int):
+def saelens_step(setting: StepSetting, n: int):
     from sae_lens.saes.matryoshka_batchtopk_sae import (
         MatryoshkaBatchTopKTrainingSAE,
         MatryoshkaBatchTopKTrainingSAEConfig,
@@ -118,10 +153,11 @@ def saelens_step(n: int):
 
     widths = list(torch.tensor(matryoshka_group_sizes(n)).cumsum(0).tolist())
     sae = MatryoshkaBatchTopKTrainingSAE(
-        MatryoshkaBatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=n, k=K, matryoshka_widths=widths, device="cpu")
+        MatryoshkaBatchTopKTrainingSAEConfig(d_in=setting.d_in, d_sae=n, k=setting.k, matryoshka_widths=widths,
+                                             device=str(setting.device))  # fmt: skip
     )
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    dead = torch.zeros(n, dtype=torch.bool)
+    dead = torch.zeros(n, dtype=torch.bool, device=setting.device)
 
     def step(x):
         out = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
@@ -132,13 +168,13 @@ def saelens_step(n: int):
     return step
 
 
-def dictionary_learning_step(n: int):
+def dictionary_learning_step(setting: StepSetting, n: int):
     from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
 
     sizes = matryoshka_group_sizes(n)
     trainer = MatryoshkaBatchTopKTrainer(
-        steps=10**6, activation_dim=D_IN, dict_size=n, k=K, layer=0, lm_name="bench",
-        group_fractions=[s / n for s in sizes], device="cpu", warmup_steps=1,
+        steps=10**6, activation_dim=setting.d_in, dict_size=n, k=setting.k, layer=0, lm_name="bench",
+        group_fractions=[s / n for s in sizes], device=str(setting.device), warmup_steps=1,
     )  # fmt: skip
     count = iter(range(1, 10**9))  # step 0 would re-initialise b_dec
 
@@ -148,20 +184,21 @@ def dictionary_learning_step(n: int):
     return step
 
 
-def training_steps(sizes: list[int], rounds: int) -> list[dict]:
+def training_steps(setting: StepSetting, sizes: list[int], rounds: int) -> list[dict]:
     torch.manual_seed(0)
-    x = torch.randn(BATCH, D_IN)
+    x = torch.randn(setting.batch, setting.d_in, device=setting.device)
     results = []
     for n in sizes:
         candidates = {
-            "limit (encoder matmul + ReLU)": lambda n=n: limit_step(n),
-            "dmsae, dense core 2% (sparse kernels)": lambda n=n: dmsae_step(n, 0.02, "sparse"),
-            "dmsae, no core (sparse kernels)": lambda n=n: dmsae_step(n, 0.0, "sparse"),
-            "dmsae, dense core 2% (sparse kernels, bf16 autocast)": lambda n=n: dmsae_step(n, 0.02, "sparse", True),
-            "dmsae, dense core 2% (reference kernels)": lambda n=n: dmsae_step(n, 0.02, "reference"),
-            "sae_lens MatryoshkaBatchTopKTrainingSAE": lambda n=n: saelens_step(n),
-            "dictionary_learning MatryoshkaBatchTopKTrainer": lambda n=n: dictionary_learning_step(n),
-        }
+            "limit (encoder matmul + ReLU)": lambda n=n: limit_step(setting, n),
+            "dmsae, dense core 2% (sparse kernels)": lambda n=n: dmsae_step(setting, n, 0.02, "sparse"),
+            "dmsae, no core (sparse kernels)": lambda n=n: dmsae_step(setting, n, 0.0, "sparse"),
+            "dmsae, dense core 2% (sparse kernels, bf16 autocast)":
+                lambda n=n: dmsae_step(setting, n, 0.02, "sparse", True),
+            "dmsae, dense core 2% (reference kernels)": lambda n=n: dmsae_step(setting, n, 0.02, "reference"),
+            "sae_lens MatryoshkaBatchTopKTrainingSAE": lambda n=n: saelens_step(setting, n),
+            "dictionary_learning MatryoshkaBatchTopKTrainer": lambda n=n: dictionary_learning_step(setting, n),
+        }  # fmt: skip
         steps, rows = {}, {}
         for name, make in candidates.items():
             try:
@@ -173,19 +210,21 @@ def training_steps(sizes: list[int], rounds: int) -> list[dict]:
         times = {name: [] for name in steps}
         for _ in range(rounds):
             for name, step in steps.items():
+                synchronize(setting.device)
                 start = time.perf_counter()
                 step(x)
+                synchronize(setting.device)
                 times[name].append(time.perf_counter() - start)
         memory = {}
         for name, step in steps.items():  # a round of its own: the sampling thread slows a step by 3–7%
-            with PeakMemory() as peak:
+            with PeakMemory(setting.device) as peak:
                 step(x)
             memory[name] = peak.rise_mb
         limit = statistics.median(times["limit (encoder matmul + ReLU)"])
         for name in steps:
             median = statistics.median(times[name])
-            rows[name] = {"name": name, "dict_size": n, "median_s": median, "tokens_per_s": BATCH / median,
-                          "vs_limit": median / limit, "peak_rss_rise_mb": memory[name]}  # fmt: skip
+            rows[name] = {"name": name, "dict_size": n, "median_s": median, "tokens_per_s": setting.batch / median,
+                          "vs_limit": median / limit, "peak_memory_rise_mb": memory[name]}  # fmt: skip
         ours = rows["dmsae, dense core 2% (sparse kernels)"].get("median_s")
         for row in rows.values():
             if "median_s" in row and ours:
@@ -193,19 +232,22 @@ def training_steps(sizes: list[int], rounds: int) -> list[dict]:
         results += [rows[name] for name in candidates]
         del steps
         gc.collect()
+        if setting.device.type == "cuda":
+            torch.cuda.empty_cache()  # the next width's peaks start from what it allocates itself
     return results
 
 
-def harvest_and_attribution(rounds: int, cached_positions: int = 16_384) -> dict:
+def harvest_and_attribution(device: torch.device, rounds: int, cached_positions: int = 16_384) -> dict:
     from hf_dmsae.activations import ActivationArguments, TrainingPositions
     from hf_dmsae.attribution import gxa_scores
     from hf_dmsae.language_model import LayerActivations, load_language_model
 
     args = ActivationArguments()
     lm, tokenizer = load_language_model(args.model_name_or_path)
-    input_ids = torch.randint(3, lm.config.vocab_size, (8, 128))
+    lm.to(device)
+    input_ids = torch.randint(3, lm.config.vocab_size, (8, 128), device=device)
     layer = LayerActivations(lm, args.hook_layer)
-    sae = DMSAEModel(DMSAEConfig(d_in=576, dict_size=4096, k=64, hook_layer=args.hook_layer)).eval()
+    sae = DMSAEModel(DMSAEConfig(d_in=576, dict_size=4096, k=64, hook_layer=args.hook_layer)).to(device).eval()
     keep = TrainingPositions(tokenizer, 0.0, None).mask(input_ids, layer(input_ids))
     acts, grads = layer.with_gradient(input_ids)
     # Cached pairs as the attribution cache serves them; repeated rows cost an encode like any other.
@@ -233,8 +275,10 @@ def harvest_and_attribution(rounds: int, cached_positions: int = 16_384) -> dict
         function()
     for _ in range(rounds):
         for name, function in functions.items():
+            synchronize(device)
             start = time.perf_counter()
             function()
+            synchronize(device)
             timings[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in timings.items()}
     live = int(keep.sum()) / medians["live_pairs"]
@@ -374,6 +418,9 @@ def paper_scale_memory(out: str) -> None:
     Path(out).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+PARTS = ("steps", "lm", "cycles")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384], help="dictionary sizes to time")
@@ -386,6 +433,15 @@ def main() -> None:
     parser.add_argument("--cycle_attribution_tokens", type=int, default=16_384,
                         help="the timed run's attribution split")
     parser.add_argument("--cycle_eval_tokens", type=int, default=8192, help="the timed run's held-out tokens")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the training steps and the LM's harvest and attribution run (default: cuda where "
+                             "torch sees one, else cpu); the distillation runs where its Trainer puts it")  # fmt: skip
+    parser.add_argument("--d_in", type=int, default=StepSetting.d_in, help="activation width of the timed steps")
+    parser.add_argument("--batch", type=int, default=StepSetting.batch, help="tokens per timed step")
+    parser.add_argument("--k", type=int, default=StepSetting.k, help="kept latents per token in the timed steps")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to measure: training steps, the LM's harvest and attribution (the embedded "
+                             "SmolLM2), a distillation's cycles (the embedded default)")  # fmt: skip
     parser.add_argument("--paper_memory", action="store_true",
                         help="measure memory at the paper's scale instead (written to reports/memory-paper-scale.json unless given)")
     parser.add_argument("--memory_probe", help="internal: run one memory measurement in this process")
@@ -397,31 +453,42 @@ def main() -> None:
         out = args.out if args.out != "reports/bench.json" else "reports/memory-paper-scale.json"
         paper_scale_memory(out)
         return
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device (a CPU build of torch, or no GPU)")
+    setting = StepSetting(d_in=args.d_in, batch=args.batch, k=args.k, device=device)
 
     report = {
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},  # fmt: skip
-        "setup": {"d_in": D_IN, "batch": BATCH, "k": K, "group_fractions": list(SAEBENCH_GROUP_FRACTIONS) + ["rest"]},
-        "training_steps": training_steps(args.sizes, args.steps),
-        "lm": harvest_and_attribution(args.steps),
-        "distillation_cycles": distillation_cycles(args.cycle_config, args.cycle_tokens, args.cycle_attribution_tokens,
-                                                   args.cycle_eval_tokens),
-    }
-    for row in report["training_steps"]:
-        if "error" in row:
-            print(f"n={row['dict_size']:>6}  {row['name']:<54} NOT RUN: {row['error']}")
-        else:
-            print(f"n={row['dict_size']:>6}  {row['name']:<54} {row['median_s'] * 1e3:8.1f} ms  "
-                  f"{row['tokens_per_s']:9.0f} tok/s  {row['vs_limit']:5.2f}x limit  "
-                  f"{row.get('dmsae_speedup', float('nan')):5.2f}x ours  +{row['peak_rss_rise_mb']:.0f} MB")  # fmt: skip
-    lm = report["lm"]
-    print(f"harvest (layer {lm['hook_layer']} of {lm['num_layers']}): {lm['harvest_speedup_vs_full_forward']:.2f}x "
-          f"faster than a full forward")  # fmt: skip
-    print(f"attribution scoring: {lm['attribution_cached_tok_per_s']:.0f} tok/s from cached (x, g) pairs vs "
-          f"{lm['attribution_live_tok_per_s']:.0f} tok/s with the live LM's forward + backward "
-          f"({lm['attribution_cached_speedup']:.1f}x); per cycle at 120k positions: "
-          f"{120_000 / lm['attribution_cached_tok_per_s']:.0f} s vs {120_000 / lm['attribution_live_tok_per_s']:.0f} s")
-    print("\n".join(cycle_lines(report["distillation_cycles"])))
+                    "torch": torch.__version__, "device": str(device),
+                    "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "setup": {"d_in": setting.d_in, "batch": setting.batch, "k": setting.k,
+                  "group_fractions": list(SAEBENCH_GROUP_FRACTIONS) + ["rest"],
+                  "memory": "CUDA allocator" if device.type == "cuda" else "resident set"},
+    }  # fmt: skip
+    if "steps" in args.parts:
+        report["training_steps"] = training_steps(setting, args.sizes, args.steps)
+        for row in report["training_steps"]:
+            if "error" in row:
+                print(f"n={row['dict_size']:>6}  {row['name']:<54} NOT RUN: {row['error']}")
+            else:
+                print(f"n={row['dict_size']:>6}  {row['name']:<54} {row['median_s'] * 1e3:8.1f} ms  "
+                      f"{row['tokens_per_s']:9.0f} tok/s  {row['vs_limit']:5.2f}x limit  "
+                      f"{row.get('dmsae_speedup', float('nan')):5.2f}x ours  "
+                      f"+{row['peak_memory_rise_mb']:.0f} MB")  # fmt: skip
+    if "lm" in args.parts:
+        lm = report["lm"] = harvest_and_attribution(device, args.steps)
+        print(f"harvest (layer {lm['hook_layer']} of {lm['num_layers']}): {lm['harvest_speedup_vs_full_forward']:.2f}x "
+              f"faster than a full forward")  # fmt: skip
+        print(f"attribution scoring: {lm['attribution_cached_tok_per_s']:.0f} tok/s from cached (x, g) pairs vs "
+              f"{lm['attribution_live_tok_per_s']:.0f} tok/s with the live LM's forward + backward "
+              f"({lm['attribution_cached_speedup']:.1f}x); per cycle at 120k positions: "
+              f"{120_000 / lm['attribution_cached_tok_per_s']:.0f} s vs "
+              f"{120_000 / lm['attribution_live_tok_per_s']:.0f} s")  # fmt: skip
+    if "cycles" in args.parts:
+        report["distillation_cycles"] = distillation_cycles(args.cycle_config, args.cycle_tokens,
+                                                            args.cycle_attribution_tokens, args.cycle_eval_tokens)
+        print("\n".join(cycle_lines(report["distillation_cycles"])))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")

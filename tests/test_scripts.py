@@ -199,3 +199,14 @@ def test_bench_times_every_implementation_attribution_and_the_stages_of_a_cycle(
     lm = report["lm"]
     assert lm["attribution_cached_tok_per_s"] > 0 and lm["attribution_live_tok_per_s"] > 0
     assert "tok/s from cached (x, g) pairs" in result.stdout
+
+
+def test_bench_times_the_steps_alone_at_a_chosen_shape(tmp_path):
+    result = run_script("bench", "--parts", "steps", "--sizes", 256, "--steps", 1, "--d_in", 64, "--batch", 512, "--k",
+                        8, "--out", tmp_path / "bench.json")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report) == {"machine", "setup", "training_steps"} and report["machine"]["device"] == "cpu"
+    assert {key: report["setup"][key] for key in ("d_in", "batch", "k")} == {"d_in": 64, "batch": 512, "k": 8}
+    ours = next(row for row in report["training_steps"] if row["name"] == "dmsae, dense core 2% (sparse kernels)")
+    assert ours["tokens_per_s"] == pytest.approx(512 / ours["median_s"]) and ours["peak_memory_rise_mb"] >= 0
