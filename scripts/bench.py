@@ -78,13 +78,13 @@ class PeakMemory:
         self.device = device
 
     def __enter__(self):
-        self.process, self.base, self.peak, self.running = psutil.Process(), 0, 0, True
         gc.collect()
         if self.device.type == "cuda":
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             return self
+        self.process, self.running = psutil.Process(), True
         self.base = self.peak = self.process.memory_info().rss
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
