@@ -306,8 +306,11 @@ class ActivationStream(torch.utils.data.IterableDataset):
         self._sample = torch.empty(0, self.d_in)
 
     def sample(self, n: int) -> torch.Tensor:
-        """The first `n` rows of the slice in text order (the same on every process); kept, so that the decoder
-        bias's median and the threshold's calibration read them once."""
+        """The first `n` rows of the slice in text order (the same on every process), at most as many as one process
+        trains on: the LM batches they come from are read for training too, so no stage reads past the slice (a
+        cache's `sample` stops at its end likewise). Kept, so that the decoder bias's median and the threshold's
+        calibration read them once."""
+        n = min(n, self.num_batches * self.batch_size)
         if len(self._sample) < n:
             rows, count = [], 0
             for harvested in self.harvester.batches(self.split, self.start):

@@ -219,8 +219,8 @@ class AttributionArguments:
     def __post_init__(self):
         if self.attribution_tokens < 1 or self.attribution_batch_size < 1:
             raise ValueError("attribution_tokens and attribution_batch_size must be at least 1")
-        if not 0.0 <= self.q < 1.0:
-            raise ValueError(f"q={self.q} is invalid: must lie in [0, 1)")
+        if not 0.0 < self.q < 1.0:  # q = 0 scores every latent by its minimum over positions: 0 for all
+            raise ValueError(f"q={self.q} is invalid: must lie in (0, 1)")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau={self.tau} is invalid: must lie in (0, 1]")
         if self.track_selection_steps < 0 or self.selection_patience < 1:

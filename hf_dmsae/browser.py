@@ -14,6 +14,8 @@ import html
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import ActivationArguments, Harvester
+from .checks import check_ranges
 from .core import DMSAECore
 from .modeling_dmsae import DMSAEModel
 from .text import StreamPosition, sequence_batches
@@ -53,6 +56,7 @@ class BrowseArguments:
             raise ValueError("browse_tokens, top_contexts and logit_tokens must be at least 1")
         if self.context_before < 0 or self.context_after < 0:
             raise ValueError("context_before and context_after must be non-negative")
+        check_ranges(self, max_pages=">= 1")
 
 
 # Log-spaced histogram bins of non-zero activations (the model's normalised units): 10^-3 … 10^2.
@@ -232,9 +236,33 @@ def _histogram_svg(counts: list[int]) -> str:
 def write_site(folder: str | Path, sae: DMSAEModel, tokenizer, stats: FeatureStatistics, infos: list[LatentInfo],
                promoted: torch.Tensor, suppressed: torch.Tensor, *, max_pages: int | None = None,
                title: str = "") -> Path:  # fmt: skip
-    """Write `index.html` and one page per latent (the first `max_pages` of the index's order)."""
+    """Write `index.html` and one page per latent (the first `max_pages` of the index's order) into `folder`, as a
+    whole: the site is written beside it and replaces an earlier site there, so no page of another model stays."""
+    folder = check_site_dir(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_pages(staging, sae, tokenizer, stats, infos, promoted, suppressed, max_pages, title)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def check_site_dir(folder: str | Path) -> Path:
+    """`folder` if a site may be written there: it does not exist, is empty or holds an earlier site, which the new
+    one replaces (a folder of other files is never deleted)."""
     folder = Path(folder)
-    (folder / "latents").mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / "index.html").is_file())):
+        raise FileExistsError(f"{folder} holds files but no site (no index.html): choose another site_dir")
+    return folder
+
+
+def _write_pages(folder: Path, sae, tokenizer, stats, infos, promoted, suppressed, max_pages, title) -> None:
+    (folder / "latents").mkdir(parents=True)
     title = title or f"DMSAE features: {sae.config.base_model} block {sae.config.hook_layer} {sae.config.hook_name}"
     pages = {info.index for info in infos[:max_pages]}
     rows = []
@@ -259,7 +287,6 @@ def write_site(folder: str | Path, sae: DMSAEModel, tokenizer, stats: FeatureSta
             (folder / "latents" / f"{info.index}.html").write_text(_latent_page(info, tokenizer, stats, promoted,
                                                                                 suppressed))  # fmt: skip
     (folder / "latents.json").write_text(json.dumps([vars(i) for i in infos]))
-    return folder
 
 
 def _latent_page(info: LatentInfo, tokenizer, stats: FeatureStatistics, promoted, suppressed) -> str:
@@ -297,6 +324,7 @@ def browse(args: BrowseArguments, activations: ActivationArguments) -> Path:
     from .hub import resolve_folder
     from .language_model import load_language_model
 
+    check_site_dir(args.site_dir)  # before the text is read
     sae = DMSAEModel.from_pretrained(resolve_folder(args.model))
     cores = [DMSAECore.from_pretrained(resolve_folder(c)) for c in args.cores]
     lm, tokenizer = load_language_model(activations.model_name_or_path, revision=activations.model_revision,

@@ -51,7 +51,7 @@ class TensorCache(torch.utils.data.Dataset):
         self.path = Path(path)
         if not (self.path / MANIFEST).is_file():
             raise FileNotFoundError(f"{self.path} is not a finished cache (no {MANIFEST})")
-        self.manifest = read_json(self.path / MANIFEST)
+        self.manifest = read_json(self.path / MANIFEST, {"identity": dict, "shards": list, "d_in": int, "dtype": str})
         if expected_identity is not None and self.manifest["identity"] != expected_identity:
             raise ValueError(
                 f"The cache at {self.path} was made for other rows; (cached, wanted): "

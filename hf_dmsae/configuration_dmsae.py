@@ -191,7 +191,7 @@ class DMSAEConfig(PreTrainedConfig):
             fail("core_ids", "ids must be unique")
         if not 0 <= self.frozen_rows <= self.core_size:
             fail("frozen_rows", f"must lie in [0, core_size={self.core_size}]")
-        if self.aux_coef < 0:
+        if not self.aux_coef >= 0:
             fail("aux_coef", "must be non-negative")
         if self.dead_tokens_threshold < 1:
             fail("dead_tokens_threshold", "must be at least 1")

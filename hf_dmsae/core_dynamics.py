@@ -28,12 +28,13 @@ import torch
 
 from . import figures
 from .activations import ActivationArguments
+from .checks import check_ranges
 from .core import DMSAECore
 from .distillation import new_model, random_core, random_core_generator
 from .evaluation import activation_metrics
 from .integrity import IntegrityError, read_json, write_json_atomically
 from .modeling_dmsae import DMSAEModel
-from .runs import RunState, SAEArguments, arguments_identity, open_source, train_sae
+from .runs import RunState, SAEArguments, arguments_identity, open_source, train_sae, training_steps
 from .synthetic import SyntheticArguments, SyntheticSource, SyntheticWorld
 from .trainer import DMSAETrainingArguments
 
@@ -120,6 +121,7 @@ class CoreDynamicsArguments:
     geometry_rows: int = field(default=16_384, metadata={"help": "Held-out rows the cores' geometry is measured on."})
 
     def __post_init__(self):
+        check_ranges(self, ablation_budget=">= 1", top_components=">= 0", geometry_rows=">= 1")
         if not self.budgets or min(self.budgets) < 1:
             raise ValueError(f"budgets={self.budgets} is invalid: give at least one positive budget")
         if not self.study_seeds:
@@ -155,6 +157,7 @@ class CoreDynamics:
         if args.study_source == "lm" and activations.activation_cache is None:
             raise ValueError("an lm study reads one slice of max(budgets) rows in every run: give --activation_cache "
                              "(the slice is harvested from the stream once, into it)")  # fmt: skip
+        training_steps(min(args.budgets), training)  # every budget holds the steps asked for
         self.args, self.sae_args, self.synthetic_args, self.training_args = args, sae, synthetic, training
         self.activation_args = None
         if args.study_source == "lm":
@@ -183,10 +186,10 @@ class CoreDynamics:
 
     def distilled_core(self, seed: int) -> DMSAECore:
         folder = self.distillation_dir(seed)
-        if not (folder / "state.json").is_file() or "distilled" not in read_json(folder / "state.json"):
+        if not (folder / "state.json").is_file() or "distilled" not in read_json(folder / "state.json", {}):
             raise FileNotFoundError(f"{folder} holds no finished distillation: run it first (scripts/distill.py or "
                                     "scripts/synthetic.py), or point --distillation_dir at one")  # fmt: skip
-        record = read_json(folder / "state.json")["distilled"]
+        record = read_json(folder / "state.json", {"distilled": dict})["distilled"]
         core = DMSAECore.from_pretrained(folder / record["core"])
         if core.digest() != record["core_digest"]:
             raise IntegrityError(f"{folder / record['core']} changed since the distillation wrote it")

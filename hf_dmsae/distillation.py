@@ -35,13 +35,14 @@ from .attribution import Attribution, AttributionArguments, AttributionCallback,
 from .core import DMSAECore
 from .evaluation import activation_metrics
 from .formats import check_checkpoint_fits, checkpoint_weights, load_cycle0
-from .hub import (check_push_token, core_repo_name, default_model_repo, publish_all, repo_folder, resolve_folder,
+from .checks import check_ranges
+from .hub import (check_push_token, check_repo_id, core_repo_name, default_model_repo, publish_all, repo_folder, resolve_folder,
                   write_core_repo, write_model_repo)
 from .integrity import IntegrityError, file_sha256
 from .language_model import lm_width
 from .modeling_dmsae import DMSAEModel
 from .runs import (ActivationSource, RunState, SAEArguments, arguments_identity, load_trained_model, open_source,
-                   sae_config, train_sae)
+                   sae_config, train_sae, training_steps)
 from .stages import StageTimes
 from .trainer import DMSAETrainingArguments
 
@@ -85,10 +86,11 @@ class DistillationArguments:
             raise ValueError(f"num_cycles={self.num_cycles} is invalid: the distilled core needs at least 1 cycle")
         if not 0.0 <= self.stop_cycles_at_overlap <= 1.0:
             raise ValueError(f"stop_cycles_at_overlap={self.stop_cycles_at_overlap} is invalid: must lie in [0, 1]")
-        if self.cycle0_k is not None and self.cycle0_k < 1:
-            raise ValueError(f"cycle0_k={self.cycle0_k} is invalid: must be at least 1")
+        check_ranges(self, cycle0_k=">= 1", control_seeds=">= 0")
         if self.random_core_control and not self.control_seeds:
             raise ValueError("random_core_control needs at least one control seed")
+        if self.model_repo is not None:
+            check_repo_id(self.model_repo, "model_repo")
 
 
 def random_core_generator(seed: int) -> torch.Generator:
@@ -136,6 +138,8 @@ class Distillation:
         self.args, self.sae_args, self.activation_args = distillation, sae, activations
         self.attribution_args, self.training_args, self.source = attribution, training, source
         check_push_token(training.push_to_hub, training.hub_token)
+        if activations is not None:  # the budget holds the steps asked for, before the run's folder records anything
+            training_steps(activations.num_tokens, training)
         self.output_dir = Path(training.output_dir)
         self.k_noncore = sae.k_noncore if sae.k_noncore is not None else sae.k
         identity = arguments_identity(
@@ -143,13 +147,14 @@ class Distillation:
             exclude=("model_repo", "random_core_control", "control_seeds", "cycle0_checkpoint"),
         )  # fmt: skip
         self.cycle0 = None
-        if distillation.cycle0_checkpoint:  # checked against the LM's config now, before any harvesting
+        if distillation.cycle0_checkpoint:  # checked whole now (against the LM's config too), before any harvesting
             self.cycle0 = resolve_folder(distillation.cycle0_checkpoint, token=training.hub_token)
             check_checkpoint_fits(self.cycle0, activations, lm_width(activations))
+            load_cycle0(self.cycle0, k=distillation.cycle0_k)  # shapes, k and finiteness of every weight
             identity["inputs.cycle0_checkpoint"] = file_sha256(checkpoint_weights(self.cycle0))
         self.state = RunState(self.output_dir, "distillation", identity, writer=training.process_index == 0)
-        self.model_repo = distillation.model_repo or training.hub_model_id or (
-            default_model_repo(activations) if source is None else source.default_repo)
+        self.model_repo = check_repo_id(distillation.model_repo or training.hub_model_id or (
+            default_model_repo(activations) if source is None else source.default_repo), "model_repo")
 
     @cached_property
     def data(self) -> ActivationSource:

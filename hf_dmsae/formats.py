@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from .configuration_dmsae import DMSAEConfig
-from .integrity import read_json
+from .integrity import IntegrityError, check_finite, check_safetensors_size, read_json
 from .modeling_dmsae import DMSAEModel
 
 TRAINER_CLASS = "MatryoshkaBatchTopKTrainer"
@@ -36,6 +37,32 @@ def _trainer_config(folder: Path) -> dict:
 
 SAE_LENS_FILES = ("cfg.json", "sae_weights.safetensors")
 SAE_LENS_ARCHITECTURES = ("standard", "topk", "jumprelu")
+
+
+def _sae_lens_cfg(folder: Path) -> dict:
+    """A SAELens SAE's `cfg.json`, after checking that the weights file holds every tensor at the shape it implies."""
+    cfg = read_json(folder / "cfg.json", {"d_in": int, "d_sae": int})
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    _, header = check_safetensors_size(folder / SAE_LENS_FILES[1])
+    shapes = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_enc": [d_sae], "b_dec": [d_in]}
+    if "threshold" in header:
+        shapes["threshold"] = [d_sae]
+    _check_shapes(folder / SAE_LENS_FILES[1], {k: v["shape"] for k, v in header.items() if k != "__metadata__"}, shapes)
+    return cfg
+
+
+def _check_shapes(path: Path, found: dict[str, list[int]], wanted: dict[str, list[int]]) -> None:
+    """Refuse weights whose tensors are missing or of another shape than their config says, naming them."""
+    problems = [f"{name} missing" if name not in found else f"{name} is {list(found[name])}, not {shape}"
+                for name, shape in wanted.items() if list(found.get(name, [])) != shape or name not in found]  # fmt: skip
+    if problems:
+        raise IntegrityError(f"{path} does not hold the SAE its config describes: {'; '.join(problems)}")
+
+
+def _usable_k(k, dict_size: int, folder: Path) -> int:
+    if k is None or isinstance(k, bool) or not 1 <= int(k) <= dict_size:
+        raise ValueError(f"{folder}: k={k} cannot score its latents: a BatchTopK target in [1, {dict_size}] is needed")
+    return int(k)
 
 
 def parse_hook_point(name: str | None) -> tuple[int, str] | None:
@@ -69,12 +96,12 @@ def _checkpoint_target(folder: Path) -> tuple[int, int | None, str | None, str]:
     """`(d_in, layer, hook, LM name)` a cycle-0 checkpoint was trained for (layer and hook None when unrecorded;
     dictionary_learning's checkpoints read the residual stream after the layer)."""
     if is_sae_lens(folder):
-        cfg = read_json(folder / "cfg.json")
+        cfg = _sae_lens_cfg(folder)
         metadata = cfg.get("metadata") or {}
         layer, hook = parse_hook_point(metadata.get("hook_name")) or (None, None)
         return int(cfg["d_in"]), layer, hook, str(metadata.get("model_name") or "")
     trainer = _trainer_config(folder)
-    d_in = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)["W_enc"].shape[0]
+    d_in = _dictionary_learning_state(folder)["W_enc"].shape[0]
     return d_in, trainer.get("layer"), "resid_post", str(trainer.get("lm_name") or "")
 
 
@@ -117,7 +144,9 @@ def load_sae_lens(folder: str | Path, cycle: int = 0, k: int | None = None) -> D
     from sae_lens import SAE
 
     folder = Path(folder)
+    _sae_lens_cfg(folder)
     sae = SAE.load_from_disk(folder)
+    check_finite(sae.state_dict(), folder / SAE_LENS_FILES[1])
     cfg, architecture = sae.cfg, sae.cfg.architecture()
     if architecture not in SAE_LENS_ARCHITECTURES:
         raise ValueError(f"{folder} holds a SAELens {architecture!r} SAE; cycle 0 takes {SAE_LENS_ARCHITECTURES}")
@@ -128,6 +157,7 @@ def load_sae_lens(folder: str | Path, cycle: int = 0, k: int | None = None) -> D
     if k is None:
         raise ValueError(f"{folder} holds a SAELens {architecture} SAE, which records no k: give the BatchTopK target "
                          "its latents are scored with (cycle0_k)")  # fmt: skip
+    k = _usable_k(k, cfg.d_sae, folder)
     with torch.no_grad():
         W_enc, W_dec = sae.W_enc.detach().float().T.clone(), sae.W_dec.detach().float().clone()
         b_enc, b_dec = sae.b_enc.detach().float().clone(), sae.b_dec.detach().float().clone()
@@ -153,14 +183,15 @@ def load_dictionary_learning(folder: str | Path, cycle: int = 0) -> DMSAEModel:
     same weights, groups, `k` and threshold; latent ids `"cycle{cycle}:{index}"`."""
     folder = Path(folder)
     trainer = _trainer_config(folder)
-    state = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
+    state = _dictionary_learning_state(folder)
     d_in, dict_size = state["W_enc"].shape
+    k = _usable_k(int(state["k"]), dict_size, folder)
     config = DMSAEConfig(
         d_in=d_in,
         dict_size=dict_size,
         group_sizes=[int(g) for g in state["group_sizes"]],
-        k=int(state["k"]),
-        k_noncore=int(state["k"]),
+        k=k,
+        k_noncore=k,
         cycle=cycle,
         base_model=trainer.get("lm_name"),
         hook_layer=trainer.get("layer"),
@@ -174,6 +205,31 @@ def load_dictionary_learning(folder: str | Path, cycle: int = 0) -> DMSAEModel:
         model.b_dec.copy_(state["b_dec"])
         model.threshold.copy_(state["threshold"])
     return model
+
+
+DICTIONARY_LEARNING_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes")
+
+
+def _dictionary_learning_state(folder: Path) -> dict[str, torch.Tensor]:
+    """`ae.pt` of a dictionary_learning checkpoint (tensors only: `weights_only` refuses pickled code), after
+    checking every tensor is there, of consistent shapes and finite."""
+    path = folder / "ae.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        cause = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), error)
+        raise IntegrityError(f"{path} holds more than tensors and is not read ({cause})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(state.get(k)) for k in DICTIONARY_LEARNING_KEYS):
+        raise IntegrityError(f"{path} is not a Matryoshka BatchTopK state dict: it needs {DICTIONARY_LEARNING_KEYS}")
+    if state["W_enc"].ndim != 2:
+        raise IntegrityError(f"{path}: W_enc is {list(state['W_enc'].shape)}, not [d_in, dict_size]")
+    d_in, dict_size = state["W_enc"].shape
+    shapes = {"b_enc": [dict_size], "W_dec": [dict_size, d_in], "b_dec": [d_in], "threshold": [], "k": []}
+    _check_shapes(path, {k: list(v.shape) for k, v in state.items() if torch.is_tensor(v)}, shapes)
+    if int(state["group_sizes"].sum()) != dict_size or (state["group_sizes"] < 1).any():
+        raise IntegrityError(f"{path}: group_sizes {state['group_sizes'].tolist()} do not split {dict_size} latents")
+    check_finite(state, path)
+    return state
 
 
 def save_sae_lens(model: DMSAEModel, folder: str | Path) -> Path:

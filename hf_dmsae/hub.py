@@ -47,9 +47,22 @@ def check_push_token(push_to_hub: bool, hub_token: str | None) -> None:
         raise ValueError("push_to_hub needs a Hugging Face token (hub_token, HF_TOKEN or `hf auth login`)")
 
 
+def check_repo_id(repo_id: str, what: str = "repo") -> str:
+    """`repo_id` if it follows the Hub's naming rules (`name` or `org/name`; no `.`/`..` names, no `--`), which also
+    keep its local folder inside `<output_dir>/repos`; else a `ValueError` naming `what`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{what}={repo_id!r} is not a Hub repo name: {error}") from None
+    return repo_id
+
+
 def repo_folder(output_dir: str | Path, repo_id: str) -> Path:
     """Where a run keeps the local copy of a repo: `<output_dir>/repos/<org>__<name>`."""
-    return Path(output_dir) / "repos" / repo_id.replace("/", "__")
+    return Path(output_dir) / "repos" / check_repo_id(repo_id).replace("/", "__")
 
 
 def core_repo_name(model_repo: str, cycle: int | None) -> str:
@@ -166,6 +179,9 @@ def resolve_folder(name_or_path: str, *, token: str | None = None) -> Path:
     if name_or_path.startswith((".", "/", "~")) or len(parts) < 2:
         raise FileNotFoundError(f"{name_or_path!r}: no such local folder (nor a Hub repo id org/name[/subfolder])")
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    check_repo_id(repo_id)
+    if any(part in (".", "..") for part in parts[2:]):  # the folder must stay inside the downloaded snapshot
+        raise ValueError(f"{name_or_path!r}: a Hub subfolder cannot have '.' or '..' in its path")
     try:
         root = snapshot_download(repo_id, revision=revision or None, token=token,
                                  allow_patterns=[f"{subfolder}/*"] if subfolder else None)  # fmt: skip
@@ -203,7 +219,7 @@ def publish_all(items: list[tuple[str | Path, str]], *, push: bool = True, token
             if not existed:
                 created.append(repo_id)
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {folder.name}")
-        except Exception as error:  # any failure (HTTP, connection, protocol) leaves the same cleanup to do
+        except BaseException as error:  # any failure (HTTP, connection, Ctrl-C) leaves the same cleanup to do
             left = _remove_repos(api, created)
             removed = [r for r in created if r not in left]
             message = f"Pushing {folder} to {repo_id} failed: {type(error).__name__}: {error}. Nothing more was committed"
@@ -211,8 +227,11 @@ def publish_all(items: list[tuple[str | Path, str]], *, push: bool = True, token
                 message += f"; the new repos {removed} were deleted"
             if left:
                 message += f"; the new repos {left} could not be deleted (the server did not answer): delete them"
-            locals_ = ", ".join(str(f) for f, _ in items)
-            raise HubPushError(f"{message}. The complete content is in {locals_}.") from error
+            message += f". The complete content is in {', '.join(str(f) for f, _ in items)}."
+            if not isinstance(error, Exception):  # an interrupt or an exit stays one, after the clean-up
+                logger.error(message)
+                raise
+            raise HubPushError(message) from error
         logger.info("Pushed %s to %s (commit %s)", folder, url, commit.oid)
         urls.append(str(url))
     return urls

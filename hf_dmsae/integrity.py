@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,7 +41,8 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """`safetensors` file with the digest of its tensors in its metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={**(metadata or {}), DIGEST_KEY: tensor_digest(tensors)})
+    with saving(path):
+        save_file(tensors, str(path), metadata={**(metadata or {}), DIGEST_KEY: tensor_digest(tensors)})
 
 
 def check_safetensors_size(path: str | os.PathLike) -> tuple[int, dict]:
@@ -46,9 +50,14 @@ def check_safetensors_size(path: str | os.PathLike) -> tuple[int, dict]:
     (a truncated file fails here, naming itself)."""
     path = Path(path)
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             header_len = struct.unpack("<Q", f.read(8))[0]
+            if 8 + header_len > size:  # read nothing a damaged length announces (2^40 bytes would exhaust memory)
+                raise ValueError(f"its header announces {header_len} bytes, the file has {size}")
             header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as error:
         raise IntegrityError(f"{path} is not a readable safetensors file ({error})") from error
     end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
@@ -67,7 +76,16 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
         raise IntegrityError(f"{path} carries no digest: it was not written by hf_dmsae or was rewritten")
     if tensor_digest(tensors) != expected:
         raise IntegrityError(f"{path} is damaged: its tensors no longer match the digest written with them")
+    check_finite(tensors, path)
     return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights with NaN or inf in them, naming the file and the tensor: one such value in an encoder row
+    wins every BatchTopK slot and turns every metric into NaN without failing anything."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not (finite := torch.isfinite(tensor)).all():
+            raise IntegrityError(f"{path}: tensor {name!r} holds {int((~finite).sum())} NaN or infinite values")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -100,14 +118,55 @@ def write_json_atomically(path: str | os.PathLike, data) -> None:
     """Write `data` as JSON through a temporary file renamed into place: a crash never leaves half a record."""
     path = Path(path)
     staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(data, indent=2))
-    os.replace(staging, path)
+    with saving(path):
+        staging.write_text(json.dumps(data, indent=2))
+        os.replace(staging, path)
 
 
-def read_json(path: str | os.PathLike):
-    """A JSON file's content, or an error that names the file and says what is wrong with it."""
+def read_json(path: str | os.PathLike, required: dict[str, type | tuple[type, ...]] | None = None):
+    """A JSON file's content, or an error that names the file and says what is wrong with it. With `required`, the
+    content must be an object holding each of those keys with a value of the given type."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise IntegrityError(f"{path} is damaged or truncated ({error}); delete it to start over") from error
+    if required is None:
+        return data
+    if not isinstance(data, dict):
+        raise IntegrityError(f"{path} holds a JSON {type(data).__name__}, not an object; delete it to start over")
+    for key, kind in required.items():
+        if key not in data:
+            raise IntegrityError(f"{path} has no {key!r}; delete it to start over")
+        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+            raise IntegrityError(f"{path}: {key!r} is a JSON {type(data[key]).__name__}, not what this file holds; "
+                                 "delete it to start over")  # fmt: skip
+    return data
+
+
+WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "iostream", "I/O error")
+"""How torch's writer (a `RuntimeError`) and safetensors' (a `SafetensorError`) report an OS failure to write."""
+
+
+@contextmanager
+def saving(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a failed write (a full disk, a file-size limit, a read-only folder) as an `OSError` that names the
+    file or folder being written and the cause; torch's and safetensors' own errors name neither."""
+    try:
+        yield
+    except OSError as error:
+        if str(path) in str(error):
+            raise
+        raise OSError(error.errno, f"could not write {path}: {error.strerror or error} ({_free_space(Path(path))})") from error
+    except Exception as error:
+        if not any(marker in str(error) for marker in WRITE_FAILURES):
+            raise
+        raise OSError(f"could not write {path}: {error} ({_free_space(Path(path))})") from error
+
+
+def _free_space(path: Path) -> str:
+    """How much room is left on the disk of `path` (or the nearest folder above it that exists)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    return "no space left on its disk" if free < 1 << 20 else f"{free / 2**20:.0f} MiB free on its disk"

@@ -357,6 +357,9 @@ class DMSAEModel(PreTrainedModel):
                     if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}  # fmt: skip
         if problems:
             raise ValueError(f"{pretrained_model_name_or_path} does not hold this model's weights: {problems}")
+        nonfinite = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if nonfinite:  # one NaN encoder row would win every BatchTopK slot and make every metric NaN
+            raise ValueError(f"{pretrained_model_name_or_path}: the weights {nonfinite} hold NaN or infinite values")
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

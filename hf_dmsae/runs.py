@@ -140,7 +140,7 @@ class RunState:
                                    "finish or choose another output_dir") from None  # fmt: skip
         self.data = {"kind": kind, "identity": {}, "slices": []}
         if self.path.is_file():
-            self.data = read_json(self.path)
+            self.data = read_json(self.path, {"kind": str, "identity": dict, "slices": list})
             if self.data.get("kind") != kind:
                 raise ValueError(f"{self.output_dir} holds a {self.data.get('kind')} run, not a {kind} run; use another "
                                  "output_dir")  # fmt: skip
@@ -502,7 +502,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
             logger.warning("%s was not finished (no %s): passed over", checkpoint, CHECKSUMS)
             continue
         try:
-            verify_checksums(checkpoint, read_json(checkpoint / CHECKSUMS))
+            verify_checksums(checkpoint, read_json(checkpoint / CHECKSUMS, {}))
         except IntegrityError as error:
             logger.warning("%s is damaged (%s): passed over", checkpoint, error)
             continue
@@ -519,27 +519,30 @@ def load_trained_model(folder: str | Path) -> DMSAEModel:
     folder = Path(folder)
     if not (folder / CHECKSUMS).is_file():
         raise IntegrityError(f"{folder} has no {CHECKSUMS}: its model was not saved by a finished training run")
-    verify_checksums(folder, read_json(folder / CHECKSUMS))
+    verify_checksums(folder, read_json(folder / CHECKSUMS, {}))
     return DMSAEModel.from_pretrained(folder)
 
 
-def training_steps(piece: TokenSlice, args: DMSAETrainingArguments) -> int:
-    """Optimiser steps that read `piece.rows` rows over all processes (or `max_steps`, if given)."""
-    if args.max_steps > 0:
-        return args.max_steps
+def training_steps(rows: int, args: DMSAETrainingArguments) -> int:
+    """Optimiser steps that read a slice's `rows` (its token budget) over all processes, or `max_steps` if given,
+    which must fit in them: more would read rows twice from a cache, and past the slice (into the next one's tokens)
+    from a stream."""
     per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-    steps = piece.rows // per_step
+    steps = rows // per_step
     if steps < 1:
-        raise ValueError(f"num_tokens={piece.rows} is less than one optimiser step's {per_step} rows "
+        raise ValueError(f"num_tokens={rows} is less than one optimiser step's {per_step} rows "
                          "(per_device_train_batch_size × processes × gradient_accumulation_steps)")  # fmt: skip
-    return steps
+    if args.max_steps > steps:
+        raise ValueError(f"max_steps={args.max_steps} is invalid: the token budget num_tokens={rows} holds {steps} "
+                         f"optimiser steps of {per_step} rows; raise num_tokens or lower max_steps")  # fmt: skip
+    return args.max_steps if args.max_steps > 0 else steps
 
 
 def train_sae(model: DMSAEModel, data: RunData, piece: TokenSlice, args: DMSAETrainingArguments,
               callbacks=None) -> DMSAETrainer:  # fmt: skip
     """Train `model` on the training slice `piece` (its step count from the slice's budget), resuming from the last
     complete checkpoint in `args.output_dir`; save the final model there and record where the slice ended."""
-    args = dataclasses.replace(args, max_steps=training_steps(piece, args))
+    args = dataclasses.replace(args, max_steps=training_steps(piece.rows, args))
     train = data.training_data(piece, args)
     trainer = DMSAETrainer(model=model, args=args, train_dataset=train, eval_dataset=data.eval_dataset(),
                            callbacks=callbacks)  # fmt: skip
@@ -548,7 +551,7 @@ def train_sae(model: DMSAEModel, data: RunData, piece: TokenSlice, args: DMSAETr
     checkpoint = last_complete_checkpoint(args.output_dir)
     if checkpoint:
         logger.info("Resuming from %s", checkpoint)
-    first_step = read_json(Path(checkpoint) / "trainer_state.json")["global_step"] if checkpoint else 0
+    first_step = read_json(Path(checkpoint) / "trainer_state.json", {"global_step": int})["global_step"] if checkpoint else 0
     with stage("train") as timed:
         trainer.train(resume_from_checkpoint=checkpoint)
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size

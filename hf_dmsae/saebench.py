@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .activations import ActivationArguments
+from .checks import check_ranges
 from .modeling_dmsae import DMSAEModel
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class SAEBenchArguments:
     meta_structure_steps: int = field(default=1500, metadata={"help": "Training steps of meta_structure's meta-SAE."})
 
     def __post_init__(self):
+        check_ranges(self, core_batches=">= 1", core_batch_prompts=">= 1", core_variance_batches=">= 1",
+                     meta_structure_steps=">= 1")  # fmt: skip
         unknown = set(self.saebench_evals) - set(EVAL_MODULES)
         if unknown:
             raise ValueError(f"saebench_evals={self.saebench_evals} is invalid: {sorted(unknown)} are not SAEBench "

@@ -40,6 +40,7 @@ from transformers import set_seed
 
 from . import figures
 from .activations import norm_factor
+from .checks import check_ranges
 from .attribution import AttributionArguments
 from .core import DMSAECore
 from .distillation import Distillation, DistillationArguments
@@ -98,6 +99,14 @@ class SyntheticArguments:
     )
 
     def __post_init__(self):
+        check_ranges(self, num_features=">= 2", hidden_dim=">= 1", root_features=">= 0", branching_factor=">= 1",
+                     correlation_rank=">= 0", correlation_scale=">= 0", max_firing_probability="(0, 1]",
+                     min_firing_probability="(0, 1]", zipf_exponent=">= 0", readout_classes=">= 2",
+                     readout_scale="> 0", readout_off_weight=">= 0", transfer_ks=">= 1", train_rows=">= 1",
+                     eval_rows=">= 1")  # fmt: skip
+        if self.min_firing_probability > self.max_firing_probability:
+            raise ValueError(f"min_firing_probability={self.min_firing_probability} is invalid: must not exceed "
+                             f"max_firing_probability={self.max_firing_probability}")  # fmt: skip
         unknown = set(self.variants) - set(VARIANTS)
         if unknown:
             raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
@@ -454,7 +463,7 @@ class SyntheticBenchmark:
 
     def run(self) -> dict:
         """Every seed (each resumes where it stopped), cross-seed consistency, `results.json` and the report."""
-        results = read_json(self.results_path) if self.results_path.is_file() else {}
+        results = read_json(self.results_path, {}) if self.results_path.is_file() else {}
         if results.get("identity", self.identity()) != self.identity():
             raise ValueError(f"{self.results_path} holds results of other settings: use another output_dir")
         results["identity"] = self.identity()

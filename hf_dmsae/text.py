@@ -142,12 +142,19 @@ class TokenPacking:
     context_length: int
     prepend_bos: bool = True
 
+    def __post_init__(self):
+        # Every budget (`ActivationArguments.body_length`) reserves the BOS's position: a tokenizer without one must
+        # be told so, or sequences would hold a token more than every slice and cache counts.
+        if self.prepend_bos and self.tokenizer.bos_token_id is None:
+            raise ValueError(f"the tokenizer of {getattr(self.tokenizer, 'name_or_path', 'this LM')!r} has no BOS "
+                             "token: set prepend_bos false (every position of a sequence is then an SAE's)")  # fmt: skip
+
     def sequences(self, documents: Iterable[str], start: StreamPosition = StreamPosition()) -> Iterator[
             tuple[list[int], StreamPosition]]:  # fmt: skip
         """`(token ids, position of the next sequence)` for each sequence, `documents` starting at
         `start.document` (the caller skips the ones before)."""
         tokenizer = self.tokenizer
-        bos = [tokenizer.bos_token_id] if self.prepend_bos and tokenizer.bos_token_id is not None else []
+        bos = [tokenizer.bos_token_id] if self.prepend_bos else []
         separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         body = self.context_length - len(bos)
         pending: list[int] = []

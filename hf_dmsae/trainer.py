@@ -27,8 +27,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .activations import ActivationStream, collate_activations
+from .checks import check_ranges
 from .evaluation import SAEEvalMetrics, active_counts
-from .integrity import checksums, read_json, write_json_atomically
+from .integrity import checksums, read_json, saving, write_json_atomically
 from .kernels import release_reused_buffers
 from .modeling_dmsae import DMSAEModel
 
@@ -91,6 +92,11 @@ class DMSAETrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        check_ranges(self, learning_rate="> 0", per_device_train_batch_size=">= 1", per_device_eval_batch_size=">= 1",
+                     gradient_accumulation_steps=">= 1", decay_fraction="[0, 1]", warmup_steps=">= 0",
+                     init_decoder_bias_rows=">= 0", calibrate_threshold_rows=">= 0", max_grad_norm=">= 0",
+                     weight_decay=">= 0", adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_epsilon=">= 0",
+                     logging_steps="> 0", save_steps="> 0")  # fmt: skip
         if self.use_cpu is None:
             self.use_cpu = not torch.accelerator.is_available()
         super().__post_init__()
@@ -147,8 +153,8 @@ class DMSAETrainer(Trainer):
             self.model.init_decoder_bias(self.train_dataset.sample(self.args.init_decoder_bias_rows))
         if resume_from_checkpoint and isinstance(self.train_dataset, ActivationStream):
             checkpoint = Path(resume_from_checkpoint)
-            step = read_json(checkpoint / "trainer_state.json")["global_step"]
-            state = read_json(checkpoint / stream_state_file(self.args.process_index))
+            step = read_json(checkpoint / "trainer_state.json", {"global_step": int})["global_step"]
+            state = read_json(checkpoint / stream_state_file(self.args.process_index), {"windows": list})
             self.train_dataset.resume(state, step * self.args.gradient_accumulation_steps)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         release_reused_buffers()
@@ -171,13 +177,21 @@ class DMSAETrainer(Trainer):
         """The Trainer's checkpoint, with each process's stream position before it and the checksums of every
         file after it."""
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        if isinstance(self.train_dataset, ActivationStream):
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomically(folder / stream_state_file(self.args.process_index), self.train_dataset.state_dict())
-        super()._save_checkpoint(model, trial)
+        with saving(folder):
+            if isinstance(self.train_dataset, ActivationStream):
+                folder.mkdir(parents=True, exist_ok=True)
+                write_json_atomically(folder / stream_state_file(self.args.process_index),
+                                      self.train_dataset.state_dict())  # fmt: skip
+            super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            (folder / CHECKSUMS).write_text(json.dumps(checksums(folder), indent=2))
+            with saving(folder / CHECKSUMS):
+                (folder / CHECKSUMS).write_text(json.dumps(checksums(folder), indent=2))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """As the Trainer's, with a failed write named (the folder and the cause)."""
+        with saving(output_dir or self.args.output_dir):
+            super().save_model(output_dir, _internal_call)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.args.lr_scheduler_type == "warmup_stable_decay":

@@ -19,12 +19,14 @@ from transformers import set_seed
 
 from . import figures
 from .activations import ActivationArguments
+from .checks import check_ranges
 from .core import DMSAECore
 from .evaluation import activation_metrics
-from .hub import check_push_token, default_model_repo, publish_all, repo_folder, resolve_folder, write_model_repo
+from .language_model import lm_width
+from .hub import check_push_token, check_repo_id, default_model_repo, publish_all, repo_folder, resolve_folder, write_model_repo
 from .modeling_dmsae import DMSAEModel
 from .runs import (ActivationSource, RunState, SAEArguments, arguments_identity, load_trained_model, open_source,
-                   sae_config, train_sae)
+                   sae_config, train_sae, training_steps)
 from .saebench import HEADLINE_METRICS, SAEBenchArguments, headline_metrics
 from .trainer import DMSAETrainingArguments
 
@@ -53,6 +55,22 @@ class TransferArguments:
             raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
         if not self.ks or not self.variants or min(self.ks) < 1:
             raise ValueError(f"ks={self.ks} and variants={self.variants} must be non-empty, with every k ≥ 1")
+        check_ranges(self, ce_batches=">= 0")
+        if self.model_repo is not None:
+            check_repo_id(self.model_repo, "model_repo")
+
+
+def check_core_fits(core: DMSAECore, name: str, activations: ActivationArguments) -> None:
+    """Refuse a core selected at another width, layer or hook than the run's activations, before any harvesting."""
+    differences = []
+    if (width := core.encoder_rows.shape[1]) != lm_width(activations):
+        differences.append(f"width {width} (the run's LM: {lm_width(activations)})")
+    for field in ("hook_layer", "hook_name"):
+        recorded = core.provenance.get(field)
+        if recorded is not None and recorded != getattr(activations, field):
+            differences.append(f"{field} {recorded!r} (the run's: {getattr(activations, field)!r})")
+    if differences:
+        raise ValueError(f"the core {name} was selected for other activations: {'; '.join(differences)}")
 
 
 class Transfer:
@@ -73,9 +91,13 @@ class Transfer:
         self.core = DMSAECore.from_pretrained(resolve_folder(args.core, token=training.hub_token))
         if max(args.ks) > sae.dict_size:
             raise ValueError(f"ks={args.ks} is invalid: every k must be at most dict_size={sae.dict_size}")
+        if activations is not None:
+            check_core_fits(self.core, args.core, activations)
         check_push_token(training.push_to_hub, training.hub_token)
-        self.model_repo = args.model_repo or training.hub_model_id or (
-            default_model_repo(activations) if source is None else source.default_repo)
+        if activations is not None:  # the budget holds the steps asked for, before the run's folder records anything
+            training_steps(activations.num_tokens, training)
+        self.model_repo = check_repo_id(args.model_repo or training.hub_model_id or (
+            default_model_repo(activations) if source is None else source.default_repo), "model_repo")
         identity = arguments_identity(*(a for a in (args, sae, activations, training) if a is not None),
                                       exclude=("core", "ce_batches", "model_repo"))  # fmt: skip
         identity["inputs.core"] = self.core.digest()

@@ -224,3 +224,70 @@ def test_bad_activation_arguments_fail_before_any_work(tiny_lm_dir):
         load_language_model(str(tiny_lm_dir), hook_layer=9)
     with pytest.raises(ValueError, match="num_tokens=0 is invalid"):
         ActivationArguments(num_tokens=0)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["streamed", "cached"])
+def test_max_steps_beyond_the_token_budget_is_refused_before_the_run_begins(tiny_lm_dir, tmp_path, cached):
+    from hf_dmsae.attribution import AttributionArguments
+    from hf_dmsae.distillation import Distillation, DistillationArguments
+    from hf_dmsae.runs import SAEArguments
+    from hf_dmsae.trainer import DMSAETrainingArguments
+
+    args = tiny_activation_args(tiny_lm_dir, num_tokens=2000, activation_cache=str(tmp_path / "c") if cached else None)
+
+    def distillation(max_steps: int) -> Distillation:
+        training = DMSAETrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=200,
+                                          max_steps=max_steps)  # fmt: skip
+        return Distillation(DistillationArguments(), SAEArguments(dict_size=64, k=4), args, AttributionArguments(),
+                            training)  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"max_steps=50 is invalid: the token budget num_tokens=2000 holds 10 "):
+        distillation(50)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists(), "nothing recorded or harvested"
+    distillation(10).state.close()  # the corrected command is not refused as "a run with other settings"
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["streamed", "cached"])
+def test_no_stage_of_a_training_run_reads_outside_its_slice(tiny_lm_dir, tmp_path, cached, monkeypatch):
+    """Training, the decoder bias's median and the threshold's calibration (asked for 16 384 rows of a 2000-row
+    budget) read only the training slice's token positions; evaluation only the held-out slice's."""
+    from hf_dmsae import DMSAEModel
+    from hf_dmsae.runs import SAEArguments, sae_config, train_sae
+
+    args = tiny_activation_args(tiny_lm_dir, num_tokens=2000, activation_cache=str(tmp_path / "c") if cached else None)
+    data = tiny_run_data(tmp_path / "run", args, calibrate_threshold_rows=16_384, init_decoder_bias_rows=4096,
+                         save_strategy="no", report_to="none")  # fmt: skip
+    read = []
+    harvest = data.harvester._batches
+
+    def recorded(split, *arguments, **options):
+        for harvested in harvest(split, *arguments, **options):
+            read.append((split, harvested.tensors["positions"]))
+            yield harvested
+
+    monkeypatch.setattr(data.harvester, "_batches", recorded)
+    piece = data.training_slice("train")
+    train_sae(DMSAEModel(sae_config(SAEArguments(dict_size=64, k=4), data)), data, piece, data.training_args)
+    slices = {s.name: s for s in data.state.slices}
+    assert slices["train"].end is not None and read
+    for split, positions in read:
+        allowed = [s for s in slices.values() if s.split == split]
+        inside = torch.zeros(len(positions), dtype=torch.bool)
+        for s in allowed:
+            inside |= (positions >= s.start.sequence * 32) & (positions < s.end.sequence * 32)
+        assert inside.all(), f"{int((~inside).sum())} positions of {split!r} outside {[s.name for s in allowed]}"
+    trained = torch.cat([p for split, p in read if split == piece.split])
+    assert trained.max() >= slices["train"].start.sequence * 32, "the training slice itself was read"
+
+
+def test_a_tokenizer_without_bos_is_refused_unless_no_position_is_reserved_for_it():
+    from conftest import small_tokenizer
+
+    tokenizer = small_tokenizer(corpus_documents=200, vocab_size=300)
+    tokenizer.bos_token = None
+    texts = wiki_summaries()["train"]["text"][:20]
+    with pytest.raises(ValueError, match="has no BOS token: set prepend_bos false"):
+        TokenPacking(tokenizer, 16)
+    sequences = [ids for ids, _ in TokenPacking(tokenizer, 16, prepend_bos=False).sequences(texts)]
+    body = ActivationArguments(context_length=16, prepend_bos=False).body_length
+    assert sequences and all(len(ids) == body == 16 for ids in sequences), "every position is counted in budgets"

@@ -4,11 +4,12 @@ import json
 import shutil
 import subprocess
 
+import pytest
 import torch
 from conftest import tiny_model, write_text_folder
 from test_scripts import run_script
 
-from hf_dmsae.browser import FeatureStatistics, context_windows
+from hf_dmsae.browser import FeatureStatistics, check_site_dir, context_windows
 from hf_dmsae.core import DMSAECore
 
 
@@ -41,6 +42,13 @@ def test_the_browser_site_loads_in_chromium_without_errors(tiny_lm_dir, tmp_path
               pool_ids=[], pool_scores=torch.ones(0), coverage_curve=torch.ones(0),
               provenance={"cycle": 1}).save_pretrained(tmp_path / "core")  # fmt: skip
     text = write_text_folder(tmp_path / "text", {"train": 60, "test": 30})
+    (tmp_path / "site" / "latents").mkdir(parents=True)  # an earlier model's site, with more latents than this one
+    (tmp_path / "site" / "index.html").write_text("<html>earlier</html>")
+    (tmp_path / "site" / "latents" / "4000.html").write_text("<html>an earlier model's latent</html>")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("not a site")
+    with pytest.raises(FileExistsError, match="holds files but no site"):  # what browse() checks first
+        check_site_dir(tmp_path / "notes")
     result = run_script("browse", "--model", tmp_path / "model", "--site_dir", tmp_path / "site", "--cores",
                         tmp_path / "core", "--browse_tokens", 600, "--model_name_or_path", tiny_lm_dir,
                         "--dataset_name_or_path", text, "--hook_layer", 2, "--context_length", 32, "--norm_tokens", 256)  # fmt: skip
@@ -48,6 +56,7 @@ def test_the_browser_site_loads_in_chromium_without_errors(tiny_lm_dir, tmp_path
     latents = json.loads((tmp_path / "site" / "latents.json").read_text())
     assert [latent["index"] for latent in latents[:4]] == [3, 2, 1, 0], "the core first, by attribution score"
     assert latents[0]["cycles"] == [1] and latents[0]["score"] == 3.0
+    assert not (tmp_path / "site" / "latents" / "4000.html").exists(), "the earlier site was replaced as a whole"
     pages = {"index.html": "128 of 128 latents", f"latents/{latents[0]['index']}.html": "Top-activating contexts"}
     for page, expected in pages.items():
         opened = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",

@@ -67,3 +67,26 @@ def test_sae_arguments_are_checked_when_parsed_before_any_harvesting():
         SAEArguments(dict_size=4096, k=5000)
     with pytest.raises(ValueError, match="group_fractions=.* is invalid"):
         SAEArguments(group_fractions=[0.5, 0.6])
+
+
+BAD_VALUES = [
+    ("learning_rate", "0"), ("learning_rate", "-1e-3"), ("learning_rate", "nan"), ("learning_rate", "inf"),
+    ("per_device_train_batch_size", "0"), ("gradient_accumulation_steps", "0"), ("decay_fraction", "1.5"),
+    ("q", "0"), ("q", "1"), ("tau", "0"), ("num_tokens", "0"), ("eval_tokens", "-1"), ("aux_coef", "nan"),
+    ("threshold_beta", "1"), ("cycle0_k", "0"), ("num_cycles", "0"), ("model_repo", ".."),
+    ("calibrate_threshold_rows", "-1"), ("attribution_tokens", "0"), ("stop_cycles_at_overlap", "2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field, value", BAD_VALUES)
+def test_every_argument_of_the_main_job_is_range_checked_when_parsed(field, value, tmp_path):
+    from hf_dmsae.activations import ActivationArguments
+    from hf_dmsae.attribution import AttributionArguments
+    from hf_dmsae.distillation import DistillationArguments
+    from hf_dmsae.runs import SAEArguments, parse_arguments
+    from hf_dmsae.trainer import DMSAETrainingArguments
+
+    classes = (DistillationArguments, SAEArguments, ActivationArguments, AttributionArguments, DMSAETrainingArguments)
+    with pytest.raises(ValueError) as refused:
+        parse_arguments(classes, ["--output_dir", str(tmp_path), f"--{field}={value}"])
+    assert f"{field}=" in str(refused.value) or str(refused.value).startswith(field), refused.value

@@ -406,3 +406,29 @@ def test_a_sae_lens_sae_on_the_hub_seeds_cycle_zero_and_is_checked_against_the_r
     assert 0 < len(core) and torch.equal(core.encoder_rows, cycle0.W_enc[indices].detach())
     assert run.state.data["identity"]["inputs.cycle0_checkpoint"]
     run.state.close()
+
+
+def test_a_cycle_zero_checkpoint_is_checked_whole_before_anything_is_harvested(tiny_lm_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from test_formats import _poison, write_sae_lens_sae
+
+    from hf_dmsae.integrity import IntegrityError
+
+    def distillation(folder, cycle0_k=None) -> Distillation:
+        return Distillation(
+            DistillationArguments(cycle0_checkpoint=str(folder), cycle0_k=cycle0_k), SAEArguments(dict_size=256, k=8),
+            tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache")),
+            AttributionArguments(attribution_tokens=600), DMSAETrainingArguments(output_dir=str(tmp_path / "run")),
+        )  # fmt: skip
+
+    write_sae_lens_sae(tmp_path / "no_k", "jumprelu", d=32, n=128, model_name=str(tiny_lm_dir),
+                       hook_name="blocks.2.hook_resid_post")  # fmt: skip
+    with pytest.raises(ValueError, match="records no k"):
+        distillation(tmp_path / "no_k")
+    write_sae_lens_sae(tmp_path / "nan", "topk", d=32, n=128, k=8, model_name=str(tiny_lm_dir),
+                       hook_name="blocks.2.hook_resid_post")  # fmt: skip
+    weights = tmp_path / "nan" / "sae_weights.safetensors"
+    save_file({**load_file(weights), "W_enc": _poison(load_file(weights)["W_enc"])}, weights)
+    with pytest.raises(IntegrityError, match="tensor 'W_enc' holds 1 NaN"):
+        distillation(tmp_path / "nan")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists(), "nothing was harvested or begun"

@@ -145,3 +145,106 @@ def test_a_sae_lens_sae_loads_as_cycle_zero_with_unit_decoder_rows(tmp_path):
     with pytest.raises(ValueError, match="records no k: give the BatchTopK target"):
         load_cycle0(tmp_path / "jumprelu")
     assert load_cycle0(tmp_path / "jumprelu", k=6).config.k == 6
+
+
+def _poison(tensor: torch.Tensor) -> torch.Tensor:
+    poisoned = tensor.clone()
+    poisoned.view(-1)[3] = float("nan")
+    return poisoned
+
+
+def test_every_loader_refuses_non_finite_weights_naming_the_file_and_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hf_dmsae import DMSAEModel
+    from hf_dmsae.core import DMSAECore
+    from hf_dmsae.integrity import IntegrityError, save_tensors
+
+    # SAELens: one NaN in W_enc would take a BatchTopK slot in every row and make cycle 0's FVU NaN.
+    write_sae_lens_sae(tmp_path / "sae_lens", k=4)
+    weights = tmp_path / "sae_lens" / "sae_weights.safetensors"
+    save_file({**load_file(weights), "W_enc": _poison(load_file(weights)["W_enc"])}, weights)
+    with pytest.raises(IntegrityError, match=r"sae_weights.safetensors: tensor 'W_enc' holds 1 NaN"):
+        load_cycle0(tmp_path / "sae_lens")
+
+    state = write_dictionary_learning_checkpoint(tmp_path / "dictionary_learning")
+    torch.save({**state, "b_dec": _poison(state["b_dec"])}, tmp_path / "dictionary_learning" / "ae.pt")
+    with pytest.raises(IntegrityError, match=r"ae.pt: tensor 'b_dec' holds 1 NaN"):
+        load_cycle0(tmp_path / "dictionary_learning")
+
+    # A core rewritten with a NaN score (and a digest to match) and a saved model with an infinite weight.
+    rows = torch.randn(4, 16)
+    core = DMSAECore(encoder_rows=rows, latent_ids=[f"cycle0:{i}" for i in range(4)], scores=torch.ones(4),
+                     pool_ids=["cycle0:0"], pool_scores=torch.ones(1), coverage_curve=torch.ones(1))  # fmt: skip
+    core.save_pretrained(tmp_path / "core")
+    save_tensors({"encoder_rows": rows, "scores": _poison(torch.ones(4)), "pool_scores": torch.ones(1),
+                  "coverage_curve": torch.ones(1)}, tmp_path / "core" / "core.safetensors")  # fmt: skip
+    with pytest.raises(IntegrityError, match=r"core.safetensors: tensor 'scores' holds 1 NaN"):
+        DMSAECore.from_pretrained(tmp_path / "core")
+    model = tiny_model()
+    with torch.no_grad():
+        model.W_dec[5, 2] = float("inf")
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"model: the weights \['W_dec'\] hold NaN or infinite values"):
+        DMSAEModel.from_pretrained(tmp_path / "model")
+
+
+def test_foreign_checkpoints_of_inconsistent_shapes_or_without_a_usable_k_are_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hf_dmsae.integrity import IntegrityError
+
+    write_sae_lens_sae(tmp_path / "shapes", k=4)
+    weights = tmp_path / "shapes" / "sae_weights.safetensors"
+    save_file({**load_file(weights), "b_enc": torch.zeros(63)}, weights)
+    with pytest.raises(IntegrityError, match=r"does not hold the SAE its config describes: b_enc is \[63\], not \[64\]"):
+        load_cycle0(tmp_path / "shapes")
+    write_sae_lens_sae(tmp_path / "no_d_in", k=4)
+    cfg = json.loads((tmp_path / "no_d_in" / "cfg.json").read_text())
+    del cfg["d_in"]
+    (tmp_path / "no_d_in" / "cfg.json").write_text(json.dumps(cfg))
+    run = SimpleNamespace(model_name_or_path="google/gemma-2-2b", hook_layer=12, hook_name="resid_post")
+    with pytest.raises(IntegrityError, match=r"no_d_in/cfg.json has no 'd_in'"):
+        check_checkpoint_fits(tmp_path / "no_d_in", run, 16)
+    write_sae_lens_sae(tmp_path / "jumprelu", "jumprelu")
+    with pytest.raises(ValueError, match=r"k=65 cannot score its latents: a BatchTopK target in \[1, 64\]"):
+        load_cycle0(tmp_path / "jumprelu", k=65)
+
+    state = write_dictionary_learning_checkpoint(tmp_path / "groups")
+    torch.save({**state, "group_sizes": torch.tensor([2, 4, 8])}, tmp_path / "groups" / "ae.pt")
+    with pytest.raises(IntegrityError, match=r"group_sizes \[2, 4, 8\] do not split 64 latents"):
+        load_cycle0(tmp_path / "groups")
+    state = write_dictionary_learning_checkpoint(tmp_path / "k0")
+    torch.save({**state, "k": torch.tensor(0)}, tmp_path / "k0" / "ae.pt")
+    with pytest.raises(ValueError, match=r"k=0 cannot score its latents"):
+        load_cycle0(tmp_path / "k0")
+
+
+def test_a_safetensors_header_announcing_more_than_the_file_holds_is_refused_without_reading_it(tmp_path):
+    import struct
+
+    from hf_dmsae.core import DMSAECore
+    from hf_dmsae.integrity import IntegrityError
+
+    core = DMSAECore(encoder_rows=torch.randn(2, 16), latent_ids=["cycle0:0", "cycle0:1"], scores=torch.ones(2),
+                     pool_ids=["cycle0:0"], pool_scores=torch.ones(1), coverage_curve=torch.ones(1))  # fmt: skip
+    core.save_pretrained(tmp_path / "core")
+    weights = tmp_path / "core" / "core.safetensors"
+    weights.write_bytes(struct.pack("<Q", 2**40) + weights.read_bytes()[8:])
+    with pytest.raises(IntegrityError, match=r"core.safetensors is not a readable .* header announces 1099511627776"):
+        DMSAECore.from_pretrained(tmp_path / "core")
+
+
+class _CodeOnLoad:
+    def __reduce__(self):
+        return (print, ("this ran while the checkpoint was read",))
+
+
+def test_a_dictionary_learning_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    from hf_dmsae.integrity import IntegrityError
+
+    state = write_dictionary_learning_checkpoint(tmp_path / "trainer_0")
+    torch.save({**state, "payload": _CodeOnLoad()}, tmp_path / "trainer_0" / "ae.pt")
+    with pytest.raises(IntegrityError, match=r"ae.pt holds more than tensors and is not read .*GLOBAL print"):
+        load_cycle0(tmp_path / "trainer_0")
+    assert "this ran" not in capsys.readouterr().out

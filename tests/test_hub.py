@@ -197,3 +197,39 @@ def test_a_model_card_names_its_hook_and_data_and_its_snippet_runs(tmp_path, tin
     namespace = {}
     exec(snippet, namespace)
     assert namespace["latents"].shape[-1] == 128 and namespace["reconstruction"].shape == namespace["activations"].shape
+
+
+def test_ctrl_c_during_a_set_removes_the_repos_created_before_and_stays_an_interrupt(tmp_path):
+    import signal
+
+    items = []
+    for name in ("one", "two"):
+        write_core_repo(small_core(), tmp_path / name, f"org/interrupted-{name}")
+        items.append((tmp_path / name, f"org/interrupted-{name}"))
+
+    class InterruptedSecond(HfApi):
+        def upload_folder(self, **kwargs):
+            if kwargs["repo_id"] == "org/interrupted-two":
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C, delivered as the terminal delivers it
+            return super().upload_folder(**kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_all(items, token=TOKEN, api=InterruptedSecond(token=TOKEN))
+    assert not HfApi().repo_exists("org/interrupted-one") and not HfApi().repo_exists("org/interrupted-two")
+
+
+@pytest.mark.parametrize("name", ["org/release/../../../etc", "org/release/./x", "org/../x"])
+def test_a_hub_path_cannot_leave_its_repo(name):
+    with pytest.raises(ValueError, match="cannot have '.' or '..'|is not a Hub repo name"):
+        resolve_folder(name)
+
+
+@pytest.mark.parametrize("name", ["..", "org/..", "org/a..b", "a/b/c", "org/-x"])
+def test_repo_names_follow_the_hubs_rules_when_parsed(name):
+    from hf_dmsae.distillation import DistillationArguments
+    from hf_dmsae.transfer import TransferArguments
+
+    with pytest.raises(ValueError, match=rf"model_repo={name!r} is not a Hub repo name"):
+        DistillationArguments(model_repo=name)
+    with pytest.raises(ValueError, match=rf"model_repo={name!r} is not a Hub repo name"):
+        TransferArguments(core="org/core", model_repo=name)

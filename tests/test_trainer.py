@@ -216,7 +216,7 @@ def run_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> list[str]:
     """Command line of scripts/train.py on the tiny LM, long enough to be killed mid-way."""
     config = {
         "model_name_or_path": str(tiny_lm_dir), "hook_layer": 2, "context_length": 32, "lm_batch_size": 16,
-        "num_tokens": 10000, "eval_tokens": 0, "shuffle_buffer_tokens": 2048, "norm_tokens": 1024,
+        "num_tokens": 40000, "eval_tokens": 0, "shuffle_buffer_tokens": 2048, "norm_tokens": 1024,
         "activation_cache": str(tmp_path / "cache"), "dict_size": 2048, "k": 16,
         "output_dir": str(tmp_path / name), "per_device_train_batch_size": 500, "max_steps": 80,
         "save_steps": 20, "logging_steps": 20, "learning_rate": 0.002, "seed": 0, "report_to": "none",
@@ -241,7 +241,8 @@ def kill_after(command: list[str], marker: Path, env: dict) -> None:
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_lm_dir, source):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # Streamed: one pass over the budget (no max_steps), 20 steps of 500 rows, killed after step 8.
-    overrides = {} if source == "cached" else {"activation_cache": None, "max_steps": -1, "save_steps": 4}
+    overrides = {} if source == "cached" else {"activation_cache": None, "max_steps": -1, "save_steps": 4,
+                                               "num_tokens": 10000}
     subprocess.run(run_config(tmp_path, tiny_lm_dir, "straight", **overrides), check=True, env=env,
                    capture_output=True, timeout=600)  # fmt: skip
     command = run_config(tmp_path, tiny_lm_dir, "killed", **overrides)
@@ -273,9 +274,33 @@ def test_a_rerun_with_other_arguments_is_refused_naming_them(tmp_path, tiny_lm_d
     with pytest.raises(ValueError, match="holds a train run, not a distillation run"):
         RunState(tmp_path / "run", "distillation", {}, writer=True)
     state_file = tmp_path / "run" / "state.json"
+    whole = json.loads(state_file.read_text())
     state_file.write_text(state_file.read_text()[:40])  # truncated, as a full disk leaves it
     with pytest.raises(IntegrityError, match=r"run/state.json is damaged or truncated"):
         RunState(tmp_path / "run", "train", arguments_identity(sae, activations, first), writer=True)
+    for damaged, problem in (([whole], "holds a JSON list, not an object"), ({**whole, "slices": {}}, "'slices' is a "
+                             "JSON dict, not what"), ({k: v for k, v in whole.items() if k != "identity"}, "no 'identity'")):  # fmt: skip
+        state_file.write_text(json.dumps(damaged))
+        with pytest.raises(IntegrityError, match=rf"run/state.json(:| has| holds) .*{problem}|run/state.json {problem}"):
+            RunState(tmp_path / "run", "train", arguments_identity(sae, activations, first), writer=True)
+
+
+def test_a_write_that_fails_during_a_checkpoint_names_the_folder_and_the_cause(tmp_path, tiny_lm_dir):
+    """A file-size limit stands in for a full disk: the same failed write(2), without filling the machine's disk."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the failed write then returns EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    command = run_config(tmp_path, tiny_lm_dir, "full", activation_cache=None, max_steps=-1, save_steps=4,
+                         num_tokens=10000)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+    assert result.returncode != 0
+    error = next((line for line in result.stderr.splitlines() if line.startswith("OSError: ")), result.stderr[-3000:])
+    assert f"could not write {tmp_path / 'full' / 'checkpoint-4'}: " in error and "File too large" in error, error
+    assert "MiB free on its disk" in error, "the disk's free space tells a full disk from another cause"
 
 
 def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, tiny_lm_dir, caches):

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -73,3 +74,16 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
     weights.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="k16-dense_core/model.safetensors changed since it was written"):
         load_trained_model(weights.parent)
+
+
+def test_a_core_for_other_activations_is_refused_before_any_harvesting(tiny_lm_dir, tmp_path):
+    for name, width, provenance in (("wide", 64, {}), ("layer", 32, {"hook_layer": 12, "hook_name": "resid_post"})):
+        DMSAECore(encoder_rows=torch.randn(4, width), latent_ids=[f"cycle3:{i}" for i in range(4)],
+                  scores=torch.ones(4), pool_ids=[], pool_scores=torch.ones(0), coverage_curve=torch.ones(0),
+                  provenance=provenance).save_pretrained(tmp_path / name)  # fmt: skip
+    for name, difference in (("wide", "width 64 (the run's LM: 32)"), ("layer", "hook_layer 12 (the run's: 2)")):
+        with pytest.raises(ValueError, match=rf"selected for other activations: {re.escape(difference)}"):
+            Transfer(TransferArguments(core=str(tmp_path / name), ks=[8]), SAEArguments(dict_size=256, k=8),
+                     tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache")),
+                     DMSAETrainingArguments(output_dir=str(tmp_path / "run")))  # fmt: skip
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

@@ -27,6 +27,7 @@ from hf_dmsae.runs import (
     parse_arguments,
     sae_config,
     train_sae,
+    training_steps,
 )
 from hf_dmsae.trainer import DMSAETrainingArguments
 
@@ -37,6 +38,7 @@ def main() -> None:
         (SAEArguments, ActivationArguments, DMSAETrainingArguments),
         shared=(DistillationArguments, AttributionArguments),
     )
+    training_steps(activation_args.num_tokens, training_args)  # before the run's folder records anything
     identity = arguments_identity(sae_args, activation_args, training_args)
     state = RunState(training_args.output_dir, "train", identity, writer=training_args.process_index == 0)
     data = RunData(activation_args, training_args, state)
