@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +304,32 @@ def test_decode_takes_latents_of_any_float_dtype(model):
     torch.testing.assert_close(model.decode(latents.bfloat16()), model.decode(latents), rtol=0.02, atol=0.05)
     with pytest.raises(ValueError, match="dict_size=128"):
         model.decode(torch.randn(8, 16))
+
+
+FIXTURE_REPO = Path(__file__).resolve().parent / "fixtures" / "dmsae-repo-v0.1"
+
+
+def test_a_repo_saved_by_version_0_1_loads_with_the_package_and_with_its_own_remote_code(tmp_path):
+    """`tests/fixtures/dmsae-repo-v0.1` was written by `write_model_repo` at commit 6533813, before the package was
+    laid out in subpackages; its outputs on a fixed input were saved beside it."""
+    from safetensors.torch import load_file
+
+    expected = load_file(FIXTURE_REPO.parent / "dmsae-repo-v0.1-outputs.safetensors")
+    model = AutoModel.from_pretrained(FIXTURE_REPO).eval()
+    assert isinstance(model, DMSAEModel) and model.config.core_size == 8
+    output = model(expected["x"])
+    torch.testing.assert_close(output.latents, expected["latents"])
+    torch.testing.assert_close(output.reconstruction, expected["reconstruction"])
+    script = f"""
+import sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(FIXTURE_REPO)!r}, trust_remote_code=True).eval()
+assert "hf_dmsae" not in sys.modules, "the package was imported"
+expected = load_file({str(FIXTURE_REPO.parent / "dmsae-repo-v0.1-outputs.safetensors")!r})
+torch.testing.assert_close(model(expected["x"]).reconstruction, expected["reconstruction"])
+print("remote-code-ok")
+"""
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "remote-code-ok" in result.stdout, result.stderr[-3000:]
