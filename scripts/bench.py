@@ -10,7 +10,8 @@ end), full steps (forward, every prefix loss, AuxK, backward, optimiser step
 medians over rounds, for:
 our DMSAE (sparse kernels, dense core of 2% of the dictionary and no core; the first under bf16 autocast too; the
 reference kernels), SAELens' `MatryoshkaBatchTopKTrainingSAE`, dictionary_learning's Matryoshka BatchTopK trainer,
-and the limit: one dense encoder matmul + ReLU. Peers that cannot be imported are reported as such (`make bench` installs them).
+and the limit: one dense encoder matmul + ReLU. Peers that cannot be imported are reported as such
+(`make bench` installs them).
 
 Harvesting: the embedded SmolLM2 run to the middle layer only vs a full forward with hidden states. Attribution:
 scoring an SAE (4096 latents) from cached (x, g) pairs, as every cycle does after the one-time harvest, vs what each
@@ -47,8 +48,11 @@ import torch
 from transformers import Trainer
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
-from hf_dmsae.configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, matryoshka_group_sizes
-from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.model.configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, matryoshka_group_sizes
+from hf_dmsae.run.trainer import DMSAETrainingArguments
+
+CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class StepSetting:
@@ -74,7 +78,7 @@ class PeakMemory:
     """Peak rise of the resident set size while the block runs (sampled every millisecond); on CUDA, of the memory
     torch's allocator holds on the device."""
 
-    def __init__(self, device: torch.device = torch.device("cpu")):
+    def __init__(self, device: torch.device = CPU):
         self.device = device
 
     def __enter__(self):
@@ -110,8 +114,9 @@ class PeakMemory:
 
 def dmsae_step(setting: StepSetting, n: int, core_fraction: float, kernels: str, autocast: bool = False):
     core, d = round(core_fraction * n), setting.d_in
-    config = DMSAEConfig(d_in=d, dict_size=n, core_size=core, k=setting.k, core_ids=[f"c:{i}" for i in range(core)],
-                         kernels=kernels)  # fmt: skip
+    config = DMSAEConfig(
+        d_in=d, dict_size=n, core_size=core, k=setting.k, core_ids=[f"c:{i}" for i in range(core)], kernels=kernels
+    )
     model = DMSAEModel.from_core(config, torch.randn(core, d) / d**0.5, config.core_ids).to(setting.device).train()
     optimizer = trainer_optimizer(model)
 
@@ -153,8 +158,9 @@ def saelens_step(setting: StepSetting, n: int):
 
     widths = list(torch.tensor(matryoshka_group_sizes(n)).cumsum(0).tolist())
     sae = MatryoshkaBatchTopKTrainingSAE(
-        MatryoshkaBatchTopKTrainingSAEConfig(d_in=setting.d_in, d_sae=n, k=setting.k, matryoshka_widths=widths,
-                                             device=str(setting.device))  # fmt: skip
+        MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=setting.d_in, d_sae=n, k=setting.k, matryoshka_widths=widths, device=str(setting.device)
+        )
     )
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     dead = torch.zeros(n, dtype=torch.bool, device=setting.device)
@@ -173,9 +179,16 @@ def dictionary_learning_step(setting: StepSetting, n: int):
 
     sizes = matryoshka_group_sizes(n)
     trainer = MatryoshkaBatchTopKTrainer(
-        steps=10**6, activation_dim=setting.d_in, dict_size=n, k=setting.k, layer=0, lm_name="bench",
-        group_fractions=[s / n for s in sizes], device=str(setting.device), warmup_steps=1,
-    )  # fmt: skip
+        steps=10**6,
+        activation_dim=setting.d_in,
+        dict_size=n,
+        k=setting.k,
+        layer=0,
+        lm_name="bench",
+        group_fractions=[s / n for s in sizes],
+        device=str(setting.device),
+        warmup_steps=1,
+    )
     count = iter(range(1, 10**9))  # step 0 would re-initialise b_dec
 
     def step(x):
@@ -193,12 +206,13 @@ def training_steps(setting: StepSetting, sizes: list[int], rounds: int) -> list[
             "limit (encoder matmul + ReLU)": lambda n=n: limit_step(setting, n),
             "dmsae, dense core 2% (sparse kernels)": lambda n=n: dmsae_step(setting, n, 0.02, "sparse"),
             "dmsae, no core (sparse kernels)": lambda n=n: dmsae_step(setting, n, 0.0, "sparse"),
-            "dmsae, dense core 2% (sparse kernels, bf16 autocast)":
-                lambda n=n: dmsae_step(setting, n, 0.02, "sparse", True),
+            "dmsae, dense core 2% (sparse kernels, bf16 autocast)": lambda n=n: dmsae_step(
+                setting, n, 0.02, "sparse", True
+            ),
             "dmsae, dense core 2% (reference kernels)": lambda n=n: dmsae_step(setting, n, 0.02, "reference"),
             "sae_lens MatryoshkaBatchTopKTrainingSAE": lambda n=n: saelens_step(setting, n),
             "dictionary_learning MatryoshkaBatchTopKTrainer": lambda n=n: dictionary_learning_step(setting, n),
-        }  # fmt: skip
+        }
         steps, rows = {}, {}
         for name, make in candidates.items():
             try:
@@ -223,8 +237,14 @@ def training_steps(setting: StepSetting, sizes: list[int], rounds: int) -> list[
         limit = statistics.median(times["limit (encoder matmul + ReLU)"])
         for name in steps:
             median = statistics.median(times[name])
-            rows[name] = {"name": name, "dict_size": n, "median_s": median, "tokens_per_s": setting.batch / median,
-                          "vs_limit": median / limit, "peak_memory_rise_mb": memory[name]}  # fmt: skip
+            rows[name] = {
+                "name": name,
+                "dict_size": n,
+                "median_s": median,
+                "tokens_per_s": setting.batch / median,
+                "vs_limit": median / limit,
+                "peak_memory_rise_mb": memory[name],
+            }
         ours = rows["dmsae, dense core 2% (sparse kernels)"].get("median_s")
         for row in rows.values():
             if "median_s" in row and ours:
@@ -238,9 +258,9 @@ def training_steps(setting: StepSetting, sizes: list[int], rounds: int) -> list[
 
 
 def harvest_and_attribution(device: torch.device, rounds: int, cached_positions: int = 16_384) -> dict:
-    from hf_dmsae.activations import ActivationArguments, TrainingPositions
-    from hf_dmsae.attribution import gxa_scores
-    from hf_dmsae.language_model import LayerActivations, load_language_model
+    from hf_dmsae.data.activations import ActivationArguments, TrainingPositions
+    from hf_dmsae.data.language_model import LayerActivations, load_language_model
+    from hf_dmsae.method.attribution import gxa_scores
 
     args = ActivationArguments()
     lm, tokenizer = load_language_model(args.model_name_or_path)
@@ -252,8 +272,10 @@ def harvest_and_attribution(device: torch.device, rounds: int, cached_positions:
     acts, grads = layer.with_gradient(input_ids)
     # Cached pairs as the attribution cache serves them; repeated rows cost an encode like any other.
     repeats = -(-cached_positions // int(keep.sum()))
-    pairs = {"activations": acts[keep].repeat(repeats, 1)[:cached_positions],
-             "gradients": grads[keep].repeat(repeats, 1)[:cached_positions]}  # fmt: skip
+    pairs = {
+        "activations": acts[keep].repeat(repeats, 1)[:cached_positions],
+        "gradients": grads[keep].repeat(repeats, 1)[:cached_positions],
+    }
 
     def truncated():
         with torch.inference_mode():
@@ -299,34 +321,57 @@ def distillation_cycles(config: str, tokens: int, attribution_tokens: int, eval_
     """A real distillation (cycle 0 and cycle 1) on `config` (the embedded default: SmolLM2-135M layer 15, 4096
     latents) with `tokens` per cycle, in a fresh folder and activation cache, as `scripts/distill.py` runs it; the
     stage times each cycle records in the run's state (`hf_dmsae.stages`)."""
-    from hf_dmsae.activations import ActivationArguments
-    from hf_dmsae.attribution import AttributionArguments
-    from hf_dmsae.distillation import Distillation, DistillationArguments
-    from hf_dmsae.runs import SAEArguments, parse_arguments
+    from hf_dmsae.data.activations import ActivationArguments
+    from hf_dmsae.method.attribution import AttributionArguments
+    from hf_dmsae.method.distillation import Distillation, DistillationArguments
+    from hf_dmsae.run.arguments import SAEArguments
+    from hf_dmsae.run.launch import parse_arguments
 
     with tempfile.TemporaryDirectory() as folder:
-        overrides = {"output_dir": f"{folder}/run", "activation_cache": f"{folder}/cache", "num_tokens": tokens,
-                     "attribution_tokens": attribution_tokens, "eval_tokens": eval_tokens, "num_cycles": 1,
-                     "random_core_control": False, "save_steps": 10**6, "report_to": "none", "disable_tqdm": True}  # fmt: skip
+        overrides = {
+            "output_dir": f"{folder}/run",
+            "activation_cache": f"{folder}/cache",
+            "num_tokens": tokens,
+            "attribution_tokens": attribution_tokens,
+            "eval_tokens": eval_tokens,
+            "num_cycles": 1,
+            "random_core_control": False,
+            "save_steps": 10**6,
+            "report_to": "none",
+            "disable_tqdm": True,
+        }
         argv = [config] + [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
-        arguments = parse_arguments((DistillationArguments, SAEArguments, ActivationArguments, AttributionArguments,
-                                     DMSAETrainingArguments), argv)  # fmt: skip
+        arguments = parse_arguments(
+            (DistillationArguments, SAEArguments, ActivationArguments, AttributionArguments, DMSAETrainingArguments),
+            argv,
+        )
         run = Distillation(*arguments)
         run.run()
         state = run.state.data
-    return {"config": config, "tokens_per_cycle": tokens, "attribution_tokens": attribution_tokens,
-            "eval_tokens": eval_tokens, "setup": state["setup"]["stages"],
-            "cycles": {t: record["stages"] for t, record in state["cycles"].items()}}  # fmt: skip
+    return {
+        "config": config,
+        "tokens_per_cycle": tokens,
+        "attribution_tokens": attribution_tokens,
+        "eval_tokens": eval_tokens,
+        "setup": state["setup"]["stages"],
+        "cycles": {t: record["stages"] for t, record in state["cycles"].items()},
+    }
 
 
 def cycle_lines(result: dict) -> list[str]:
     """Where each cycle's time goes: seconds, tokens/s and share of the cycle per stage."""
-    lines = [f"distillation on {result['config']}, {result['tokens_per_cycle']} tokens per cycle "
-             f"(attribution split {result['attribution_tokens']} tokens, harvested once before cycle 0):"]
-    for name, stages in [("before cycle 0", result["setup"])] + [(f"cycle {t}", s) for t, s in result["cycles"].items()]:
+    lines = [
+        f"distillation on {result['config']}, {result['tokens_per_cycle']} tokens per cycle "
+        f"(attribution split {result['attribution_tokens']} tokens, harvested once before cycle 0):"
+    ]
+    for name, stages in [("before cycle 0", result["setup"])] + [
+        (f"cycle {t}", s) for t, s in result["cycles"].items()
+    ]:
         total = sum(s["seconds"] for s in stages.values())
-        cells = [f"{stage} {s['seconds']:.1f} s ({s['seconds'] / total:.0%}, {s['tokens_per_s']:.0f} tok/s)"
-                 for stage, s in stages.items()]  # fmt: skip
+        cells = [
+            f"{stage} {s['seconds']:.1f} s ({s['seconds'] / total:.0%}, {s['tokens_per_s']:.0f} tok/s)"
+            for stage, s in stages.items()
+        ]
         lines.append(f"  {name}: {total:.1f} s = " + ", ".join(cells))
     return lines
 
@@ -338,8 +383,14 @@ PAPER = {"d_in": 2304, "dict_size": 65_536, "batch": 4096, "core": 197, "k_nonco
 
 def paper_model(dict_size: int = PAPER["dict_size"]) -> DMSAEModel:
     core = PAPER["core"]
-    config = DMSAEConfig(d_in=PAPER["d_in"], dict_size=dict_size, core_size=core, k=PAPER["k_noncore"],
-                         k_noncore=PAPER["k_noncore"], core_ids=[f"c:{i}" for i in range(core)])  # fmt: skip
+    config = DMSAEConfig(
+        d_in=PAPER["d_in"],
+        dict_size=dict_size,
+        core_size=core,
+        k=PAPER["k_noncore"],
+        k_noncore=PAPER["k_noncore"],
+        core_ids=[f"c:{i}" for i in range(core)],
+    )
     rows = torch.randn(core, PAPER["d_in"])
     return DMSAEModel.from_core(config, rows / rows.norm(dim=1, keepdim=True), config.core_ids)
 
@@ -347,8 +398,8 @@ def paper_model(dict_size: int = PAPER["dict_size"]) -> DMSAEModel:
 def memory_probe(what: str) -> dict:
     """One measurement, in this (fresh) process: the resident set just before the work (Python, torch, the model)
     and its peak during the work."""
-    from hf_dmsae.attribution import StreamingQuantile, gxa_values
-    from hf_dmsae.evaluation import activation_metrics
+    from hf_dmsae.evaluation.held_out import activation_metrics
+    from hf_dmsae.method.attribution import StreamingQuantile, gxa_values
 
     torch.manual_seed(0)
     batch, d = PAPER["batch"], PAPER["d_in"]
@@ -381,11 +432,17 @@ def memory_probe(what: str) -> dict:
 
         def work():
             activation_metrics(model, (torch.randn(batch, d, generator=generator) for _ in range(tokens // batch)))
+
     start = time.perf_counter()
     with PeakMemory() as peak:
         work()
-    return {"what": what, "dict_size": model.config.dict_size, "rss_before_mb": peak.base / 2**20,
-            "peak_rss_mb": peak.peak / 2**20, "seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "what": what,
+        "dict_size": model.config.dict_size,
+        "rss_before_mb": peak.base / 2**20,
+        "peak_rss_mb": peak.peak / 2**20,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def paper_scale_memory(out: str) -> None:
@@ -394,27 +451,44 @@ def paper_scale_memory(out: str) -> None:
 
     rows = []
     for what in ("training_step", "attribution_batch", "evaluation", "evaluation_16k_tokens", "evaluation_1m_tokens"):
-        result = subprocess.run([sys.executable, __file__, "--memory_probe", what], capture_output=True, text=True,
-                                check=True)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, __file__, "--memory_probe", what], capture_output=True, text=True, check=True
+        )
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]))
     command = "python scripts/bench.py --paper_memory --out " + out
-    report = {"command": command, "setup": PAPER, "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "device": "cpu", "measurements": rows}  # fmt: skip
+    report = {
+        "command": command,
+        "setup": PAPER,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "device": "cpu",
+        "measurements": rows,
+    }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2))
-    lines = ["# Memory at the paper's scale", "", f"`{command}` on {report['machine']} (CPU, torch {torch.__version__})."
-             " Each row is a fresh process; `before` is its resident set just before the measured work (Python, torch,"
-             " the model's weights), `peak` the highest resident set during the work (sampled every millisecond).", "",
-             "| measured work | latents | before (MB) | peak (MB) | seconds |", "|---|---|---|---|---|"]
-    labels = {"training_step": "one training step (AdamW, batch 4096)",
-              "attribution_batch": "one attribution batch (4096 pairs, pool scores, streaming quantile)",
-              "evaluation": "held-out evaluation, 8192 tokens (one batch at a time)",
-              "evaluation_16k_tokens": "held-out evaluation, 16 384 tokens (metric sums per batch)",
-              "evaluation_1m_tokens": "held-out evaluation, 1M tokens (metric sums per batch)"}  # fmt: skip
+    lines = [
+        "# Memory at the paper's scale",
+        "",
+        f"`{command}` on {report['machine']} (CPU, torch {torch.__version__})."
+        " Each row is a fresh process; `before` is its resident set just before the measured work (Python, torch,"
+        " the model's weights), `peak` the highest resident set during the work (sampled every millisecond).",
+        "",
+        "| measured work | latents | before (MB) | peak (MB) | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "training_step": "one training step (AdamW, batch 4096)",
+        "attribution_batch": "one attribution batch (4096 pairs, pool scores, streaming quantile)",
+        "evaluation": "held-out evaluation, 8192 tokens (one batch at a time)",
+        "evaluation_16k_tokens": "held-out evaluation, 16 384 tokens (metric sums per batch)",
+        "evaluation_1m_tokens": "held-out evaluation, 1M tokens (metric sums per batch)",
+    }
     for row in rows:
-        lines.append(f"| {labels[row['what']]} | {row['dict_size']} | {row['rss_before_mb']:.0f} | "
-                     f"{row['peak_rss_mb']:.0f} | {row['seconds']:.1f} |")
+        lines.append(
+            f"| {labels[row['what']]} | {row['dict_size']} | {row['rss_before_mb']:.0f} | "
+            f"{row['peak_rss_mb']:.0f} | {row['seconds']:.1f} |"
+        )
     Path(out).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -424,26 +498,42 @@ PARTS = ("steps", "lm", "cycles")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384], help="dictionary sizes to time")
-    parser.add_argument("--steps", type=int, default=11,
-                        help="timed rounds (one step of each implementation each; medians over them)")
+    parser.add_argument(
+        "--steps", type=int, default=11, help="timed rounds (one step of each implementation each; medians over them)"
+    )
     parser.add_argument("--out", default="reports/bench.json", help="where the JSON report goes")
-    parser.add_argument("--cycle_config", default="configs/smollm2-135m.json",
-                        help="the distillation whose cycles are timed stage by stage (default: the embedded default)")
+    parser.add_argument(
+        "--cycle_config",
+        default="configs/smollm2-135m.json",
+        help="the distillation whose cycles are timed stage by stage (default: the embedded default)",
+    )
     parser.add_argument("--cycle_tokens", type=int, default=65_536, help="training tokens per timed cycle")
-    parser.add_argument("--cycle_attribution_tokens", type=int, default=16_384,
-                        help="the timed run's attribution split")
+    parser.add_argument(
+        "--cycle_attribution_tokens", type=int, default=16_384, help="the timed run's attribution split"
+    )
     parser.add_argument("--cycle_eval_tokens", type=int, default=8192, help="the timed run's held-out tokens")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the training steps and the LM's harvest and attribution run (default: cuda where "
-                             "torch sees one, else cpu); the distillation runs where its Trainer puts it")  # fmt: skip
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the training steps and the LM's harvest and attribution run (default: cuda where "
+        "torch sees one, else cpu); the distillation runs where its Trainer puts it",
+    )
     parser.add_argument("--d_in", type=int, default=StepSetting.d_in, help="activation width of the timed steps")
     parser.add_argument("--batch", type=int, default=StepSetting.batch, help="tokens per timed step")
     parser.add_argument("--k", type=int, default=StepSetting.k, help="kept latents per token in the timed steps")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                        help="what to measure: training steps, the LM's harvest and attribution (the embedded "
-                             "SmolLM2), a distillation's cycles (the embedded default)")  # fmt: skip
-    parser.add_argument("--paper_memory", action="store_true",
-                        help="measure memory at the paper's scale instead (written to reports/memory-paper-scale.json unless given)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to measure: training steps, the LM's harvest and attribution (the embedded "
+        "SmolLM2), a distillation's cycles (the embedded default)",
+    )
+    parser.add_argument(
+        "--paper_memory",
+        action="store_true",
+        help="measure memory at the paper's scale instead (written to reports/memory-paper-scale.json unless given)",
+    )
     parser.add_argument("--memory_probe", help="internal: run one memory measurement in this process")
     args = parser.parse_args()
     if args.memory_probe:
@@ -459,35 +549,50 @@ def main() -> None:
     setting = StepSetting(d_in=args.d_in, batch=args.batch, k=args.k, device=device)
 
     report = {
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": str(device),
-                    "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "setup": {"d_in": setting.d_in, "batch": setting.batch, "k": setting.k,
-                  "group_fractions": list(SAEBENCH_GROUP_FRACTIONS) + ["rest"],
-                  "memory": "CUDA allocator" if device.type == "cuda" else "resident set"},
-    }  # fmt: skip
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": str(device),
+            "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "setup": {
+            "d_in": setting.d_in,
+            "batch": setting.batch,
+            "k": setting.k,
+            "group_fractions": list(SAEBENCH_GROUP_FRACTIONS) + ["rest"],
+            "memory": "CUDA allocator" if device.type == "cuda" else "resident set",
+        },
+    }
     if "steps" in args.parts:
         report["training_steps"] = training_steps(setting, args.sizes, args.steps)
         for row in report["training_steps"]:
             if "error" in row:
                 print(f"n={row['dict_size']:>6}  {row['name']:<54} NOT RUN: {row['error']}")
             else:
-                print(f"n={row['dict_size']:>6}  {row['name']:<54} {row['median_s'] * 1e3:8.1f} ms  "
-                      f"{row['tokens_per_s']:9.0f} tok/s  {row['vs_limit']:5.2f}x limit  "
-                      f"{row.get('dmsae_speedup', float('nan')):5.2f}x ours  "
-                      f"+{row['peak_memory_rise_mb']:.0f} MB")  # fmt: skip
+                print(
+                    f"n={row['dict_size']:>6}  {row['name']:<54} {row['median_s'] * 1e3:8.1f} ms  "
+                    f"{row['tokens_per_s']:9.0f} tok/s  {row['vs_limit']:5.2f}x limit  "
+                    f"{row.get('dmsae_speedup', float('nan')):5.2f}x ours  "
+                    f"+{row['peak_memory_rise_mb']:.0f} MB"
+                )
     if "lm" in args.parts:
         lm = report["lm"] = harvest_and_attribution(device, args.steps)
-        print(f"harvest (layer {lm['hook_layer']} of {lm['num_layers']}): {lm['harvest_speedup_vs_full_forward']:.2f}x "
-              f"faster than a full forward")  # fmt: skip
-        print(f"attribution scoring: {lm['attribution_cached_tok_per_s']:.0f} tok/s from cached (x, g) pairs vs "
-              f"{lm['attribution_live_tok_per_s']:.0f} tok/s with the live LM's forward + backward "
-              f"({lm['attribution_cached_speedup']:.1f}x); per cycle at 120k positions: "
-              f"{120_000 / lm['attribution_cached_tok_per_s']:.0f} s vs "
-              f"{120_000 / lm['attribution_live_tok_per_s']:.0f} s")  # fmt: skip
+        print(
+            f"harvest (layer {lm['hook_layer']} of {lm['num_layers']}): {lm['harvest_speedup_vs_full_forward']:.2f}x "
+            f"faster than a full forward"
+        )
+        print(
+            f"attribution scoring: {lm['attribution_cached_tok_per_s']:.0f} tok/s from cached (x, g) pairs vs "
+            f"{lm['attribution_live_tok_per_s']:.0f} tok/s with the live LM's forward + backward "
+            f"({lm['attribution_cached_speedup']:.1f}x); per cycle at 120k positions: "
+            f"{120_000 / lm['attribution_cached_tok_per_s']:.0f} s vs "
+            f"{120_000 / lm['attribution_live_tok_per_s']:.0f} s"
+        )
     if "cycles" in args.parts:
-        report["distillation_cycles"] = distillation_cycles(args.cycle_config, args.cycle_tokens,
-                                                            args.cycle_attribution_tokens, args.cycle_eval_tokens)
+        report["distillation_cycles"] = distillation_cycles(
+            args.cycle_config, args.cycle_tokens, args.cycle_attribution_tokens, args.cycle_eval_tokens
+        )
         print("\n".join(cycle_lines(report["distillation_cycles"])))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

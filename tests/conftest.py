@@ -17,9 +17,12 @@ from hf_dmsae import DMSAEConfig, DMSAEModel  # noqa: E402
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", default="cpu",
-                     help="where the tests that take the `device` fixture run their models and tensors (e.g. cuda); "
-                          "the others run on the CPU")  # fmt: skip
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="where the tests that take the `device` fixture run their models and tensors (e.g. cuda); "
+        "the others run on the CPU",
+    )
 
 
 def pytest_configure(config):
@@ -37,7 +40,9 @@ def device(request) -> torch.device:
 def tiny_config(**overrides) -> DMSAEConfig:
     """A small DMSAE config: 16-d inputs, 128 latents, a core of 8."""
     core_size = overrides.pop("core_size", 8)
-    settings = dict(d_in=16, dict_size=128, core_size=core_size, k=8, core_ids=[f"cycle0:{i}" for i in range(core_size)])
+    settings = dict(
+        d_in=16, dict_size=128, core_size=core_size, k=8, core_ids=[f"cycle0:{i}" for i in range(core_size)]
+    )
     settings.update(overrides)
     return DMSAEConfig(**settings)
 
@@ -60,7 +65,7 @@ def tiny_lm_dir(tmp_path_factory):
     """A tiny random Llama (4 blocks, width 32) with the real SmolLM2 tokenizer, saved as a local model folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hf_dmsae.embedded import smollm2_folder
+    from hf_dmsae.data.embedded import smollm2_folder
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
@@ -83,7 +88,7 @@ def tiny_lm_dir(tmp_path_factory):
 
 def tiny_activation_args(tiny_lm_dir, **overrides):
     """Activation arguments for the tiny LM on the embedded corpus (fast: a few thousand tokens)."""
-    from hf_dmsae.activations import ActivationArguments
+    from hf_dmsae.data.activations import ActivationArguments
 
     settings = dict(
         model_name_or_path=str(tiny_lm_dir),
@@ -101,8 +106,9 @@ def tiny_activation_args(tiny_lm_dir, **overrides):
 
 def tiny_run_data(folder, activation_args, **training_overrides):
     """A run state in `folder` and the data it reads (LM, statistics, slices) for `activation_args`."""
-    from hf_dmsae.runs import RunData, RunState, arguments_identity
-    from hf_dmsae.trainer import DMSAETrainingArguments
+    from hf_dmsae.run.data import RunData
+    from hf_dmsae.run.state import RunState, arguments_identity
+    from hf_dmsae.run.trainer import DMSAETrainingArguments
 
     settings = dict(output_dir=str(folder), report_to="none", disable_tqdm=True, per_device_train_batch_size=200)
     training = DMSAETrainingArguments(**{**settings, **training_overrides})
@@ -115,7 +121,7 @@ def write_text_folder(folder, splits: dict[str, int], offset: int = 0):
     dataset that `datasets` loads (and streams) like a Hub one."""
     import json
 
-    from hf_dmsae.embedded import wiki_summaries
+    from hf_dmsae.data.embedded import wiki_summaries
 
     texts = wiki_summaries()["train"]["text"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -131,11 +137,11 @@ def token_positions(rows, harvester, split: str, sequences: int) -> set[int]:
     """The stream positions (sequence × context_length + column) of `rows`, found by their content among the first
     `sequences` sequences of `split`. Rows whose content occurs at more than one position (identical contexts, e.g.
     the same first token after the BOS) identify nothing and are left out; every other row must be found."""
-    from hf_dmsae.text import StreamPosition
+    from hf_dmsae.data.text import StreamPosition
 
     where: dict[bytes, list[int]] = {}
     for batch in harvester.batches(split, StreamPosition(), max_sequences=sequences):
-        for row, position in zip(batch.tensors["activations"], batch.tensors["positions"].tolist()):
+        for row, position in zip(batch.tensors["activations"], batch.tensors["positions"].tolist(), strict=True):
             where.setdefault(row.float().numpy().tobytes(), []).append(position)
     found = [where.get(row.float().numpy().tobytes()) for row in rows]
     assert all(f is not None for f in found), "rows that come from outside the searched sequences"
@@ -150,16 +156,21 @@ def small_tokenizer(corpus_documents: int = 3000, vocab_size: int = 1024):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hf_dmsae.embedded import wiki_summaries
+    from hf_dmsae.data.embedded import wiki_summaries
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<bos>", "<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<bos>", "<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(wiki_summaries()["train"]["text"][:corpus_documents], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>", pad_token="<pad>")  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -169,9 +180,17 @@ def small_vocab_lm_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     tokenizer = small_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     path = tmp_path_factory.mktemp("small-vocab-lm")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -187,12 +206,24 @@ def tiny_gemma2_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     tokenizer = small_tokenizer()
-    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=14,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
-                          sliding_window=512, hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=30.0,
-                          attn_logit_softcapping=50.0, max_position_embeddings=8192,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=14,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=512,
+        hidden_activation="gelu_pytorch_tanh",
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     path = tmp_path_factory.mktemp("tiny-gemma2")
     Gemma2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -148,8 +148,11 @@ class _Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             if repo_id in self.state.repos:  # the Hub's 409 names the existing repo's url
                 message = "You already created this model repo"
-                return self._send(409, {"error": message, "url": f"http://{self.headers['Host']}/{repo_id}"},
-                                  {"X-Error-Code": "RepoExists", "X-Error-Message": message})  # fmt: skip
+                return self._send(
+                    409,
+                    {"error": message, "url": f"http://{self.headers['Host']}/{repo_id}"},
+                    {"X-Error-Code": "RepoExists", "X-Error-Message": message},
+                )
             attributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
             self.state.repos[repo_id] = Repo([(_oid(repo_id.encode()), {".gitattributes": attributes})])
         self._send(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
@@ -178,20 +181,37 @@ class _Handler(BaseHTTPRequestHandler):
                     files = {p: d for p, d in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
                 elif item["key"] != "header":
                     return self._error(400, "BadRequest", f"unsupported commit operation {item['key']}")
-            oid = _oid(json.dumps(sorted((p, _oid(d)) for p, d in files.items())).encode() + repo.commits[-1][0].encode())
+            oid = _oid(
+                json.dumps(sorted((p, _oid(d)) for p, d in files.items())).encode() + repo.commits[-1][0].encode()
+            )
             repo.commits.append((oid, files))
             self.state.commits += 1
         host = self.headers["Host"]
-        self._send(200, {"commitUrl": f"http://{host}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
+        self._send(
+            200, {"commitUrl": f"http://{host}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        )
 
     def _info(self, repo_id: str, revision: str):
         if (commit := self._commit_at(repo_id, revision)) is None:
             return
         oid, files = commit
         siblings = [{"rfilename": p, "size": len(d), "blobId": _oid(d)} for p, d in sorted(files.items())]
-        self._send(200, {"id": repo_id, "modelId": repo_id, "sha": oid, "private": False, "disabled": False,
-                         "siblings": siblings, "tags": [], "downloads": 0, "likes": 0,
-                         "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z"})  # fmt: skip
+        self._send(
+            200,
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": oid,
+                "private": False,
+                "disabled": False,
+                "siblings": siblings,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+                "lastModified": "2026-01-01T00:00:00.000Z",
+                "createdAt": "2026-01-01T00:00:00.000Z",
+            },
+        )
 
     def _tree(self, repo_id: str, revision: str, folder: str, recursive: bool):
         if (commit := self._commit_at(repo_id, revision)) is None:

@@ -4,12 +4,18 @@ import pytest
 import torch
 from conftest import tiny_activation_args, tiny_run_data, token_positions, write_text_folder
 
-from hf_dmsae.activations import ActivationArguments, ActivationStream, Harvester, collate_activations, shuffled_windows
-from hf_dmsae.cache import ActivationCache
-from hf_dmsae.embedded import EMBEDDED_LM, wiki_summaries
-from hf_dmsae.integrity import IntegrityError
-from hf_dmsae.language_model import LayerActivations, decoder_layers, load_language_model
-from hf_dmsae.text import StreamPosition, TextSource, TokenPacking, position_after
+from hf_dmsae.data.activations import (
+    ActivationArguments,
+    ActivationStream,
+    Harvester,
+    collate_activations,
+    shuffled_windows,
+)
+from hf_dmsae.data.cache import ActivationCache
+from hf_dmsae.data.embedded import EMBEDDED_LM, wiki_summaries
+from hf_dmsae.data.language_model import LayerActivations, decoder_layers, load_language_model
+from hf_dmsae.data.text import StreamPosition, TextSource, TokenPacking, position_after
+from hf_dmsae.utils.integrity import IntegrityError
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +71,9 @@ def test_a_stream_started_at_a_recorded_position_continues_it_exactly(tiny_lm):
 def test_harvest_drops_special_token_and_outlier_positions(harvester, tiny_lm):
     lm, tokenizer = tiny_lm
     first = next(harvester.batches("train", StreamPosition()))
-    input_ids = torch.tensor([ids for ids, _ in TokenPacking(tokenizer, 32).sequences(
-        r["text"] for r in wiki_summaries()["train"])][:16])  # fmt: skip
+    input_ids = torch.tensor(
+        [ids for ids, _ in TokenPacking(tokenizer, 32).sequences(r["text"] for r in wiki_summaries()["train"])][:16]
+    )
     hidden = LayerActivations(lm, 2)(input_ids)
     keep = ~torch.isin(input_ids, torch.tensor(tokenizer.all_special_ids))
     keep &= hidden.norm(dim=-1) <= 10.0 * harvester.statistics.median_norm
@@ -78,8 +85,9 @@ def test_harvest_drops_special_token_and_outlier_positions(harvester, tiny_lm):
 
 def test_statistics_do_not_depend_on_the_lm_batch_size(tiny_lm, tiny_lm_dir):
     lm, tokenizer = tiny_lm
-    small, large = (Harvester(tiny_activation_args(tiny_lm_dir, lm_batch_size=b), lm, tokenizer).statistics
-                    for b in (3, 16))  # fmt: skip
+    small, large = (
+        Harvester(tiny_activation_args(tiny_lm_dir, lm_batch_size=b), lm, tokenizer).statistics for b in (3, 16)
+    )
     assert small.median_norm == pytest.approx(large.median_norm, rel=1e-5)
     assert small.norm_factor == pytest.approx(large.norm_factor, rel=1e-5)
 
@@ -88,7 +96,9 @@ def test_shuffling_windows_permute_within_each_window_deterministically(harveste
     batches = list(harvester.batches("train", StreamPosition(), max_sequences=80))
     windows = list(shuffled_windows(iter(batches), 1000, seed=3))
     again = list(shuffled_windows(iter(batches), 1000, seed=3))
-    assert all(torch.equal(a.tensors["activations"], b.tensors["activations"]) for a, b in zip(windows, again))
+    assert all(
+        torch.equal(a.tensors["activations"], b.tensors["activations"]) for a, b in zip(windows, again, strict=True)
+    )
     rows = torch.cat([b.tensors["activations"] for b in batches])
     shuffled = torch.cat([w.tensors["activations"] for w in windows])
     assert shuffled.shape == rows.shape and not torch.equal(shuffled, rows)
@@ -160,8 +170,10 @@ def test_streamed_rows_are_the_cached_ones_in_the_same_order(tiny_lm_dir, tmp_pa
     rows = torch.cat([batch["activations"] for batch in stream])
     assert rows.shape == (20 * 200, 32) and len(cache) == 4000
     assert torch.equal(rows, cache.__getitems__(range(4000)))
-    assert streamed.finish_slice(streamed.training_slice("train"), stream).end == \
-        cached.finish_slice(cached.training_slice("train"), cache).end  # fmt: skip
+    assert (
+        streamed.finish_slice(streamed.training_slice("train"), stream).end
+        == cached.finish_slice(cached.training_slice("train"), cache).end
+    )
     first = next(streamed.harvester.batches("train", stream.start)).tensors["activations"]
     assert torch.equal(stream.sample(100), first[:100])  # b_dec's median and the threshold read the slice's start
 
@@ -181,7 +193,7 @@ def test_a_resumed_stream_serves_exactly_the_rows_after_the_ones_consumed(tiny_l
         resumed.resume(state, consumed)
         rest = [b["activations"] for b in resumed]
         assert len(rest) == 30 - consumed
-        assert all(torch.equal(a, b) for a, b in zip(rest, whole[consumed:])), consumed
+        assert all(torch.equal(a, b) for a, b in zip(rest, whole[consumed:], strict=True)), consumed
 
 
 def test_text_sources_of_every_kind_and_their_errors(tmp_path):
@@ -228,18 +240,20 @@ def test_bad_activation_arguments_fail_before_any_work(tiny_lm_dir):
 
 @pytest.mark.parametrize("cached", [False, True], ids=["streamed", "cached"])
 def test_max_steps_beyond_the_token_budget_is_refused_before_the_run_begins(tiny_lm_dir, tmp_path, cached):
-    from hf_dmsae.attribution import AttributionArguments
-    from hf_dmsae.distillation import Distillation, DistillationArguments
-    from hf_dmsae.runs import SAEArguments
-    from hf_dmsae.trainer import DMSAETrainingArguments
+    from hf_dmsae.method.attribution import AttributionArguments
+    from hf_dmsae.method.distillation import Distillation, DistillationArguments
+    from hf_dmsae.run.arguments import SAEArguments
+    from hf_dmsae.run.trainer import DMSAETrainingArguments
 
     args = tiny_activation_args(tiny_lm_dir, num_tokens=2000, activation_cache=str(tmp_path / "c") if cached else None)
 
     def distillation(max_steps: int) -> Distillation:
-        training = DMSAETrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=200,
-                                          max_steps=max_steps)  # fmt: skip
-        return Distillation(DistillationArguments(), SAEArguments(dict_size=64, k=4), args, AttributionArguments(),
-                            training)  # fmt: skip
+        training = DMSAETrainingArguments(
+            output_dir=str(tmp_path / "run"), per_device_train_batch_size=200, max_steps=max_steps
+        )
+        return Distillation(
+            DistillationArguments(), SAEArguments(dict_size=64, k=4), args, AttributionArguments(), training
+        )
 
     with pytest.raises(ValueError, match=r"max_steps=50 is invalid: the token budget num_tokens=2000 holds 10 "):
         distillation(50)
@@ -252,11 +266,18 @@ def test_no_stage_of_a_training_run_reads_outside_its_slice(tiny_lm_dir, tmp_pat
     """Training, the decoder bias's median and the threshold's calibration (asked for 16 384 rows of a 2000-row
     budget) read only the training slice's token positions; evaluation only the held-out slice's."""
     from hf_dmsae import DMSAEModel
-    from hf_dmsae.runs import SAEArguments, sae_config, train_sae
+    from hf_dmsae.run.arguments import SAEArguments, sae_config
+    from hf_dmsae.run.training import train_sae
 
     args = tiny_activation_args(tiny_lm_dir, num_tokens=2000, activation_cache=str(tmp_path / "c") if cached else None)
-    data = tiny_run_data(tmp_path / "run", args, calibrate_threshold_rows=16_384, init_decoder_bias_rows=4096,
-                         save_strategy="no", report_to="none")  # fmt: skip
+    data = tiny_run_data(
+        tmp_path / "run",
+        args,
+        calibrate_threshold_rows=16_384,
+        init_decoder_bias_rows=4096,
+        save_strategy="no",
+        report_to="none",
+    )
     read = []
     harvest = data.harvester._batches
 

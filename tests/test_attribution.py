@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
-from hf_dmsae.attribution import (
+from hf_dmsae.data.language_model import LayerActivations, load_language_model
+from hf_dmsae.method.attribution import (
     Attribution,
     AttributionArguments,
     StreamingQuantile,
@@ -16,8 +17,7 @@ from hf_dmsae.attribution import (
     select_by_coverage,
     training_sized_batches,
 )
-from hf_dmsae.core import DMSAECore
-from hf_dmsae.language_model import LayerActivations, load_language_model
+from hf_dmsae.model.core import DMSAECore
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,16 @@ def tiny_lm(tiny_lm_dir):
 def sae():
     torch.manual_seed(0)
     config = DMSAEConfig(
-        d_in=32, dict_size=96, core_size=6, k=6, core_ids=[f"cycle0:{i}" for i in range(6)],
-        hook_layer=2, hook_name="resid_post", norm_factor=2.0, cycle=1,
-    )  # fmt: skip
+        d_in=32,
+        dict_size=96,
+        core_size=6,
+        k=6,
+        core_ids=[f"cycle0:{i}" for i in range(6)],
+        hook_layer=2,
+        hook_name="resid_post",
+        norm_factor=2.0,
+        cycle=1,
+    )
     model = DMSAEModel.from_core(config, torch.randn(6, 32), config.core_ids)
     with torch.no_grad():
         model.b_enc.fill_(-0.05)
@@ -118,8 +125,12 @@ def test_gxa_scores_equal_a_brute_force_quantile(sae):
     pool = sae.config.candidate_pool_size
     unit = sae.W_dec[:pool] / sae.W_dec[:pool].norm(dim=1, keepdim=True)
     wrapped_acts, wrapped_grads = torch.cat([acts, acts[:12]]), torch.cat([grads, grads[:12]])
-    values = torch.cat([(naive_pool_latents(sae, a) * (g @ unit.T)).abs()
-                        for a, g in zip(wrapped_acts.split(64), wrapped_grads.split(64))])[:500]  # fmt: skip
+    values = torch.cat(
+        [
+            (naive_pool_latents(sae, a) * (g @ unit.T)).abs()
+            for a, g in zip(wrapped_acts.split(64), wrapped_grads.split(64), strict=True)
+        ]
+    )[:500]
     torch.testing.assert_close(scores, torch.quantile(values, 0.9, dim=0), rtol=1e-4, atol=1e-6)
     assert (scores[:6] > 0).all(), "dense core latents are always scored"
 
@@ -178,7 +189,7 @@ def test_selected_core_carries_the_rows_and_ids_of_its_latents(sae, tmp_path):
     core = core_from_scores(sae, scores, 0.8, cycle=1, q=0.9, tokens=100)
     ids = sae.config.latent_ids()
     assert 0 < len(core) < sae.config.candidate_pool_size and core.coverage >= 0.8
-    for row, latent in zip(core.encoder_rows, core.latent_ids):
+    for row, latent in zip(core.encoder_rows, core.latent_ids, strict=True):
         assert torch.equal(row, sae.W_enc[ids.index(latent)])
     assert core.provenance["cycle"] == 1 and core.provenance["tau"] == 0.8
     core.save_pretrained(tmp_path / "core")
@@ -194,7 +205,11 @@ def test_a_pool_that_scores_nothing_is_an_error_not_an_empty_core(sae):
 
 
 def test_attribution_arguments_are_checked_when_parsed():
-    for bad, message in ((dict(q=1.0), "q=1.0"), (dict(tau=0.0), "tau=0.0"), (dict(tau=1.5), "tau=1.5"),
-                         (dict(stop_at_selection_overlap=0.9), "needs track_selection_steps")):  # fmt: skip
+    for bad, message in (
+        (dict(q=1.0), "q=1.0"),
+        (dict(tau=0.0), "tau=0.0"),
+        (dict(tau=1.5), "tau=1.5"),
+        (dict(stop_at_selection_overlap=0.9), "needs track_selection_steps"),
+    ):
         with pytest.raises(ValueError, match=message):
             AttributionArguments(**bad)

@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_model, write_text_folder
 from test_scripts import run_script
 
-from hf_dmsae.browser import FeatureStatistics, check_site_dir, context_windows
-from hf_dmsae.core import DMSAECore
+from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.publishing.browser import FeatureStatistics, check_site_dir, context_windows
 
 
 def test_feature_statistics_keep_the_top_contexts_over_batches():
@@ -35,12 +35,24 @@ def test_feature_statistics_keep_the_top_contexts_over_batches():
 def test_the_browser_site_loads_in_chromium_without_errors(tiny_lm_dir, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "the browser test needs Chromium (`make test` installs Debian's chromium package)"
-    model = tiny_model(d_in=32, core_size=4, core_ids=[f"cycle1:{i}" for i in range(4)], base_model=str(tiny_lm_dir),
-                       hook_layer=2, hook_name="resid_post")  # fmt: skip
+    model = tiny_model(
+        d_in=32,
+        core_size=4,
+        core_ids=[f"cycle1:{i}" for i in range(4)],
+        base_model=str(tiny_lm_dir),
+        hook_layer=2,
+        hook_name="resid_post",
+    )
     model.save_pretrained(tmp_path / "model")
-    DMSAECore(encoder_rows=model.W_enc_frozen.clone(), latent_ids=model.config.core_ids, scores=torch.arange(4.0),
-              pool_ids=[], pool_scores=torch.ones(0), coverage_curve=torch.ones(0),
-              provenance={"cycle": 1}).save_pretrained(tmp_path / "core")  # fmt: skip
+    DMSAECore(
+        encoder_rows=model.W_enc_frozen.clone(),
+        latent_ids=model.config.core_ids,
+        scores=torch.arange(4.0),
+        pool_ids=[],
+        pool_scores=torch.ones(0),
+        coverage_curve=torch.ones(0),
+        provenance={"cycle": 1},
+    ).save_pretrained(tmp_path / "core")
     text = write_text_folder(tmp_path / "text", {"train": 60, "test": 30})
     (tmp_path / "site" / "latents").mkdir(parents=True)  # an earlier model's site, with more latents than this one
     (tmp_path / "site" / "index.html").write_text("<html>earlier</html>")
@@ -49,9 +61,27 @@ def test_the_browser_site_loads_in_chromium_without_errors(tiny_lm_dir, tmp_path
     (tmp_path / "notes" / "mine.txt").write_text("not a site")
     with pytest.raises(FileExistsError, match="holds files but no site"):  # what browse() checks first
         check_site_dir(tmp_path / "notes")
-    result = run_script("browse", "--model", tmp_path / "model", "--site_dir", tmp_path / "site", "--cores",
-                        tmp_path / "core", "--browse_tokens", 600, "--model_name_or_path", tiny_lm_dir,
-                        "--dataset_name_or_path", text, "--hook_layer", 2, "--context_length", 32, "--norm_tokens", 256)  # fmt: skip
+    result = run_script(
+        "browse",
+        "--model",
+        tmp_path / "model",
+        "--site_dir",
+        tmp_path / "site",
+        "--cores",
+        tmp_path / "core",
+        "--browse_tokens",
+        600,
+        "--model_name_or_path",
+        tiny_lm_dir,
+        "--dataset_name_or_path",
+        text,
+        "--hook_layer",
+        2,
+        "--context_length",
+        32,
+        "--norm_tokens",
+        256,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     latents = json.loads((tmp_path / "site" / "latents.json").read_text())
     assert [latent["index"] for latent in latents[:4]] == [3, 2, 1, 0], "the core first, by attribution score"
@@ -59,9 +89,21 @@ def test_the_browser_site_loads_in_chromium_without_errors(tiny_lm_dir, tmp_path
     assert not (tmp_path / "site" / "latents" / "4000.html").exists(), "the earlier site was replaced as a whole"
     pages = {"index.html": "128 of 128 latents", f"latents/{latents[0]['index']}.html": "Top-activating contexts"}
     for page, expected in pages.items():
-        opened = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-                                 "--v=0", "--dump-dom", (tmp_path / "site" / page).as_uri()],
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        opened = subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--dump-dom",
+                (tmp_path / "site" / page).as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         console = [line for line in opened.stderr.splitlines() if ":CONSOLE" in line]
         assert opened.returncode == 0 and not console, console or opened.stderr[-2000:]
         assert expected in opened.stdout, page  # the index's count is written by its script: the script ran

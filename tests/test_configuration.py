@@ -61,7 +61,7 @@ def test_a_value_of_the_wrong_type_gets_an_error_naming_the_field(field, value):
 
 
 def test_sae_arguments_are_checked_when_parsed_before_any_harvesting():
-    from hf_dmsae.runs import SAEArguments
+    from hf_dmsae.run.arguments import SAEArguments
 
     with pytest.raises(ValueError, match=r"k=5000 is invalid: must lie in \[1, dict_size=4096\]"):
         SAEArguments(dict_size=4096, k=5000)
@@ -70,21 +70,37 @@ def test_sae_arguments_are_checked_when_parsed_before_any_harvesting():
 
 
 BAD_VALUES = [
-    ("learning_rate", "0"), ("learning_rate", "-1e-3"), ("learning_rate", "nan"), ("learning_rate", "inf"),
-    ("per_device_train_batch_size", "0"), ("gradient_accumulation_steps", "0"), ("decay_fraction", "1.5"),
-    ("q", "0"), ("q", "1"), ("tau", "0"), ("num_tokens", "0"), ("eval_tokens", "-1"), ("aux_coef", "nan"),
-    ("threshold_beta", "1"), ("cycle0_k", "0"), ("num_cycles", "0"), ("model_repo", ".."),
-    ("calibrate_threshold_rows", "-1"), ("attribution_tokens", "0"), ("stop_cycles_at_overlap", "2"),
-]  # fmt: skip
+    ("learning_rate", "0"),
+    ("learning_rate", "-1e-3"),
+    ("learning_rate", "nan"),
+    ("learning_rate", "inf"),
+    ("per_device_train_batch_size", "0"),
+    ("gradient_accumulation_steps", "0"),
+    ("decay_fraction", "1.5"),
+    ("q", "0"),
+    ("q", "1"),
+    ("tau", "0"),
+    ("num_tokens", "0"),
+    ("eval_tokens", "-1"),
+    ("aux_coef", "nan"),
+    ("threshold_beta", "1"),
+    ("cycle0_k", "0"),
+    ("num_cycles", "0"),
+    ("model_repo", ".."),
+    ("calibrate_threshold_rows", "-1"),
+    ("attribution_tokens", "0"),
+    ("stop_cycles_at_overlap", "2"),
+]
 
 
 @pytest.mark.parametrize("field, value", BAD_VALUES)
 def test_every_argument_of_the_main_job_is_range_checked_when_parsed(field, value, tmp_path):
-    from hf_dmsae.activations import ActivationArguments
-    from hf_dmsae.attribution import AttributionArguments
-    from hf_dmsae.distillation import DistillationArguments
-    from hf_dmsae.runs import SAEArguments, parse_arguments
-    from hf_dmsae.trainer import DMSAETrainingArguments
+    from hf_dmsae.data.activations import ActivationArguments
+    from hf_dmsae.method.attribution import AttributionArguments
+    from hf_dmsae.method.distillation import DistillationArguments
+    from hf_dmsae.run.arguments import SAEArguments
+    from hf_dmsae.run.launch import parse_arguments
+    from hf_dmsae.run.trainer import DMSAETrainingArguments
 
     classes = (DistillationArguments, SAEArguments, ActivationArguments, AttributionArguments, DMSAETrainingArguments)
     with pytest.raises(ValueError) as refused:

@@ -5,22 +5,37 @@ import torch
 from test_synthetic import TINY_WORLD
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
-from hf_dmsae.activations import ActivationArguments
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.core import DMSAECore
-from hf_dmsae.core_dynamics import (ABLATIONS, CoreDynamics, CoreDynamicsArguments, core_geometry, decay_start,
-                                    principal_directions)  # fmt: skip
-from hf_dmsae.distillation import Distillation, DistillationArguments
-from hf_dmsae.runs import SAEArguments, load_trained_model
-from hf_dmsae.synthetic import SyntheticArguments, SyntheticSource, SyntheticWorld
-from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.data.activations import ActivationArguments
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.method.distillation import Distillation, DistillationArguments
+from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.run.training import load_trained_model
+from hf_dmsae.studies.core_dynamics import (
+    ABLATIONS,
+    CoreDynamics,
+    CoreDynamicsArguments,
+    core_geometry,
+    decay_start,
+    principal_directions,
+)
+from hf_dmsae.studies.synthetic import SyntheticArguments, SyntheticSource, SyntheticWorld
 
 SAE = dict(dict_size=64, k=4, group_fractions=[0.25, 0.25, 0.25], dead_tokens_threshold=4096)
 
 
 def training(folder, **overrides) -> DMSAETrainingArguments:
-    settings = dict(output_dir=str(folder), per_device_train_batch_size=256, learning_rate=0.01, save_steps=8,
-                    report_to="none", disable_tqdm=True, calibrate_threshold_rows=1024, init_decoder_bias_rows=1024)  # fmt: skip
+    settings = dict(
+        output_dir=str(folder),
+        per_device_train_batch_size=256,
+        learning_rate=0.01,
+        save_steps=8,
+        report_to="none",
+        disable_tqdm=True,
+        calibrate_threshold_rows=1024,
+        init_decoder_bias_rows=1024,
+    )
     return DMSAETrainingArguments(**{**settings, **overrides})
 
 
@@ -33,12 +48,25 @@ def synthetic_study(tmp_path_factory):
     world = SyntheticWorld(world_args)
     for seed in (0, 1):
         source = SyntheticSource(world, 4096, 2048, seed)
-        Distillation(DistillationArguments(num_cycles=1), SAEArguments(**SAE), None,
-                     AttributionArguments(attribution_tokens=2048, q=0.95),
-                     training(root / f"seed{seed}" / "distillation", seed=seed), source=source).run()  # fmt: skip
-    study = CoreDynamicsArguments(study_source="synthetic", budgets=[2048, 4096], study_seeds=[0, 1],
-                                  cores=["distilled", "random_init", "none"], ablations=list(ABLATIONS)[1:],
-                                  ablation_budget=2048, ablation_seeds=[0], top_components=4, geometry_rows=1024)  # fmt: skip
+        Distillation(
+            DistillationArguments(num_cycles=1),
+            SAEArguments(**SAE),
+            None,
+            AttributionArguments(attribution_tokens=2048, q=0.95),
+            training(root / f"seed{seed}" / "distillation", seed=seed),
+            source=source,
+        ).run()
+    study = CoreDynamicsArguments(
+        study_source="synthetic",
+        budgets=[2048, 4096],
+        study_seeds=[0, 1],
+        cores=["distilled", "random_init", "none"],
+        ablations=list(ABLATIONS)[1:],
+        ablation_budget=2048,
+        ablation_seeds=[0],
+        top_components=4,
+        geometry_rows=1024,
+    )
     arguments = (study, SAEArguments(**SAE), None, world_args, training(root, per_device_train_batch_size=128))
     return root, arguments, CoreDynamics(*arguments).run(), world
 
@@ -55,8 +83,12 @@ def test_the_study_trains_every_core_budget_seed_and_ablation_as_planned(synthet
                 assert 0 <= run["metrics"]["eval_fvu"] < 1
     ablated = {(a, c) for s, a, c, _ in runs if a != "paper"}
     assert {s for s, a, _, _ in runs if a != "paper"} == {0}
-    assert ablated == {(a, c) for a in list(ABLATIONS)[1:] for c in ("distilled", ABLATIONS[a].random_core)
-                       if ABLATIONS[a].overrides or c != "distilled"}  # fmt: skip
+    assert ablated == {
+        (a, c)
+        for a in list(ABLATIONS)[1:]
+        for c in ("distilled", ABLATIONS[a].random_core)
+        if ABLATIONS[a].overrides or c != "distilled"
+    }
 
     distilled = DMSAECore.from_pretrained(root / "seed0" / "distillation" / "distilled-core")
     study = root / "core-dynamics" / "seed0"
@@ -65,12 +97,13 @@ def test_the_study_trains_every_core_budget_seed_and_ablation_as_planned(synthet
     assert runs[0, "paper", "distilled", 2048]["core_size"] == len(distilled)
     assert paper.b_enc[: len(distilled)].any() and (paper.W_dec.norm(dim=1) - 1).abs().max() < 1e-5
     frozen = load_trained_model(study / "core_bias_frozen" / "distilled-b2048")
-    assert not frozen.b_enc[: len(distilled)].any() and frozen.b_enc[len(distilled):].any()
+    assert not frozen.b_enc[: len(distilled)].any() and frozen.b_enc[len(distilled) :].any()
     assert not load_trained_model(study / "biases_frozen" / "random_init-b2048").b_enc[: len(distilled)].any()
     free = load_trained_model(study / "free_decoder_norm" / "distilled-b2048")
     assert (free.W_dec.norm(dim=1) - 1).abs().max() > 1e-3
     assert load_trained_model(study / "loss_over_groups_squared" / "distilled-b2048").config.prefix_loss_weighting == (
-        "dictionary_learning")  # fmt: skip
+        "dictionary_learning"
+    )
     lr = {a: [v for _, v in runs[0, a, "distilled", 2048]["learning_rate_curve"]] for a in ("paper", "no_lr_decay")}
     assert lr["paper"][-1] < 0.5 * max(lr["paper"]) and lr["no_lr_decay"][-1] == max(lr["no_lr_decay"])
 
@@ -80,7 +113,9 @@ def test_the_off_top_random_core_is_orthogonal_to_the_top_principal_components(s
     source = SyntheticSource(world, 2048, 2048, 0)
     x = torch.cat(list(source.eval_batches(4096)))[:1024] / source.sae_fields()["norm_factor"]
     top = principal_directions(x, 4)
-    rows = load_trained_model(root / "core-dynamics" / "seed0" / "random_core_off_top" / "random_off_top-b2048").W_enc_frozen
+    rows = load_trained_model(
+        root / "core-dynamics" / "seed0" / "random_core_off_top" / "random_off_top-b2048"
+    ).W_enc_frozen
     assert (rows @ top.T).abs().max() < 1e-5
     torch.testing.assert_close(rows.norm(dim=1), torch.ones(len(rows)))
     isotropic = load_trained_model(root / "core-dynamics" / "seed0" / "paper" / "random_init-b2048").W_enc_frozen
@@ -114,8 +149,13 @@ def test_bad_study_arguments_are_refused():
     with pytest.raises(ValueError, match="budgets"):
         CoreDynamicsArguments(budgets=[])
     with pytest.raises(ValueError, match="activation_cache"):
-        CoreDynamics(CoreDynamicsArguments(), SAEArguments(), ActivationArguments(), None,
-                     DMSAETrainingArguments(output_dir="unused"))  # fmt: skip
+        CoreDynamics(
+            CoreDynamicsArguments(),
+            SAEArguments(),
+            ActivationArguments(),
+            None,
+            DMSAETrainingArguments(output_dir="unused"),
+        )
 
 
 def test_core_geometry_measures_firing_spread_and_variance_along_the_core():

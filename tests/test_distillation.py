@@ -12,17 +12,17 @@ from conftest import HUB, tiny_activation_args, token_positions
 from transformers import AutoModel
 
 from hf_dmsae import DMSAEModel
-from hf_dmsae.activations import Harvester
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.cache import ActivationCache
-from hf_dmsae.core import DMSAECore
-from hf_dmsae.distillation import Distillation, DistillationArguments
-from hf_dmsae.formats import load_cycle0
-from hf_dmsae.hub import publish
-from hf_dmsae.language_model import load_language_model
-from hf_dmsae.runs import SAEArguments
-from hf_dmsae.slices import SliceLayout
-from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.data.activations import Harvester
+from hf_dmsae.data.cache import ActivationCache
+from hf_dmsae.data.language_model import load_language_model
+from hf_dmsae.data.slices import SliceLayout
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.method.distillation import Distillation, DistillationArguments
+from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.publishing.formats import load_cycle0
+from hf_dmsae.publishing.hub import publish
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,13 +33,27 @@ DEMO_CONFIG = REPO / "configs" / "smollm2-135m.json"
 def distill_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> list[str]:
     """The demo config (`configs/smollm2-135m.json`) with stand-ins: the tiny LM, a small budget and width."""
     stand_ins = {
-        "model_name_or_path": str(tiny_lm_dir), "hook_layer": 2, "context_length": 32, "lm_batch_size": 16,
-        "num_tokens": 6000, "eval_tokens": 1000, "shuffle_buffer_tokens": 2048, "norm_tokens": 1024,
-        "activation_cache": str(tmp_path / "cache"), "dict_size": 512, "k": 16, "attribution_tokens": 2000,
-        "output_dir": str(tmp_path / name), "per_device_train_batch_size": 200, "save_steps": 10,
-        "logging_steps": 10, "learning_rate": 0.003, "report_to": "none", "disable_tqdm": True,
+        "model_name_or_path": str(tiny_lm_dir),
+        "hook_layer": 2,
+        "context_length": 32,
+        "lm_batch_size": 16,
+        "num_tokens": 6000,
+        "eval_tokens": 1000,
+        "shuffle_buffer_tokens": 2048,
+        "norm_tokens": 1024,
+        "activation_cache": str(tmp_path / "cache"),
+        "dict_size": 512,
+        "k": 16,
+        "attribution_tokens": 2000,
+        "output_dir": str(tmp_path / name),
+        "per_device_train_batch_size": 200,
+        "save_steps": 10,
+        "logging_steps": 10,
+        "learning_rate": 0.003,
+        "report_to": "none",
+        "disable_tqdm": True,
         "track_selection_steps": 10,
-    }  # fmt: skip
+    }
     stand_ins.update(overrides)
     return [str(DEMO_CONFIG)] + [item for key, value in stand_ins.items() for item in (f"--{key}", str(value))]
 
@@ -61,8 +75,9 @@ def straight_run(tiny_lm_dir, tmp_path_factory):
     """The demo config with stand-ins, uninterrupted: 2 cycles, the controls and selection tracking, pushed to the
     loopback Hub."""
     tmp_path = tmp_path_factory.mktemp("distill")
-    config = distill_config(tmp_path, tiny_lm_dir, "straight", push_to_hub=True, hub_token="hf_loopback",
-                            model_repo="org/tiny-dmsae")  # fmt: skip
+    config = distill_config(
+        tmp_path, tiny_lm_dir, "straight", push_to_hub=True, hub_token="hf_loopback", model_repo="org/tiny-dmsae"
+    )
     result = run_distill(config)
     assert result.returncode == 0, result.stderr[-4000:]
     return tmp_path, result
@@ -127,12 +142,20 @@ def test_frozen_rows_of_each_cycle_are_the_rows_selected_in_the_one_before(strai
 
 def test_a_new_cycle_carries_over_the_core_rows_and_nothing_else(tiny_lm_dir, tmp_path):
     core = DMSAECore(
-        encoder_rows=torch.randn(5, 32), latent_ids=[f"cycle0:{i}" for i in (3, 9, 1, 40, 7)],
-        scores=torch.ones(5), pool_ids=[], pool_scores=torch.ones(0), coverage_curve=torch.ones(0),
-    )  # fmt: skip
-    run = Distillation(DistillationArguments(), SAEArguments(dict_size=256, k=8),
-                       tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache")),
-                       AttributionArguments(), DMSAETrainingArguments(output_dir=str(tmp_path / "run")))  # fmt: skip
+        encoder_rows=torch.randn(5, 32),
+        latent_ids=[f"cycle0:{i}" for i in (3, 9, 1, 40, 7)],
+        scores=torch.ones(5),
+        pool_ids=[],
+        pool_scores=torch.ones(0),
+        coverage_curve=torch.ones(0),
+    )
+    run = Distillation(
+        DistillationArguments(),
+        SAEArguments(dict_size=256, k=8),
+        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache")),
+        AttributionArguments(),
+        DMSAETrainingArguments(output_dir=str(tmp_path / "run")),
+    )
     model = run._new_model(1, core, seed=0)
     assert torch.equal(model.W_enc_frozen, core.encoder_rows) and model.config.core_ids == core.latent_ids
     assert torch.equal(model.b_enc, torch.zeros(256)) and torch.equal(model.b_dec, torch.zeros(32))
@@ -159,8 +182,10 @@ def test_the_controls_train_three_cores_per_seed_and_the_papers_is_random(straig
         assert (rows @ trained_rows.T).abs().max() < 0.95, "a random_init core row is a trained latent"
         random_trained = DMSAEModel.from_pretrained(folder / "control" / f"random_trained-seed{seed}")
         assert not set(random_trained.config.core_ids) & set(distilled.latent_ids)
-        assert torch.equal(DMSAEModel.from_pretrained(folder / "control" / f"distilled-seed{seed}").W_enc_frozen,
-                           distilled.encoder_rows)  # fmt: skip
+        assert torch.equal(
+            DMSAEModel.from_pretrained(folder / "control" / f"distilled-seed{seed}").W_enc_frozen,
+            distilled.encoder_rows,
+        )
     assert not list((folder / "control").glob("*/core")), "control models are not scored"
 
 
@@ -170,23 +195,43 @@ def test_the_core_dynamics_study_trains_the_controls_cores_on_one_lm_slice(strai
     config = distill_config(tmp_path, tiny_lm_dir, "straight")
     attribution = {i for i, a in enumerate(config) if a in ("--attribution_tokens", "--track_selection_steps")}
     config = [a for i, a in enumerate(config) if i not in attribution and i - 1 not in attribution]
-    command = [sys.executable, str(REPO / "scripts" / "core_dynamics.py"), *config, "--budgets", "1000", "2000",
-               "--study_seeds", "0", "--ablations", "biases_frozen", "--ablation_budget", "1000", "--top_components", "4",
-               "--geometry_rows", "512"]  # fmt: skip
-    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                            timeout=900)  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "core_dynamics.py"),
+        *config,
+        "--budgets",
+        "1000",
+        "2000",
+        "--study_seeds",
+        "0",
+        "--ablations",
+        "biases_frozen",
+        "--ablation_budget",
+        "1000",
+        "--top_components",
+        "4",
+        "--geometry_rows",
+        "512",
+    ]
+    result = subprocess.run(
+        command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     study = folder / "core-dynamics" / "seed0"
     state = json.loads((study / "state.json").read_text())
     assert [(p["name"], p["start"]["sequence"], p["rows"]) for p in state["slices"] if p["split"] == "train"] == [
-        ("core-dynamics", 0, 2000)], "one slice of the largest budget, which every run reads"  # fmt: skip
-    assert set(state["runs"]) == {f"paper/{c}-b{b}" for c in ("distilled", "random_init", "none") for b in (1000, 2000)} | {
-        "biases_frozen/distilled-b1000", "biases_frozen/random_init-b1000"}  # fmt: skip
+        ("core-dynamics", 0, 2000)
+    ], "one slice of the largest budget, which every run reads"
+    assert set(state["runs"]) == {
+        f"paper/{c}-b{b}" for c in ("distilled", "random_init", "none") for b in (1000, 2000)
+    } | {"biases_frozen/distilled-b1000", "biases_frozen/random_init-b1000"}
     assert state["runs"]["paper/distilled-b2000"]["steps"] == 2000 // 200
     for core in ("distilled", "random_init"):  # the rows of the distillation's control of the same seed
         control = DMSAEModel.from_pretrained(folder / "control" / f"{core}-seed0").W_enc_frozen
         assert torch.equal(DMSAEModel.from_pretrained(study / "paper" / f"{core}-b1000").W_enc_frozen, control)
-    assert "## Hypotheses and their ablations" in result.stdout and "| biases_frozen | random_init | 1 |" in result.stdout
+    assert (
+        "## Hypotheses and their ablations" in result.stdout and "| biases_frozen | random_init | 1 |" in result.stdout
+    )
 
 
 def test_selection_is_tracked_during_training(straight_run):
@@ -280,14 +325,15 @@ def test_cycle_zero_from_a_dictionary_learning_checkpoint_seeds_cycle_one(tiny_l
 
     def distillation(**activation_overrides) -> Distillation:
         return Distillation(
-            DistillationArguments(cycle0_checkpoint=str(tmp_path / "trainer_0")), SAEArguments(dict_size=256, k=8),
+            DistillationArguments(cycle0_checkpoint=str(tmp_path / "trainer_0")),
+            SAEArguments(dict_size=256, k=8),
             tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), **activation_overrides),
             AttributionArguments(attribution_tokens=600, tau=0.8),
             DMSAETrainingArguments(output_dir=str(tmp_path / f"run{len(activation_overrides)}")),
-        )  # fmt: skip
+        )
 
     run = distillation()
-    run.attribution
+    _ = run.attribution
     core = run._cycle(0, None)
     assert 0 < len(core) <= 8 and all(i.startswith("cycle0:") for i in core.latent_ids)
     indices = [int(i.split(":")[1]) for i in core.latent_ids]
@@ -298,7 +344,7 @@ def test_cycle_zero_from_a_dictionary_learning_checkpoint_seeds_cycle_one(tiny_l
 
     with pytest.raises(ValueError, match=r"trained for another model: layer 2 \(the run's hook_layer: 1\)"):
         other_layer = distillation(hook_layer=1)
-        other_layer.attribution
+        _ = other_layer.attribution
         other_layer._cycle(0, None)
 
 
@@ -306,8 +352,9 @@ def test_a_finished_run_republished_under_a_new_name_writes_cards_with_it(straig
     from huggingface_hub import ModelCard
 
     tmp_path, _ = straight_run
-    config = distill_config(tmp_path, tiny_lm_dir, "straight", push_to_hub=True, hub_token="hf_loopback",
-                            model_repo="org/renamed")  # fmt: skip
+    config = distill_config(
+        tmp_path, tiny_lm_dir, "straight", push_to_hub=True, hub_token="hf_loopback", model_repo="org/renamed"
+    )
     result = run_distill(config)
     assert result.returncode == 0, result.stderr[-3000:]
     for repo in ("org/renamed", "org/renamed-core-distilled", "org/renamed-core-cycle1"):
@@ -322,11 +369,24 @@ def train_with_dictionary_learning(rows: torch.Tensor, folder: Path, normalize: 
 
     batches = list(rows.split(200))
     sizes = [16, 32, 64, 128, 272]
-    trainer = {"trainer": MatryoshkaBatchTopKTrainer, "steps": len(batches), "activation_dim": rows.shape[1],
-               "dict_size": 512, "k": 16, "layer": 2, "lm_name": lm_name, "group_fractions": [g / 512 for g in sizes],
-               "lr": 3e-3, "warmup_steps": 5, "threshold_start_step": 5, "device": "cpu", "seed": 0}  # fmt: skip
-    trainSAE(batches, [trainer], steps=len(batches), save_dir=str(folder), normalize_activations=normalize,
-             device="cpu")  # fmt: skip
+    trainer = {
+        "trainer": MatryoshkaBatchTopKTrainer,
+        "steps": len(batches),
+        "activation_dim": rows.shape[1],
+        "dict_size": 512,
+        "k": 16,
+        "layer": 2,
+        "lm_name": lm_name,
+        "group_fractions": [g / 512 for g in sizes],
+        "lr": 3e-3,
+        "warmup_steps": 5,
+        "threshold_start_step": 5,
+        "device": "cpu",
+        "seed": 0,
+    }
+    trainSAE(
+        batches, [trainer], steps=len(batches), save_dir=str(folder), normalize_activations=normalize, device="cpu"
+    )
     return folder / "trainer_0"
 
 
@@ -335,13 +395,16 @@ def test_a_cycle_zero_trained_by_dictionary_learning_grows_a_next_cycle_like_our
     ones: either way its encoder rows are gains along unit decoder directions and must seed a cycle as well as ours."""
     from conftest import tiny_run_data
 
-    data = tiny_run_data(tmp_path / "rows", tiny_activation_args(tiny_lm_dir, num_tokens=12_000,
-                                                                  activation_cache=str(tmp_path / "rows-cache")))
+    data = tiny_run_data(
+        tmp_path / "rows",
+        tiny_activation_args(tiny_lm_dir, num_tokens=12_000, activation_cache=str(tmp_path / "rows-cache")),
+    )
     rows = data.training_data(data.training_slice("train"), data.training_args).gather("activations", range(12_000))
     cycle0 = {"own": None}
     for normalize in (True, False):
         cycle0[f"dictionary_learning normalize={normalize}"] = train_with_dictionary_learning(
-            rows, tmp_path / f"dl-{normalize}", normalize, str(tiny_lm_dir))
+            rows, tmp_path / f"dl-{normalize}", normalize, str(tiny_lm_dir)
+        )
     fvu = {}
     for name, checkpoint in cycle0.items():
         run = Distillation(
@@ -349,26 +412,43 @@ def test_a_cycle_zero_trained_by_dictionary_learning_grows_a_next_cycle_like_our
             SAEArguments(dict_size=512, k=16),
             tiny_activation_args(tiny_lm_dir, num_tokens=12_000, activation_cache=str(tmp_path / "cache")),
             AttributionArguments(attribution_tokens=2000, tau=0.8),
-            DMSAETrainingArguments(output_dir=str(tmp_path / name.replace(" ", "-")), per_device_train_batch_size=200,
-                                   learning_rate=3e-3, report_to="none", disable_tqdm=True, save_strategy="no"),
-        )  # fmt: skip
+            DMSAETrainingArguments(
+                output_dir=str(tmp_path / name.replace(" ", "-")),
+                per_device_train_batch_size=200,
+                learning_rate=3e-3,
+                report_to="none",
+                disable_tqdm=True,
+                save_strategy="no",
+            ),
+        )
         run.run()
         fvu[name] = run.state.record("cycles", "1")["metrics"]["eval_fvu"]
         run.state.close()
     print(fvu)
-    for name, value in fvu.items():
+    for value in fvu.values():
         assert value < 1.25 * fvu["own"] + 0.05, fvu
 
 
 def test_a_cycle_stops_once_its_tracked_selection_is_stable(tiny_lm_dir, tmp_path):
     run = Distillation(
-        DistillationArguments(num_cycles=1), SAEArguments(dict_size=256, k=8),
+        DistillationArguments(num_cycles=1),
+        SAEArguments(dict_size=256, k=8),
         tiny_activation_args(tiny_lm_dir, num_tokens=6000, activation_cache=str(tmp_path / "cache")),
-        AttributionArguments(attribution_tokens=1000, tau=0.8, track_selection_steps=5, stop_at_selection_overlap=0.05,
-                             selection_patience=2),
-        DMSAETrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=200, report_to="none",
-                               disable_tqdm=True, save_strategy="no"),
-    )  # fmt: skip
+        AttributionArguments(
+            attribution_tokens=1000,
+            tau=0.8,
+            track_selection_steps=5,
+            stop_at_selection_overlap=0.05,
+            selection_patience=2,
+        ),
+        DMSAETrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            per_device_train_batch_size=200,
+            report_to="none",
+            disable_tqdm=True,
+            save_strategy="no",
+        ),
+    )
     run.run()
     for t in ("0", "1"):
         cycle = run.state.record("cycles", t)
@@ -383,8 +463,9 @@ def test_a_sae_lens_sae_on_the_hub_seeds_cycle_zero_and_is_checked_against_the_r
 
     # A release on the Hub: the SAE in a subfolder of a repo, read by its id as SAEBench's releases are.
     sae_folder = tmp_path / "release" / "blocks.2" / "width_128"
-    write_sae_lens_sae(sae_folder, "jumprelu", d=32, n=128, model_name=str(tiny_lm_dir),
-                       hook_name="blocks.2.hook_resid_post")  # fmt: skip
+    write_sae_lens_sae(
+        sae_folder, "jumprelu", d=32, n=128, model_name=str(tiny_lm_dir), hook_name="blocks.2.hook_resid_post"
+    )
     publish(tmp_path / "release", "org/sae-lens-release", token="hf_loopback")
 
     def distillation(cycle0_k=8, **activation_overrides) -> Distillation:
@@ -394,12 +475,12 @@ def test_a_sae_lens_sae_on_the_hub_seeds_cycle_zero_and_is_checked_against_the_r
             tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), **activation_overrides),
             AttributionArguments(attribution_tokens=600, tau=0.8),
             DMSAETrainingArguments(output_dir=str(tmp_path / f"run{len(activation_overrides)}")),
-        )  # fmt: skip
+        )
 
     with pytest.raises(ValueError, match=r"trained for another model: layer 2 \(the run's hook_layer: 1\)"):
         distillation(hook_layer=1)
     run = distillation()
-    run.attribution
+    _ = run.attribution
     core = run._cycle(0, None)
     cycle0 = load_cycle0(sae_folder, k=8)
     indices = [int(i.split(":")[1]) for i in core.latent_ids]
@@ -412,21 +493,25 @@ def test_a_cycle_zero_checkpoint_is_checked_whole_before_anything_is_harvested(t
     from safetensors.torch import load_file, save_file
     from test_formats import _poison, write_sae_lens_sae
 
-    from hf_dmsae.integrity import IntegrityError
+    from hf_dmsae.utils.integrity import IntegrityError
 
     def distillation(folder, cycle0_k=None) -> Distillation:
         return Distillation(
-            DistillationArguments(cycle0_checkpoint=str(folder), cycle0_k=cycle0_k), SAEArguments(dict_size=256, k=8),
+            DistillationArguments(cycle0_checkpoint=str(folder), cycle0_k=cycle0_k),
+            SAEArguments(dict_size=256, k=8),
             tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache")),
-            AttributionArguments(attribution_tokens=600), DMSAETrainingArguments(output_dir=str(tmp_path / "run")),
-        )  # fmt: skip
+            AttributionArguments(attribution_tokens=600),
+            DMSAETrainingArguments(output_dir=str(tmp_path / "run")),
+        )
 
-    write_sae_lens_sae(tmp_path / "no_k", "jumprelu", d=32, n=128, model_name=str(tiny_lm_dir),
-                       hook_name="blocks.2.hook_resid_post")  # fmt: skip
+    write_sae_lens_sae(
+        tmp_path / "no_k", "jumprelu", d=32, n=128, model_name=str(tiny_lm_dir), hook_name="blocks.2.hook_resid_post"
+    )
     with pytest.raises(ValueError, match="records no k"):
         distillation(tmp_path / "no_k")
-    write_sae_lens_sae(tmp_path / "nan", "topk", d=32, n=128, k=8, model_name=str(tiny_lm_dir),
-                       hook_name="blocks.2.hook_resid_post")  # fmt: skip
+    write_sae_lens_sae(
+        tmp_path / "nan", "topk", d=32, n=128, k=8, model_name=str(tiny_lm_dir), hook_name="blocks.2.hook_resid_post"
+    )
     weights = tmp_path / "nan" / "sae_weights.safetensors"
     save_file({**load_file(weights), "W_enc": _poison(load_file(weights)["W_enc"])}, weights)
     with pytest.raises(IntegrityError, match="tensor 'W_enc' holds 1 NaN"):

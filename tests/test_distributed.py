@@ -12,7 +12,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from hf_dmsae import DMSAEModel
-from hf_dmsae.attribution import StreamingQuantile, whole_model
+from hf_dmsae.method.attribution import StreamingQuantile
+from hf_dmsae.run.trainer import whole_model
 
 
 def _free_port() -> int:

@@ -3,17 +3,18 @@ import torch
 from conftest import tiny_model
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
-from hf_dmsae.activations import TrainingPositions
-from hf_dmsae.embedded import EMBEDDED_LM, wiki_summaries
-from hf_dmsae.evaluation import METRICS_DIR, activation_metrics, ce_loss_recovered, fvu_sums, load_metric
-from hf_dmsae.language_model import load_language_model
-from hf_dmsae.text import TokenPacking, batched
+from hf_dmsae.data.activations import TrainingPositions
+from hf_dmsae.data.embedded import EMBEDDED_LM, wiki_summaries
+from hf_dmsae.data.language_model import load_language_model
+from hf_dmsae.data.text import TokenPacking, batched
+from hf_dmsae.evaluation.held_out import METRICS_DIR, activation_metrics, ce_loss_recovered, fvu_sums, load_metric
 
 
 def identity_sae(d: int = 32, hook_layer: int = 2) -> DMSAEModel:
     """Latents ReLU(x) and ReLU(−x) on ±unit decoder rows: every activation is reconstructed exactly."""
-    config = DMSAEConfig(d_in=d, dict_size=2 * d, k=d, sparsity="sparse_core", hook_layer=hook_layer,
-                         hook_name="resid_post")  # fmt: skip
+    config = DMSAEConfig(
+        d_in=d, dict_size=2 * d, k=d, sparsity="sparse_core", hook_layer=hook_layer, hook_name="resid_post"
+    )
     sae = DMSAEModel(config)
     eye = torch.eye(d)
     with torch.no_grad():
@@ -35,11 +36,15 @@ def test_metric_modules_load_with_evaluate_and_compute_their_definitions():
     expected = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert fvu.compute()["fvu"] == pytest.approx(float(expected), rel=1e-6)  # float32 temporaries, float64 sums
     assert load_metric("l0").compute(core_active=[0, 3], noncore_active=[5, 2], rows=[1, 1]) == {
-        "l0_core": 1.5, "l0_noncore": 3.5, "l0": 5.0}  # fmt: skip
+        "l0_core": 1.5,
+        "l0_noncore": 3.5,
+        "l0": 5.0,
+    }
     dead = load_metric("dead_latents").compute(fired_latents=[[3], [0, 3], []], dict_size=4)
     assert dead == {"dead_fraction": 0.5}
-    ce = load_metric("ce_loss_recovered").compute(loss_clean=[4.0], loss_spliced=[6.0], loss_zero_ablated=[12.0],
-                                                   tokens=[2])  # fmt: skip
+    ce = load_metric("ce_loss_recovered").compute(
+        loss_clean=[4.0], loss_spliced=[6.0], loss_zero_ablated=[12.0], tokens=[2]
+    )
     assert ce["ce_loss_recovered"] == pytest.approx((6.0 - 3.0) / (6.0 - 2.0))
     with pytest.raises(ValueError, match="unknown metric 'mse'"):
         load_metric("mse")

@@ -5,8 +5,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from hf_dmsae.formats import (check_checkpoint_fits, load_cycle0, load_dictionary_learning, save_dictionary_learning,
-                              save_sae_lens)
+from hf_dmsae.publishing.formats import (
+    check_checkpoint_fits,
+    load_cycle0,
+    load_dictionary_learning,
+    save_dictionary_learning,
+    save_sae_lens,
+)
 
 
 def write_dictionary_learning_checkpoint(folder, d=16, n=64, k=4, group_sizes=(2, 4, 8, 16, 34)):
@@ -25,10 +30,16 @@ def write_dictionary_learning_checkpoint(folder, d=16, n=64, k=4, group_sizes=(2
     folder.mkdir(parents=True)
     torch.save(state, folder / "ae.pt")
     trainer = {
-        "trainer_class": "MatryoshkaBatchTopKTrainer", "dict_class": "MatryoshkaBatchTopKSAE",
-        "activation_dim": d, "dict_size": n, "k": k, "group_fractions": [g / n for g in group_sizes],
-        "group_sizes": list(group_sizes), "layer": 12, "lm_name": "google/gemma-2-2b",
-    }  # fmt: skip
+        "trainer_class": "MatryoshkaBatchTopKTrainer",
+        "dict_class": "MatryoshkaBatchTopKSAE",
+        "activation_dim": d,
+        "dict_size": n,
+        "k": k,
+        "group_fractions": [g / n for g in group_sizes],
+        "group_sizes": list(group_sizes),
+        "layer": 12,
+        "lm_name": "google/gemma-2-2b",
+    }
     (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"ctx_len": 1024}}))
     return state
 
@@ -59,7 +70,9 @@ def test_export_is_read_by_saebench_with_the_same_outputs(tmp_path):
     params = torch.load(tmp_path / "export" / "ae.pt")
     config = json.loads((tmp_path / "export" / "config.json").read_text())["trainer"]
     del params["group_sizes"]  # as SAEBench's Matryoshka loader does
-    sae = BatchTopKSAE(d_in=16, d_sae=128, k=config["k"], model_name="m", hook_layer=0, device="cpu", dtype=torch.float32)
+    sae = BatchTopKSAE(
+        d_in=16, d_sae=128, k=config["k"], model_name="m", hook_layer=0, device="cpu", dtype=torch.float32
+    )
     sae.load_state_dict(params)
     assert sae.check_decoder_norms()
     x = torch.randn(32, 16) * 3
@@ -108,8 +121,10 @@ def write_sae_lens_sae(folder, architecture="topk", d=16, n=64, **settings):
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    metadata = SAEMetadata(model_name=settings.pop("model_name", "google/gemma-2-2b"),
-                           hook_name=settings.pop("hook_name", "blocks.12.hook_resid_post"))  # fmt: skip
+    metadata = SAEMetadata(
+        model_name=settings.pop("model_name", "google/gemma-2-2b"),
+        hook_name=settings.pop("hook_name", "blocks.12.hook_resid_post"),
+    )
     cls, config_cls = {"topk": (TopKSAE, TopKSAEConfig), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig)}[architecture]
     sae = cls(config_cls(d_in=d, d_sae=n, metadata=metadata, **settings))
     torch.manual_seed(0)
@@ -138,7 +153,9 @@ def test_a_sae_lens_sae_loads_as_cycle_zero_with_unit_decoder_rows(tmp_path):
     run = SimpleNamespace(model_name_or_path="google/gemma-2-2b", hook_layer=12, hook_name="resid_post")
     check_checkpoint_fits(tmp_path / "topk", run, 16)
     write_sae_lens_sae(tmp_path / "mlp", k=4, hook_name="blocks.12.hook_mlp_out")
-    with pytest.raises(ValueError, match=r"trained for another model: hook mlp_out \(the run's hook_name: resid_post\)"):
+    with pytest.raises(
+        ValueError, match=r"trained for another model: hook mlp_out \(the run's hook_name: resid_post\)"
+    ):
         check_checkpoint_fits(tmp_path / "mlp", run, 16)
 
     write_sae_lens_sae(tmp_path / "jumprelu", "jumprelu")
@@ -157,8 +174,8 @@ def test_every_loader_refuses_non_finite_weights_naming_the_file_and_tensor(tmp_
     from safetensors.torch import load_file, save_file
 
     from hf_dmsae import DMSAEModel
-    from hf_dmsae.core import DMSAECore
-    from hf_dmsae.integrity import IntegrityError, save_tensors
+    from hf_dmsae.model.core import DMSAECore
+    from hf_dmsae.utils.integrity import IntegrityError, save_tensors
 
     # SAELens: one NaN in W_enc would take a BatchTopK slot in every row and make cycle 0's FVU NaN.
     write_sae_lens_sae(tmp_path / "sae_lens", k=4)
@@ -174,11 +191,24 @@ def test_every_loader_refuses_non_finite_weights_naming_the_file_and_tensor(tmp_
 
     # A core rewritten with a NaN score (and a digest to match) and a saved model with an infinite weight.
     rows = torch.randn(4, 16)
-    core = DMSAECore(encoder_rows=rows, latent_ids=[f"cycle0:{i}" for i in range(4)], scores=torch.ones(4),
-                     pool_ids=["cycle0:0"], pool_scores=torch.ones(1), coverage_curve=torch.ones(1))  # fmt: skip
+    core = DMSAECore(
+        encoder_rows=rows,
+        latent_ids=[f"cycle0:{i}" for i in range(4)],
+        scores=torch.ones(4),
+        pool_ids=["cycle0:0"],
+        pool_scores=torch.ones(1),
+        coverage_curve=torch.ones(1),
+    )
     core.save_pretrained(tmp_path / "core")
-    save_tensors({"encoder_rows": rows, "scores": _poison(torch.ones(4)), "pool_scores": torch.ones(1),
-                  "coverage_curve": torch.ones(1)}, tmp_path / "core" / "core.safetensors")  # fmt: skip
+    save_tensors(
+        {
+            "encoder_rows": rows,
+            "scores": _poison(torch.ones(4)),
+            "pool_scores": torch.ones(1),
+            "coverage_curve": torch.ones(1),
+        },
+        tmp_path / "core" / "core.safetensors",
+    )
     with pytest.raises(IntegrityError, match=r"core.safetensors: tensor 'scores' holds 1 NaN"):
         DMSAECore.from_pretrained(tmp_path / "core")
     model = tiny_model()
@@ -192,12 +222,14 @@ def test_every_loader_refuses_non_finite_weights_naming_the_file_and_tensor(tmp_
 def test_foreign_checkpoints_of_inconsistent_shapes_or_without_a_usable_k_are_refused_by_name(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from hf_dmsae.integrity import IntegrityError
+    from hf_dmsae.utils.integrity import IntegrityError
 
     write_sae_lens_sae(tmp_path / "shapes", k=4)
     weights = tmp_path / "shapes" / "sae_weights.safetensors"
     save_file({**load_file(weights), "b_enc": torch.zeros(63)}, weights)
-    with pytest.raises(IntegrityError, match=r"does not hold the SAE its config describes: b_enc is \[63\], not \[64\]"):
+    with pytest.raises(
+        IntegrityError, match=r"does not hold the SAE its config describes: b_enc is \[63\], not \[64\]"
+    ):
         load_cycle0(tmp_path / "shapes")
     write_sae_lens_sae(tmp_path / "no_d_in", k=4)
     cfg = json.loads((tmp_path / "no_d_in" / "cfg.json").read_text())
@@ -223,11 +255,17 @@ def test_foreign_checkpoints_of_inconsistent_shapes_or_without_a_usable_k_are_re
 def test_a_safetensors_header_announcing_more_than_the_file_holds_is_refused_without_reading_it(tmp_path):
     import struct
 
-    from hf_dmsae.core import DMSAECore
-    from hf_dmsae.integrity import IntegrityError
+    from hf_dmsae.model.core import DMSAECore
+    from hf_dmsae.utils.integrity import IntegrityError
 
-    core = DMSAECore(encoder_rows=torch.randn(2, 16), latent_ids=["cycle0:0", "cycle0:1"], scores=torch.ones(2),
-                     pool_ids=["cycle0:0"], pool_scores=torch.ones(1), coverage_curve=torch.ones(1))  # fmt: skip
+    core = DMSAECore(
+        encoder_rows=torch.randn(2, 16),
+        latent_ids=["cycle0:0", "cycle0:1"],
+        scores=torch.ones(2),
+        pool_ids=["cycle0:0"],
+        pool_scores=torch.ones(1),
+        coverage_curve=torch.ones(1),
+    )
     core.save_pretrained(tmp_path / "core")
     weights = tmp_path / "core" / "core.safetensors"
     weights.write_bytes(struct.pack("<Q", 2**40) + weights.read_bytes()[8:])
@@ -241,7 +279,7 @@ class _CodeOnLoad:
 
 
 def test_a_dictionary_learning_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
-    from hf_dmsae.integrity import IntegrityError
+    from hf_dmsae.utils.integrity import IntegrityError
 
     state = write_dictionary_learning_checkpoint(tmp_path / "trainer_0")
     torch.save({**state, "payload": _CodeOnLoad()}, tmp_path / "trainer_0" / "ae.pt")

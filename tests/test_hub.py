@@ -4,9 +4,17 @@ from conftest import HUB, tiny_model
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModel
 
-from hf_dmsae.core import DMSAECore
-from hf_dmsae.formats import save_dictionary_learning
-from hf_dmsae.hub import HubPushError, core_repo_name, publish, publish_all, resolve_folder, write_core_repo, write_model_repo
+from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.publishing.formats import save_dictionary_learning
+from hf_dmsae.publishing.hub import (
+    HubPushError,
+    core_repo_name,
+    publish,
+    publish_all,
+    resolve_folder,
+    write_core_repo,
+    write_model_repo,
+)
 
 TOKEN = "hf_loopback"
 
@@ -14,12 +22,21 @@ TOKEN = "hf_loopback"
 def small_core() -> DMSAECore:
     torch.manual_seed(0)
     return DMSAECore(
-        encoder_rows=torch.randn(3, 16), latent_ids=["cycle0:4", "cycle1:9", "cycle2:1"],
-        scores=torch.tensor([3.0, 2.0, 1.0]), pool_ids=["cycle0:4", "cycle1:9", "cycle2:1", "cycle2:5"],
-        pool_scores=torch.tensor([3.0, 2.0, 1.0, 0.5]), coverage_curve=torch.tensor([0.46, 0.77, 0.92, 1.0]),
-        provenance={"cycle": 2, "base_model": "embedded:smollm2-135m", "q": 0.99, "tau": 0.9, "pool_size": 4,
-                    "distilled": True},
-    )  # fmt: skip
+        encoder_rows=torch.randn(3, 16),
+        latent_ids=["cycle0:4", "cycle1:9", "cycle2:1"],
+        scores=torch.tensor([3.0, 2.0, 1.0]),
+        pool_ids=["cycle0:4", "cycle1:9", "cycle2:1", "cycle2:5"],
+        pool_scores=torch.tensor([3.0, 2.0, 1.0, 0.5]),
+        coverage_curve=torch.tensor([0.46, 0.77, 0.92, 1.0]),
+        provenance={
+            "cycle": 2,
+            "base_model": "embedded:smollm2-135m",
+            "q": 0.99,
+            "tau": 0.9,
+            "pool_size": 4,
+            "distilled": True,
+        },
+    )
 
 
 def test_pushed_model_and_core_reload_identical_by_repo_name(tmp_path):
@@ -83,9 +100,13 @@ def test_saebench_loads_an_exported_model_from_the_hub(tmp_path):
     save_dictionary_learning(model, tmp_path / "export" / "trainer_0")
     publish(tmp_path / "export", "org/dl-export", token=TOKEN)
     sae = load_dictionary_learning_matryoshka_batch_topk_sae(
-        "org/dl-export", "trainer_0/ae.pt", "pythia-70m-deduped", torch.device("cpu"), torch.float32,
+        "org/dl-export",
+        "trainer_0/ae.pt",
+        "pythia-70m-deduped",
+        torch.device("cpu"),
+        torch.float32,
         local_dir=str(tmp_path / "downloaded"),
-    )  # fmt: skip
+    )
     x = torch.randn(8, 16)
     torch.testing.assert_close(sae(x), model.decode(model.encode(x)))
 
@@ -144,7 +165,7 @@ def test_a_failure_later_in_a_set_removes_the_repos_created_before(tmp_path):
 
 def test_pushing_without_a_token_is_an_error_not_a_warning(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr("hf_dmsae.hub.get_token", lambda: None)
+    monkeypatch.setattr("hf_dmsae.publishing.hub.get_token", lambda: None)
     write_core_repo(small_core(), tmp_path / "core", "org/no-token")
     with pytest.raises(HubPushError, match="needs a Hugging Face token"):
         publish(tmp_path / "core", "org/no-token")
@@ -171,18 +192,36 @@ def test_folders_resolve_locally_or_from_a_hub_subfolder_at_a_revision(tmp_path)
 def test_a_core_with_inconsistent_tensors_is_refused():
     core = small_core()
     with pytest.raises(ValueError, match=r"one encoder row, id and score per latent: rows \(3, 16\), 3 ids, 2 scores"):
-        DMSAECore(encoder_rows=core.encoder_rows, latent_ids=core.latent_ids, scores=core.scores[:2],
-                  pool_ids=core.pool_ids, pool_scores=core.pool_scores, coverage_curve=core.coverage_curve)  # fmt: skip
+        DMSAECore(
+            encoder_rows=core.encoder_rows,
+            latent_ids=core.latent_ids,
+            scores=core.scores[:2],
+            pool_ids=core.pool_ids,
+            pool_scores=core.pool_scores,
+            coverage_curve=core.coverage_curve,
+        )
     with pytest.raises(ValueError, match="one score and coverage value per id: 4 ids, 4 scores, 3 coverage"):
-        DMSAECore(encoder_rows=core.encoder_rows, latent_ids=core.latent_ids, scores=core.scores,
-                  pool_ids=core.pool_ids, pool_scores=core.pool_scores, coverage_curve=core.coverage_curve[:3])  # fmt: skip
+        DMSAECore(
+            encoder_rows=core.encoder_rows,
+            latent_ids=core.latent_ids,
+            scores=core.scores,
+            pool_ids=core.pool_ids,
+            pool_scores=core.pool_scores,
+            coverage_curve=core.coverage_curve[:3],
+        )
 
 
 def test_a_model_card_names_its_hook_and_data_and_its_snippet_runs(tmp_path, tiny_lm_dir):
     model = tiny_model(d_in=32, base_model=str(tiny_lm_dir), hook_layer=2, hook_name="resid_post")
     model.threshold.fill_(0.05)
     datasets = ["embedded:wiki-summaries", "monology/pile-uncopyrighted", str(tmp_path)]
-    metrics = {"eval_fvu": 0.281234, "eval_l0_core": 12.3, "eval_runtime": 3.2, "eval_samples_per_second": 9.0, "epoch": 1.0}
+    metrics = {
+        "eval_fvu": 0.281234,
+        "eval_l0_core": 12.3,
+        "eval_runtime": 3.2,
+        "eval_samples_per_second": 9.0,
+        "epoch": 1.0,
+    }
     write_model_repo(model, tmp_path / "model", "org/card-dmsae", datasets=datasets, metrics=metrics)
     card = ModelCard.load(tmp_path / "model" / "README.md")
     assert card.data.license == "apache-2.0" and card.data.datasets == ["monology/pile-uncopyrighted"]
@@ -226,8 +265,8 @@ def test_a_hub_path_cannot_leave_its_repo(name):
 
 @pytest.mark.parametrize("name", ["..", "org/..", "org/a..b", "a/b/c", "org/-x"])
 def test_repo_names_follow_the_hubs_rules_when_parsed(name):
-    from hf_dmsae.distillation import DistillationArguments
-    from hf_dmsae.transfer import TransferArguments
+    from hf_dmsae.method.distillation import DistillationArguments
+    from hf_dmsae.method.transfer import TransferArguments
 
     with pytest.raises(ValueError, match=rf"model_repo={name!r} is not a Hub repo name"):
         DistillationArguments(model_repo=name)

@@ -8,9 +8,11 @@ import torch
 from conftest import tiny_config, tiny_model
 
 from hf_dmsae import DMSAEModel
-from hf_dmsae import kernels
-from hf_dmsae.kernels import batch_topk_entries
-from hf_dmsae.sparsity import batch_topk
+from hf_dmsae.model import kernels
+from hf_dmsae.model.kernels import batch_topk_entries
+from hf_dmsae.model.sparsity import batch_topk
+
+CPU = torch.device("cpu")
 
 
 def dense(rows, cols, values, shape):
@@ -96,7 +98,7 @@ def test_the_kth_largest_candidate_is_exact_whether_the_bracket_holds_or_not(hig
         assert kernels._kth_largest(values, k, high, low) == expected, k
 
 
-def paired_models(device: torch.device = torch.device("cpu"), **overrides):
+def paired_models(device: torch.device = CPU, **overrides):
     if "frozen_rows" in overrides:  # from_core freezes whole cores; build a partly frozen one directly
         torch.manual_seed(0)
         sparse = DMSAEModel(tiny_config(**overrides))
@@ -132,7 +134,7 @@ def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides, se
     assert out_sparse.aux_loss > 0
     out_sparse.loss.backward()
     out_reference.loss.backward()
-    for (name, p_sparse), (_, p_reference) in zip(sparse.named_parameters(), reference.named_parameters()):
+    for (name, p_sparse), (_, p_reference) in zip(sparse.named_parameters(), reference.named_parameters(), strict=True):
         torch.testing.assert_close(p_sparse.grad, p_reference.grad, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(x_sparse.grad, x_reference.grad, rtol=1e-4, atol=1e-5)
 
@@ -211,7 +213,7 @@ def test_a_second_step_before_the_first_backward_leaves_the_first_intact():
     both(x2)  # overwrites every reused buffer before the first step's backward
     torch.testing.assert_close(first.reconstruction, expected.reconstruction, rtol=0, atol=0)
     first.loss.backward()
-    for (name, p), (_, q) in zip(one.named_parameters(), both.named_parameters()):
+    for (name, p), (_, q) in zip(one.named_parameters(), both.named_parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from hf_dmsae.evaluation import activation_metrics
-from hf_dmsae.progressive import latent_statistics, order_by, prefix_fvu, reorder_latents
+from hf_dmsae.evaluation.held_out import activation_metrics
+from hf_dmsae.evaluation.progressive import latent_statistics, order_by, prefix_fvu, reorder_latents
 
 
 def trained_like(seed: int = 0):

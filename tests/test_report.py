@@ -1,6 +1,6 @@
 import pytest
 
-from hf_dmsae.report import write_report
+from hf_dmsae.reporting.report import write_report
 
 
 def test_report_gathers_run_reports_figures_and_results(tmp_path):

@@ -14,8 +14,8 @@ from conftest import HUB, write_text_folder
 from transformers import AutoModel
 
 from hf_dmsae import DMSAEModel
-from hf_dmsae.core import DMSAECore
-from hf_dmsae.slices import SliceLayout
+from hf_dmsae.data.slices import SliceLayout
+from hf_dmsae.model.core import DMSAECore
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train", "distill", "transfer", "synthetic", "core_dynamics", "report", "browse", "bench")
@@ -36,12 +36,23 @@ def pile_stand_in(tmp_path_factory):
 def paper_config(tiny_gemma2_dir, dataset, output_dir, **overrides) -> list[str]:
     """`configs/gemma-2-2b-l12.json` as shipped, but for stand-ins: a tiny Gemma-2 in fp32 (bf16 matmuls are 15×
     slower on this CPU; training keeps the config's bf16), a local dataset, and a small budget and width."""
-    stand_ins = {"model_name_or_path": tiny_gemma2_dir, "dataset_name_or_path": dataset, "lm_dtype": "float32",
-                 "num_tokens": 8192, "eval_tokens": 2048, "shuffle_buffer_tokens": 4096, "attribution_tokens": 8192,
-                 "dict_size": 1024, "num_cycles": 1, "calibrate_threshold_rows": 4096, "norm_tokens": 4096,
-                 "lm_batch_size": 4,
-                 "attribution_batch_size": 4, "output_dir": output_dir,
-                 **overrides}  # fmt: skip
+    stand_ins = {
+        "model_name_or_path": tiny_gemma2_dir,
+        "dataset_name_or_path": dataset,
+        "lm_dtype": "float32",
+        "num_tokens": 8192,
+        "eval_tokens": 2048,
+        "shuffle_buffer_tokens": 4096,
+        "attribution_tokens": 8192,
+        "dict_size": 1024,
+        "num_cycles": 1,
+        "calibrate_threshold_rows": 4096,
+        "norm_tokens": 4096,
+        "lm_batch_size": 4,
+        "attribution_batch_size": 4,
+        "output_dir": output_dir,
+        **overrides,
+    }
     return [str(REPO / "configs" / "gemma-2-2b-l12.json")] + [a for k, v in stand_ins.items() for a in (f"--{k}", v)]
 
 
@@ -64,8 +75,7 @@ def check_paper_run(folder: Path, cycles: int, steps: int) -> dict:
 
 
 def test_the_paper_config_runs_streamed_on_a_tiny_gemma2(tiny_gemma2_dir, pile_stand_in, tmp_path):
-    config = paper_config(tiny_gemma2_dir, pile_stand_in, tmp_path / "run", push_to_hub="true",
-                          hub_token="hf_loopback")  # fmt: skip
+    config = paper_config(tiny_gemma2_dir, pile_stand_in, tmp_path / "run", push_to_hub="true", hub_token="hf_loopback")
     result = run_script("distill", *config)
     assert result.returncode == 0, result.stderr[-4000:]
     check_paper_run(tmp_path / "run", cycles=1, steps=2)
@@ -76,8 +86,19 @@ def test_the_paper_config_runs_streamed_on_a_tiny_gemma2(tiny_gemma2_dir, pile_s
 
 
 def test_the_paper_config_runs_streamed_with_two_processes(tiny_gemma2_dir, pile_stand_in, tmp_path):
-    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    launch = [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     config = paper_config(tiny_gemma2_dir, pile_stand_in, tmp_path / "ddp")
     result = run_script("distill", *config, launch=launch)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -88,11 +109,28 @@ def test_the_paper_config_runs_streamed_with_two_processes(tiny_gemma2_dir, pile
 
 @pytest.mark.parametrize("config", ["ddp", "fsdp"])
 def test_the_accelerate_configs_launch_two_processes(config, tiny_lm_dir, tmp_path):
-    launch = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / f"{config}.yaml"),
-              "--num_processes", "2"]  # fmt: skip
-    args = {"model_name_or_path": tiny_lm_dir, "hook_layer": 2, "context_length": 32, "num_tokens": 6000,
-            "eval_tokens": 500, "shuffle_buffer_tokens": 1024, "norm_tokens": 512, "dict_size": 256, "k": 8,
-            "per_device_train_batch_size": 200, "report_to": "none", "output_dir": tmp_path / config}  # fmt: skip
+    launch = [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / f"{config}.yaml"),
+        "--num_processes",
+        "2",
+    ]
+    args = {
+        "model_name_or_path": tiny_lm_dir,
+        "hook_layer": 2,
+        "context_length": 32,
+        "num_tokens": 6000,
+        "eval_tokens": 500,
+        "shuffle_buffer_tokens": 1024,
+        "norm_tokens": 512,
+        "dict_size": 256,
+        "k": 8,
+        "per_device_train_batch_size": 200,
+        "report_to": "none",
+        "output_dir": tmp_path / config,
+    }
     result = run_script("train", *[a for k, v in args.items() for a in (f"--{k}", v)], launch=launch)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):
@@ -105,15 +143,40 @@ def test_the_accelerate_configs_launch_two_processes(config, tiny_lm_dir, tmp_pa
 
 def test_transfer_cli_runs_every_default_saebench_eval(small_vocab_lm_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    core = DMSAECore(encoder_rows=torch.randn(4, 32) / 4, latent_ids=[f"cycle2:{i}" for i in range(4)],
-                     scores=torch.ones(4), pool_ids=[], pool_scores=torch.ones(0), coverage_curve=torch.ones(0))
+    core = DMSAECore(
+        encoder_rows=torch.randn(4, 32) / 4,
+        latent_ids=[f"cycle2:{i}" for i in range(4)],
+        scores=torch.ones(4),
+        pool_ids=[],
+        pool_scores=torch.ones(0),
+        coverage_curve=torch.ones(0),
+    )
     core.save_pretrained(tmp_path / "core")
-    args = {"core": tmp_path / "core", "ks": 8, "variants": "dense_core", "model_name_or_path": small_vocab_lm_dir,
-            "hook_layer": 2, "context_length": 32, "num_tokens": 2000, "eval_tokens": 500, "norm_tokens": 512,
-            "shuffle_buffer_tokens": 1024, "dict_size": 128, "per_device_train_batch_size": 200, "report_to": "none",
-            "output_dir": tmp_path / "transfer", "ce_batches": 1, "core_batches": 1, "core_batch_prompts": 2,
-            "core_variance_batches": 1, "meta_structure_steps": 5, "probe_datasets": "96_spam_is",
-            "push_to_hub": "true", "hub_token": "hf_loopback", "model_repo": "org/transfer"}  # fmt: skip
+    args = {
+        "core": tmp_path / "core",
+        "ks": 8,
+        "variants": "dense_core",
+        "model_name_or_path": small_vocab_lm_dir,
+        "hook_layer": 2,
+        "context_length": 32,
+        "num_tokens": 2000,
+        "eval_tokens": 500,
+        "norm_tokens": 512,
+        "shuffle_buffer_tokens": 1024,
+        "dict_size": 128,
+        "per_device_train_batch_size": 200,
+        "report_to": "none",
+        "output_dir": tmp_path / "transfer",
+        "ce_batches": 1,
+        "core_batches": 1,
+        "core_batch_prompts": 2,
+        "core_variance_batches": 1,
+        "meta_structure_steps": 5,
+        "probe_datasets": "96_spam_is",
+        "push_to_hub": "true",
+        "hub_token": "hf_loopback",
+        "model_repo": "org/transfer",
+    }
     result = run_script("transfer", *[a for k, v in args.items() for a in (f"--{k}", v)])
     assert result.returncode == 0, result.stderr[-4000:]
     saebench = json.loads((tmp_path / "transfer" / "state.json").read_text())["results"]["k8-dense_core"]["saebench"]
@@ -123,22 +186,58 @@ def test_transfer_cli_runs_every_default_saebench_eval(small_vocab_lm_dir, tmp_p
     # A random LM with a small vocabulary has no first-letter features: SAEBench's gate declines, or its probes for
     # letters without words fail inside SAEBench; either way the dispatch reached SAEBench's own absorption code.
     absorption = saebench["absorption"]
-    assert "metrics" in absorption or "insufficent first-letter features" in absorption.get("skipped", "") or \
-        absorption.get("failed", "").startswith("SAEBench's absorption eval failed in absorption/")  # fmt: skip
+    assert (
+        "metrics" in absorption
+        or "insufficent first-letter features" in absorption.get("skipped", "")
+        or absorption.get("failed", "").startswith("SAEBench's absorption eval failed in absorption/")
+    )
     assert "| 8 | dense_core |" in result.stdout
     pushed = AutoModel.from_pretrained("org/transfer-k8-dense_core")
-    assert pushed.config.core_ids == core.latent_ids and "## Held-out metrics" in HUB.files("org/transfer-k8-dense_core")["README.md"].decode()
+    assert (
+        pushed.config.core_ids == core.latent_ids
+        and "## Held-out metrics" in HUB.files("org/transfer-k8-dense_core")["README.md"].decode()
+    )
 
 
 def test_synthetic_and_report_clis(tmp_path):
     # The shipped config at a tiny size: one seed, one cycle, one k.
-    result = run_script("synthetic", REPO / "configs" / "synthetic.json", "--num_features", 64, "--hidden_dim", 16,
-                        "--root_features", 2, "--dict_size", 64, "--k", 4, "--transfer_ks", 4, "--num_cycles", 1,
-                        "--train_rows", 2048, "--attribution_tokens", 1024, "--eval_rows", 1024, "--seeds", 0, "--q", 0.95,
-                        "--per_device_train_batch_size", 256, "--output_dir", tmp_path / "synthetic")  # fmt: skip
+    result = run_script(
+        "synthetic",
+        REPO / "configs" / "synthetic.json",
+        "--num_features",
+        64,
+        "--hidden_dim",
+        16,
+        "--root_features",
+        2,
+        "--dict_size",
+        64,
+        "--k",
+        4,
+        "--transfer_ks",
+        4,
+        "--num_cycles",
+        1,
+        "--train_rows",
+        2048,
+        "--attribution_tokens",
+        1024,
+        "--eval_rows",
+        1024,
+        "--seeds",
+        0,
+        "--q",
+        0.95,
+        "--per_device_train_batch_size",
+        256,
+        "--output_dir",
+        tmp_path / "synthetic",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| 4 | matryoshka |" in result.stdout and "| distilled |" in result.stdout
-    report = run_script("report", "--out", tmp_path / "report", "--title", "Study", "--synthetic", tmp_path / "synthetic")
+    report = run_script(
+        "report", "--out", tmp_path / "report", "--title", "Study", "--synthetic", tmp_path / "synthetic"
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Study")
     missing = run_script("report", "--out", tmp_path / "report", "--transfer", tmp_path / "nothing")
@@ -162,9 +261,16 @@ def undocumented_options(help_text: str) -> list[str]:
 def test_every_option_of_every_script_is_documented():
     assert undocumented_options("  --a A  help\n  --b B\n  --c C\n       help of c\n  --d") == ["--b", "--d"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    processes = {script: subprocess.Popen([sys.executable, str(REPO / "scripts" / f"{script}.py"), "--help"], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for script in SCRIPTS}  # fmt: skip
+    processes = {
+        script: subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / f"{script}.py"), "--help"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for script in SCRIPTS
+    }
     for script, process in processes.items():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-3000:]
@@ -176,14 +282,32 @@ def test_the_commands_are_installed_as_console_scripts():
     """`pip install` users get the scripts as commands (`hf-dmsae-distill`, …); one of them runs."""
     commands = Path(sys.executable).parent
     assert all((commands / f"hf-dmsae-{name.replace('_', '-')}").is_file() for name in SCRIPTS if name != "bench")
-    result = subprocess.run([str(commands / "hf-dmsae-distill"), "--help"], capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    result = subprocess.run(
+        [str(commands / "hf-dmsae-distill"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 0 and "--cycle0_checkpoint" in result.stdout, result.stderr[-2000:]
 
 
 def test_bench_times_every_implementation_attribution_and_the_stages_of_a_cycle(tmp_path):
-    result = run_script("bench", "--sizes", 256, "--steps", 1, "--out", tmp_path / "bench.json", "--cycle_tokens",
-                        2048, "--cycle_attribution_tokens", 1024, "--cycle_eval_tokens", 1024)  # fmt: skip
+    result = run_script(
+        "bench",
+        "--sizes",
+        256,
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "bench.json",
+        "--cycle_tokens",
+        2048,
+        "--cycle_attribution_tokens",
+        1024,
+        "--cycle_eval_tokens",
+        1024,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     cycles = report["distillation_cycles"]  # the embedded default's distillation, on fewer tokens
@@ -193,17 +317,36 @@ def test_bench_times_every_implementation_attribution_and_the_stages_of_a_cycle(
         assert all(s["tokens_per_s"] > 0 for s in stages.values())
     assert "cycle 1: " in result.stdout and "train" in result.stdout
     timed = {row["name"] for row in report["training_steps"] if "median_s" in row}
-    assert {"limit (encoder matmul + ReLU)", "dmsae, dense core 2% (sparse kernels)",
-            "dmsae, dense core 2% (sparse kernels, bf16 autocast)",
-            "sae_lens MatryoshkaBatchTopKTrainingSAE", "dictionary_learning MatryoshkaBatchTopKTrainer"} <= timed
+    assert {
+        "limit (encoder matmul + ReLU)",
+        "dmsae, dense core 2% (sparse kernels)",
+        "dmsae, dense core 2% (sparse kernels, bf16 autocast)",
+        "sae_lens MatryoshkaBatchTopKTrainingSAE",
+        "dictionary_learning MatryoshkaBatchTopKTrainer",
+    } <= timed
     lm = report["lm"]
     assert lm["attribution_cached_tok_per_s"] > 0 and lm["attribution_live_tok_per_s"] > 0
     assert "tok/s from cached (x, g) pairs" in result.stdout
 
 
 def test_bench_times_the_steps_alone_at_a_chosen_shape(tmp_path):
-    result = run_script("bench", "--parts", "steps", "--sizes", 256, "--steps", 1, "--d_in", 64, "--batch", 512, "--k",
-                        8, "--out", tmp_path / "bench.json")  # fmt: skip
+    result = run_script(
+        "bench",
+        "--parts",
+        "steps",
+        "--sizes",
+        256,
+        "--steps",
+        1,
+        "--d_in",
+        64,
+        "--batch",
+        512,
+        "--k",
+        8,
+        "--out",
+        tmp_path / "bench.json",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert set(report) == {"machine", "setup", "training_steps"} and report["machine"]["device"] == "cpu"

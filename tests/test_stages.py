@@ -2,8 +2,8 @@
 
 import pytest
 
-from hf_dmsae import stages
-from hf_dmsae.stages import StageTimes, stage
+from hf_dmsae.utils import stages
+from hf_dmsae.utils.stages import StageTimes, stage
 
 
 @pytest.fixture

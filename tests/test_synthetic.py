@@ -4,13 +4,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.core import DMSAECore
-from hf_dmsae.runs import SAEArguments, load_trained_model, parse_arguments
-from hf_dmsae import synthetic
-from hf_dmsae.synthetic import (SyntheticArguments, SyntheticBenchmark, SyntheticSource, SyntheticWorld, consistency,
-                                match_truth, r_precision)  # fmt: skip
-from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.launch import parse_arguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.run.training import load_trained_model
+from hf_dmsae.studies import synthetic
+from hf_dmsae.studies.synthetic import (
+    SyntheticArguments,
+    SyntheticBenchmark,
+    SyntheticSource,
+    SyntheticWorld,
+    consistency,
+    match_truth,
+    r_precision,
+)
 
 TINY_WORLD = dict(num_features=64, hidden_dim=32, root_features=2, correlation_rank=4, readout_classes=5)
 
@@ -61,13 +70,32 @@ def test_a_large_training_slice_is_drawn_in_chunks_the_first_of_which_is_the_one
 
 def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_them(tmp_path):
     config = tmp_path / "synthetic.json"
-    config.write_text(json.dumps({**TINY_WORLD, "seeds": [0, 1], "num_cycles": 1, "transfer_ks": [2, 4],
-                                  "train_rows": 8192, "eval_rows": 4096, "dict_size": 64, "k": 4, "group_fractions": [0.25, 0.25, 0.25],
-                                  "dead_tokens_threshold": 4096, "attribution_tokens": 4096, "q": 0.95,
-                                  "output_dir": str(tmp_path / "run"), "per_device_train_batch_size": 512,
-                                  "learning_rate": 0.003, "save_steps": 8, "report_to": "none"}))  # fmt: skip
-    arguments = parse_arguments((SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments),
-                                [str(config)])  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                **TINY_WORLD,
+                "seeds": [0, 1],
+                "num_cycles": 1,
+                "transfer_ks": [2, 4],
+                "train_rows": 8192,
+                "eval_rows": 4096,
+                "dict_size": 64,
+                "k": 4,
+                "group_fractions": [0.25, 0.25, 0.25],
+                "dead_tokens_threshold": 4096,
+                "attribution_tokens": 4096,
+                "q": 0.95,
+                "output_dir": str(tmp_path / "run"),
+                "per_device_train_batch_size": 512,
+                "learning_rate": 0.003,
+                "save_steps": 8,
+                "report_to": "none",
+            }
+        )
+    )
+    arguments = parse_arguments(
+        (SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments), [str(config)]
+    )
     results = SyntheticBenchmark(*arguments).run()
 
     run = tmp_path / "run"
@@ -77,24 +105,37 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
         transfer = json.loads((run / f"seed{seed}" / "transfer" / "state.json").read_text())
         assert distillation["kind"] == "distillation" and transfer["kind"] == "transfer"
         assert distillation["identity"]["inputs.synthetic_seed"] == seed
-        assert set(transfer["results"]) == {f"k{k}-{v}" for k in (2, 4) for v in ("dense_core", "sparse_core", "matryoshka")}
+        assert set(transfer["results"]) == {
+            f"k{k}-{v}" for k in (2, 4) for v in ("dense_core", "sparse_core", "matryoshka")
+        }
         distilled = DMSAECore.from_pretrained(run / f"seed{seed}" / "distillation" / "distilled-core")
-        assert distilled.latent_ids == load_trained_model(run / f"seed{seed}" / "transfer" / "k4-dense_core").config.core_ids
+        assert (
+            distilled.latent_ids
+            == load_trained_model(run / f"seed{seed}" / "transfer" / "k4-dense_core").config.core_ids
+        )
         scores = results[f"seed{seed}"]
-        assert scores["cycles"]["1"]["carried_over"] <= min(scores["cycles"]["0"]["size"], scores["cycles"]["1"]["size"])
+        assert scores["cycles"]["1"]["carried_over"] <= min(
+            scores["cycles"]["0"]["size"], scores["cycles"]["1"]["size"]
+        )
         cores = {(r["core"], r["selection"]): r for r in scores["selection"]}
         assert {c for c, _ in cores} == {"cycle 0", "cycle 1", "distilled"}
         for core in ("cycle 0", "cycle 1", "distilled"):
             size = cores[core, "attribution"]["size"]
             assert {cores[core, s]["size"] for s in ("random", "frequency", "mean_squared")} == {size}
-            assert all(0 <= cores[core, s][m] <= 1 for s in ("attribution", "random") for m in ("precision", "recall", "mcc"))
-            assert cores[core, "attribution"]["r_precision"] is None or 0 <= cores[core, "attribution"]["r_precision"] <= 1
+            assert all(
+                0 <= cores[core, s][m] <= 1 for s in ("attribution", "random") for m in ("precision", "recall", "mcc")
+            )
+            assert (
+                cores[core, "attribution"]["r_precision"] is None or 0 <= cores[core, "attribution"]["r_precision"] <= 1
+            )
         assert cores["distilled", "attribution"]["size"] == distillation["distilled"]["size"] == len(distilled)
         for result in scores["transfer"].values():
             assert 0 < result["mcc"] <= 1 and result["task_loss_clean"] < result["task_loss_ablated"]
         progressive = scores["progressive"]
         assert progressive["k"] == 4 and progressive["prefixes"][-1] == 64
-        assert len(progressive["fvu"]) == 4 and all(len(v) == len(progressive["prefixes"]) for v in progressive["fvu"].values())
+        assert len(progressive["fvu"]) == 4 and all(
+            len(v) == len(progressive["prefixes"]) for v in progressive["fvu"].values()
+        )
     assert all(len(pairs) == 1 for pairs in results["consistency"].values())
 
     weights = run / "seed0" / "transfer" / "k4-dense_core" / "model.safetensors"
@@ -107,8 +148,10 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
     for figure in ("selection_vs_truth", "synthetic_vs_k", "progressive_coding"):
         assert (run / "figures" / f"{figure}.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="other settings"):
-        other = parse_arguments((SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments),
-                                [str(config), "--useful_fraction", "0.5"])  # fmt: skip
+        other = parse_arguments(
+            (SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments),
+            [str(config), "--useful_fraction", "0.5"],
+        )
         SyntheticBenchmark(*other).run()
 
 

@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import tiny_activation_args, tiny_run_data
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_dmsae import DMSAEConfig, DMSAEModel, kernels
-from hf_dmsae.evaluation import activation_metrics
-from hf_dmsae.integrity import IntegrityError
-from hf_dmsae.runs import RunState, SAEArguments, arguments_identity, last_complete_checkpoint
-from hf_dmsae.trainer import DMSAETrainer, DMSAETrainingArguments, TrainingDivergedError
+from hf_dmsae import DMSAEConfig, DMSAEModel
+from hf_dmsae.evaluation.held_out import activation_metrics
+from hf_dmsae.model import kernels
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.state import RunState, arguments_identity
+from hf_dmsae.run.trainer import DMSAETrainer, DMSAETrainingArguments, TrainingDivergedError
+from hf_dmsae.run.training import last_complete_checkpoint
+from hf_dmsae.utils.integrity import IntegrityError
 
 aten = torch.ops.aten
 
@@ -38,19 +41,33 @@ def caches(tiny_lm_dir, tmp_path_factory):
 def core_model(norm_factor: float) -> DMSAEModel:
     torch.manual_seed(0)
     config = DMSAEConfig(
-        d_in=32, dict_size=256, core_size=16, k=8, core_ids=[f"cycle0:{i}" for i in range(16)],
-        norm_factor=norm_factor, dead_tokens_threshold=2000, threshold_beta=0.9,
-    )  # fmt: skip
+        d_in=32,
+        dict_size=256,
+        core_size=16,
+        k=8,
+        core_ids=[f"cycle0:{i}" for i in range(16)],
+        norm_factor=norm_factor,
+        dead_tokens_threshold=2000,
+        threshold_beta=0.9,
+    )
     core_rows = torch.randn(16, 32)
     return DMSAEModel.from_core(config, core_rows / core_rows.norm(dim=1, keepdim=True), config.core_ids)
 
 
 def training_args(tmp_path, **overrides) -> DMSAETrainingArguments:
     settings = dict(
-        output_dir=str(tmp_path / "run"), max_steps=60, per_device_train_batch_size=200, per_device_eval_batch_size=500,
-        learning_rate=3e-3, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        output_dir=str(tmp_path / "run"),
+        max_steps=60,
+        per_device_train_batch_size=200,
+        per_device_eval_batch_size=500,
+        learning_rate=3e-3,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
         disable_tqdm=True,
-    )  # fmt: skip
+    )
     settings.update(overrides)
     return DMSAETrainingArguments(**settings)
 
@@ -59,8 +76,9 @@ def test_trainer_learns_with_a_frozen_core_under_bf16_and_weight_decay(caches, t
     train, held_out = caches
     model = core_model(train.norm_factor)
     frozen = model.W_enc_frozen.clone().to(device)
-    args = training_args(tmp_path, bf16=True, weight_decay=0.1, max_steps=120, logging_steps=20,
-                         use_cpu=device.type == "cpu")  # fmt: skip
+    args = training_args(
+        tmp_path, bf16=True, weight_decay=0.1, max_steps=120, logging_steps=20, use_cpu=device.type == "cpu"
+    )
     trainer = DMSAETrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
     trainer.train()
 
@@ -103,7 +121,9 @@ def test_eval_loop_logs_the_evaluate_metrics_every_eval_steps(caches, tmp_path):
 def test_decoder_bias_starts_at_the_median_of_the_first_rows(caches, tmp_path):
     train, _ = caches
     model = core_model(train.norm_factor)
-    trainer = DMSAETrainer(model=model, args=training_args(tmp_path, max_steps=1, learning_rate=1e-12), train_dataset=train)
+    trainer = DMSAETrainer(
+        model=model, args=training_args(tmp_path, max_steps=1, learning_rate=1e-12), train_dataset=train
+    )
     trainer.train()
     rows = train.__getitems__(list(range(4096))) / train.norm_factor
     assert (model.b_dec - rows.mean(0)).norm() < 0.5 * rows.mean(0).norm()
@@ -126,8 +146,17 @@ class SynchronisingCalls(TorchDispatchMode):
     outputs sized by their values (`nonzero`, boolean-mask indexing, `bincount`, `unique`, `repeat_interleave`
     without `output_size`). On a CPU they cost nothing, but they run the same code a CUDA step runs."""
 
-    SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten.unique_consecutive,
-               aten._unique2, aten.unique_dim, aten.equal, aten.is_nonzero}  # fmt: skip
+    SYNCING = {
+        aten._local_scalar_dense,
+        aten.nonzero,
+        aten.masked_select,
+        aten.bincount,
+        aten.unique_consecutive,
+        aten._unique2,
+        aten.unique_dim,
+        aten.equal,
+        aten.is_nonzero,
+    }
     INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 
     def __init__(self):
@@ -138,10 +167,13 @@ class SynchronisingCalls(TorchDispatchMode):
         kwargs = kwargs or {}
         packet = func.overloadpacket
         masked = packet in self.INDEXING and any(
-            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)  # fmt: skip
+            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None
+        )
         unsized = packet is aten.repeat_interleave and kwargs.get("output_size") is None
         if packet in self.SYNCING or masked or unsized:
-            frames = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack() if "hf_dmsae" in f.filename]
+            frames = [
+                f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack() if "hf_dmsae" in f.filename
+            ]
             self.calls.append(f"{func} at {frames}")
         return func(*args, **kwargs)
 
@@ -182,6 +214,7 @@ def test_a_training_step_never_waits_for_the_device_outside_logging(caches, tmp_
                 finally:
                     if device.type == "cuda":
                         torch.cuda.set_sync_debug_mode("default")
+
         return run
 
     monkeypatch.setattr(trainer, "training_step", counted(lambda *a, **k: steps.append(1) or step(*a, **k)))
@@ -206,8 +239,9 @@ def test_nan_inputs_end_training_at_the_next_log_with_a_clear_error(caches, tmp_
             return train.sample(n)
 
     model = core_model(train.norm_factor)
-    trainer = DMSAETrainer(model=model, args=training_args(tmp_path, max_steps=6, logging_steps=3),
-                           train_dataset=Poisoned())  # fmt: skip
+    trainer = DMSAETrainer(
+        model=model, args=training_args(tmp_path, max_steps=6, logging_steps=3), train_dataset=Poisoned()
+    )
     with pytest.raises(ValueError, match="activations contain NaN or inf values: .* rows"):
         trainer.train()
 
@@ -215,12 +249,26 @@ def test_nan_inputs_end_training_at_the_next_log_with_a_clear_error(caches, tmp_
 def run_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> list[str]:
     """Command line of scripts/train.py on the tiny LM, long enough to be killed mid-way."""
     config = {
-        "model_name_or_path": str(tiny_lm_dir), "hook_layer": 2, "context_length": 32, "lm_batch_size": 16,
-        "num_tokens": 40000, "eval_tokens": 0, "shuffle_buffer_tokens": 2048, "norm_tokens": 1024,
-        "activation_cache": str(tmp_path / "cache"), "dict_size": 2048, "k": 16,
-        "output_dir": str(tmp_path / name), "per_device_train_batch_size": 500, "max_steps": 80,
-        "save_steps": 20, "logging_steps": 20, "learning_rate": 0.002, "seed": 0, "report_to": "none",
-    }  # fmt: skip
+        "model_name_or_path": str(tiny_lm_dir),
+        "hook_layer": 2,
+        "context_length": 32,
+        "lm_batch_size": 16,
+        "num_tokens": 40000,
+        "eval_tokens": 0,
+        "shuffle_buffer_tokens": 2048,
+        "norm_tokens": 1024,
+        "activation_cache": str(tmp_path / "cache"),
+        "dict_size": 2048,
+        "k": 16,
+        "output_dir": str(tmp_path / name),
+        "per_device_train_batch_size": 500,
+        "max_steps": 80,
+        "save_steps": 20,
+        "logging_steps": 20,
+        "learning_rate": 0.002,
+        "seed": 0,
+        "report_to": "none",
+    }
     config.update(overrides)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
@@ -241,10 +289,16 @@ def kill_after(command: list[str], marker: Path, env: dict) -> None:
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_lm_dir, source):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # Streamed: one pass over the budget (no max_steps), 20 steps of 500 rows, killed after step 8.
-    overrides = {} if source == "cached" else {"activation_cache": None, "max_steps": -1, "save_steps": 4,
-                                               "num_tokens": 10000}
-    subprocess.run(run_config(tmp_path, tiny_lm_dir, "straight", **overrides), check=True, env=env,
-                   capture_output=True, timeout=600)  # fmt: skip
+    overrides = (
+        {} if source == "cached" else {"activation_cache": None, "max_steps": -1, "save_steps": 4, "num_tokens": 10000}
+    )
+    subprocess.run(
+        run_config(tmp_path, tiny_lm_dir, "straight", **overrides),
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     command = run_config(tmp_path, tiny_lm_dir, "killed", **overrides)
     step = 40 if source == "cached" else 8
     kill_after(command, tmp_path / "killed" / f"checkpoint-{step}" / "checksums.json", env)
@@ -278,10 +332,15 @@ def test_a_rerun_with_other_arguments_is_refused_naming_them(tmp_path, tiny_lm_d
     state_file.write_text(state_file.read_text()[:40])  # truncated, as a full disk leaves it
     with pytest.raises(IntegrityError, match=r"run/state.json is damaged or truncated"):
         RunState(tmp_path / "run", "train", arguments_identity(sae, activations, first), writer=True)
-    for damaged, problem in (([whole], "holds a JSON list, not an object"), ({**whole, "slices": {}}, "'slices' is a "
-                             "JSON dict, not what"), ({k: v for k, v in whole.items() if k != "identity"}, "no 'identity'")):  # fmt: skip
+    for damaged, problem in (
+        ([whole], "holds a JSON list, not an object"),
+        ({**whole, "slices": {}}, "'slices' is a JSON dict, not what"),
+        ({k: v for k, v in whole.items() if k != "identity"}, "no 'identity'"),
+    ):
         state_file.write_text(json.dumps(damaged))
-        with pytest.raises(IntegrityError, match=rf"run/state.json(:| has| holds) .*{problem}|run/state.json {problem}"):
+        with pytest.raises(
+            IntegrityError, match=rf"run/state.json(:| has| holds) .*{problem}|run/state.json {problem}"
+        ):
             RunState(tmp_path / "run", "train", arguments_identity(sae, activations, first), writer=True)
 
 
@@ -293,8 +352,9 @@ def test_a_write_that_fails_during_a_checkpoint_names_the_folder_and_the_cause(t
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the failed write then returns EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    command = run_config(tmp_path, tiny_lm_dir, "full", activation_cache=None, max_steps=-1, save_steps=4,
-                         num_tokens=10000)
+    command = run_config(
+        tmp_path, tiny_lm_dir, "full", activation_cache=None, max_steps=-1, save_steps=4, num_tokens=10000
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
     assert result.returncode != 0
@@ -306,8 +366,7 @@ def test_a_write_that_fails_during_a_checkpoint_names_the_folder_and_the_cause(t
 def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, tiny_lm_dir, caches):
     train, _ = caches
     args = training_args(tmp_path, max_steps=20, save_strategy="steps", save_steps=5, save_total_limit=3)
-    DMSAETrainer(model=core_model(train.norm_factor), args=args,
-                 train_dataset=train).train()  # fmt: skip
+    DMSAETrainer(model=core_model(train.norm_factor), args=args, train_dataset=train).train()
     run = tmp_path / "run"
     assert last_complete_checkpoint(run) == str(run / "checkpoint-20")
     weights = run / "checkpoint-20" / "model.safetensors"
@@ -319,8 +378,9 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, tiny_l
 
 def test_a_diverging_run_stops_with_an_error(tmp_path, caches):
     train, _ = caches
-    trainer = DMSAETrainer(model=core_model(1.0), args=training_args(tmp_path, learning_rate=1e12, max_steps=30),
-                           train_dataset=train)  # fmt: skip
+    trainer = DMSAETrainer(
+        model=core_model(1.0), args=training_args(tmp_path, learning_rate=1e12, max_steps=30), train_dataset=train
+    )
     with pytest.raises(TrainingDivergedError, match="training diverged"):
         trainer.train()
 
@@ -328,7 +388,7 @@ def test_a_diverging_run_stops_with_an_error(tmp_path, caches):
 def test_two_runs_on_one_output_dir_are_refused(tmp_path):
     holder = RunState(tmp_path / "run", "train", {"a": 1}, writer=True)
     script = f"""
-from hf_dmsae.runs import RunState
+from hf_dmsae.run.state import RunState
 try:
     RunState({str(tmp_path / "run")!r}, "train", {{"a": 1}}, writer=True)
 except RuntimeError as error:

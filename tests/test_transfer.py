@@ -8,27 +8,38 @@ import torch
 from conftest import tiny_activation_args
 
 from hf_dmsae import DMSAEModel
-from hf_dmsae.core import DMSAECore
-from hf_dmsae.integrity import IntegrityError
-from hf_dmsae.runs import SAEArguments, load_trained_model
-from hf_dmsae.saebench import SAEBenchArguments
-from hf_dmsae.trainer import DMSAETrainingArguments
-from hf_dmsae.transfer import Transfer, TransferArguments
+from hf_dmsae.evaluation.saebench import SAEBenchArguments
+from hf_dmsae.method.transfer import Transfer, TransferArguments
+from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.run.training import load_trained_model
+from hf_dmsae.utils.integrity import IntegrityError
 
 
 def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     core = DMSAECore(
-        encoder_rows=torch.randn(6, 32) / 6, latent_ids=[f"cycle3:{i}" for i in range(6)], scores=torch.ones(6),
-        pool_ids=[], pool_scores=torch.ones(0), coverage_curve=torch.ones(0),
-    )  # fmt: skip
+        encoder_rows=torch.randn(6, 32) / 6,
+        latent_ids=[f"cycle3:{i}" for i in range(6)],
+        scores=torch.ones(6),
+        pool_ids=[],
+        pool_scores=torch.ones(0),
+        coverage_curve=torch.ones(0),
+    )
     core.save_pretrained(tmp_path / "core")
     arguments = (
         TransferArguments(core=str(tmp_path / "core"), ks=[8, 16], ce_batches=2, model_repo="local/transfer"),
         SAEArguments(dict_size=256, k=8),
         tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=3000),
-        DMSAETrainingArguments(output_dir=str(tmp_path / "run"), max_steps=15, per_device_train_batch_size=200,
-                               save_strategy="no", report_to="none", disable_tqdm=True),  # fmt: skip
+        DMSAETrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=15,
+            per_device_train_batch_size=200,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+        ),
         SAEBenchArguments(saebench_evals=["meta_structure", "autointerp"], meta_structure_steps=5),
     )
     first = Transfer(*arguments)
@@ -78,12 +89,21 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
 
 def test_a_core_for_other_activations_is_refused_before_any_harvesting(tiny_lm_dir, tmp_path):
     for name, width, provenance in (("wide", 64, {}), ("layer", 32, {"hook_layer": 12, "hook_name": "resid_post"})):
-        DMSAECore(encoder_rows=torch.randn(4, width), latent_ids=[f"cycle3:{i}" for i in range(4)],
-                  scores=torch.ones(4), pool_ids=[], pool_scores=torch.ones(0), coverage_curve=torch.ones(0),
-                  provenance=provenance).save_pretrained(tmp_path / name)  # fmt: skip
+        DMSAECore(
+            encoder_rows=torch.randn(4, width),
+            latent_ids=[f"cycle3:{i}" for i in range(4)],
+            scores=torch.ones(4),
+            pool_ids=[],
+            pool_scores=torch.ones(0),
+            coverage_curve=torch.ones(0),
+            provenance=provenance,
+        ).save_pretrained(tmp_path / name)
     for name, difference in (("wide", "width 64 (the run's LM: 32)"), ("layer", "hook_layer 12 (the run's: 2)")):
         with pytest.raises(ValueError, match=rf"selected for other activations: {re.escape(difference)}"):
-            Transfer(TransferArguments(core=str(tmp_path / name), ks=[8]), SAEArguments(dict_size=256, k=8),
-                     tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache")),
-                     DMSAETrainingArguments(output_dir=str(tmp_path / "run")))  # fmt: skip
+            Transfer(
+                TransferArguments(core=str(tmp_path / name), ks=[8]),
+                SAEArguments(dict_size=256, k=8),
+                tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache")),
+                DMSAETrainingArguments(output_dir=str(tmp_path / "run")),
+            )
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

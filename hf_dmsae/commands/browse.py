@@ -9,12 +9,13 @@ flags override it. Open `<site_dir>/index.html` in a browser.
 
 import logging
 
-from hf_dmsae.activations import ActivationArguments
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.browser import BrowseArguments, browse
-from hf_dmsae.distillation import DistillationArguments
-from hf_dmsae.runs import SAEArguments, parse_arguments
-from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.data.activations import ActivationArguments
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.method.distillation import DistillationArguments
+from hf_dmsae.publishing.browser import BrowseArguments, browse
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.launch import parse_arguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
 
 
 def main() -> None:

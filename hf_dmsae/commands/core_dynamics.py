@@ -13,13 +13,14 @@ The JSON file is the distillation's own config (its distillation and attribution
 
 import logging
 
-from hf_dmsae.activations import ActivationArguments
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.core_dynamics import CoreDynamics, CoreDynamicsArguments
-from hf_dmsae.distillation import DistillationArguments
-from hf_dmsae.runs import SAEArguments, parse_arguments
-from hf_dmsae.synthetic import SyntheticArguments
-from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.data.activations import ActivationArguments
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.method.distillation import DistillationArguments
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.launch import parse_arguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.studies.core_dynamics import CoreDynamics, CoreDynamicsArguments
+from hf_dmsae.studies.synthetic import SyntheticArguments
 
 
 def main() -> None:

@@ -10,11 +10,12 @@ model are pushed; otherwise they stay as local repo folders under `<output_dir>/
 
 import logging
 
-from hf_dmsae.activations import ActivationArguments
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.distillation import Distillation, DistillationArguments
-from hf_dmsae.runs import SAEArguments, end_processes, parse_arguments
-from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.data.activations import ActivationArguments
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.method.distillation import Distillation, DistillationArguments
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.launch import end_processes, parse_arguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
 
 
 def main() -> None:

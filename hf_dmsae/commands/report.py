@@ -6,7 +6,7 @@
 
 import argparse
 
-from hf_dmsae.report import SECTIONS, write_report
+from hf_dmsae.reporting.report import SECTIONS, write_report
 
 
 def main() -> None:

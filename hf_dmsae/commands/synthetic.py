@@ -9,10 +9,11 @@ under `--output_dir` is resumable, `results.json` keeps finished seeds); the rep
 
 import logging
 
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.runs import SAEArguments, parse_arguments
-from hf_dmsae.synthetic import SyntheticArguments, SyntheticBenchmark
-from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.launch import parse_arguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.studies.synthetic import SyntheticArguments, SyntheticBenchmark
 
 
 def main() -> None:

@@ -14,22 +14,16 @@ import logging
 from transformers import set_seed
 
 from hf_dmsae import DMSAEModel
-from hf_dmsae.activations import ActivationArguments
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.distillation import DistillationArguments
-from hf_dmsae.evaluation import activation_metrics
-from hf_dmsae.runs import (
-    RunData,
-    RunState,
-    SAEArguments,
-    arguments_identity,
-    end_processes,
-    parse_arguments,
-    sae_config,
-    train_sae,
-    training_steps,
-)
-from hf_dmsae.trainer import DMSAETrainingArguments
+from hf_dmsae.data.activations import ActivationArguments
+from hf_dmsae.evaluation.held_out import activation_metrics
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.method.distillation import DistillationArguments
+from hf_dmsae.run.arguments import SAEArguments, sae_config
+from hf_dmsae.run.data import RunData
+from hf_dmsae.run.launch import end_processes, parse_arguments
+from hf_dmsae.run.state import RunState, arguments_identity
+from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.run.training import train_sae, training_steps
 
 
 def main() -> None:

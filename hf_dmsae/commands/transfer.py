@@ -1,22 +1,24 @@
 """Train DMSAEs around a distilled core at several sparsities, with Matryoshka baselines, and compare them.
 
-    accelerate launch scripts/transfer.py configs/smollm2-135m.json --core runs/smollm2-135m-l15/repos/<…-core-distilled>
+    accelerate launch scripts/transfer.py configs/smollm2-135m.json \
+        --core runs/smollm2-135m-l15/repos/<…-core-distilled>
 
 The JSON file holds any field of `TransferArguments`, `SAEArguments`, `ActivationArguments` and
 `DMSAETrainingArguments` and `SAEBenchArguments` (the distillation's fields are skipped); flags override it; `--core`
-takes a local folder or a Hub repo id; `--saebench_evals core meta_structure …` picks SAEBench's evals (none: `--saebench_evals`
-with no value). Re-running resumes; the table is written to `<output_dir>/report.md`.
+takes a local folder or a Hub repo id; `--saebench_evals core meta_structure …` picks SAEBench's evals
+(none: `--saebench_evals` with no value). Re-running resumes; the table is written to `<output_dir>/report.md`.
 """
 
 import logging
 
-from hf_dmsae.activations import ActivationArguments
-from hf_dmsae.attribution import AttributionArguments
-from hf_dmsae.distillation import DistillationArguments
-from hf_dmsae.runs import SAEArguments, end_processes, parse_arguments
-from hf_dmsae.saebench import SAEBenchArguments
-from hf_dmsae.trainer import DMSAETrainingArguments
-from hf_dmsae.transfer import Transfer, TransferArguments
+from hf_dmsae.data.activations import ActivationArguments
+from hf_dmsae.evaluation.saebench import SAEBenchArguments
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.method.distillation import DistillationArguments
+from hf_dmsae.method.transfer import Transfer, TransferArguments
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.launch import end_processes, parse_arguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
 
 
 def main() -> None:

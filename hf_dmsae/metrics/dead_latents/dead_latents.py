@@ -20,12 +20,16 @@ Example:
     {'dead_fraction': 0.625}
 """
 
-_CITATION = """@article{gao2024scaling, title={Scaling and evaluating sparse autoencoders}, author={Gao, Leo and others},
+_CITATION = """@article{gao2024scaling, title={Scaling and evaluating sparse autoencoders},
+author={Gao, Leo and others},
 journal={arXiv:2406.04093}, year={2024}}"""
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
 class DeadLatents(evaluate.Metric):
+    """The metric this module's card describes (`_DESCRIPTION`), as an `evaluate` module fed one example of sums
+    per batch."""
+
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,

@@ -4,7 +4,8 @@ import datasets
 import evaluate
 import numpy as np
 
-_DESCRIPTION = """FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over all rows: the squared reconstruction error relative to the variance of
+_DESCRIPTION = """FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over all rows:
+the squared reconstruction error relative to the variance of
 the activations around their mean. 0 is a perfect reconstruction; 1 is as good as predicting the mean. Each example
 is one batch's sums (not its rows), so memory does not grow with the number of tokens evaluated."""
 
@@ -22,20 +23,28 @@ Example:
     {'fvu': 0.25}
 """
 
-_CITATION = """@article{gao2024scaling, title={Scaling and evaluating sparse autoencoders}, author={Gao, Leo and others},
+_CITATION = """@article{gao2024scaling, title={Scaling and evaluating sparse autoencoders},
+author={Gao, Leo and others},
 journal={arXiv:2406.04093}, year={2024}}"""
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
 class FVU(evaluate.Metric):
+    """The metric this module's card describes (`_DESCRIPTION`), as an `evaluate` module fed one example of sums
+    per batch."""
+
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_INPUTS,
             features=datasets.Features(
-                {"squared_error": datasets.Value("float64"), "sum": datasets.Sequence(datasets.Value("float64")),
-                 "sum_of_squares": datasets.Value("float64"), "rows": datasets.Value("int64")}
+                {
+                    "squared_error": datasets.Value("float64"),
+                    "sum": datasets.Sequence(datasets.Value("float64")),
+                    "sum_of_squares": datasets.Value("float64"),
+                    "rows": datasets.Value("int64"),
+                }
             ),
         )
 

@@ -21,18 +21,28 @@ Example:
     {'l0_core': 3.0, 'l0_noncore': 15.0, 'l0': 18.0}
 """
 
-_CITATION = """@article{dmsae2025, title={Distilled Matryoshka Sparse Autoencoders}, journal={arXiv:2512.24975}, year={2025}}"""
+_CITATION = (
+    """@article{dmsae2025, title={Distilled Matryoshka Sparse Autoencoders}, journal={arXiv:2512.24975}, year={2025}}"""
+)
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
 class L0(evaluate.Metric):
+    """The metric this module's card describes (`_DESCRIPTION`), as an `evaluate` module fed one example of sums
+    per batch."""
+
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_INPUTS,
-            features=datasets.Features({"core_active": datasets.Value("int64"),
-                                        "noncore_active": datasets.Value("int64"), "rows": datasets.Value("int64")}),
+            features=datasets.Features(
+                {
+                    "core_active": datasets.Value("int64"),
+                    "noncore_active": datasets.Value("int64"),
+                    "rows": datasets.Value("int64"),
+                }
+            ),
         )
 
     def _compute(self, core_active, noncore_active, rows):

@@ -1,0 +1,1 @@
+"""How good a trained SAE is: held-out FVU, L0s and CE loss recovered, progressive prefix metrics, SAEBench."""

@@ -1,0 +1,237 @@
+"""Transfer (Algorithm 3): new SAEs around a distilled core at several sparsities, against Matryoshka baselines.
+
+For every target L0 `k`: a DMSAE with the core's frozen rows in dense-core mode (`k_noncore` by Eq. 4), one in
+sparse-core mode (one global BatchTopK of `k`), and a plain Matryoshka SAE; all on the same slice of the token
+stream, budget and seed. Each is evaluated on held-out data (FVU, L0s, dead fraction, CE loss recovered) and, if
+asked, with SAEBench's evals (`hf_dmsae.saebench`). Results are recorded in the run's `state.json` after every
+model, so re-running resumes (with the same core and settings only), and summarised in `report.md`. Every model is
+written as a repo with its model card (`<output_dir>/repos/`) and, with `push_to_hub`, pushed as one set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from transformers import set_seed
+
+from ..data.activations import ActivationArguments
+from ..data.language_model import lm_width
+from ..evaluation.held_out import activation_metrics
+from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments, headline_metrics
+from ..model.core import DMSAECore
+from ..model.modeling_dmsae import DMSAEModel
+from ..publishing.hub import (
+    check_push_token,
+    check_repo_id,
+    default_model_repo,
+    publish_all,
+    repo_folder,
+    resolve_folder,
+    write_model_repo,
+)
+from ..reporting import figures
+from ..run.arguments import SAEArguments, sae_config
+from ..run.data import ActivationSource, open_source
+from ..run.state import RunState, arguments_identity
+from ..run.trainer import DMSAETrainingArguments
+from ..run.training import load_trained_model, train_sae, training_steps
+from ..utils.checks import check_ranges
+
+VARIANTS = ("dense_core", "sparse_core", "matryoshka")
+
+
+@dataclass
+class TransferArguments:
+    """Which core, which sparsities, which variants."""
+
+    core: str = field(metadata={"help": "Distilled core: local folder or Hub repo id org/name[/subfolder][@revision]."})
+    ks: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 320, 640], metadata={"help": "Target L0s."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Of {VARIANTS}."})
+    ce_batches: int = field(default=8, metadata={"help": "Held-out LM batches for CE loss recovered."})
+    model_repo: str | None = field(
+        default=None,
+        metadata={
+            "help": "Repo name stem of the trained models: each is <model_repo>-k<k>-<variant> (default: "
+            "derived from the LM and layer)."
+        },
+    )
+
+    def __post_init__(self):
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
+        if not self.ks or not self.variants or min(self.ks) < 1:
+            raise ValueError(f"ks={self.ks} and variants={self.variants} must be non-empty, with every k ≥ 1")
+        check_ranges(self, ce_batches=">= 0")
+        if self.model_repo is not None:
+            check_repo_id(self.model_repo, "model_repo")
+
+
+def check_core_fits(core: DMSAECore, where: str, activations: ActivationArguments) -> None:
+    """Refuse a core selected at another width, layer or hook than the run's activations, before any harvesting."""
+    differences = []
+    if (width := core.encoder_rows.shape[1]) != lm_width(activations):
+        differences.append(f"width {width} (the run's LM: {lm_width(activations)})")
+    for name in ("hook_layer", "hook_name"):
+        recorded = core.provenance.get(name)
+        if recorded is not None and recorded != getattr(activations, name):
+            differences.append(f"{name} {recorded!r} (the run's: {getattr(activations, name)!r})")
+    if differences:
+        raise ValueError(f"the core {where} was selected for other activations: {'; '.join(differences)}")
+
+
+class Transfer:
+    """One transfer run; `run()` trains and evaluates every (k, variant) not yet in `results.json`."""
+
+    def __init__(
+        self,
+        args: TransferArguments,
+        sae: SAEArguments,
+        activations: ActivationArguments | None,
+        training: DMSAETrainingArguments,
+        saebench: SAEBenchArguments | None = None,
+        *,
+        source: ActivationSource | None = None,
+    ):
+        """`activations` name the LM and text (`RunData`); or `source` gives the activations and the objective that
+        evaluates reconstructions (`downstream_metrics`). SAEBench needs an LM."""
+        if (activations is None) == (source is None):
+            raise ValueError("give either activations (an LM and a text dataset) or a source, not both")
+        if source is not None and saebench is not None and saebench.saebench_evals:
+            raise ValueError("SAEBench's evals run an LM: they need activations, not a source")
+        self.args, self.sae_args, self.activation_args, self.training_args = args, sae, activations, training
+        self.saebench_args, self.source = saebench, source
+        self.output_dir = Path(training.output_dir)
+        self.core = DMSAECore.from_pretrained(resolve_folder(args.core, token=training.hub_token))
+        if max(args.ks) > sae.dict_size:
+            raise ValueError(f"ks={args.ks} is invalid: every k must be at most dict_size={sae.dict_size}")
+        if activations is not None:
+            check_core_fits(self.core, args.core, activations)
+        check_push_token(training.push_to_hub, training.hub_token)
+        if activations is not None:  # the budget holds the steps asked for, before the run's folder records anything
+            training_steps(activations.num_tokens, training)
+        self.model_repo = check_repo_id(
+            args.model_repo
+            or training.hub_model_id
+            or (default_model_repo(activations) if source is None else source.default_repo),
+            "model_repo",
+        )
+        identity = arguments_identity(
+            *(a for a in (args, sae, activations, training) if a is not None),
+            exclude=("core", "ce_batches", "model_repo"),
+        )
+        identity["inputs.core"] = self.core.digest()
+        self.state = RunState(self.output_dir, "transfer", identity, writer=training.process_index == 0)
+        self.results: dict = self.state.record("results")
+
+    @cached_property
+    def data(self) -> ActivationSource:
+        """The activations: the LM's, loaded on first use, or the given source."""
+        return open_source(self.source, self.activation_args, self.training_args, self.state)
+
+    @cached_property
+    def saebench(self):
+        """The SAEBench runner (results under `<output_dir>/saebench/`), or None if no SAEBench eval is asked."""
+        if self.saebench_args is None or not self.saebench_args.saebench_evals:
+            return None
+        from ..evaluation.saebench import SAEBenchRunner
+
+        return SAEBenchRunner(self.saebench_args, self.activation_args, self.output_dir / "saebench")
+
+    def new_model(self, k: int, variant: str) -> DMSAEModel:
+        set_seed(self.training_args.seed)
+        sae = dataclasses.replace(
+            self.sae_args, k=k, k_noncore=None, sparsity="sparse_core" if variant == "sparse_core" else "dense_core"
+        )
+        if variant == "matryoshka":
+            return DMSAEModel(sae_config(sae, self.data))
+        config = sae_config(sae, self.data, core_size=len(self.core), core_ids=self.core.latent_ids)
+        return DMSAEModel.from_core(config, self.core.encoder_rows, self.core.latent_ids)
+
+    def evaluate(self, model: DMSAEModel) -> dict[str, float]:
+        """Held-out metrics and the objective's (an LM: CE loss recovered) (main process; {} elsewhere)."""
+        if self.training_args.process_index != 0:
+            return {}
+        rows = self.data.eval_batches(self.training_args.per_device_eval_batch_size)
+        return {**activation_metrics(model, rows), **self.data.downstream_metrics(model, self.args.ce_batches)}
+
+    def run(self) -> dict:
+        piece = self.data.training_slice("train")
+        for k in self.args.ks:
+            for variant in self.args.variants:
+                name = f"k{k}-{variant}"
+                if name in self.results:
+                    continue
+                model = self.new_model(k, variant)
+                args = dataclasses.replace(
+                    self.training_args, output_dir=str(self.output_dir / name), push_to_hub=False
+                )
+                train_sae(model, self.data, piece, args)
+                self.results[name] = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
+                self.state.save()
+        if self.saebench is not None and self.training_args.process_index == 0:
+            self.run_saebench()
+        self.publish()
+        return self.results
+
+    def publish(self) -> None:
+        """Write every trained model as a repo with its card, named `<model_repo>-<name>`, and push them as one set
+        with `push_to_hub` (main process)."""
+        if self.training_args.process_index != 0:
+            return
+        items = []
+        for name, result in self.results.items():
+            repo = f"{self.model_repo}-{name}"
+            model = load_trained_model(self.output_dir / name)
+            folder = write_model_repo(
+                model, repo_folder(self.output_dir, repo), repo, metrics=result, datasets=[self.data.dataset_name]
+            )
+            items.append((folder, repo))
+        publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)
+
+    def run_saebench(self) -> None:
+        """SAEBench on every saved model that lacks its results (main process, after all training, so no other
+        process waits in a collective meanwhile)."""
+        for name, result in self.results.items():
+            if "saebench" not in result:
+                result["saebench"] = self.saebench.run(name, load_trained_model(self.output_dir / name))
+                result |= headline_metrics(result["saebench"])
+                self.state.save()
+
+    def report(self) -> str:
+        columns = ("fvu", "ce_loss_recovered", "l0", "l0_core", "l0_noncore", "dead_fraction")
+        columns += tuple(c for _, _, c in HEADLINE_METRICS if any(c in r for r in self.results.values()))
+        lines = [
+            f"# Transfer report: core `{self.args.core}` ({len(self.core)} latents)",
+            "",
+            "Own metrics on held-out text; `sb_*` columns are SAEBench's (`saebench/<eval>/` holds their JSON).",
+            "",
+            "| k | variant | " + " | ".join(columns) + " |",
+            "|---|---|" + "---|" * len(columns),
+        ]
+        skipped = {}
+        for result in sorted(self.results.values(), key=lambda r: (r["k"], VARIANTS.index(r["variant"]))):
+            cells = " | ".join(f"{result[c]:.4f}" if c in result else "–" for c in columns)
+            lines.append(f"| {result['k']} | {result['variant']} | {cells} |")
+            skipped |= {
+                name: r.get("skipped") or r["failed"]
+                for name, r in result.get("saebench", {}).items()
+                if "skipped" in r or "failed" in r
+            }
+        if skipped:
+            lines += ["", "SAEBench evals not run:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()]
+        if (self.output_dir / "repos").is_dir():
+            lines += ["", "Repos (local folders; pushed with `push_to_hub`):", ""]
+            lines += [f"- `{p.name.replace('__', '/')}`: `{p}`" for p in sorted((self.output_dir / "repos").iterdir())]
+        if self.training_args.process_index == 0 and self.results:
+            plot = figures.metrics_against_k(
+                list(self.results.values()), columns[:4], self.output_dir / "figures" / "metrics_vs_k.png"
+            )
+            lines += ["", f"![metrics against k](figures/{plot.name})"]
+        text = "\n".join(lines) + "\n"
+        if self.training_args.process_index == 0:
+            (self.output_dir / "report.md").write_text(text)
+        return text

@@ -1,0 +1,263 @@
+"""Configuration of a Distilled Matryoshka Sparse Autoencoder (docs/method.md §1, §2 and §6)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+SPARSITY_MODES = ("dense_core", "sparse_core")
+PREFIX_LOSS_WEIGHTINGS = ("sum", "dictionary_learning")
+
+# SAEBench's Matryoshka group fractions (1/32, 1/16, 1/8, 1/4, rest), applied to the non-core latents.
+SAEBENCH_GROUP_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
+
+
+def matryoshka_group_sizes(num_latents: int, fractions: tuple[float, ...] = SAEBENCH_GROUP_FRACTIONS) -> list[int]:
+    """Split `num_latents` into Matryoshka groups of the given fractions plus a last group with the rest.
+
+    Groups that would be empty are dropped, so small dictionaries still get valid, non-empty groups.
+    """
+    sizes = [int(num_latents * f) for f in fractions]
+    sizes = [s for s in sizes if s > 0]
+    rest = num_latents - sum(sizes)
+    if rest > 0:
+        sizes.append(rest)
+    return sizes
+
+
+def noncore_k(k: int, dict_size: int, core_size: int) -> int:
+    """Eq. 4: the non-core BatchTopK target that matches a SAEBench baseline of L0 `k` at width `dict_size`."""
+    return max(1, round(k * (dict_size - core_size) / dict_size))
+
+
+@strict
+class DMSAEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`DMSAEModel`]: a Matryoshka BatchTopK sparse autoencoder whose first `core_size` latents
+    form a core with (by default) frozen encoder rows.
+
+    Latent `j` is a core latent for `j < core_size`; the non-core latents follow in Matryoshka groups of
+    `group_sizes`. Every field is checked when the config is built; a bad value raises `ValueError` naming the field
+    and the rule it breaks.
+
+    ```python
+    >>> from hf_dmsae import DMSAEConfig, DMSAEModel
+    >>> config = DMSAEConfig(d_in=576, dict_size=4096, core_size=64, k=64, core_ids=[f"cycle0:{i}" for i in range(64)])
+    >>> model = DMSAEModel(config)
+    ```
+    """
+
+    model_type = "dmsae"
+
+    d_in: int = 2304
+    """Width of the activations the SAE reads (Gemma-2-2B's residual stream: 2304)."""
+
+    dict_size: int = 65536
+    """Number of latents `n`, core included."""
+
+    core_size: int = 0
+    """Number of core latents `c`, placed at indices `0 … c-1`. 0 gives a plain Matryoshka BatchTopK SAE."""
+
+    group_sizes: list[int] | None = None
+    """Sizes of the non-core Matryoshka groups, summing to `dict_size - core_size`. `None`: SAEBench's fractions
+    1/32, 1/16, 1/8, 1/4 and the rest, of the non-core latents."""
+
+    k: int = 160
+    """Target L0 of the equivalent SAEBench baseline at this width.
+    In `sparse_core` mode the global BatchTopK target."""
+
+    k_noncore: int | None = None
+    """BatchTopK target on the non-core latents in `dense_core` mode. `None`: derived from `k` by Eq. 4."""
+
+    sparsity: str = "dense_core"
+    """`dense_core`: core latents are never masked, BatchTopK keeps `k_noncore · B` non-core activations.
+    `sparse_core`: one global BatchTopK keeps `k · B` activations over all latents."""
+
+    core_ids: list[str] | None = None
+    """Stable identity of each core latent (e.g. `"cycle0:1234"`: learned in cycle 0 at index 1234), so carry-over
+    between cycles is a set intersection. `None`: no core."""
+
+    cycle: int = 0
+    """Distillation cycle this model belongs to; the non-core latents it learns get ids `"cycle{cycle}:{index}"`."""
+
+    frozen_rows: int | None = None
+    """Number of leading encoder rows (`0 … frozen_rows-1`) held frozen. `None`: the whole core."""
+
+    aux_k: int | None = None
+    """Number of dead latents the AuxK loss reconstructs the residual with. `None`: `d_in // 2`."""
+
+    aux_coef: float = 1 / 32
+    """Weight `α` of the AuxK loss."""
+
+    prefix_loss_weighting: str = "sum"
+    """`"sum"`: `Σ_i ‖x − x̂_i‖²` as Eq. 5. `"dictionary_learning"`: each prefix weighted `1/G`, then averaged over the
+    `G` prefixes (`Σ_i ‖x − x̂_i‖² / G²`), as dictionary_learning's Matryoshka trainer; under Adam only the AuxK
+    loss's relative weight changes (×G²)."""
+
+    train_core_bias: bool = True
+    """Whether the core latents' encoder biases train (False: they keep their initial value, 0)."""
+
+    dead_tokens_threshold: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead (feeds AuxK)."""
+
+    kernels: str = "sparse"
+    """Training-step implementation: `"sparse"` (only kept activations touched, `hf_dmsae.kernels`) or
+    `"reference"` (plain dense tensors, `hf_dmsae.sparsity`); the two compute the same."""
+
+    threshold_beta: float = 0.999
+    """EMA decay of the inference threshold (the smallest kept activation of each training batch)."""
+
+    threshold: float | None = None
+    """Inference threshold as estimated in training; written from the model's buffer at save time for reading.
+    The value in `model.safetensors` is the one the model uses."""
+
+    norm_factor: float = 1.0
+    """Activations are divided by this before encoding and reconstructions multiplied by it, so the saved model
+    reads and writes raw activations (√E‖x‖² of the training data, so that `x / norm_factor` has unit mean squared
+    norm; see `data.activations.norm_factor`)."""
+
+    base_model: str | None = None
+    """The language model whose activations the SAE reads (Hub name or path)."""
+
+    hook_layer: int | None = None
+    """Index of the block whose output (or hook point) is read."""
+
+    hook_name: str | None = None
+    """Hook point, e.g. `"resid_post"`."""
+
+    def __post_init__(self, **kwargs):
+        self._check_types()
+        if self.group_sizes is None:
+            self.group_sizes = matryoshka_group_sizes(self.dict_size - self.core_size)
+        if self.k_noncore is None:
+            self.k_noncore = noncore_k(self.k, self.dict_size, self.core_size)
+        if self.core_ids is None:
+            self.core_ids = []
+        if self.frozen_rows is None:
+            self.frozen_rows = self.core_size
+        if self.aux_k is None:
+            self.aux_k = max(1, self.d_in // 2)
+        self.check()
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of `@strict` validation, run again at save time: the same rules as at construction."""
+        self.check()
+
+    _TYPES = {
+        "d_in": int,
+        "dict_size": int,
+        "core_size": int,
+        "k": int,
+        "cycle": int,
+        "dead_tokens_threshold": int,
+        "k_noncore": (int, type(None)),
+        "frozen_rows": (int, type(None)),
+        "aux_k": (int, type(None)),
+        "hook_layer": (int, type(None)),
+        "aux_coef": (int, float),
+        "threshold_beta": (int, float),
+        "norm_factor": (int, float),
+        "threshold": (int, float, type(None)),
+        "sparsity": str,
+        "kernels": str,
+        "prefix_loss_weighting": str,
+        "train_core_bias": bool,
+        "base_model": (str, type(None)),
+        "hook_name": (str, type(None)),
+        "group_sizes": (list, type(None)),
+        "core_ids": (list, type(None)),
+    }
+
+    def _check_types(self) -> None:
+        """Raise `ValueError` naming the first field of the wrong type (e.g. `"k": "16"` in a config.json)."""
+        for field, expected in self._TYPES.items():
+            value = getattr(self, field)
+            if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
+                names = [t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,))]
+                raise ValueError(f"DMSAEConfig.{field}={value!r} is invalid: must be of type {' or '.join(names)}")
+        if self.group_sizes is not None and not all(isinstance(g, int) for g in self.group_sizes):
+            raise ValueError(f"DMSAEConfig.group_sizes={self.group_sizes!r} is invalid: must be integers")
+
+    def check(self) -> None:
+        """Raise `ValueError` naming the first field that breaks a rule."""
+
+        def fail(field: str, rule: str) -> None:
+            raise ValueError(f"DMSAEConfig.{field}={getattr(self, field)!r} is invalid: {rule}")
+
+        for field in ("d_in", "dict_size", "k", "k_noncore", "aux_k"):
+            if getattr(self, field) < 1:
+                fail(field, "must be at least 1")
+        if not 0 <= self.core_size <= self.dict_size:
+            fail("core_size", f"must lie in [0, dict_size={self.dict_size}]")
+        if any(g < 1 for g in self.group_sizes):
+            fail("group_sizes", "every Matryoshka group needs at least one latent")
+        if sum(self.group_sizes) != self.dict_size - self.core_size:
+            fail("group_sizes", f"must sum to dict_size - core_size = {self.dict_size - self.core_size}")
+        if self.kernels not in ("sparse", "reference"):
+            fail("kernels", "must be 'sparse' or 'reference'")
+        if self.sparsity not in SPARSITY_MODES:
+            fail("sparsity", f"must be one of {SPARSITY_MODES}")
+        if self.prefix_loss_weighting not in PREFIX_LOSS_WEIGHTINGS:
+            fail("prefix_loss_weighting", f"must be one of {PREFIX_LOSS_WEIGHTINGS}")
+        if self.sparsity == "dense_core" and self.k_noncore > self.dict_size - self.core_size:
+            fail("k_noncore", f"must not exceed the {self.dict_size - self.core_size} non-core latents")
+        if self.sparsity == "sparse_core" and self.k > self.dict_size:
+            fail("k", f"must not exceed dict_size={self.dict_size}")
+        if len(self.core_ids) != self.core_size:
+            fail("core_ids", f"needs one id per core latent ({self.core_size})")
+        if len(set(self.core_ids)) != len(self.core_ids):
+            fail("core_ids", "ids must be unique")
+        if not 0 <= self.frozen_rows <= self.core_size:
+            fail("frozen_rows", f"must lie in [0, core_size={self.core_size}]")
+        if not self.aux_coef >= 0:
+            fail("aux_coef", "must be non-negative")
+        if self.dead_tokens_threshold < 1:
+            fail("dead_tokens_threshold", "must be at least 1")
+        if not 0.0 <= self.threshold_beta < 1.0:
+            fail("threshold_beta", "must lie in [0, 1)")
+        if not self.norm_factor > 0:
+            fail("norm_factor", "must be positive")
+
+    @property
+    def num_noncore(self) -> int:
+        return self.dict_size - self.core_size
+
+    @property
+    def prefix_ends(self) -> list[int]:
+        """End index (exclusive) of each Matryoshka prefix: `core_size + m_i` for i = 1 … G."""
+        ends, end = [], self.core_size
+        for g in self.group_sizes:
+            end += g
+            ends.append(end)
+        return ends
+
+    @property
+    def first_masked_latent(self) -> int:
+        """BatchTopK and the inference threshold act on latents from here on: the non-core ones in `dense_core`
+        mode, all of them in `sparse_core` mode."""
+        return self.core_size if self.sparsity == "dense_core" else 0
+
+    @property
+    def topk_per_row(self) -> int:
+        """Average number of masked-region activations BatchTopK keeps per row: `k_noncore` or `k`."""
+        return self.k_noncore if self.sparsity == "dense_core" else self.k
+
+    @property
+    def candidate_pool_size(self) -> int:
+        """Latents scored for the next core: the core and the first non-core group (docs/method.md §3)."""
+        return self.prefix_ends[0]
+
+    def latent_ids(self) -> list[str]:
+        """Stable id of every latent: the core's recorded ids, then `"cycle{cycle}:{index}"` for new latents."""
+        return list(self.core_ids) + [f"cycle{self.cycle}:{j}" for j in range(self.core_size, self.dict_size)]
+
+
+__all__ = [
+    "DMSAEConfig",
+    "matryoshka_group_sizes",
+    "noncore_k",
+    "SAEBENCH_GROUP_FRACTIONS",
+    "SPARSITY_MODES",
+    "PREFIX_LOSS_WEIGHTINGS",
+]

@@ -1,0 +1,387 @@
+"""A static HTML feature browser for a DMSAE on a text split: one streaming pass, memory bounded in the tokens read.
+
+For every latent it keeps, while the text streams by, the `top_contexts` highest activations with the tokens around
+each (and the latent's activation on every one of them), a histogram of its non-zero activations on fixed log bins,
+and how often it fires; after the pass, the tokens its decoder direction promotes and suppresses through the LM's
+unembedding (`W_dec[j] · W_U`, the final norm left out). Core latents come first, with their cycle of origin, their
+attribution score and the cycles whose cores selected them, when the cores are given. `index.html` lists every
+latent in a table that sorts and filters; `latents/<j>.html` shows one.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.activations import ActivationArguments, Harvester
+from ..data.text import StreamPosition, sequence_batches
+from ..model.core import DMSAECore
+from ..model.modeling_dmsae import DMSAEModel
+from ..utils.checks import check_ranges
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BrowseArguments:
+    """What to browse and how much to keep per latent."""
+
+    model: str = field(metadata={"help": "The DMSAE: a local folder or a Hub repo id org/name[/subfolder][@revision]."})
+    site_dir: str = field(metadata={"help": "Folder the site is written to (index.html, latents/<j>.html)."})
+    split: str = field(default="test", metadata={"help": "Split of the text dataset to read."})
+    browse_tokens: int = field(default=65_536, metadata={"help": "Token positions of the split to read."})
+    cores: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Core folders or Hub ids (each cycle's, the distilled one) for attribution scores and the "
+            "cycles that selected each latent."
+        },
+    )
+    top_contexts: int = field(default=8, metadata={"help": "Top-activating contexts kept per latent."})
+    context_before: int = field(default=12, metadata={"help": "Tokens shown before the activating token."})
+    context_after: int = field(default=4, metadata={"help": "Tokens shown after the activating token."})
+    logit_tokens: int = field(default=8, metadata={"help": "Promoted and suppressed tokens shown per latent."})
+    max_pages: int | None = field(
+        default=None,
+        metadata={"help": "Write pages for the first this many latents of the index's order (default: all)."},
+    )
+
+    def __post_init__(self):
+        if self.browse_tokens < 1 or self.top_contexts < 1 or self.logit_tokens < 1:
+            raise ValueError("browse_tokens, top_contexts and logit_tokens must be at least 1")
+        if self.context_before < 0 or self.context_after < 0:
+            raise ValueError("context_before and context_after must be non-negative")
+        check_ranges(self, max_pages=">= 1")
+
+
+# Log-spaced histogram bins of non-zero activations (the model's normalised units): 10^-3 … 10^2.
+BIN_EDGES = torch.logspace(-3, 2, 26)
+
+
+class FeatureStatistics:
+    """Per-latent top contexts, activation histogram and firing counts, updated batch by batch."""
+
+    def __init__(self, dict_size: int, top: int, width: int):
+        self.top, self.width = top, width
+        self.values = torch.zeros(0, dict_size)
+        self.tokens = torch.zeros(0, dict_size, width, dtype=torch.int32)
+        self.window_acts = torch.zeros(0, dict_size, width)
+        self.histogram = torch.zeros(dict_size, len(BIN_EDGES) - 1, dtype=torch.long)
+        self.fired = torch.zeros(dict_size, dtype=torch.long)
+        self.rows = 0
+
+    def update(self, latents: torch.Tensor, windows: torch.Tensor, window_rows: torch.Tensor) -> None:
+        """`latents [N, n]` of N positions, `windows [N, width]` their context token ids (-1: none) and
+        `window_rows [N, width]` the row of each context token among the N (-1: not a kept position)."""
+        n = latents.shape[1]
+        active = latents > 0
+        self.fired += active.sum(0)
+        self.rows += len(latents)
+        rows, cols = active.nonzero(as_tuple=True)
+        bins = torch.bucketize(latents[rows, cols], BIN_EDGES[1:-1])
+        self.histogram.view(-1).index_add_(0, cols * self.histogram.shape[1] + bins, torch.ones_like(bins))
+        values, picked = latents.topk(min(self.top, len(latents)), dim=0)  # [K, n]
+        tokens = windows[picked]  # [K, n, width]
+        neighbours = window_rows[picked]  # [K, n, width]
+        acts = latents[neighbours.clamp_min(0), torch.arange(n)[None, :, None]] * (neighbours >= 0)
+        values = torch.cat([self.values, values])
+        order = values.topk(min(self.top, len(values)), dim=0).indices
+        self.values = values.gather(0, order)
+        expand = order[:, :, None].expand(-1, -1, self.width)
+        self.tokens = torch.cat([self.tokens, tokens]).gather(0, expand)
+        self.window_acts = torch.cat([self.window_acts, acts]).gather(0, expand)
+
+
+def context_windows(input_ids: torch.Tensor, keep: torch.Tensor, before: int, after: int):
+    """For the kept positions of an LM batch (row-major order): their context token ids `[N, width]` and the row
+    index among kept positions of each context token `[N, width]` (-1 where outside the sequence or not kept)."""
+    batch, length = input_ids.shape
+    row_of = torch.full((batch, length), -1, dtype=torch.long)
+    row_of[keep] = torch.arange(int(keep.sum()))
+    offsets = torch.arange(-before, after + 1)
+    b, c = keep.nonzero(as_tuple=True)
+    columns = c[:, None] + offsets[None, :]
+    inside = (columns >= 0) & (columns < length)
+    columns = columns.clamp(0, length - 1)
+    tokens = torch.where(inside, input_ids[b[:, None], columns], -1).to(torch.int32)
+    rows = torch.where(inside, row_of[b[:, None], columns], -1)
+    return tokens, rows
+
+
+@torch.no_grad()
+def collect(sae: DMSAEModel, harvester: Harvester, args: BrowseArguments) -> FeatureStatistics:
+    """One streaming pass over `browse_tokens` positions of `split`: the statistics of every latent."""
+    sae.eval()
+    stats = FeatureStatistics(sae.config.dict_size, args.top_contexts, args.context_before + 1 + args.context_after)
+    positions = harvester.positions()
+    batches = sequence_batches(
+        harvester.source, args.split, harvester.packing, StreamPosition(), harvester.args.lm_batch_size
+    )
+    progress = tqdm(total=args.browse_tokens, desc="browsing", unit="tok", unit_scale=True)
+    for batch in batches:
+        input_ids = batch.input_ids.to(harvester.lm.device)
+        acts = harvester.layer(input_ids)
+        keep = positions.mask(input_ids, acts)
+        windows, rows = context_windows(batch.input_ids, keep.cpu(), args.context_before, args.context_after)
+        latents = sae.encode(acts[keep].to(sae.device)).float().cpu()
+        stats.update(latents, windows, rows)
+        progress.update(len(latents))
+        if stats.rows >= args.browse_tokens:
+            break
+    progress.close()
+    return stats
+
+
+@torch.no_grad()
+def logit_effects(sae: DMSAEModel, unembedding: torch.Tensor, count: int, chunk: int = 1024):
+    """`(promoted, suppressed)` token ids `[n, count]` of each latent's decoder direction through `unembedding`."""
+    promoted, suppressed = [], []
+    weights = unembedding.float()
+    for first in range(0, sae.config.dict_size, chunk):
+        logits = sae.W_dec[first : first + chunk].float().to(weights.device) @ weights.T
+        promoted.append(logits.topk(count, dim=1).indices.cpu())
+        suppressed.append((-logits).topk(count, dim=1).indices.cpu())
+    return torch.cat(promoted), torch.cat(suppressed)
+
+
+@dataclass
+class LatentInfo:
+    """What the index and a latent page say about one latent."""
+
+    index: int
+    latent_id: str
+    core: bool
+    frequency: float
+    max_activation: float
+    score: float | None = None
+    cycles: list[int] = field(default_factory=list)
+
+
+def latent_infos(sae: DMSAEModel, stats: FeatureStatistics, cores: list[DMSAECore]) -> list[LatentInfo]:
+    """Every latent, the core first (by attribution score when a core gives one), then by firing frequency."""
+    ids = sae.config.latent_ids()
+    scores, cycles = {}, {}
+    for core in cores:
+        for latent_id, score in zip(core.latent_ids, core.scores.tolist(), strict=True):
+            scores[latent_id] = score
+            cycles.setdefault(latent_id, set()).add(core.provenance.get("cycle"))
+    frequency = (stats.fired.double() / max(stats.rows, 1)).tolist()
+    maxima = stats.values[0].tolist() if len(stats.values) else [0.0] * len(ids)
+    infos = [
+        LatentInfo(
+            j,
+            ids[j],
+            j < sae.config.core_size,
+            frequency[j],
+            maxima[j],
+            scores.get(ids[j]),
+            sorted(c for c in cycles.get(ids[j], ()) if c is not None),
+        )
+        for j in range(len(ids))
+    ]
+    return sorted(infos, key=lambda i: (not i.core, -(i.score or 0.0), -i.frequency))
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; } th, td { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: left; }
+th { cursor: pointer; background: #f3f3f3; } .core { color: #a0522d; font-weight: bold; }
+.context { font-family: monospace; white-space: pre-wrap; margin: 4px 0; padding: 4px; border: 1px solid #eee; }
+.tok { border-radius: 2px; } .tokens span { margin-right: 6px; font-family: monospace; }
+"""
+
+INDEX_SCRIPT = """
+const table = document.getElementById("latents");
+const rows = Array.from(table.tBodies[0].rows);
+function apply() {
+  const text = document.getElementById("filter").value.toLowerCase();
+  const coreOnly = document.getElementById("core-only").checked;
+  let shown = 0;
+  for (const row of rows) {
+    const visible = row.textContent.toLowerCase().includes(text) && (!coreOnly || row.dataset.core === "1");
+    row.style.display = visible ? "" : "none";
+    shown += visible;
+  }
+  document.getElementById("shown").textContent = shown + " of " + rows.length + " latents";
+}
+table.tHead.addEventListener("click", (event) => {
+  const column = event.target.cellIndex;
+  const descending = table.dataset.sorted !== String(column);
+  table.dataset.sorted = descending ? String(column) : "";
+  rows.sort((a, b) => {
+    const x = a.cells[column].dataset.value ?? a.cells[column].textContent;
+    const y = b.cells[column].dataset.value ?? b.cells[column].textContent;
+    const order = isNaN(x) || isNaN(y) ? x.localeCompare(y) : Number(x) - Number(y);
+    return descending ? -order : order;
+  });
+  for (const row of rows) table.tBodies[0].appendChild(row);
+});
+document.getElementById("filter").addEventListener("input", apply);
+document.getElementById("core-only").addEventListener("change", apply);
+apply();
+"""
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{script}</script>\n</body></html>\n"
+    )
+
+
+def _tokens(tokenizer, ids) -> list[str]:
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def _histogram_svg(counts: list[int]) -> str:
+    width, height, top = 12, 80, max(max(counts), 1)
+    bars = "".join(
+        f'<rect x="{i * width}" y="{height - height * c / top:.1f}" width="{width - 2}" '
+        f'height="{height * c / top:.1f}" fill="#4682b4"><title>10^{math.log10(BIN_EDGES[i]):.1f}–'
+        f"10^{math.log10(BIN_EDGES[i + 1]):.1f}: {c}</title></rect>"
+        for i, c in enumerate(counts)
+    )
+    return f'<svg class="histogram" width="{width * len(counts)}" height="{height}">{bars}</svg>'
+
+
+def write_site(
+    folder: str | Path,
+    sae: DMSAEModel,
+    tokenizer,
+    stats: FeatureStatistics,
+    infos: list[LatentInfo],
+    promoted: torch.Tensor,
+    suppressed: torch.Tensor,
+    *,
+    max_pages: int | None = None,
+    title: str = "",
+) -> Path:
+    """Write `index.html` and one page per latent (the first `max_pages` of the index's order) into `folder`, as a
+    whole: the site is written beside it and replaces an earlier site there, so no page of another model stays."""
+    folder = check_site_dir(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_pages(staging, sae, tokenizer, stats, infos, promoted, suppressed, max_pages, title)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def check_site_dir(folder: str | Path) -> Path:
+    """`folder` if a site may be written there: it does not exist, is empty or holds an earlier site, which the new
+    one replaces (a folder of other files is never deleted)."""
+    folder = Path(folder)
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / "index.html").is_file())):
+        raise FileExistsError(f"{folder} holds files but no site (no index.html): choose another site_dir")
+    return folder
+
+
+def _write_pages(folder: Path, sae, tokenizer, stats, infos, promoted, suppressed, max_pages, title) -> None:
+    (folder / "latents").mkdir(parents=True)
+    title = title or f"DMSAE features: {sae.config.base_model} block {sae.config.hook_layer} {sae.config.hook_name}"
+    pages = {info.index for info in infos[:max_pages]}
+    rows = []
+    for info in infos:
+        name = f'<a href="latents/{info.index}.html">{info.index}</a>' if info.index in pages else str(info.index)
+        top = html.escape(" ".join(_tokens(tokenizer, promoted[info.index, :3])))
+        score = f"{info.score:.4g}" if info.score is not None else ""
+        rows.append(
+            f'<tr data-core="{int(info.core)}"><td data-value="{info.index}">{name}</td>'
+            f'<td class="{"core" if info.core else ""}">{html.escape(info.latent_id)}</td>'
+            f'<td>{"core" if info.core else ""}</td><td data-value="{info.score or 0}">{score}</td>'
+            f'<td data-value="{info.frequency}">{info.frequency:.4f}</td>'
+            f'<td data-value="{info.max_activation}">{info.max_activation:.3g}</td><td>{top}</td></tr>'
+        )
+    body = (
+        f"<h1>{html.escape(title)}</h1><p>{stats.rows} token positions read; {sae.config.core_size} core "
+        f'latents first. Click a column to sort.</p><p><input id="filter" placeholder="filter"> '
+        f'<label><input type="checkbox" id="core-only"> core only</label> <span id="shown"></span></p>'
+        '<table id="latents"><thead><tr><th>latent</th><th>id</th><th>core</th><th>attribution score</th>'
+        "<th>frequency</th><th>max activation</th><th>promotes</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
+    (folder / "index.html").write_text(_page(title, body, INDEX_SCRIPT))
+    for info in infos:
+        if info.index in pages:
+            (folder / "latents" / f"{info.index}.html").write_text(
+                _latent_page(info, tokenizer, stats, promoted, suppressed)
+            )
+    (folder / "latents.json").write_text(json.dumps([vars(i) for i in infos]))
+
+
+def _latent_page(info: LatentInfo, tokenizer, stats: FeatureStatistics, promoted, suppressed) -> str:
+    j = info.index
+    contexts = []
+    for k in range(len(stats.values)):
+        if stats.values[k, j] <= 0:
+            break
+        peak = float(stats.values[k, j])
+        spans = "".join(
+            f'<span class="tok" style="background: rgba(255, 140, 0, {min(float(a) / peak, 1.0):.2f})" '
+            f'title="{float(a):.3g}">{html.escape(tokenizer.decode([int(t)]))}</span>'
+            for t, a in zip(stats.tokens[k, j].tolist(), stats.window_acts[k, j], strict=True)
+            if t >= 0
+        )
+        contexts.append(f'<div class="context">{spans}</div>')
+    facts = [
+        f"id <b>{html.escape(info.latent_id)}</b>",
+        "core latent" if info.core else "non-core latent",
+        f"fires on {info.frequency:.4%} of positions",
+        f"max activation {info.max_activation:.3g}",
+    ]
+    if info.score is not None:
+        facts.append(f"attribution score {info.score:.4g}")
+    if info.cycles:
+        facts.append("selected in cycles " + ", ".join(map(str, info.cycles)))
+    promotes = "".join(f"<span>{html.escape(t)}</span>" for t in _tokens(tokenizer, promoted[j]))
+    suppresses = "".join(f"<span>{html.escape(t)}</span>" for t in _tokens(tokenizer, suppressed[j]))
+    body = (
+        f'<p><a href="../index.html">all latents</a></p><h1>Latent {j}</h1><p>{"; ".join(facts)}</p>'
+        f"<h2>Top-activating contexts</h2>{''.join(contexts) or '<p>never fired in the text read</p>'}"
+        f"<h2>Activation histogram</h2>{_histogram_svg(stats.histogram[j].tolist())}"
+        f"<p>non-zero activations on log bins from 10^-3 to 10^2</p>"
+        f'<h2>Decoder direction through the unembedding</h2><p class="tokens">promotes: {promotes}</p>'
+        f'<p class="tokens">suppresses: {suppresses}</p>'
+    )
+    return _page(f"Latent {j} ({info.latent_id})", body)
+
+
+def browse(args: BrowseArguments, activations: ActivationArguments) -> Path:
+    """Read the text once and write the site (see the module docstring)."""
+    from ..data.language_model import load_language_model
+    from .hub import resolve_folder
+
+    check_site_dir(args.site_dir)  # before the text is read
+    sae = DMSAEModel.from_pretrained(resolve_folder(args.model))
+    cores = [DMSAECore.from_pretrained(resolve_folder(c)) for c in args.cores]
+    lm, tokenizer = load_language_model(
+        activations.model_name_or_path,
+        revision=activations.model_revision,
+        dtype=activations.lm_dtype,
+        hook_layer=activations.hook_layer,
+        context_length=activations.context_length,
+    )
+    if sae.config.hook_layer is not None and sae.config.hook_layer != activations.hook_layer:
+        raise ValueError(f"the model reads layer {sae.config.hook_layer}; hook_layer={activations.hook_layer} given")
+    harvester = Harvester(activations, lm, tokenizer)
+    stats = collect(sae.to(lm.device), harvester, args)
+    promoted, suppressed = logit_effects(sae, lm.get_output_embeddings().weight, args.logit_tokens)
+    infos = latent_infos(sae, stats, cores)
+    folder = write_site(args.site_dir, sae, tokenizer, stats, infos, promoted, suppressed, max_pages=args.max_pages)
+    logger.info("Feature browser written to %s (%d positions read)", folder / "index.html", stats.rows)
+    return folder

@@ -1,0 +1,1 @@
+"""Figures and gathered reports of finished runs."""

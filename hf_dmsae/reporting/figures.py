@@ -1,0 +1,188 @@
+"""The paper's figures from a run's records (PNG, matplotlib): coverage curves per cycle, carry-over between cycles
+(Fig. 2), `l0_core` over training for the distilled core and the controls (Fig. 3), the selected core's convergence
+within a cycle, metrics against k (Fig. 4), and the synthetic benchmark's selection scores and prefix FVU curves."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..model.core import DMSAECore
+
+
+def save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def coverage_curves(cores: list[DMSAECore], tau: float, path: Path) -> Path:
+    """Share of the pool's attribution covered by the top-i latents, one curve per cycle, with τ and each core."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for t, core in enumerate(cores):
+        curve = core.coverage_curve.tolist()
+        axis.plot(range(1, len(curve) + 1), curve, label=f"cycle {t} (|C|={len(core)})")
+        axis.axvline(len(core), color=axis.lines[-1].get_color(), linestyle=":", linewidth=1)
+    axis.axhline(tau, color="grey", linestyle="--", linewidth=1, label=f"τ = {tau}")
+    axis.set(xlabel="latents, by descending attribution score", ylabel="coverage", xscale="log", ylim=(0, 1.02))
+    axis.legend(fontsize=8)
+    return save(figure, path)
+
+
+def carry_over(rows: list[dict], path: Path) -> Path:
+    """Fig. 2: each cycle's core size and how many of its latents were already in the previous core."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    cycles = [r["cycle"] for r in rows]
+    axis.bar(cycles, [r["size"] for r in rows], color="lightsteelblue", label="core size")
+    axis.bar(cycles, [r["kept"] for r in rows], color="steelblue", label="carried over from the previous core")
+    axis.set(xlabel="cycle", ylabel="latents", xticks=cycles)
+    axis.legend(fontsize=8)
+    return save(figure, path)
+
+
+def l0_core_curves(control: dict[str, dict], path: Path) -> Path:
+    """Fig. 3: mean active core latents per token over training, one line per core kind (mean over seeds, the band
+    spanning the seeds)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    draw_l0_core(axis, list(control.values()))
+    return save(figure, path)
+
+
+_CORE_COLOURS = {"distilled": "C0", "random_init": "C1", "random_trained": "C2", "random_off_top": "C3"}
+
+
+def draw_l0_core(axis, runs: list[dict], share: bool = False, style: str = "-") -> None:
+    """Onto `axis`: each core kind's `l0_core_curve` (`[[step, E[L0 core]], …]`) over training, the mean over its
+    runs with a band spanning them; `share` divides by the core's size (`core_size`)."""
+    for kind in sorted({r["core"] for r in runs}):
+        chosen = [r for r in runs if r["core"] == kind and r["l0_core_curve"]]
+        if not chosen:
+            continue
+        length = min(len(r["l0_core_curve"]) for r in chosen)
+        steps = [step for step, _ in chosen[0]["l0_core_curve"][:length]]
+        values = [[v / (r["core_size"] if share else 1) for _, v in r["l0_core_curve"][:length]] for r in chosen]
+        mean = [sum(col) / len(col) for col in zip(*values, strict=False)]
+        line = axis.plot(
+            steps,
+            mean,
+            style,
+            marker="o" if style == "-" else None,
+            markersize=3,
+            color=_CORE_COLOURS.get(kind),
+            label=f"{kind} core ({len(chosen)} seeds)",
+        )[0]
+        axis.fill_between(
+            steps,
+            [min(col) for col in zip(*values, strict=False)],
+            [max(col) for col in zip(*values, strict=False)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    axis.set(
+        xlabel="training step", ylabel="E[L0 core] / |C|" if share else "E[L0 core]", ylim=(0, 1.02 if share else None)
+    )
+    axis.legend(fontsize=8)
+
+
+def selection_convergence(tracks: dict[int, list[dict]], finals: dict[int, set], path: Path) -> Path:
+    """Within each cycle: the Jaccard overlap of the core selected from the model at each tracked step with the
+    cycle's final core, and the selection's size."""
+    figure, (overlap_axis, size_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for cycle, track in sorted(tracks.items()):
+        final = finals[cycle]
+        steps = [entry["step"] for entry in track]
+        overlaps = [len(set(e["ids"]) & final) / len(set(e["ids"]) | final) for e in track]
+        overlap_axis.plot(steps, overlaps, marker="o", markersize=3, label=f"cycle {cycle}")
+        size_axis.plot(steps, [e["selection_size"] for e in track], marker="o", markersize=3, label=f"cycle {cycle}")
+        size_axis.axhline(len(final), color=size_axis.lines[-1].get_color(), linestyle=":", linewidth=1)
+    overlap_axis.set(xlabel="training step", ylabel="Jaccard overlap with the final core", ylim=(0, 1.02))
+    size_axis.set(xlabel="training step", ylabel="selected core size (dotted: final)")
+    overlap_axis.legend(fontsize=8)
+    return save(figure, path)
+
+
+def mean_and_spread(value) -> tuple[float, float]:
+    """A number, or the mean and sample standard deviation of a list of them (one per seed; one value: spread 0;
+    none: not a number)."""
+    if not isinstance(value, list):
+        return value, 0.0
+    if not value:
+        return float("nan"), 0.0
+    return statistics.fmean(value), statistics.stdev(value) if len(value) > 1 else 0.0
+
+
+def spread_cell(values: list[float], digits: int = 3) -> str:
+    """A report's table cell for values over seeds: `mean ± std`, the value alone for one seed, `–` for none."""
+    if not values:
+        return "–"
+    mean, spread = mean_and_spread(values)
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path) -> Path:
+    """Fig. 4: each metric against target k, one line per variant (dense core, sparse core, Matryoshka); a metric
+    given as a list (one value per seed) is drawn as its mean with ± one standard deviation."""
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
+    variants = sorted({r["variant"] for r in results})
+    for axis, metric in zip(axes[0], metrics, strict=False):
+        for variant in variants:
+            points = sorted((r["k"], *mean_and_spread(r[metric])) for r in results if r["variant"] == variant)
+            axis.errorbar(
+                [k for k, _, _ in points],
+                [m for _, m, _ in points],
+                yerr=[s for _, _, s in points],
+                marker="o",
+                capsize=3,
+                label=variant,
+            )
+        ks = sorted({r["k"] for r in results})
+        axis.set(xlabel="k", ylabel=metric, xscale="log")
+        axis.set_xticks(ks, [str(k) for k in ks])
+        axis.minorticks_off()
+    axes[0][0].legend(fontsize=8)
+    return save(figure, path)
+
+
+def selection_against_truth(
+    runs: dict[tuple[str, str], list[dict]], cores: list[str], selections: tuple[str, ...], path: Path
+) -> Path:
+    """Precision and recall of each core against the ground truth's useful features, one bar per selection method
+    (mean over seeds, ± one standard deviation)."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(selections)
+    for axis, metric in zip(axes, ("precision", "recall"), strict=True):
+        for i, selection in enumerate(selections):
+            spread = [mean_and_spread([r[metric] for r in runs[core, selection]]) for core in cores]
+            axis.bar(
+                [c + (i - (len(selections) - 1) / 2) * width for c in range(len(cores))],
+                [m for m, _ in spread],
+                width,
+                yerr=[s for _, s in spread],
+                capsize=2,
+                label=selection,
+            )
+        axis.set(
+            xticks=range(len(cores)), xticklabels=cores, ylabel=f"{metric} against the useful features", ylim=(0, 1.02)
+        )
+    axes[0].legend(fontsize=8)
+    return save(figure, path)
+
+
+def prefix_fvu_curves(runs: list[dict], path: Path) -> Path:
+    """Progressive coding: FVU of the first G latents against G, one line per model and latent order (mean over
+    seeds, ± one standard deviation)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    prefixes = runs[0]["prefixes"]
+    for name in runs[0]["fvu"]:
+        spread = [mean_and_spread([r["fvu"][name][i] for r in runs]) for i in range(len(prefixes))]
+        axis.errorbar(prefixes, [m for m, _ in spread], yerr=[s for _, s in spread], marker="o", capsize=3, label=name)
+    axis.set(xlabel="G (first latents kept)", ylabel="FVU", xticks=prefixes)
+    axis.legend(fontsize=8)
+    return save(figure, path)

@@ -1,0 +1,127 @@
+"""`RunState`: `state.json` in a run's output folder, holding the run's identity (every argument that changes its
+results, and the identity of its inputs: LM weights, dataset, cores, checkpoints), the slices of the token stream it
+reads and what each step produced. A run is resumed only with the same identity; a difference is refused, naming the
+fields. The main process holds a lock on the folder while the run lives."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from ..data.activations import ActivationArguments
+from ..data.cache import identity_difference
+from ..data.slices import SliceLayout
+from ..utils.integrity import read_json, write_json_atomically
+from .trainer import DMSAETrainingArguments
+
+TRAINING_FIELDS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "seed",
+    "weight_decay",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "decay_fraction",
+    "bf16",
+    "fp16",
+    "max_grad_norm",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "init_decoder_bias_rows",
+    "calibrate_threshold_rows",
+    "train_decoder_bias",
+    "unit_norm_decoder",
+    "world_size",
+)
+
+
+def arguments_identity(*arguments, exclude: tuple[str, ...] = ()) -> dict:
+    """`{"Class.field": value}` of argument dataclasses (training arguments: `TRAINING_FIELDS` only)."""
+    identity = {}
+    for args in arguments:
+        prefix = type(args).__name__
+        if isinstance(args, DMSAETrainingArguments):
+            values = {name: getattr(args, name) for name in TRAINING_FIELDS}
+        else:
+            values = dataclasses.asdict(args)
+        for name, value in values.items():
+            if name not in exclude and f"{prefix}.{name}" not in exclude:
+                identity[f"{prefix}.{name}"] = json.loads(json.dumps(value, default=str))
+    if any(isinstance(a, ActivationArguments) for a in arguments):
+        activation_args = next(a for a in arguments if isinstance(a, ActivationArguments))
+        identity["ActivationArguments.cached"] = activation_args.activation_cache is not None
+    return identity
+
+
+class RunState:
+    """`state.json` of an output folder: kind, identity, slices and records; rewritten atomically by the main
+    process (`writer`), which also holds the folder's lock (`.lock`) as long as this object lives."""
+
+    def __init__(self, output_dir: str | Path, kind: str, identity: dict, *, writer: bool):
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "state.json"
+        self.writer = writer
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = None
+        if writer:
+            self._lock = FileLock(str(self.output_dir / ".lock"))
+            try:
+                self._lock.acquire(timeout=0)
+            except Timeout:
+                raise RuntimeError(
+                    f"{self.output_dir} is in use by another run (its .lock is held); wait for it to "
+                    "finish or choose another output_dir"
+                ) from None
+        self.data = {"kind": kind, "identity": {}, "slices": []}
+        if self.path.is_file():
+            self.data = read_json(self.path, {"kind": str, "identity": dict, "slices": list})
+            if self.data.get("kind") != kind:
+                raise ValueError(
+                    f"{self.output_dir} holds a {self.data.get('kind')} run, not a {kind} run; use another output_dir"
+                )
+        elif any(p.name.startswith("checkpoint-") for p in self.output_dir.iterdir()):
+            raise ValueError(f"{self.output_dir} holds checkpoints but no state.json: it is not this run's folder")
+        self.require(identity)
+
+    def require(self, identity: dict) -> None:
+        """Check `identity` against what the run recorded (refusing any difference, naming the fields) and record
+        what is new."""
+        recorded = self.data["identity"]
+        difference = identity_difference(
+            {k: recorded[k] for k in identity if k in recorded}, {k: v for k, v in identity.items() if k in recorded}
+        )
+        if difference:
+            fields = "; ".join(f"{k}: recorded {old!r}, now {new!r}" for k, (old, new) in difference.items())
+            raise ValueError(
+                f"{self.output_dir} holds a {self.data['kind']} run with other settings ({fields}). Use "
+                "another output_dir, or delete it to start over."
+            )
+        recorded.update(identity)
+        self.save()
+
+    def close(self) -> None:
+        """Release the folder's lock (a process's exit releases it too)."""
+        if self._lock is not None:
+            self._lock.release(force=True)
+            self._lock = None
+
+    @property
+    def slices(self) -> SliceLayout:
+        return SliceLayout(self.data["slices"])
+
+    def record(self, *keys: str) -> dict:
+        """The record at `data[keys[0]][keys[1]]…`, created empty if missing."""
+        node = self.data
+        for key in keys:
+            node = node.setdefault(key, {})
+        return node
+
+    def save(self) -> None:
+        if self.writer:
+            write_json_atomically(self.path, self.data)

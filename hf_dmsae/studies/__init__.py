@@ -1,0 +1,1 @@
+"""Studies of the method: the ground-truth synthetic benchmark and the core's dynamics during training."""

@@ -1,0 +1,745 @@
+"""Ground-truth benchmark: the shipped `Distillation` and `Transfer` in a synthetic world whose useful features are
+known.
+
+The world is `sae_lens.synthetic`'s: activations `x = f W + b` of sparse feature activations `f` (Zipfian firing
+probabilities, optionally a hierarchy and low-rank correlations) along known unit directions `W`. On top of it this
+module defines a downstream task, so that "which features matter" has an answer: a random readout `R` ([classes,
+features]) weights a known subset of features (`useful_fraction` of them) with scale `readout_scale` and the others
+with `readout_off_weight` times that; a row's label is drawn from `softmax(R f)`. The downstream model only sees `x`:
+it is the best linear readout of the label from `x` (a multinomial logistic probe `z(x) = A x + c`, fitted once per
+world on rows of its own), and its loss `L = CE(z(x), label)` gives `g = ∂L/∂x = Aᵀ (softmax(z) − onehot(label))`:
+the objective whose gradient × activation scores latents, as the LM's next-token loss does on text. Latents that
+carry useful features score high; the others carry gradient only through the probe's small weights on them and the
+directions' overlaps, so a selection can fail. (Reading the features back along their true directions instead does
+worse than no input at all once the features are in superposition.)
+
+`SyntheticSource` is a `runs.ActivationSource`: each slice a run names is fresh rows, seeded by the seed and the
+slice's name. The benchmark (`SyntheticBenchmark`) runs, per seed, the shipped distillation and transfer on it and
+keeps only the scoring against the ground truth: each cycle's core and the distilled core against the useful
+features (precision, recall and MCC, a latent matching a feature when their directions' |cos| ≥ `match_cos`) next to
+selection baselines of the same size on the same model (random latents, latents by activation frequency, by mean
+squared activation: the permutation coding of `progressive`); the transferred SAEs' MCC against all features, task
+loss recovered and cross-seed consistency; and progressive coding, Matryoshka prefixes against a plain BatchTopK SAE
+reordered by mean squared activation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import set_seed
+
+from ..data.activations import norm_factor
+from ..evaluation.progressive import latent_statistics, order_by, prefix_fvu
+from ..method.attribution import AttributionArguments
+from ..method.distillation import Distillation, DistillationArguments
+from ..method.transfer import VARIANTS, Transfer, TransferArguments
+from ..model.core import DMSAECore
+from ..model.modeling_dmsae import DMSAEModel
+from ..reporting import figures
+from ..reporting.figures import spread_cell
+from ..run.arguments import SAEArguments, sae_config
+from ..run.trainer import DMSAETrainingArguments
+from ..run.training import load_trained_model, train_sae
+from ..utils.checks import check_ranges
+from ..utils.integrity import read_json, write_json_atomically
+
+logger = logging.getLogger(__name__)
+
+SELECTIONS = ("attribution", "random", "frequency", "mean_squared")
+
+
+@dataclass
+class SyntheticArguments:
+    """The synthetic world, its downstream task and the benchmark around the shipped distillation and transfer (the
+    SAEs, attribution and training take their own arguments)."""
+
+    num_features: int = field(default=256, metadata={"help": "Ground-truth features."})
+    hidden_dim: int = field(default=128, metadata={"help": "Dimension of the synthetic activations."})
+    root_features: int = field(
+        default=4, metadata={"help": "Roots of sae_lens's feature hierarchy (depth 2; 0: no hierarchy)."}
+    )
+    branching_factor: int = field(default=3, metadata={"help": "Children per parent in the hierarchy."})
+    correlation_rank: int = field(default=16, metadata={"help": "Rank of the features' correlations (0: none)."})
+    correlation_scale: float = field(default=0.1, metadata={"help": "Scale of the low-rank correlations."})
+    max_firing_probability: float = field(
+        default=0.2, metadata={"help": "Firing probability of the most frequent feature (Zipfian)."}
+    )
+    min_firing_probability: float = field(default=0.01, metadata={"help": "Firing probability of the rarest feature."})
+    zipf_exponent: float = field(default=0.5, metadata={"help": "Exponent of the Zipfian firing probabilities."})
+    world_seed: int = field(
+        default=1234, metadata={"help": "Seed of the world and its task (the same for every seed)."}
+    )
+    useful_fraction: float = field(
+        default=0.25, metadata={"help": "Share of the features the task's readout weights heavily."}
+    )
+    readout_classes: int = field(default=16, metadata={"help": "Classes of the downstream task."})
+    readout_scale: float = field(
+        default=3.0, metadata={"help": "Readout scale of the useful features (logits per unit of feature)."}
+    )
+    readout_off_weight: float = field(
+        default=0.1, metadata={"help": "Readout scale of the other features, relative to the useful ones'."}
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds, each a full run."})
+    num_cycles: int = field(default=2, metadata={"help": "Distillation cycles T after cycle 0."})
+    transfer_ks: list[int] = field(default_factory=lambda: [3, 6, 12], metadata={"help": "k of the transferred SAEs."})
+    variants: list[str] = field(
+        default_factory=lambda: list(VARIANTS), metadata={"help": f"Transferred SAEs, of {VARIANTS}."}
+    )
+    train_rows: int = field(default=1_000_000, metadata={"help": "Fresh rows per trained SAE."})
+    eval_rows: int = field(default=65_536, metadata={"help": "Held-out rows (metrics, latent statistics)."})
+    match_cos: float = field(
+        default=0.8, metadata={"help": "|cos| at which a latent's decoder direction matches a true feature."}
+    )
+
+    def __post_init__(self):
+        check_ranges(
+            self,
+            num_features=">= 2",
+            hidden_dim=">= 1",
+            root_features=">= 0",
+            branching_factor=">= 1",
+            correlation_rank=">= 0",
+            correlation_scale=">= 0",
+            max_firing_probability="(0, 1]",
+            min_firing_probability="(0, 1]",
+            zipf_exponent=">= 0",
+            readout_classes=">= 2",
+            readout_scale="> 0",
+            readout_off_weight=">= 0",
+            transfer_ks=">= 1",
+            train_rows=">= 1",
+            eval_rows=">= 1",
+        )
+        if self.min_firing_probability > self.max_firing_probability:
+            raise ValueError(
+                f"min_firing_probability={self.min_firing_probability} is invalid: must not exceed "
+                f"max_firing_probability={self.max_firing_probability}"
+            )
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
+        if not 0 < self.useful_fraction < 1:
+            raise ValueError(f"useful_fraction={self.useful_fraction} is invalid: must lie in (0, 1)")
+        if not 0 < self.match_cos <= 1:
+            raise ValueError(f"match_cos={self.match_cos} is invalid: must lie in (0, 1]")
+        if not self.seeds or not self.transfer_ks:
+            raise ValueError("seeds and transfer_ks must be non-empty")
+        if self.num_cycles < 1:
+            raise ValueError(f"num_cycles={self.num_cycles} is invalid: the distilled core needs at least 1 cycle")
+
+
+SAMPLE_CHUNK = 1_000_000
+"""Rows a training slice is drawn in at a time."""
+
+
+def _seed_of(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") % 2**62
+
+
+class SyntheticWorld:
+    """`sae_lens.synthetic.SyntheticModel` and the readout task on its true features (module docstring)."""
+
+    def __init__(self, args: SyntheticArguments):
+        from sae_lens.synthetic import (
+            HierarchyConfig,
+            LowRankCorrelationConfig,
+            SyntheticModel,
+            SyntheticModelConfig,
+            ZipfianFiringProbabilityConfig,
+        )
+
+        self.args = args
+        self.config = SyntheticModelConfig(
+            num_features=args.num_features,
+            hidden_dim=args.hidden_dim,
+            seed=args.world_seed,
+            firing_probability=ZipfianFiringProbabilityConfig(
+                exponent=args.zipf_exponent, max_prob=args.max_firing_probability, min_prob=args.min_firing_probability
+            ),
+            hierarchy=HierarchyConfig(
+                total_root_nodes=args.root_features,
+                branching_factor=args.branching_factor,
+                max_depth=2,
+                compensate_probabilities=True,
+            )
+            if args.root_features
+            else None,
+            correlation=LowRankCorrelationConfig(
+                rank=args.correlation_rank, correlation_scale=args.correlation_scale, seed=args.world_seed
+            )
+            if args.correlation_rank
+            else None,
+        )
+        with torch.random.fork_rng():
+            self.model = SyntheticModel(self.config)
+        self.directions = self.model.feature_dict.feature_vectors.detach().float()
+        self.bias = self.model.feature_dict.bias.detach().float()
+        generator = torch.Generator().manual_seed(_seed_of("readout", args.world_seed))
+        count = round(args.useful_fraction * args.num_features)
+        self.useful = torch.randperm(args.num_features, generator=generator)[:count].sort().values
+        weight = torch.full((args.num_features,), args.readout_off_weight)
+        weight[self.useful] = 1.0
+        weight *= args.readout_scale
+        self.readout = torch.randn(args.readout_classes, args.num_features, generator=generator) * weight
+        self.norm_factor = norm_factor(self.sample(16_384, _seed_of("norm", args.world_seed))[0])
+        self.probe = self._fit_probe(65_536)
+
+    def _fit_probe(self, rows: int) -> torch.nn.Linear:
+        """The downstream model: multinomial logistic regression of the label on `x`, fitted by L-BFGS."""
+        x, f = self.sample(rows, _seed_of("probe", self.args.world_seed))
+        labels = self.labels(f, _seed_of("probe labels", self.args.world_seed))
+        with torch.random.fork_rng():
+            torch.manual_seed(self.args.world_seed)
+            probe = torch.nn.Linear(self.args.hidden_dim, self.args.readout_classes)
+        optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(probe(x), labels)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return probe.requires_grad_(False)
+
+    def digest(self) -> str:
+        """What decides the world and its task (recorded by every run on it)."""
+        task = {
+            k: getattr(self.args, k)
+            for k in ("useful_fraction", "readout_classes", "readout_scale", "readout_off_weight")
+        }
+        task["probe"] = hashlib.sha256(self.probe.weight.numpy().tobytes()).hexdigest()
+        text = json.dumps({"world": self.config.to_dict(), "task": task}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` rows `x` and their true feature activations `f`, the same for the same seed."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            x, f = self.model.sample_with_features(n)
+        return x.float(), f.float()
+
+    def labels(self, features: torch.Tensor, seed: int) -> torch.Tensor:
+        """One label per row, drawn from `softmax(R f)`."""
+        generator = torch.Generator().manual_seed(seed)
+        return torch.multinomial(torch.softmax(features @ self.readout.T, dim=1), 1, generator=generator).squeeze(1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The downstream model's logits: the fitted linear probe on `x`."""
+        return self.probe(x.float())
+
+    def gradients(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`∂L/∂x` of each row's own task loss."""
+        error = torch.softmax(self.logits(x), dim=1) - F.one_hot(labels, self.args.readout_classes).float()
+        return error @ self.probe.weight
+
+    def task_loss(self, x: torch.Tensor, labels: torch.Tensor) -> float:
+        return float(F.cross_entropy(self.logits(x), labels, reduction="sum"))
+
+
+@dataclass
+class RowSlice:
+    """A named slice of fresh synthetic rows."""
+
+    name: str
+    rows: int
+
+
+class Rows(torch.utils.data.Dataset):
+    """In-memory activation rows with the interface of the activation caches (`__getitems__`, `sample`)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices) -> torch.Tensor:
+        return self.rows[torch.as_tensor(indices, dtype=torch.long)]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"activations": self.rows[index]}
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.rows[:n]
+
+
+class TaskGradients:
+    """The attribution's `(x, g)` pairs: held-out rows, their labels and the task's gradient (`GradientPairs`)."""
+
+    def __init__(self, world: SyntheticWorld, rows: int, seed: int):
+        x, f = world.sample(rows, _seed_of(seed, "attribution"))
+        self._pairs = {"activations": x, "gradients": world.gradients(x, world.labels(f, _seed_of(seed, "labels")))}
+        self.max_rows = rows
+
+    def pairs(self):
+        return [self._pairs]
+
+
+class SyntheticSource:
+    """The world's activations for one seed's runs (`runs.ActivationSource`); the task is its objective."""
+
+    dataset_name = "sae_lens.synthetic"
+    default_repo = "dmsae-synthetic"
+
+    def __init__(self, world: SyntheticWorld, train_rows: int, eval_rows: int, seed: int):
+        self.world, self.train_rows, self.seed = world, train_rows, seed
+        self.d_in = world.args.hidden_dim
+        self.eval_slice = RowSlice("eval", eval_rows) if eval_rows else None
+        self._eval = None
+
+    def input_identity(self) -> dict:
+        return {"inputs.synthetic_world": self.world.digest(), "inputs.synthetic_seed": self.seed}
+
+    def sae_fields(self) -> dict:
+        return {"d_in": self.d_in, "norm_factor": self.world.norm_factor}
+
+    def training_slice(self, name: str) -> RowSlice:
+        return RowSlice(name, self.train_rows)
+
+    def training_data(self, piece: RowSlice, args: DMSAETrainingArguments) -> Rows:
+        """The slice's rows, drawn in chunks of `SAMPLE_CHUNK` rows (the true features of a whole large slice would
+        not fit in memory); the first chunk's seed is the slice's own, so a slice of one chunk is one draw."""
+        chunks = range(0, piece.rows, SAMPLE_CHUNK)
+        return Rows(
+            torch.cat(
+                [
+                    self.world.sample(
+                        min(SAMPLE_CHUNK, piece.rows - start),
+                        _seed_of(self.seed, piece.name, *([start] if start else [])),
+                    )[0]
+                    for start in chunks
+                ]
+            )
+        )
+
+    def finish_slice(self, piece: RowSlice, dataset) -> RowSlice:
+        return piece
+
+    def eval_dataset(self) -> None:
+        return None
+
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out rows and their labels."""
+        if self._eval is None:
+            x, f = self.world.sample(self.eval_slice.rows, _seed_of(self.seed, "eval"))
+            self._eval = x, self.world.labels(f, _seed_of(self.seed, "eval labels"))
+        return self._eval
+
+    def eval_batches(self, batch_size: int):
+        if self.eval_slice is not None:
+            yield from self.held_out()[0].split(batch_size)
+
+    def gradient_pairs(self, args: AttributionArguments) -> TaskGradients:
+        return TaskGradients(self.world, args.attribution_tokens, self.seed)
+
+    @torch.no_grad()
+    def downstream_metrics(self, model: DMSAEModel, batches: int) -> dict[str, float]:
+        """Task loss clean, with the reconstruction, and with `x` ablated to the bias (no feature); the share
+        recovered; and the decoder's MCC against all true features."""
+        from sae_lens.synthetic import mean_correlation_coefficient
+
+        was_training = model.training
+        model.eval()
+        x, labels = self.held_out()
+        reconstruction = torch.cat(
+            [model.decode(model.encode(rows.to(model.device))).float().cpu() for rows in x.split(4096)]
+        )
+        model.train(was_training)
+        losses = {
+            "task_loss_clean": self.world.task_loss(x, labels),
+            "task_loss_sae": self.world.task_loss(reconstruction, labels),
+            "task_loss_ablated": self.world.task_loss(self.world.bias.expand_as(x), labels),
+        }
+        losses = {k: v / len(x) for k, v in losses.items()}
+        recovered = (losses["task_loss_ablated"] - losses["task_loss_sae"]) / (
+            losses["task_loss_ablated"] - losses["task_loss_clean"]
+        )
+        mcc = mean_correlation_coefficient(model.W_dec.detach().float().cpu(), self.world.directions)
+        return {**losses, "task_loss_recovered": recovered, "mcc": mcc}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring against the ground truth
+
+
+def abs_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`[len(a), len(b)]` |cos| between the rows of `a` and `b`."""
+    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).abs()
+
+
+def matches(directions: torch.Tensor, truth: torch.Tensor, match_cos: float) -> torch.Tensor:
+    """Whether each direction matches one of `truth` (|cos| ≥ `match_cos`)."""
+    return abs_cosines(directions, truth).max(1).values >= match_cos
+
+
+def match_truth(directions: torch.Tensor, truth: torch.Tensor, match_cos: float) -> dict[str, float]:
+    """Precision (share of `directions` matching a true direction), recall (share of `truth` matched) and MCC."""
+    from sae_lens.synthetic import mean_correlation_coefficient
+
+    cos = abs_cosines(directions, truth)
+    return {
+        "size": len(directions),
+        "precision": float((cos.max(1).values >= match_cos).float().mean()),
+        "recall": float((cos.max(0).values >= match_cos).float().mean()),
+        "mcc": mean_correlation_coefficient(F.normalize(directions, dim=1), F.normalize(truth, dim=1)),
+    }
+
+
+def consistency(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> float:
+    """Mean best-match |cos| between two decoders' directions, averaged over both directions of matching."""
+    cos = abs_cosines(decoder_a, decoder_b)
+    return float((cos.max(1).values.mean() + cos.max(0).values.mean()) / 2)
+
+
+def pool_rankings(
+    model: DMSAEModel, core: DMSAECore, stats: dict[str, torch.Tensor], seed: int
+) -> dict[str, list[int]]:
+    """The candidate pool's latents (indices) ranked by each selection method: by attribution score (the order the
+    core was selected in), at random, by activation frequency and by mean squared activation."""
+    pool = model.config.candidate_pool_size
+    ids = model.config.latent_ids()
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "attribution": [ids.index(i) for i in core.pool_ids],
+        "random": torch.randperm(pool, generator=generator).tolist(),
+        "frequency": order_by(stats["frequency"][:pool]).tolist(),
+        "mean_squared": order_by(stats["mean_squared"][:pool]).tolist(),
+    }
+
+
+def r_precision(ranking: list[int], useful: torch.Tensor) -> float | None:
+    """Share of useful latents among the first m of `ranking`, m the number of useful latents it holds (precision =
+    recall at that cut): how well the ranking alone separates them, whatever size τ gives the core."""
+    m = int(useful[ranking].sum())
+    return float(useful[ranking[:m]].float().mean()) if m else None
+
+
+class SyntheticBenchmark:
+    """All seeds' runs under `<output_dir>/seed{s}/` (`distillation/`, `transfer/`, `plain-batchtopk/`: resumable as
+    any run); the scores in `results.json`, the report in `report.md` with `figures/`."""
+
+    def __init__(
+        self,
+        args: SyntheticArguments,
+        sae: SAEArguments,
+        attribution: AttributionArguments,
+        training: DMSAETrainingArguments,
+    ):
+        self.args, self.sae_args, self.attribution_args, self.training_args = args, sae, attribution, training
+        if max(args.transfer_ks) > sae.dict_size:
+            raise ValueError(f"transfer_ks={args.transfer_ks} is invalid: every k must be at most dict_size")
+        self.output_dir = Path(training.output_dir)
+        self.results_path = self.output_dir / "results.json"
+        self.world = SyntheticWorld(args)
+
+    def _training(self, folder: Path, seed: int) -> DMSAETrainingArguments:
+        return dataclasses.replace(self.training_args, output_dir=str(folder), seed=seed, push_to_hub=False)
+
+    def run_seed(self, seed: int) -> dict:
+        """The shipped distillation and transfer for one seed, then their scores against the ground truth."""
+        a = self.args
+        folder = self.output_dir / f"seed{seed}"
+        source = SyntheticSource(self.world, a.train_rows, a.eval_rows, seed)
+        repo = f"synthetic/dmsae-seed{seed}"
+        distillation = Distillation(
+            DistillationArguments(num_cycles=a.num_cycles, model_repo=repo),
+            self.sae_args,
+            None,
+            self.attribution_args,
+            self._training(folder / "distillation", seed),
+            source=source,
+        )
+        distillation.run()
+        distillation.state.close()
+        transfer = Transfer(
+            TransferArguments(
+                core=str(folder / "distillation" / "distilled-core"),
+                ks=a.transfer_ks,
+                variants=a.variants,
+                model_repo=repo,
+            ),
+            self.sae_args,
+            None,
+            self._training(folder / "transfer", seed),
+            source=source,
+        )
+        transfer.run()
+        transfer.state.close()
+        cycles = {
+            t: {
+                "size": c["size"],
+                "carried_over": c["carried_over"],
+                "coverage": c["coverage"],
+                "l0_core": c.get("metrics", {}).get("eval_l0_core"),
+            }
+            for t, c in distillation.state.data["cycles"].items()
+        }
+        return {
+            "cycles": cycles,
+            "selection": self.selection_scores(distillation, source, seed),
+            "transfer": transfer.results,
+            "progressive": self.progressive_coding(folder, source, seed),
+        }
+
+    def selection_scores(self, distillation: Distillation, source: SyntheticSource, seed: int) -> list[dict]:
+        """Each cycle's core and the distilled core against the useful features, with the baselines of its size on
+        the same model."""
+        truth = self.world.directions[self.world.useful]
+        state = distillation.state.data
+        last = state["distilled"]["last_cycle"]
+        cores = [
+            (f"cycle {t}", int(t), distillation.output_dir / record["core"])
+            for t, record in sorted(state["cycles"].items(), key=lambda item: int(item[0]))
+        ]
+        cores.append(("distilled", last, distillation.output_dir / state["distilled"]["core"]))
+        rows, models = [], {}
+        for name, t, path in cores:
+            if t not in models:  # the distilled core is scored on the last cycle's model, loaded once
+                model = load_trained_model(distillation.output_dir / f"cycle{t}")
+                models[t] = model, latent_statistics(model, source.eval_batches(4096))
+            model, stats = models[t]
+            core = DMSAECore.from_pretrained(path)
+            rankings = pool_rankings(model, core, stats, _seed_of(seed, "random selection", name))
+            decoder = model.W_dec.detach().float()
+            useful = matches(decoder, truth, self.args.match_cos)
+            ids = model.config.latent_ids()
+            members = {ids.index(i) for i in core.latent_ids}  # C* ⊂ C^(T) is not a prefix of the ranking
+            for selection, ranking in rankings.items():
+                chosen = [i for i in ranking if i in members] if selection == "attribution" else ranking[: len(core)]
+                rows.append(
+                    {
+                        "core": name,
+                        "selection": selection,
+                        "r_precision": r_precision(ranking, useful),
+                        **match_truth(decoder[chosen], truth, self.args.match_cos),
+                    }
+                )
+        return rows
+
+    def progressive_coding(self, folder: Path, source: SyntheticSource, seed: int) -> dict:
+        """Prefix FVU at the Matryoshka group boundaries: the Matryoshka SAE at the middle k in its own order and
+        reordered by mean squared activation, and a plain BatchTopK SAE (one group, same k and budget) in its
+        own order and reordered by mean squared activation."""
+        k = sorted(self.args.transfer_ks)[len(self.args.transfer_ks) // 2]
+        if "matryoshka" not in self.args.variants:
+            return {}
+        matryoshka = load_trained_model(folder / "transfer" / f"k{k}-matryoshka")
+        plain_folder = folder / "plain-batchtopk"
+        if (plain_folder / "checksums.json").is_file():
+            plain = load_trained_model(plain_folder)
+        else:
+            set_seed(seed)
+            sae = dataclasses.replace(self.sae_args, k=k, group_fractions=[])
+            plain = DMSAEModel(sae_config(sae, source))
+            train_sae(plain, source, source.training_slice("plain-batchtopk"), self._training(plain_folder, seed))
+        prefixes = list(itertools.accumulate(matryoshka.config.group_sizes))
+        curves = {}
+        for name, model in (("matryoshka", matryoshka), ("plain_batchtopk", plain)):
+            mean_squared = latent_statistics(model, source.eval_batches(4096))["mean_squared"]
+            curves[f"{name} (own order)"] = prefix_fvu(model, source.eval_batches(4096), prefixes)
+            curves[f"{name} (by mean squared activation)"] = prefix_fvu(
+                model, source.eval_batches(4096), prefixes, order_by(mean_squared)
+            )
+        fvu = {name: [curve[g] for g in prefixes] for name, curve in curves.items()}
+        return {"k": k, "prefixes": prefixes, "fvu": fvu}
+
+    def run(self) -> dict:
+        """Every seed (each resumes where it stopped), cross-seed consistency, `results.json` and the report."""
+        results = read_json(self.results_path, {}) if self.results_path.is_file() else {}
+        if results.get("identity", self.identity()) != self.identity():
+            raise ValueError(f"{self.results_path} holds results of other settings: use another output_dir")
+        results["identity"] = self.identity()
+        started = time.perf_counter()
+        for seed in self.args.seeds:
+            if f"seed{seed}" not in results:
+                results[f"seed{seed}"] = self.run_seed(seed)
+                results.setdefault("seconds", {})[f"seed{seed}"] = time.perf_counter() - started
+                started = time.perf_counter()
+                write_json_atomically(self.results_path, results)
+        results["consistency"] = self.consistency()
+        write_json_atomically(self.results_path, results)
+        self.results = results
+        return results
+
+    def identity(self) -> dict:
+        identity = {
+            "synthetic": dataclasses.asdict(self.args),
+            "sae": dataclasses.asdict(self.sae_args),
+            "attribution": dataclasses.asdict(self.attribution_args),
+            "world": self.world.digest(),
+        }
+        return json.loads(json.dumps(identity, default=str))
+
+    def consistency(self) -> dict[str, list[float]]:
+        """Per transferred SAE, the consistency of every pair of seeds' decoders."""
+        pairs = list(itertools.combinations(self.args.seeds, 2))
+        names = [f"k{k}-{v}" for k in self.args.transfer_ks for v in self.args.variants]
+        decoders = {
+            (s, name): load_trained_model(self.output_dir / f"seed{s}" / "transfer" / name).W_dec.detach()
+            for s in self.args.seeds
+            for name in names
+        }
+        return {name: [consistency(decoders[a, name], decoders[b, name]) for a, b in pairs] for name in names}
+
+    # -- the report -----------------------------------------------------------------------------------------------
+    def _seeds(self) -> list[dict]:
+        return [self.results[f"seed{s}"] for s in self.args.seeds]
+
+    def report(self) -> str:
+        """`report.md` and its figures from `results.json`: every number with its mean ± standard deviation over
+        seeds."""
+        a, seeds = self.args, self._seeds()
+        true_l0 = float((self.world.sample(65_536, _seed_of("true l0"))[1] > 0).float().sum(1).mean())
+        lines = [
+            "# Synthetic ground-truth benchmark (sae_lens.synthetic + a downstream readout task)",
+            "",
+            f"World: {a.num_features} features in {a.hidden_dim} dimensions (Zipfian firing {a.min_firing_probability}"
+            f"–{a.max_firing_probability}, exponent {a.zipf_exponent}; hierarchy of {a.root_features} roots, branching "
+            f"{a.branching_factor}, depth 2; low-rank correlations rank {a.correlation_rank}, scale "
+            f"{a.correlation_scale}); true L0 {true_l0:.2f}. "
+            f"Task: {a.readout_classes} classes from a readout weighting "
+            f"{len(self.world.useful)} useful features ×{a.readout_scale} and the others "
+            f"×{a.readout_scale * a.readout_off_weight:g}; the downstream model is a linear probe fitted on x.",
+            "",
+            f"SAEs of {self.sae_args.dict_size} latents, {a.train_rows} fresh rows each; distillation at "
+            f"k={self.sae_args.k} ({self.sae_args.sparsity.replace('_', '-')} cycles) "
+            f"over {a.num_cycles + 1} cycles (q={self.attribution_args.q}, τ={self.attribution_args.tau}, "
+            f"{self.attribution_args.attribution_tokens} attribution rows); seeds {a.seeds}; every cell is mean ± "
+            f"standard deviation over seeds. A latent matches a feature when their directions' |cos| ≥ {a.match_cos}.",
+            "",
+            f"Runtime: {sum(self.results.get('seconds', {}).values()) / 60:.1f} min for {len(a.seeds)} seeds.",
+            "",
+            "## Cores of the distillation cycles",
+            "",
+            "`L0 core`: active core latents per row (held-out rows, inference mode); a dense core is never masked, a "
+            "sparse core competes in the one BatchTopK.",
+            "",
+            "| cycle | core size | carried over from the previous core | L0 core |",
+            "|---|---|---|---|",
+            *(
+                f"| {t} | {spread_cell([s['cycles'][t]['size'] for s in seeds], 1)} | "
+                f"{spread_cell([s['cycles'][t]['carried_over'] for s in seeds], 1) if t != '0' else '–'} | "
+                f"{spread_cell([s['cycles'][t]['l0_core'] for s in seeds], 1) if t != '0' else '–'} |"
+                for t in seeds[0]["cycles"]
+            ),
+            "",
+            "## Core selection against the useful features",
+            "",
+            "Each core (cycle t's, and the distilled `C^(T) ∩ C^(T−1)`) is compared with selections of the same size "
+            "from the same model's candidate pool: random latents, latents by activation frequency and by mean "
+            "squared activation (held-out rows). `R-precision` ranks the whole pool by each method and takes the "
+            "share of useful latents among its first m, m the number of pool latents that match a useful feature: "
+            "how well the ranking separates them, whatever core size τ gives.",
+            "",
+            "| core | size | selection | precision | recall | MCC with the useful features | "
+            "R-precision of the pool ranking |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
+        for core in cores:
+            for selection in SELECTIONS:
+                runs = [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == selection]
+                ranked = [r["r_precision"] for r in runs if r["r_precision"] is not None]
+                cells = [
+                    spread_cell([r["size"] for r in runs], 1),
+                    selection,
+                    *(spread_cell([r[m] for r in runs]) for m in ("precision", "recall", "mcc")),
+                    spread_cell(ranked),
+                ]
+                lines.append(f"| {core} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "## Transferred SAEs (MCC against all true features)",
+            "",
+            "`consistency`: mean best-match |cos| between two seeds' decoders, over every pair of seeds.",
+            "",
+            "| k | variant | MCC | FVU | L0 | L0 core | task loss recovered | consistency |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        names = [(k, v) for k in a.transfer_ks for v in a.variants]
+        for k, variant in names:
+            runs = [s["transfer"][f"k{k}-{variant}"] for s in seeds]
+            cells = [
+                spread_cell([r[c] for r in runs], 2 if c.startswith("l0") else 3)
+                for c in ("mcc", "fvu", "l0", "l0_core", "task_loss_recovered")
+            ]
+            cells.append(spread_cell(self.results["consistency"][f"k{k}-{variant}"]))
+            lines.append(f"| {k} | {variant} | " + " | ".join(cells) + " |")
+        if "matryoshka" in a.variants:
+            lines += [
+                "",
+                "## Paired differences DMSAE − Matryoshka (same seed, same k)",
+                "",
+                "The sparse-core DMSAE has the Matryoshka SAE's L0 (one BatchTopK of k); the dense-core one adds "
+                "its core's activity to `k_noncore` (Eq. 4), so its L0 is higher (table above).",
+                "",
+                "| k | variant | Δ MCC | Δ FVU | Δ task loss recovered |",
+                "|---|---|---|---|---|",
+            ]
+            for k, variant in names:
+                if variant == "matryoshka":
+                    continue
+                diffs = {
+                    c: [s["transfer"][f"k{k}-{variant}"][c] - s["transfer"][f"k{k}-matryoshka"][c] for s in seeds]
+                    for c in ("mcc", "fvu", "task_loss_recovered")
+                }
+                lines.append(f"| {k} | {variant} | " + " | ".join(f"{spread_cell(d)}" for d in diffs.values()) + " |")
+        progressive = [s["progressive"] for s in seeds if s.get("progressive")]
+        if progressive:
+            prefixes = progressive[0]["prefixes"]
+            lines += [
+                "",
+                f"## Progressive coding at k={progressive[0]['k']}: FVU of the first G latents",
+                "",
+                "| order | " + " | ".join(f"G={g}" for g in prefixes) + " |",
+                "|---|" + "---|" * len(prefixes),
+            ]
+            for name in progressive[0]["fvu"]:
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(spread_cell([p["fvu"][name][i] for p in progressive]) for i in range(len(prefixes)))
+                    + " |"
+                )
+        plots = self.figures(seeds, cores, names, progressive)
+        lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in plots]
+        text = "\n".join(lines) + "\n"
+        (self.output_dir / "report.md").write_text(text)
+        return text
+
+    def figures(self, seeds, cores, names, progressive) -> list[Path]:
+        folder = self.output_dir / "figures"
+        rows = [r for s in seeds for r in s["selection"]]
+        selection = {
+            (core, sel): [r for r in rows if r["core"] == core and r["selection"] == sel]
+            for core in cores
+            for sel in SELECTIONS
+        }
+        plots = [figures.selection_against_truth(selection, cores, SELECTIONS, folder / "selection_vs_truth.png")]
+        transfer = [
+            {
+                "k": k,
+                "variant": v,
+                **{c: [s["transfer"][f"k{k}-{v}"][c] for s in seeds] for c in ("mcc", "fvu", "task_loss_recovered")},
+                "consistency": self.results["consistency"][f"k{k}-{v}"],
+            }
+            for k, v in names
+        ]
+        plots.append(
+            figures.metrics_against_k(
+                transfer, ("mcc", "consistency", "fvu", "task_loss_recovered"), folder / "synthetic_vs_k.png"
+            )
+        )
+        if progressive:
+            plots.append(figures.prefix_fvu_curves(progressive, folder / "progressive_coding.png"))
+        return plots

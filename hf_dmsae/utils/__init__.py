@@ -1,0 +1,1 @@
+"""What every stage leans on: files written whole and read back checked, argument ranges, and stage timings."""
