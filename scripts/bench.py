@@ -117,7 +117,7 @@ def dmsae_step(setting: StepSetting, n: int, core_fraction: float, kernels: str,
     config = DMSAEConfig(
         d_in=d, dict_size=n, core_size=core, k=setting.k, core_ids=[f"c:{i}" for i in range(core)], kernels=kernels
     )
-    model = DMSAEModel.from_core(config, torch.randn(core, d) / d**0.5, config.core_ids).to(setting.device).train()
+    model = DMSAEModel.from_core(config, torch.randn(core, d) / d**0.5).to(setting.device).train()
     optimizer = trainer_optimizer(model)
 
     def step(x):
@@ -392,7 +392,7 @@ def paper_model(dict_size: int = PAPER["dict_size"]) -> DMSAEModel:
         core_ids=[f"c:{i}" for i in range(core)],
     )
     rows = torch.randn(core, PAPER["d_in"])
-    return DMSAEModel.from_core(config, rows / rows.norm(dim=1, keepdim=True), config.core_ids)
+    return DMSAEModel.from_core(config, rows / rows.norm(dim=1, keepdim=True))
 
 
 def memory_probe(what: str) -> dict:

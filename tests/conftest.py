@@ -52,7 +52,7 @@ def tiny_model(seed: int = 0, **overrides) -> DMSAEModel:
     torch.manual_seed(seed)
     config = tiny_config(**overrides)
     core_rows = torch.randn(config.core_size, config.d_in)
-    return DMSAEModel.from_core(config, core_rows, config.core_ids)
+    return DMSAEModel.from_core(config, core_rows)
 
 
 @pytest.fixture

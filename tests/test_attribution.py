@@ -39,7 +39,7 @@ def sae():
         norm_factor=2.0,
         cycle=1,
     )
-    model = DMSAEModel.from_core(config, torch.randn(6, 32), config.core_ids)
+    model = DMSAEModel.from_core(config, torch.randn(6, 32))
     with torch.no_grad():
         model.b_enc.fill_(-0.05)
     return model.eval()

@@ -106,3 +106,27 @@ def test_every_argument_of_the_main_job_is_range_checked_when_parsed(field, valu
     with pytest.raises(ValueError) as refused:
         parse_arguments(classes, ["--output_dir", str(tmp_path), f"--{field}={value}"])
     assert f"{field}=" in str(refused.value) or str(refused.value).startswith(field), refused.value
+
+
+def test_one_rule_sets_k_noncore_for_every_stage():
+    from hf_dmsae.run.arguments import SAEArguments, k_noncore_for
+
+    sae = SAEArguments(dict_size=4096, k=64)
+    assert k_noncore_for(sae, reference_core_size=0) == 64, "a distillation's cycles: k, as cycle 0 has no core"
+    assert k_noncore_for(sae, reference_core_size=120) == noncore_k(64, 4096, 120) == 62, "transfer: Eq. 4"
+    assert k_noncore_for(SAEArguments(dict_size=4096, k=64, k_noncore=40), reference_core_size=120) == 40
+
+
+def test_the_sae_arguments_are_the_configs_own_fields():
+    import dataclasses
+
+    from hf_dmsae.run.arguments import CLI_DEFAULTS, SAE_FIELDS, SAEArguments
+
+    config_fields = {f.name: f for f in dataclasses.fields(DMSAEConfig)}
+    for f in dataclasses.fields(SAEArguments):
+        if f.name in SAE_FIELDS:
+            default = CLI_DEFAULTS.get(f.name, config_fields[f.name].default)
+            assert (f.default, f.metadata["help"]) == (default, config_fields[f.name].metadata["help"]), f.name
+    assert {f.name for f in dataclasses.fields(SAEArguments)} == {*SAE_FIELDS, "group_fractions"}
+    with pytest.raises(ValueError, match="DMSAEConfig.sparsity='topk' is invalid: must be of type str, one of"):
+        SAEArguments(dict_size=64, k=4, sparsity="topk")

@@ -160,7 +160,7 @@ def test_bad_study_arguments_are_refused():
 
 def test_core_geometry_measures_firing_spread_and_variance_along_the_core():
     config = DMSAEConfig(d_in=4, dict_size=8, core_size=2, k=2, core_ids=["a", "b"])
-    model = DMSAEModel.from_core(config, torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]), ["a", "b"])
+    model = DMSAEModel.from_core(config, torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(200_000, 4, generator=generator) * torch.tensor([3.0, 1, 1, 1]) + torch.tensor([0.0, 1, 0, 0])
     geometry = core_geometry(model, x)

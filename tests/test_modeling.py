@@ -282,9 +282,9 @@ def test_bad_activations_get_one_clear_error(model, activations, message):
 
 def test_from_core_rejects_rows_that_do_not_fit_the_config(model):
     with pytest.raises(ValueError, match="d_in=16"):
-        DMSAEModel.from_core(model.config, torch.randn(8, 15), model.config.core_ids)
+        DMSAEModel.from_core(model.config, torch.randn(8, 15))
     with pytest.raises(ValueError, match="fully frozen core of 7 rows"):
-        DMSAEModel.from_core(model.config, torch.randn(7, 16), model.config.core_ids[:7])
+        DMSAEModel.from_core(model.config, torch.randn(7, 16))
 
 
 def test_weights_that_do_not_match_the_model_are_refused(model, tmp_path):

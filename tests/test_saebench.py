@@ -24,7 +24,7 @@ def trained_sae(norm_factor: float = 3.0) -> DMSAEModel:
         hook_name="resid_post",
         threshold_beta=0.5,
     )
-    sae = DMSAEModel.from_core(config, torch.nn.functional.normalize(torch.randn(8, 32), dim=1), config.core_ids)
+    sae = DMSAEModel.from_core(config, torch.nn.functional.normalize(torch.randn(8, 32), dim=1))
     for _ in range(5):
         sae(torch.randn(256, 32) * norm_factor)
     return sae.eval()

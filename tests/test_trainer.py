@@ -51,7 +51,7 @@ def core_model(norm_factor: float) -> DMSAEModel:
         threshold_beta=0.9,
     )
     core_rows = torch.randn(16, 32)
-    return DMSAEModel.from_core(config, core_rows / core_rows.norm(dim=1, keepdim=True), config.core_ids)
+    return DMSAEModel.from_core(config, core_rows / core_rows.norm(dim=1, keepdim=True))
 
 
 def training_args(tmp_path, **overrides) -> DMSAETrainingArguments:

@@ -11,14 +11,11 @@ Re-running the same command resumes from the last complete checkpoint in `output
 import json
 import logging
 
-from transformers import set_seed
-
-from hf_dmsae import DMSAEModel
 from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.evaluation.held_out import activation_metrics
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
-from hf_dmsae.run.arguments import SAEArguments, sae_config
+from hf_dmsae.run.arguments import SAEArguments, new_model
 from hf_dmsae.run.data import RunData
 from hf_dmsae.run.launch import end_processes, parse_arguments
 from hf_dmsae.run.state import RunState, arguments_identity
@@ -36,8 +33,7 @@ def main() -> None:
     identity = arguments_identity(sae_args, activation_args, training_args)
     state = RunState(training_args.output_dir, "train", identity, writer=training_args.process_index == 0)
     data = RunData(activation_args, training_args, state)
-    set_seed(training_args.seed)
-    model = DMSAEModel(sae_config(sae_args, data))
+    model = new_model(sae_args, data, seed=training_args.seed)
     trainer = train_sae(model, data, data.training_slice("train"), training_args)
     if trainer.is_world_process_zero() and data.eval_slice is not None:
         metrics = activation_metrics(model, data.eval_batches(training_args.per_device_eval_batch_size))

@@ -27,7 +27,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from transformers import set_seed
 
 from ..data.activations import ActivationArguments
 from ..data.language_model import lm_width
@@ -47,7 +46,7 @@ from ..publishing.hub import (
     write_model_repo,
 )
 from ..reporting import figures
-from ..run.arguments import SAEArguments, sae_config
+from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import ActivationSource, open_source
 from ..run.state import RunState, arguments_identity
 from ..run.trainer import DMSAETrainingArguments
@@ -135,17 +134,6 @@ def random_core(
     )
 
 
-def new_model(
-    sae: SAEArguments, data: ActivationSource, core: DMSAECore | None, seed: int, cycle: int = 0
-) -> DMSAEModel:
-    """A freshly initialised model (under `seed`) on `data`'s activations, around `core` (rows copied unchanged)."""
-    set_seed(seed)
-    if core is None:
-        return DMSAEModel(sae_config(sae, data, cycle=cycle))
-    config = sae_config(sae, data, cycle=cycle, core_size=len(core), core_ids=core.latent_ids)
-    return DMSAEModel.from_core(config, core.encoder_rows, core.latent_ids)
-
-
 class Distillation:
     """One distillation run; `run()` does every remaining step and returns the distilled core."""
 
@@ -171,7 +159,7 @@ class Distillation:
         if activations is not None:  # the budget holds the steps asked for, before the run's folder records anything
             training_steps(activations.num_tokens, training)
         self.output_dir = Path(training.output_dir)
-        self.k_noncore = sae.k_noncore if sae.k_noncore is not None else sae.k
+        self.k_noncore = k_noncore_for(sae, reference_core_size=0)  # every cycle is compared with cycle 0
         identity = arguments_identity(
             *(a for a in (distillation, sae, activations, attribution, training) if a is not None),
             exclude=("model_repo", "random_core_control", "control_seeds", "cycle0_checkpoint"),
@@ -204,7 +192,8 @@ class Distillation:
     # -- one cycle ----------------------------------------------------------------------------------------------
     def _new_model(self, t: int, core: DMSAECore | None, seed: int) -> DMSAEModel:
         """A fresh model of cycle `t` around `core` (rows copied unchanged), `k_noncore` fixed for the run."""
-        return new_model(dataclasses.replace(self.sae_args, k_noncore=self.k_noncore), self.data, core, seed, cycle=t)
+        sae = dataclasses.replace(self.sae_args, k_noncore=self.k_noncore)
+        return new_model(sae, self.data, core, seed=seed, cycle=t)
 
     def _training_args(self, folder: Path, seed: int) -> DMSAETrainingArguments:
         return dataclasses.replace(self.training_args, output_dir=str(folder), seed=seed, push_to_hub=False)

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from transformers import set_seed
-
 from ..data.activations import ActivationArguments
 from ..data.language_model import lm_width
 from ..evaluation.held_out import activation_metrics
@@ -33,7 +31,7 @@ from ..publishing.hub import (
     write_model_repo,
 )
 from ..reporting import figures
-from ..run.arguments import SAEArguments, sae_config
+from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import ActivationSource, open_source
 from ..run.state import RunState, arguments_identity
 from ..run.trainer import DMSAETrainingArguments
@@ -142,14 +140,13 @@ class Transfer:
         return SAEBenchRunner(self.saebench_args, self.activation_args, self.output_dir / "saebench")
 
     def new_model(self, k: int, variant: str) -> DMSAEModel:
-        set_seed(self.training_args.seed)
-        sae = dataclasses.replace(
-            self.sae_args, k=k, k_noncore=None, sparsity="sparse_core" if variant == "sparse_core" else "dense_core"
-        )
-        if variant == "matryoshka":
-            return DMSAEModel(sae_config(sae, self.data))
-        config = sae_config(sae, self.data, core_size=len(self.core), core_ids=self.core.latent_ids)
-        return DMSAEModel.from_core(config, self.core.encoder_rows, self.core.latent_ids)
+        """The `variant` model at L0 `k`; a transfer sweeps `k`, so `k_noncore` always follows it (Eq. 4 at the core
+        size, by `k_noncore_for`), whatever value was given for one run."""
+        core = None if variant == "matryoshka" else self.core
+        sparsity = "sparse_core" if variant == "sparse_core" else "dense_core"
+        sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None, sparsity=sparsity)
+        sae = dataclasses.replace(sae, k_noncore=k_noncore_for(sae, reference_core_size=len(core or [])))
+        return new_model(sae, self.data, core, seed=self.training_args.seed)
 
     def evaluate(self, model: DMSAEModel) -> dict[str, float]:
         """Held-out metrics and the objective's (an LM: CE loss recovered) (main process; {} elsewhere)."""

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import field
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-SPARSITY_MODES = ("dense_core", "sparse_core")
-PREFIX_LOSS_WEIGHTINGS = ("sum", "dictionary_learning")
+Sparsity = Literal["dense_core", "sparse_core"]
+PrefixLossWeighting = Literal["sum", "dictionary_learning"]
+SPARSITY_MODES = get_args(Sparsity)
+PREFIX_LOSS_WEIGHTINGS = get_args(PrefixLossWeighting)
 
 # SAEBench's Matryoshka group fractions (1/32, 1/16, 1/8, 1/4, rest), applied to the non-core latents.
 SAEBENCH_GROUP_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
@@ -23,6 +29,39 @@ def matryoshka_group_sizes(num_latents: int, fractions: tuple[float, ...] = SAEB
     if rest > 0:
         sizes.append(rest)
     return sizes
+
+
+def _has_type(value, kind) -> bool:
+    """Whether `value` is of the annotated type `kind` (a float field takes an int, as JSON writes 1.0 as 1)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Literal:
+        return value in args
+    if origin in (Union, UnionType):
+        return any(_has_type(value, option) for option in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(item, args[0]) for item in value)
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _describe(kind) -> str:
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Literal:
+        return f"str, one of {args}"
+    if origin in (Union, UnionType):
+        return " or ".join(_describe(option) for option in args)
+    if origin is list:
+        return f"list of {_describe(args[0])}"
+    return "None" if kind is type(None) else kind.__name__
+
+
+def field_type(name: str):
+    """The type `DMSAEConfig` annotates field `name` with. The annotations are postponed (strings), which `@strict`
+    leaves to `_check_types` and its `ValueError`; they are this module's own text, evaluated in its namespace."""
+    return eval(DMSAEConfig.__annotations__[name], globals())
 
 
 def noncore_k(k: int, dict_size: int, core_size: int) -> int:
@@ -49,81 +88,160 @@ class DMSAEConfig(PreTrainedConfig):
 
     model_type = "dmsae"
 
-    d_in: int = 2304
-    """Width of the activations the SAE reads (Gemma-2-2B's residual stream: 2304)."""
+    d_in: int = field(
+        default=2304, metadata={"help": "Width of the activations the SAE reads (Gemma-2-2B's residual stream: 2304)."}
+    )
 
-    dict_size: int = 65536
-    """Number of latents `n`, core included."""
+    dict_size: int = field(default=65536, metadata={"help": "Number of latents `n`, core included."})
 
-    core_size: int = 0
-    """Number of core latents `c`, placed at indices `0 … c-1`. 0 gives a plain Matryoshka BatchTopK SAE."""
+    core_size: int = field(
+        default=0,
+        metadata={
+            "help": "Number of core latents `c`, placed at indices `0 … c-1`. 0 gives a plain Matryoshka BatchTopK SAE."
+        },
+    )
 
-    group_sizes: list[int] | None = None
-    """Sizes of the non-core Matryoshka groups, summing to `dict_size - core_size`. `None`: SAEBench's fractions
-    1/32, 1/16, 1/8, 1/4 and the rest, of the non-core latents."""
+    group_sizes: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Sizes of the non-core Matryoshka groups, summing to `dict_size - core_size`. `None`: SAEBench's "
+                "fractions 1/32, 1/16, 1/8, 1/4 and the rest, of the non-core latents."
+            )
+        },
+    )
 
-    k: int = 160
-    """Target L0 of the equivalent SAEBench baseline at this width.
-    In `sparse_core` mode the global BatchTopK target."""
+    k: int = field(
+        default=160,
+        metadata={
+            "help": (
+                "Target L0 of the equivalent SAEBench baseline at this width. In `sparse_core` mode the global "
+                "BatchTopK target."
+            )
+        },
+    )
 
-    k_noncore: int | None = None
-    """BatchTopK target on the non-core latents in `dense_core` mode. `None`: derived from `k` by Eq. 4."""
+    k_noncore: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "BatchTopK target on the non-core latents in `dense_core` mode. `None`: Eq. 4 from `k` at this "
+                "model's core size; runs fix it by one rule (docs/method.md §2: a distillation's is `k` in every "
+                "cycle)."
+            )
+        },
+    )
 
-    sparsity: str = "dense_core"
-    """`dense_core`: core latents are never masked, BatchTopK keeps `k_noncore · B` non-core activations.
-    `sparse_core`: one global BatchTopK keeps `k · B` activations over all latents."""
+    sparsity: Sparsity = field(
+        default="dense_core",
+        metadata={
+            "help": (
+                "`dense_core`: core latents are never masked, BatchTopK keeps `k_noncore · B` non-core activations. "
+                "`sparse_core`: one global BatchTopK keeps `k · B` activations over all latents."
+            )
+        },
+    )
 
-    core_ids: list[str] | None = None
-    """Stable identity of each core latent (e.g. `"cycle0:1234"`: learned in cycle 0 at index 1234), so carry-over
-    between cycles is a set intersection. `None`: no core."""
+    core_ids: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                'Stable identity of each core latent (e.g. `"cycle0:1234"`: learned in cycle 0 at index 1234), so '
+                "carry-over between cycles is a set intersection. `None`: no core."
+            )
+        },
+    )
 
-    cycle: int = 0
-    """Distillation cycle this model belongs to; the non-core latents it learns get ids `"cycle{cycle}:{index}"`."""
+    cycle: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Distillation cycle this model belongs to; the non-core latents it learns get ids "
+                '`"cycle{cycle}:{index}"`.'
+            )
+        },
+    )
 
-    frozen_rows: int | None = None
-    """Number of leading encoder rows (`0 … frozen_rows-1`) held frozen. `None`: the whole core."""
+    frozen_rows: int | None = field(
+        default=None,
+        metadata={"help": "Number of leading encoder rows (`0 … frozen_rows-1`) held frozen. `None`: the whole core."},
+    )
 
-    aux_k: int | None = None
-    """Number of dead latents the AuxK loss reconstructs the residual with. `None`: `d_in // 2`."""
+    aux_k: int | None = field(
+        default=None,
+        metadata={"help": "Number of dead latents the AuxK loss reconstructs the residual with. `None`: `d_in // 2`."},
+    )
 
-    aux_coef: float = 1 / 32
-    """Weight `α` of the AuxK loss."""
+    aux_coef: float = field(default=1 / 32, metadata={"help": "Weight `α` of the AuxK loss."})
 
-    prefix_loss_weighting: str = "sum"
-    """`"sum"`: `Σ_i ‖x − x̂_i‖²` as Eq. 5. `"dictionary_learning"`: each prefix weighted `1/G`, then averaged over the
-    `G` prefixes (`Σ_i ‖x − x̂_i‖² / G²`), as dictionary_learning's Matryoshka trainer; under Adam only the AuxK
-    loss's relative weight changes (×G²)."""
+    prefix_loss_weighting: PrefixLossWeighting = field(
+        default="sum",
+        metadata={
+            "help": (
+                '`"sum"`: `Σ_i ‖x − x̂_i‖²` as Eq. 5. `"dictionary_learning"`: each prefix weighted `1/G`, then '
+                "averaged over the `G` prefixes (`Σ_i ‖x − x̂_i‖² / G²`), as dictionary_learning's Matryoshka trainer; "
+                "under Adam only the AuxK loss's relative weight changes (×G²)."
+            )
+        },
+    )
 
-    train_core_bias: bool = True
-    """Whether the core latents' encoder biases train (False: they keep their initial value, 0)."""
+    train_core_bias: bool = field(
+        default=True,
+        metadata={"help": "Whether the core latents' encoder biases train (False: they keep their initial value, 0)."},
+    )
 
-    dead_tokens_threshold: int = 10_000_000
-    """A latent that has not fired for this many training tokens counts as dead (feeds AuxK)."""
+    dead_tokens_threshold: int = field(
+        default=10_000_000,
+        metadata={"help": "A latent that has not fired for this many training tokens counts as dead (feeds AuxK)."},
+    )
 
-    kernels: str = "sparse"
-    """Training-step implementation: `"sparse"` (only kept activations touched, `hf_dmsae.kernels`) or
-    `"reference"` (plain dense tensors, `hf_dmsae.sparsity`); the two compute the same."""
+    kernels: Literal["sparse", "reference"] = field(
+        default="sparse",
+        metadata={
+            "help": (
+                'Training-step implementation: `"sparse"` (only kept activations touched, `hf_dmsae.kernels`) or '
+                '`"reference"` (plain dense tensors, `hf_dmsae.sparsity`); the two compute the same.'
+            )
+        },
+    )
 
-    threshold_beta: float = 0.999
-    """EMA decay of the inference threshold (the smallest kept activation of each training batch)."""
+    threshold_beta: float = field(
+        default=0.999,
+        metadata={
+            "help": "EMA decay of the inference threshold (the smallest kept activation of each training batch)."
+        },
+    )
 
-    threshold: float | None = None
-    """Inference threshold as estimated in training; written from the model's buffer at save time for reading.
-    The value in `model.safetensors` is the one the model uses."""
+    threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Inference threshold as estimated in training; written from the model's buffer at save time for "
+                "reading. The value in `model.safetensors` is the one the model uses."
+            )
+        },
+    )
 
-    norm_factor: float = 1.0
-    """Activations are divided by this before encoding and reconstructions multiplied by it, so the saved model
-    reads and writes raw activations (√E‖x‖² of the training data, so that `x / norm_factor` has unit mean squared
-    norm; see `data.activations.norm_factor`)."""
+    norm_factor: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "Activations are divided by this before encoding and reconstructions multiplied by it, so the saved "
+                "model reads and writes raw activations (√E‖x‖² of the training data, so that `x / norm_factor` has "
+                "unit mean squared norm; see `data.activations.norm_factor`)."
+            )
+        },
+    )
 
-    base_model: str | None = None
-    """The language model whose activations the SAE reads (Hub name or path)."""
+    base_model: str | None = field(
+        default=None, metadata={"help": "The language model whose activations the SAE reads (Hub name or path)."}
+    )
 
-    hook_layer: int | None = None
-    """Index of the block whose output (or hook point) is read."""
+    hook_layer: int | None = field(
+        default=None, metadata={"help": "Index of the block whose output (or hook point) is read."}
+    )
 
-    hook_name: str | None = None
-    """Hook point, e.g. `"resid_post"`."""
+    hook_name: str | None = field(default=None, metadata={"help": 'Hook point, e.g. `"resid_post"`.'})
 
     def __post_init__(self, **kwargs):
         self._check_types()
@@ -144,62 +262,29 @@ class DMSAEConfig(PreTrainedConfig):
         """Part of `@strict` validation, run again at save time: the same rules as at construction."""
         self.check()
 
-    _TYPES = {
-        "d_in": int,
-        "dict_size": int,
-        "core_size": int,
-        "k": int,
-        "cycle": int,
-        "dead_tokens_threshold": int,
-        "k_noncore": (int, type(None)),
-        "frozen_rows": (int, type(None)),
-        "aux_k": (int, type(None)),
-        "hook_layer": (int, type(None)),
-        "aux_coef": (int, float),
-        "threshold_beta": (int, float),
-        "norm_factor": (int, float),
-        "threshold": (int, float, type(None)),
-        "sparsity": str,
-        "kernels": str,
-        "prefix_loss_weighting": str,
-        "train_core_bias": bool,
-        "base_model": (str, type(None)),
-        "hook_name": (str, type(None)),
-        "group_sizes": (list, type(None)),
-        "core_ids": (list, type(None)),
-    }
-
     def _check_types(self) -> None:
-        """Raise `ValueError` naming the first field of the wrong type (e.g. `"k": "16"` in a config.json)."""
-        for field, expected in self._TYPES.items():
-            value = getattr(self, field)
-            if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
-                names = [t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,))]
-                raise ValueError(f"DMSAEConfig.{field}={value!r} is invalid: must be of type {' or '.join(names)}")
-        if self.group_sizes is not None and not all(isinstance(g, int) for g in self.group_sizes):
-            raise ValueError(f"DMSAEConfig.group_sizes={self.group_sizes!r} is invalid: must be integers")
+        """Raise `ValueError` naming the first field whose value has not the type its annotation declares (e.g.
+        `"k": "16"` in a config.json): the annotations are the one statement of each field's type and choices."""
+        for name in DMSAEConfig.__annotations__:
+            kind, value = field_type(name), getattr(self, name)
+            if not _has_type(value, kind):
+                raise ValueError(f"DMSAEConfig.{name}={value!r} is invalid: must be of type {_describe(kind)}")
 
     def check(self) -> None:
         """Raise `ValueError` naming the first field that breaks a rule."""
 
-        def fail(field: str, rule: str) -> None:
-            raise ValueError(f"DMSAEConfig.{field}={getattr(self, field)!r} is invalid: {rule}")
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"DMSAEConfig.{name}={getattr(self, name)!r} is invalid: {rule}")
 
-        for field in ("d_in", "dict_size", "k", "k_noncore", "aux_k"):
-            if getattr(self, field) < 1:
-                fail(field, "must be at least 1")
+        for name in ("d_in", "dict_size", "k", "k_noncore", "aux_k"):
+            if getattr(self, name) < 1:
+                fail(name, "must be at least 1")
         if not 0 <= self.core_size <= self.dict_size:
             fail("core_size", f"must lie in [0, dict_size={self.dict_size}]")
         if any(g < 1 for g in self.group_sizes):
             fail("group_sizes", "every Matryoshka group needs at least one latent")
         if sum(self.group_sizes) != self.dict_size - self.core_size:
             fail("group_sizes", f"must sum to dict_size - core_size = {self.dict_size - self.core_size}")
-        if self.kernels not in ("sparse", "reference"):
-            fail("kernels", "must be 'sparse' or 'reference'")
-        if self.sparsity not in SPARSITY_MODES:
-            fail("sparsity", f"must be one of {SPARSITY_MODES}")
-        if self.prefix_loss_weighting not in PREFIX_LOSS_WEIGHTINGS:
-            fail("prefix_loss_weighting", f"must be one of {PREFIX_LOSS_WEIGHTINGS}")
         if self.sparsity == "dense_core" and self.k_noncore > self.dict_size - self.core_size:
             fail("k_noncore", f"must not exceed the {self.dict_size - self.core_size} non-core latents")
         if self.sparsity == "sparse_core" and self.k > self.dict_size:

@@ -117,9 +117,9 @@ class DMSAEModel(PreTrainedModel):
         init.zeros_(self.tokens_since_fired)
 
     @classmethod
-    def from_core(cls, config: DMSAEConfig, core_rows: torch.Tensor, core_ids: list[str]) -> DMSAEModel:
-        """A freshly initialised model whose frozen encoder rows are `core_rows` (copied bit for bit) and whose
-        core latents carry `core_ids`; everything else (decoder, biases, non-core encoder) is new."""
+    def from_core(cls, config: DMSAEConfig, core_rows: torch.Tensor) -> DMSAEModel:
+        """A freshly initialised model whose frozen encoder rows are `core_rows` (copied bit for bit), in the order of
+        the config's `core_ids`; everything else (decoder, biases, non-core encoder) is new."""
         core_rows = torch.as_tensor(core_rows)
         if core_rows.ndim != 2 or core_rows.shape[1] != config.d_in:
             raise ValueError(f"core_rows must have shape [core_size, d_in={config.d_in}], got {tuple(core_rows.shape)}")
@@ -128,10 +128,7 @@ class DMSAEModel(PreTrainedModel):
                 f"config must describe a fully frozen core of {core_rows.shape[0]} rows "
                 f"(got core_size={config.core_size}, frozen_rows={config.frozen_rows})"
             )
-        config = copy.deepcopy(config)
-        config.core_ids = [str(i) for i in core_ids]
-        config.check()
-        model = cls(config)
+        model = cls(copy.deepcopy(config))
         with torch.no_grad():
             model.W_enc_frozen.copy_(core_rows)
         return model

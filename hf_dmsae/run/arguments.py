@@ -1,46 +1,72 @@
-"""The SAE a run trains, as the command line gives it, and the `DMSAEConfig` built from it on a run's activations."""
+"""The SAE a run trains, as the command line gives it, and the one way every stage builds a model from it.
+
+`SAEArguments` holds `DMSAEConfig`'s own fields (type, choices, default and help read from the config, so no setting
+is declared twice) that a user chooses, plus the Matryoshka group fractions, which become group sizes once the core
+size is known. `new_model` builds a fresh model around a core (or none) for the distillation, transfer, core dynamics
+and the synthetic benchmark alike, with `k_noncore` by the one rule of `k_noncore_for`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
 
-from ..model.configuration_dmsae import SAEBENCH_GROUP_FRACTIONS, DMSAEConfig, matryoshka_group_sizes
+import torch
+from transformers import set_seed
+
+from ..model.configuration_dmsae import (
+    SAEBENCH_GROUP_FRACTIONS,
+    DMSAEConfig,
+    field_type,
+    matryoshka_group_sizes,
+    noncore_k,
+)
+from ..model.modeling_dmsae import DMSAEModel
+
+SAE_FIELDS = (
+    "dict_size",
+    "k",
+    "k_noncore",
+    "sparsity",
+    "aux_coef",
+    "prefix_loss_weighting",
+    "train_core_bias",
+    "dead_tokens_threshold",
+    "threshold_beta",
+)
+"""The `DMSAEConfig` fields a run's user chooses; the others come from the activations, the core or the cycle."""
+
+
+CLI_DEFAULTS = {"dict_size": 4096, "k": 64}
+"""Where the command line's default differs from the config's (the paper's 65 536 latents at L0 160): the embedded
+default's width and L0, so that a run on a small LM given neither starts at a size that fits it."""
+
+
+def with_config_fields(*names: str, defaults: dict | None = None):
+    """Give a dataclass being defined `DMSAEConfig`'s fields `names`, with the config's types, help and defaults
+    (`defaults` override some)."""
+    config_fields = {f.name: f for f in dataclasses.fields(DMSAEConfig)}
+    defaults = {name: config_fields[name].default for name in names} | (defaults or {})
+
+    def add(cls):
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        cls.__annotations__ = {name: field_type(name) for name in names} | own
+        for name in names:
+            setattr(cls, name, field(default=defaults[name], metadata=config_fields[name].metadata))
+        return cls
+
+    return add
 
 
 @dataclass
+@with_config_fields(*SAE_FIELDS, defaults=CLI_DEFAULTS)
 class SAEArguments:
-    """The SAE to train (see `DMSAEConfig` for each field's meaning)."""
+    """The SAE to train: `DMSAEConfig`'s fields of `SAE_FIELDS` and the group fractions."""
 
-    dict_size: int = field(default=4096, metadata={"help": "Number of latents, core included."})
-    k: int = field(default=64, metadata={"help": "Target L0 of the SAEBench-equivalent baseline."})
-    k_noncore: int | None = field(
-        default=None,
-        metadata={
-            "help": "Non-core BatchTopK target. Distillation: the same in every cycle (default k). Transfer and "
-            "single runs: default Eq. 4 from k."
-        },
-    )
-    sparsity: Literal["dense_core", "sparse_core"] = field(
-        default="dense_core", metadata={"help": "dense_core: the core is never masked; sparse_core: one BatchTopK."}
-    )
     group_fractions: list[float] = field(
         default_factory=lambda: list(SAEBENCH_GROUP_FRACTIONS),
         metadata={"help": "Matryoshka group fractions of the non-core latents; the rest forms the last group."},
     )
-    aux_coef: float = field(default=1 / 32, metadata={"help": "AuxK loss weight."})
-    prefix_loss_weighting: Literal["sum", "dictionary_learning"] = field(
-        default="sum",
-        metadata={
-            "help": "sum: Σ of the prefix losses (Eq. 5); dictionary_learning: Σ/G² (G prefixes), as its "
-            "Matryoshka trainer (under Adam: AuxK weighs G² times more)."
-        },
-    )
-    train_core_bias: bool = field(
-        default=True, metadata={"help": "Train the core latents' encoder biases (False: they stay at 0)."}
-    )
-    dead_tokens_threshold: int = field(default=10_000_000, metadata={"help": "Tokens without firing = dead."})
-    threshold_beta: float = field(default=0.999, metadata={"help": "EMA decay of the inference threshold."})
 
     def __post_init__(self):
         if self.dict_size < 2:
@@ -51,37 +77,35 @@ class SAEArguments:
             raise ValueError(f"k_noncore={self.k_noncore} is invalid: must lie in [1, dict_size={self.dict_size})")
         if any(f <= 0 for f in self.group_fractions) or sum(self.group_fractions) >= 1:
             raise ValueError(f"group_fractions={self.group_fractions} is invalid: positive, summing to less than 1")
-        # Everything else DMSAEConfig checks; building one here reports it now, before any harvesting.
-        DMSAEConfig(
-            d_in=1,
-            dict_size=self.dict_size,
-            k=self.k,
-            k_noncore=self.k_noncore,
-            sparsity=self.sparsity,
-            aux_coef=self.aux_coef,
-            dead_tokens_threshold=self.dead_tokens_threshold,
-            prefix_loss_weighting=self.prefix_loss_weighting,
-            train_core_bias=self.train_core_bias,
-            threshold_beta=self.threshold_beta,
-            group_sizes=matryoshka_group_sizes(self.dict_size, tuple(self.group_fractions)),
-        )
+        # DMSAEConfig checks every field (types, choices, ranges); building one reports it now, before any harvesting.
+        group_sizes = matryoshka_group_sizes(self.dict_size, tuple(self.group_fractions))
+        DMSAEConfig(d_in=1, group_sizes=group_sizes, **{name: getattr(self, name) for name in SAE_FIELDS})
+
+
+def k_noncore_for(sae: SAEArguments, reference_core_size: int) -> int:
+    """The one rule for `k_noncore`: the value given, else Eq. 4 from `k` at the core size of the model a stage's
+    models are compared with. A distillation's cycles and the core-dynamics study compare with the coreless cycle 0
+    (core size 0: `k_noncore = k` in every cycle); a transfer compares each DMSAE with a Matryoshka SAE of L0 `k`
+    (its own core size); a single run has no core (`k`)."""
+    if sae.k_noncore is not None:
+        return sae.k_noncore
+    return noncore_k(sae.k, sae.dict_size, reference_core_size)
 
 
 def sae_config(sae: SAEArguments, data, **overrides) -> DMSAEConfig:
     """The `DMSAEConfig` of a new SAE on the activations of `data` (a `RunData` or another source with
     `sae_fields()`); `overrides` (e.g. a core) win."""
     core_size = overrides.get("core_size", 0)
-    settings = dict(
-        dict_size=sae.dict_size,
-        group_sizes=matryoshka_group_sizes(sae.dict_size - core_size, tuple(sae.group_fractions)),
-        k=sae.k,
-        k_noncore=sae.k_noncore,
-        sparsity=sae.sparsity,
-        aux_coef=sae.aux_coef,
-        prefix_loss_weighting=sae.prefix_loss_weighting,
-        train_core_bias=sae.train_core_bias,
-        dead_tokens_threshold=sae.dead_tokens_threshold,
-        threshold_beta=sae.threshold_beta,
-        **data.sae_fields(),
-    )
-    return DMSAEConfig(**{**settings, **overrides})
+    settings = {name: getattr(sae, name) for name in SAE_FIELDS}
+    settings["group_sizes"] = matryoshka_group_sizes(sae.dict_size - core_size, tuple(sae.group_fractions))
+    return DMSAEConfig(**(settings | data.sae_fields() | overrides))
+
+
+def new_model(sae: SAEArguments, data, core=None, *, seed: int, cycle: int = 0) -> DMSAEModel:
+    """A freshly initialised model (under `seed`) on `data`'s activations, around `core` (a `DMSAECore`: its rows
+    copied bit for bit into the frozen encoder rows, its ids kept), or without one."""
+    set_seed(seed)
+    if core is None:
+        return DMSAEModel(sae_config(sae, data, cycle=cycle))
+    config = sae_config(sae, data, cycle=cycle, core_size=len(core), core_ids=list(core.latent_ids))
+    return DMSAEModel.from_core(config, torch.as_tensor(core.encoder_rows))

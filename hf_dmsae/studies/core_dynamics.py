@@ -28,11 +28,11 @@ import torch
 
 from ..data.activations import ActivationArguments
 from ..evaluation.held_out import activation_metrics
-from ..method.distillation import new_model, random_core, random_core_generator
+from ..method.distillation import random_core, random_core_generator
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..reporting import figures
-from ..run.arguments import SAEArguments
+from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import open_source
 from ..run.state import RunState, arguments_identity
 from ..run.trainer import DMSAETrainingArguments
@@ -207,7 +207,7 @@ class CoreDynamics:
         self.activation_args = None
         if args.study_source == "lm":
             self.activation_args = dataclasses.replace(activations, num_tokens=max(args.budgets))
-        self.k_noncore = sae.k_noncore if sae.k_noncore is not None else sae.k  # as the distillation trains
+        self.k_noncore = k_noncore_for(sae, reference_core_size=0)  # as the distillation trains
         self.study_dir = Path(args.study_dir or Path(training.output_dir) / "core-dynamics")
         self.world = SyntheticWorld(synthetic) if args.study_source == "synthetic" else None
 
@@ -290,7 +290,7 @@ class CoreDynamics:
             overrides = {k: v for k, v in a.overrides.items() if hasattr(self.sae_args, k)}
             sae = dataclasses.replace(self.sae_args, k_noncore=self.k_noncore, **overrides)
             core = cores[planned.core]
-            model = new_model(sae, data, core, seed)
+            model = new_model(sae, data, core, seed=seed)
             # The geometry at the start, with b_dec at the geometric median (of held-out rows here; training starts
             # it on its first rows).
             model.init_decoder_bias(held_out[: self.training_args.init_decoder_bias_rows])

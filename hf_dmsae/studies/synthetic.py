@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import set_seed
 
 from ..data.activations import norm_factor
 from ..evaluation.progressive import latent_statistics, order_by, prefix_fvu
@@ -47,7 +46,7 @@ from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..reporting import figures
 from ..reporting.figures import spread_cell
-from ..run.arguments import SAEArguments, sae_config
+from ..run.arguments import SAEArguments, new_model
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
 from ..utils.checks import check_ranges
@@ -539,9 +538,8 @@ class SyntheticBenchmark:
         if (plain_folder / "checksums.json").is_file():
             plain = load_trained_model(plain_folder)
         else:
-            set_seed(seed)
             sae = dataclasses.replace(self.sae_args, k=k, group_fractions=[])
-            plain = DMSAEModel(sae_config(sae, source))
+            plain = new_model(sae, source, seed=seed)
             train_sae(plain, source, source.training_slice("plain-batchtopk"), self._training(plain_folder, seed))
         prefixes = list(itertools.accumulate(matryoshka.config.group_sizes))
         curves = {}
