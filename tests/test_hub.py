@@ -252,8 +252,13 @@ def test_ctrl_c_during_a_set_removes_the_repos_created_before_and_stays_an_inter
                 signal.raise_signal(signal.SIGINT)  # Ctrl-C, delivered as the terminal delivers it
             return super().upload_folder(**kwargs)
 
-    with pytest.raises(KeyboardInterrupt):
-        publish_all(items, token=TOKEN, api=InterruptedSecond(token=TOKEN))
+    # Python's own Ctrl-C handler, as in a terminal (a process started in the background inherits SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            publish_all(items, token=TOKEN, api=InterruptedSecond(token=TOKEN))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not HfApi().repo_exists("org/interrupted-one") and not HfApi().repo_exists("org/interrupted-two")
 
 
