@@ -98,7 +98,10 @@ def test_a_core_for_other_activations_is_refused_before_any_harvesting(tiny_lm_d
             coverage_curve=torch.ones(0),
             provenance=provenance,
         ).save_pretrained(tmp_path / name)
-    for name, difference in (("wide", "width 64 (the run's LM: 32)"), ("layer", "hook_layer 12 (the run's: 2)")):
+    for name, difference in (
+        ("wide", "width 64 (the run's activations: 32)"),
+        ("layer", "layer 12 (the run's hook_layer: 2)"),
+    ):
         with pytest.raises(ValueError, match=rf"selected for other activations: {re.escape(difference)}"):
             Transfer(
                 TransferArguments(core=str(tmp_path / name), ks=[8]),

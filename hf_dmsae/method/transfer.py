@@ -21,6 +21,7 @@ from ..evaluation.held_out import activation_metrics
 from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments, headline_metrics
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
+from ..publishing.formats import fit_differences
 from ..publishing.hub import (
     check_push_token,
     check_repo_id,
@@ -70,13 +71,8 @@ class TransferArguments:
 
 def check_core_fits(core: DMSAECore, where: str, activations: ActivationArguments) -> None:
     """Refuse a core selected at another width, layer or hook than the run's activations, before any harvesting."""
-    differences = []
-    if (width := core.encoder_rows.shape[1]) != lm_width(activations):
-        differences.append(f"width {width} (the run's LM: {lm_width(activations)})")
-    for name in ("hook_layer", "hook_name"):
-        recorded = core.provenance.get(name)
-        if recorded is not None and recorded != getattr(activations, name):
-            differences.append(f"{name} {recorded!r} (the run's: {getattr(activations, name)!r})")
+    layer, hook = core.provenance.get("hook_layer"), core.provenance.get("hook_name")
+    differences = fit_differences(core.encoder_rows.shape[1], layer, hook, None, activations, lm_width(activations))
     if differences:
         raise ValueError(f"the core {where} was selected for other activations: {'; '.join(differences)}")
 

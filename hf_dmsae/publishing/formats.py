@@ -56,7 +56,7 @@ def _check_shapes(path: Path, found: dict[str, list[int]], wanted: dict[str, lis
     problems = [
         f"{name} missing" if name not in found else f"{name} is {list(found[name])}, not {shape}"
         for name, shape in wanted.items()
-        if list(found.get(name, [])) != shape or name not in found
+        if name not in found or list(found[name]) != shape
     ]
     if problems:
         raise IntegrityError(f"{path} does not hold the SAE its config describes: {'; '.join(problems)}")
@@ -112,7 +112,16 @@ def check_checkpoint_fits(folder: str | Path, activations, d_in: int) -> None:
     """Refuse a checkpoint made for another LM, layer or width than the run's activations (`ActivationArguments`),
     naming what differs. LM names are compared by their last path component (a local copy of a Hub model fits)."""
     folder = Path(folder)
-    width, layer, hook, recorded_lm = _checkpoint_target(folder)
+    differences = fit_differences(*_checkpoint_target(folder), activations, d_in)
+    if differences:
+        raise ValueError(f"{folder} was trained for another model: {'; '.join(differences)}")
+
+
+def fit_differences(
+    width: int, layer: int | None, hook: str | None, lm: str | None, activations, d_in: int
+) -> list[str]:
+    """What of an SAE's `(width, layer, hook, LM)` differs from the run's activations (`ActivationArguments`, of
+    width `d_in`); None is unrecorded. LMs compare by their last path component (a local copy of a Hub model fits)."""
     differences = []
     if width != d_in:
         differences.append(f"width {width} (the run's activations: {d_in})")
@@ -121,10 +130,9 @@ def check_checkpoint_fits(folder: str | Path, activations, d_in: int) -> None:
     if hook is not None and hook != activations.hook_name:
         differences.append(f"hook {hook} (the run's hook_name: {activations.hook_name})")
     run_lm = activations.model_name_or_path.rstrip("/").split("/")[-1].lower()
-    if recorded_lm and recorded_lm.rstrip("/").split("/")[-1].lower() != run_lm:
-        differences.append(f"LM {recorded_lm!r} (the run's: {activations.model_name_or_path!r})")
-    if differences:
-        raise ValueError(f"{folder} was trained for another model: {'; '.join(differences)}")
+    if lm and lm.rstrip("/").split("/")[-1].lower() != run_lm:
+        differences.append(f"LM {lm!r} (the run's: {activations.model_name_or_path!r})")
+    return differences
 
 
 def load_cycle0(folder: str | Path, k: int | None = None) -> DMSAEModel:
