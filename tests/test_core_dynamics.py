@@ -9,6 +9,7 @@ from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import Distillation, DistillationArguments
 from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.reporting.reports import core_dynamics_report, decay_start
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model
@@ -17,7 +18,6 @@ from hf_dmsae.studies.core_dynamics import (
     CoreDynamics,
     CoreDynamicsArguments,
     core_geometry,
-    decay_start,
     principal_directions,
 )
 from hf_dmsae.studies.synthetic import SyntheticArguments, SyntheticSource, SyntheticWorld
@@ -127,7 +127,7 @@ def test_the_study_resumes_without_retraining_reports_and_refuses_other_settings
     weights = root / "core-dynamics" / "seed1" / "paper" / "distilled-b4096" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     assert CoreDynamics(*arguments).run() == json.loads(json.dumps(results)) and weights.stat().st_mtime_ns == before
-    report = (root / "core-dynamics" / "report.md").read_text()
+    report = core_dynamics_report(root / "core-dynamics")
     assert "| 4096 | random_init | 1 | 32 |" in report and "| core_bias_frozen | distilled | 1 |" in report
     assert all(f"| {name} |" in report for name in ABLATIONS)
     for figure in ("l0_core_by_budget", "ablations"):

@@ -1,6 +1,6 @@
 import pytest
 
-from hf_dmsae.reporting.report import write_report
+from hf_dmsae.reporting.reports import gather_reports
 
 
 def test_report_gathers_run_reports_figures_and_results(tmp_path):
@@ -11,7 +11,7 @@ def test_report_gathers_run_reports_figures_and_results(tmp_path):
         (folder / "figures" / figure).write_bytes(b"\x89PNG")
         (folder / "results.json").write_text("{}")
     runs = {"transfer": tmp_path / "transfer", "distillation": tmp_path / "distillation"}
-    report = write_report(runs, tmp_path / "out", "Study").read_text()
+    report = gather_reports(runs, tmp_path / "out", "Study").read_text()
 
     assert report.startswith("# Study")
     assert report.index("## distillation report") < report.index("## transfer report")
@@ -19,6 +19,6 @@ def test_report_gathers_run_reports_figures_and_results(tmp_path):
     assert (tmp_path / "out" / "figures" / "metrics_vs_k.png").read_bytes() == b"\x89PNG"
     assert (tmp_path / "out" / "transfer-results.json").is_file()
     with pytest.raises(FileNotFoundError, match="run the synthetic first"):
-        write_report({"synthetic": tmp_path / "nothing"}, tmp_path / "out", "Study")
+        gather_reports({"synthetic": tmp_path / "nothing"}, tmp_path / "out", "Study")
     with pytest.raises(ValueError, match="unknown report sections"):
-        write_report({"absorption": tmp_path}, tmp_path / "out", "Study")
+        gather_reports({"absorption": tmp_path}, tmp_path / "out", "Study")

@@ -11,6 +11,7 @@ from hf_dmsae import DMSAEModel
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.transfer import Transfer, TransferArguments
 from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.reporting.reports import transfer_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model
@@ -65,7 +66,7 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
     before = weights.stat().st_mtime_ns
     rerun = Transfer(*arguments)
     assert rerun.run() == results and weights.stat().st_mtime_ns == before  # nothing retrained
-    report = rerun.report()
+    report = transfer_report(tmp_path / "run")
     assert "| 16 | sparse_core |" in report and "sb_meta_fve" in report and "- autointerp: " in report
     assert json.loads((tmp_path / "run" / "state.json").read_text())["results"] == results
     assert (tmp_path / "run" / "figures" / "metrics_vs_k.png").read_bytes().startswith(b"\x89PNG")

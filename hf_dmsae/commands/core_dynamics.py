@@ -16,6 +16,7 @@ import logging
 from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
+from hf_dmsae.reporting.reports import core_dynamics_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
@@ -32,7 +33,7 @@ def main() -> None:
     lm = study.study_source == "lm"
     run = CoreDynamics(study, sae, activations if lm else None, None if lm else synthetic, training)
     run.run()
-    print((run.study_dir / "report.md").read_text())
+    print(core_dynamics_report(run.study_dir))
 
 
 if __name__ == "__main__":

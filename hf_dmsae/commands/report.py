@@ -6,7 +6,7 @@
 
 import argparse
 
-from hf_dmsae.reporting.report import SECTIONS, write_report
+from hf_dmsae.reporting.reports import SECTIONS, gather_reports
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
         parser.add_argument(f"--{section}", help=f"Output folder of the {section} run.")
     args = parser.parse_args()
     runs = {s: getattr(args, s) for s in SECTIONS if getattr(args, s)}
-    print(write_report(runs, args.out, args.title))
+    print(gather_reports(runs, args.out, args.title))
 
 
 if __name__ == "__main__":

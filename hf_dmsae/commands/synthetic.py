@@ -10,6 +10,7 @@ under `--output_dir` is resumable, `results.json` keeps finished seeds); the rep
 import logging
 
 from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.reporting.reports import synthetic_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
@@ -21,7 +22,7 @@ def main() -> None:
     arguments = parse_arguments((SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments))
     benchmark = SyntheticBenchmark(*arguments)
     benchmark.run()
-    print(benchmark.report())
+    print(synthetic_report(benchmark.output_dir))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
 from hf_dmsae.method.transfer import Transfer, TransferArguments
+from hf_dmsae.reporting.reports import transfer_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import end_processes, parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
@@ -29,9 +30,8 @@ def main() -> None:
     )
     run = Transfer(*arguments)
     run.run()
-    report = run.report()
     if run.training_args.process_index == 0:
-        print(report)
+        print(transfer_report(run.output_dir))
     end_processes()
 
 

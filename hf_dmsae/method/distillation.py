@@ -45,14 +45,14 @@ from ..publishing.hub import (
     write_core_repo,
     write_model_repo,
 )
-from ..reporting import figures
+from ..reporting.reports import carry_over, distillation_figures
 from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import ActivationSource, open_source
-from ..run.state import RunState, arguments_identity
+from ..run.state import RunState, arguments_identity, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae, training_steps
 from ..utils.checks import check_ranges
-from ..utils.integrity import IntegrityError, file_sha256
+from ..utils.integrity import file_sha256
 from ..utils.stages import StageTimes
 from .attribution import Attribution, AttributionArguments, AttributionCallback, jaccard
 
@@ -177,6 +177,8 @@ class Distillation:
             or (default_model_repo(activations) if source is None else source.default_repo),
             "model_repo",
         )
+        self.state.data.update(model_repo=self.model_repo, k_noncore=self.k_noncore)  # for the report
+        self.state.save()
 
     @cached_property
     def data(self) -> ActivationSource:
@@ -210,16 +212,10 @@ class Distillation:
             core.save_pretrained(folder)
         record.update(core=str(folder.relative_to(self.output_dir)), core_digest=core.digest())
 
-    def _load_core(self, record: dict) -> DMSAECore:
-        core = DMSAECore.from_pretrained(self.output_dir / record["core"])
-        if core.digest() != record["core_digest"]:
-            raise IntegrityError(f"{self.output_dir / record['core']} changed since the run wrote it")
-        return core
-
     def _cycle(self, t: int, previous: DMSAECore | None) -> DMSAECore:
         record = self.state.record("cycles", str(t))
         if record.get("core"):
-            return self._load_core(record)
+            return load_recorded_core(self.output_dir, record)
         folder = self.output_dir / f"cycle{t}"
         with StageTimes() as times:
             if t == 0 and self.cycle0 is not None:
@@ -286,65 +282,6 @@ class Distillation:
     def last_cycle(self) -> int:
         return self.state.data["distilled"]["last_cycle"]
 
-    def report(self) -> str:
-        """A markdown summary of the run, written to `report.md`."""
-        state = self.state.data
-        lines = [
-            f"# Distillation report: {self.model_repo}",
-            "",
-            f"Every cycle trains on its own slice of the token stream with `k_noncore = {self.k_noncore}` (fixed "
-            "for the run); cores are scored on the attribution split, which no cycle trains on.",
-            "",
-            "| cycle | core size | coverage | carried over from previous core | held-out FVU | L0 core | L0 non-core |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for t in range(self.last_cycle + 1):
-            c = self.state.record("cycles", str(t))
-            m = c.get("metrics", {})
-            cells = [t, c["size"], f"{c['coverage']:.3f}", c["carried_over"] if t else "–"]
-            cells += [f"{m[k]:.4f}" if k in m else "–" for k in ("eval_fvu", "eval_l0_core", "eval_l0_noncore")]
-            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
-        lines += [
-            "",
-            f"Distilled core `C^({self.last_cycle}) ∩ C^({self.last_cycle - 1})`: "
-            f"**{state['distilled']['size']} latents**.",
-            "",
-            "## Slices of the token stream",
-            "",
-            *self.state.slices.table(),
-            "",
-        ]
-        if control := state.get("control"):
-            lines += [
-                "## Controls (Fig. 3)",
-                "",
-                "`random_init`: random unit rows, the paper's control; `random_trained`: trained latents of the "
-                "last cycle outside the distilled core. Same slice, budget and seeds as the distilled core.",
-                "",
-                "| core | seed | E[L0 core] min | E[L0 core] end | held-out FVU | held-out L0 core |",
-                "|---|---|---|---|---|---|",
-            ]
-            for _, result in sorted(control.items()):
-                curve = [v for _, v in result["l0_core_curve"]] or [float("nan")]
-                m = result["metrics"]
-                lines.append(
-                    f"| {result['core']} | {result['seed']} | {min(curve):.2f} | {curve[-1]:.2f} | "
-                    f"{m.get('eval_fvu', float('nan')):.4f} | {m.get('eval_l0_core', float('nan')):.2f} |"
-                )
-            lines.append("")
-        lines += [f"![{p.stem}](figures/{p.name})" for p in sorted((self.output_dir / "figures").glob("*.png"))]
-        if (self.output_dir / "repos").is_dir():
-            lines += ["", "## Repos", ""]
-            lines += [f"- `{p.name.replace('__', '/')}`: `{p}`" for p in sorted((self.output_dir / "repos").iterdir())]
-        text = "\n".join(lines) + "\n"
-        if self.state.writer:
-            (self.output_dir / "report.md").write_text(text)
-        return text
-
-    def carry_over(self) -> list[dict]:
-        cycles = sorted(self.state.data["cycles"].items(), key=lambda item: int(item[0]))
-        return [{"cycle": int(t), "size": c["size"], "kept": c["carried_over"]} for t, c in cycles if "size" in c]
-
     # -- the controls -------------------------------------------------------------------------------------------
     def control_cores(self, distilled: DMSAECore, last: int, seed: int) -> dict[str, DMSAECore]:
         """The three cores of a control seed, all of `|C*|` rows: the distilled core, random unit rows and trained
@@ -384,25 +321,12 @@ class Distillation:
                 }
                 self.state.save()
 
-    def _figures(self, cores: list[DMSAECore]) -> list[Path]:
-        plots = [
-            figures.coverage_curves(cores, self.attribution_args.tau, self.figure("coverage_curves")),
-            figures.carry_over(self.carry_over(), self.figure("carry_over")),
-        ]
-        tracks = {int(t): c["track"] for t, c in self.state.data["cycles"].items() if c.get("track")}
-        if tracks:
-            finals = {t: set(self._load_core(self.state.record("cycles", str(t))).latent_ids) for t in tracks}
-            plots.append(figures.selection_convergence(tracks, finals, self.figure("selection_convergence")))
-        if control := self.state.data.get("control"):
-            plots.append(figures.l0_core_curves(control, self.figure("l0_core")))
-        return plots
-
     def _publish(self, cores: list[DMSAECore], distilled: DMSAECore) -> None:
         """Write every repo folder under the current names and push them as one set (main process; only with
         `push_to_hub`)."""
         if not self.state.writer:
             return
-        plots = self._figures(cores)
+        plots = distillation_figures(self.output_dir)
         datasets = [self.data.dataset_name]
         repos = {f"cycle {t} core": core_repo_name(self.model_repo, t) for t in range(len(cores))}
         repos["distilled core"] = core_repo_name(self.model_repo, None)
@@ -432,8 +356,8 @@ class Distillation:
                     repo_folder(self.output_dir, repo),
                     repo,
                     datasets=datasets,
-                    carry_over=self.carry_over(),
-                    figures=plots[:2],
+                    carry_over=carry_over(self.state.data),
+                    figures=[plots["coverage_curves"], plots["carry_over"]],
                     related=others(repo),
                 ),
                 repo,
@@ -456,6 +380,3 @@ class Distillation:
                 )
             )
         publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)
-
-    def figure(self, name: str) -> Path:
-        return self.output_dir / "figures" / f"{name}.png"

@@ -4,7 +4,8 @@ For every target L0 `k`: a DMSAE with the core's frozen rows in dense-core mode 
 sparse-core mode (one global BatchTopK of `k`), and a plain Matryoshka SAE; all on the same slice of the token
 stream, budget and seed. Each is evaluated on held-out data (FVU, L0s, dead fraction, CE loss recovered) and, if
 asked, with SAEBench's evals (`hf_dmsae.saebench`). Results are recorded in the run's `state.json` after every
-model, so re-running resumes (with the same core and settings only), and summarised in `report.md`. Every model is
+model, so re-running resumes (with the same core and settings only); `reporting.reports.transfer_report` writes them
+as `report.md`. Every model is
 written as a repo with its model card (`<output_dir>/repos/`) and, with `push_to_hub`, pushed as one set.
 """
 
@@ -18,7 +19,8 @@ from pathlib import Path
 from ..data.activations import ActivationArguments
 from ..data.language_model import lm_width
 from ..evaluation.held_out import activation_metrics
-from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments, headline_metrics
+from ..evaluation.saebench import SAEBenchArguments, headline_metrics
+from ..model.configuration_dmsae import VARIANTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..publishing.formats import fit_differences
@@ -31,15 +33,12 @@ from ..publishing.hub import (
     resolve_folder,
     write_model_repo,
 )
-from ..reporting import figures
 from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import ActivationSource, open_source
 from ..run.state import RunState, arguments_identity
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae, training_steps
 from ..utils.checks import check_ranges
-
-VARIANTS = ("dense_core", "sparse_core", "matryoshka")
 
 
 @dataclass
@@ -120,6 +119,8 @@ class Transfer:
         identity["inputs.core"] = self.core.digest()
         self.state = RunState(self.output_dir, "transfer", identity, writer=training.process_index == 0)
         self.results: dict = self.state.record("results")
+        self.state.data["core"] = {"source": args.core, "size": len(self.core)}  # for the report
+        self.state.save()
 
     @cached_property
     def data(self) -> ActivationSource:
@@ -193,38 +194,3 @@ class Transfer:
                 result["saebench"] = self.saebench.run(name, load_trained_model(self.output_dir / name))
                 result |= headline_metrics(result["saebench"])
                 self.state.save()
-
-    def report(self) -> str:
-        columns = ("fvu", "ce_loss_recovered", "l0", "l0_core", "l0_noncore", "dead_fraction")
-        columns += tuple(c for _, _, c in HEADLINE_METRICS if any(c in r for r in self.results.values()))
-        lines = [
-            f"# Transfer report: core `{self.args.core}` ({len(self.core)} latents)",
-            "",
-            "Own metrics on held-out text; `sb_*` columns are SAEBench's (`saebench/<eval>/` holds their JSON).",
-            "",
-            "| k | variant | " + " | ".join(columns) + " |",
-            "|---|---|" + "---|" * len(columns),
-        ]
-        skipped = {}
-        for result in sorted(self.results.values(), key=lambda r: (r["k"], VARIANTS.index(r["variant"]))):
-            cells = " | ".join(f"{result[c]:.4f}" if c in result else "–" for c in columns)
-            lines.append(f"| {result['k']} | {result['variant']} | {cells} |")
-            skipped |= {
-                name: r.get("skipped") or r["failed"]
-                for name, r in result.get("saebench", {}).items()
-                if "skipped" in r or "failed" in r
-            }
-        if skipped:
-            lines += ["", "SAEBench evals not run:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()]
-        if (self.output_dir / "repos").is_dir():
-            lines += ["", "Repos (local folders; pushed with `push_to_hub`):", ""]
-            lines += [f"- `{p.name.replace('__', '/')}`: `{p}`" for p in sorted((self.output_dir / "repos").iterdir())]
-        if self.training_args.process_index == 0 and self.results:
-            plot = figures.metrics_against_k(
-                list(self.results.values()), columns[:4], self.output_dir / "figures" / "metrics_vs_k.png"
-            )
-            lines += ["", f"![metrics against k](figures/{plot.name})"]
-        text = "\n".join(lines) + "\n"
-        if self.training_args.process_index == 0:
-            (self.output_dir / "report.md").write_text(text)
-        return text

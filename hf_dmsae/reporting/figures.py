@@ -4,7 +4,6 @@ within a cycle, metrics against k (Fig. 4), and the synthetic benchmark's select
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..model.core import DMSAECore
+from .tables import mean_and_spread
 
 
 def save(figure, path: Path) -> Path:
@@ -106,24 +106,6 @@ def selection_convergence(tracks: dict[int, list[dict]], finals: dict[int, set],
     size_axis.set(xlabel="training step", ylabel="selected core size (dotted: final)")
     overlap_axis.legend(fontsize=8)
     return save(figure, path)
-
-
-def mean_and_spread(value) -> tuple[float, float]:
-    """A number, or the mean and sample standard deviation of a list of them (one per seed; one value: spread 0;
-    none: not a number)."""
-    if not isinstance(value, list):
-        return value, 0.0
-    if not value:
-        return float("nan"), 0.0
-    return statistics.fmean(value), statistics.stdev(value) if len(value) > 1 else 0.0
-
-
-def spread_cell(values: list[float], digits: int = 3) -> str:
-    """A report's table cell for values over seeds: `mean ± std`, the value alone for one seed, `–` for none."""
-    if not values:
-        return "–"
-    mean, spread = mean_and_spread(values)
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path) -> Path:

@@ -14,7 +14,8 @@ from filelock import FileLock, Timeout
 from ..data.activations import ActivationArguments
 from ..data.cache import identity_difference
 from ..data.slices import SliceLayout
-from ..utils.integrity import read_json, write_json_atomically
+from ..model.core import DMSAECore
+from ..utils.integrity import IntegrityError, read_json, write_json_atomically
 from .trainer import DMSAETrainingArguments
 
 TRAINING_FIELDS = (
@@ -125,3 +126,11 @@ class RunState:
     def save(self) -> None:
         if self.writer:
             write_json_atomically(self.path, self.data)
+
+
+def load_recorded_core(folder: Path, record: dict) -> DMSAECore:
+    """The core a run recorded (`record["core"]`, a path under `folder`), refused if its files changed since."""
+    core = DMSAECore.from_pretrained(folder / record["core"])
+    if core.digest() != record["core_digest"]:
+        raise IntegrityError(f"{folder / record['core']} changed since the run wrote it")
+    return core

@@ -13,7 +13,8 @@ with its own learning-rate schedule. Beside the curves each run records the core
 the activations' mean direction and the variance of the activations along them.
 
 Layout: `<study_dir>/seed{s}/state.json` (identity, slices, each run's record), `<study_dir>/seed{s}/<ablation>/
-<core>-b<budget>/` (the Trainer's output), and `results.json`, `report.md`, `figures/` in `<study_dir>`.
+<core>-b<budget>/` (the Trainer's output), and `results.json` in `<study_dir>`, from which
+`reporting.reports.core_dynamics_report` writes `report.md` and `figures/`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from ..evaluation.held_out import activation_metrics
 from ..method.distillation import random_core, random_core_generator
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
-from ..reporting import figures
 from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import open_source
 from ..run.state import RunState, arguments_identity
@@ -347,15 +347,13 @@ class CoreDynamics:
             "budgets": sorted(self.args.budgets),
             "ablation_budget": self.args.ablation_budget,
             "runs": runs,
+            "ablations": {
+                name: {"hypothesis": a.hypothesis, "overrides": a.overrides, "random_core": a.random_core}
+                for name, a in ABLATIONS.items()
+            },
         }
         write_json_atomically(self.study_dir / "results.json", results)
-        self.report(results)
         return results
-
-    def report(self, results: dict) -> str:
-        text = study_report(results, self.study_dir / "figures")
-        (self.study_dir / "report.md").write_text(text)
-        return text
 
 
 def _first_rows(batches, rows: int):
@@ -398,154 +396,3 @@ def core_geometry(model: DMSAEModel, activations: torch.Tensor) -> dict[str, flo
         "variance_ratio": (((x - mean) @ unit.T).pow(2).mean(0) / per_direction).mean(),
     }
     return {k: round(float(v), 6) for k, v in values.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The report
-
-
-def _summary(runs: list[dict]) -> dict[str, str]:
-    """Cells over the runs of one setting (one per seed): E[L0 core] share at its minimum and at the end, held-out
-    FVU and L0s, the geometry at the end."""
-    cell = figures.spread_cell
-    cored = [r for r in runs if r["core_size"]]
-    share = {r["seed"]: [v / r["core_size"] for _, v in r["l0_core_curve"]] or [float("nan")] for r in cored}
-    cells = {
-        "seeds": str(len(runs)),
-        "min": cell([min(s) for s in share.values()]),
-        "end": cell([s[-1] for s in share.values()]),
-        "eval_l0_core": cell([r["metrics"]["eval_l0_core"] for r in cored], 1),
-        "eval_l0_noncore": cell([r["metrics"]["eval_l0_noncore"] for r in runs], 1),
-        "eval_fvu": cell([r["metrics"]["eval_fvu"] for r in runs]),
-    }
-    for key in ("firing", "mean_preactivation_in_std", "variance_ratio", "mean_direction_cos"):
-        for when in ("start", "end"):
-            cells[f"{key}_{when}"] = cell([r["geometry"][when][key] for r in cored], 2)
-    return cells
-
-
-def _change(ablation: Ablation) -> str:
-    changes = [f"`{k}={v}`" for k, v in ablation.overrides.items()]
-    if ablation.random_core != "random_init":
-        changes.append(f"random core `{ablation.random_core}`")
-    return ", ".join(changes) or "–"
-
-
-def study_report(results: dict, figure_dir: Path) -> str:
-    """`report.md` of a study: the curves' numbers per budget and seed, the ablations against the paper's settings,
-    the cores' geometry, and the figures."""
-    runs = results["runs"]
-    paper = [r for r in runs if r["ablation"] == "paper"]
-    lines = [
-        f"# Core dynamics ({results['source']})",
-        "",
-        "E[L0 core] / |C|: the share of the core's latents active per token (dense core: every core latent "
-        "with a positive pre-activation), logged over training; min and end of the training log.",
-        "",
-        "## Curves per budget and seed (the paper's settings)",
-        "",
-        "| budget | core | seed | steps | share min (at step) | share end | held-out L0 core | held-out L0 "
-        "non-core | held-out FVU |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(paper, key=lambda r: (r["budget"], r["core"], r["seed"])):
-        curve = [(step, v / r["core_size"]) for step, v in r["l0_core_curve"]] if r["core_size"] else []
-        low = min(curve, key=lambda point: point[1]) if curve else None
-        m = r["metrics"]
-        lines.append(
-            f"| {r['budget']} | {r['core']} | {r['seed']} | {r['steps']} | "
-            + (f"{low[1]:.3f} ({low[0]}) | {curve[-1][1]:.3f} | {m['eval_l0_core']:.1f}" if curve else "– | – | –")
-            + f" | {m['eval_l0_noncore']:.1f} | {m['eval_fvu']:.4f} |"
-        )
-    lines += ["", "## Hypotheses and their ablations", "", "| ablation | hypothesis | change |", "|---|---|---|"]
-    lines += [f"| {a.name} | {a.hypothesis} | {_change(a)} |" for a in ABLATIONS.values()]
-    budget = results["ablation_budget"]
-    lines += [
-        "",
-        f"At {budget} tokens; mean ± std over seeds. Firing: the share of held-out rows a core latent is on "
-        "(start: the initialised model); pre-activation / std: a core latent's mean pre-activation in units of "
-        "its spread at the end (≥ 2: on for almost every row).",
-        "",
-        "| ablation | core | seeds | share min | share end | held-out L0 core | held-out FVU | firing start → "
-        "end | pre-activation / std |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, ablation in ABLATIONS.items():
-        for core in ("distilled", ablation.random_core):
-            chosen = [r for r in runs if r["ablation"] == name and r["core"] == core and r["budget"] == budget]
-            if chosen:
-                c = _summary(chosen)
-                lines.append(
-                    f"| {name} | {core} | {c['seeds']} | {c['min']} | {c['end']} | {c['eval_l0_core']} | "
-                    f"{c['eval_fvu']} | {c['firing_start']} → {c['firing_end']} | "
-                    f"{c['mean_preactivation_in_std_end']} |"
-                )
-    lines += [
-        "",
-        "## The cores' geometry",
-        "",
-        "Variance ratio: the activations' variance along a core row over the mean per direction (1: isotropic); "
-        "mean-direction |cos|: alignment of a core row with the activations' mean (both properties of the "
-        "frozen rows). Firing and pre-activation / std at the start and the end of the largest budget's runs "
-        "(the off-top random core: its ablation's budget).",
-        "",
-        "| core | budget | variance ratio | mean-direction cos | firing start → end | pre-activation / std start "
-        "→ end |",
-        "|---|---|---|---|---|---|",
-    ]
-    largest = max(results["budgets"])
-    for core in CORE_KINDS:
-        chosen = [
-            r
-            for r in runs
-            if r["core"] == core
-            and r["core_size"]
-            and ((r["ablation"] == "paper" and r["budget"] == largest) or r["ablation"] == "random_core_off_top")
-        ]
-        if chosen:
-            c = _summary(chosen)
-            lines.append(
-                f"| {core} | {chosen[0]['budget']} | {c['variance_ratio_start']} | "
-                f"{c['mean_direction_cos_start']} | {c['firing_start']} → {c['firing_end']} | "
-                f"{c['mean_preactivation_in_std_start']} → {c['mean_preactivation_in_std_end']} |"
-            )
-    lines += ["", *(f"![{p.stem}](figures/{p.name})" for p in study_figures(results, figure_dir))]
-    return "\n".join(lines) + "\n"
-
-
-def decay_start(learning_rates: list) -> int | None:
-    """The first logged step after the peak whose learning rate is below the peak (None: no decay)."""
-    peak = max(v for _, v in learning_rates)
-    after_peak = learning_rates[[v for _, v in learning_rates].index(peak) :]
-    return next((step for step, v in after_peak if v < peak), None)
-
-
-def study_figures(results: dict, folder: Path) -> list[Path]:
-    """`l0_core_by_budget.png` (one panel per budget) and `ablations.png` (one panel per ablation, the paper's
-    curves dashed)."""
-    import matplotlib.pyplot as plt
-
-    runs, budgets = results["runs"], results["budgets"]
-    figure, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
-    for axis, budget in zip(axes[0], budgets, strict=False):
-        chosen = [r for r in runs if r["ablation"] == "paper" and r["budget"] == budget]
-        figures.draw_l0_core(axis, chosen, share=True)
-        if (decay := decay_start(chosen[0]["learning_rate_curve"])) is not None:
-            axis.axvline(decay, color="grey", linestyle=":", linewidth=1)
-        axis.set_title(f"{budget} tokens (dotted: the learning rate decays)", fontsize=9)
-    paths = [figures.save(figure, folder / "l0_core_by_budget.png")]
-    names = [n for n in ABLATIONS if n != "paper" and any(r["ablation"] == n for r in runs)]
-    if names:
-        budget = results["ablation_budget"]
-        paper = [r for r in runs if r["ablation"] == "paper" and r["budget"] == budget and r["core_size"]]
-        columns = min(4, len(names))
-        rows = -(-len(names) // columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
-        for axis, name in zip(axes.flat, names, strict=False):
-            figures.draw_l0_core(axis, paper, share=True, style="--")
-            figures.draw_l0_core(axis, [r for r in runs if r["ablation"] == name], share=True)
-            axis.set_title(f"{name} (dashed: paper)", fontsize=9)
-        for axis in list(axes.flat)[len(names) :]:
-            axis.set_visible(False)
-        paths.append(figures.save(figure, folder / "ablations.png"))
-    return paths

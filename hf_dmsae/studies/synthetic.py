@@ -13,7 +13,7 @@ carry useful features score high; the others carry gradient only through the pro
 directions' overlaps, so a selection can fail. (Reading the features back along their true directions instead does
 worse than no input at all once the features are in superposition.)
 
-`SyntheticSource` is a `runs.ActivationSource`: each slice a run names is fresh rows, seeded by the seed and the
+`SyntheticSource` is a `run.data.ActivationSource`: each slice a run names is fresh rows, seeded by the seed and the
 slice's name. The benchmark (`SyntheticBenchmark`) runs, per seed, the shipped distillation and transfer on it and
 keeps only the scoring against the ground truth: each cycle's core and the distilled core against the useful
 features (precision, recall and MCC, a latent matching a feature when their directions' |cos| ≥ `match_cos`) next to
@@ -44,8 +44,6 @@ from ..method.distillation import Distillation, DistillationArguments
 from ..method.transfer import VARIANTS, Transfer, TransferArguments
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
-from ..reporting import figures
-from ..reporting.figures import spread_cell
 from ..run.arguments import SAEArguments, new_model
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
@@ -53,8 +51,6 @@ from ..utils.checks import check_ranges
 from ..utils.integrity import read_json, write_json_atomically
 
 logger = logging.getLogger(__name__)
-
-SELECTIONS = ("attribution", "random", "frequency", "mean_squared")
 
 
 @dataclass
@@ -424,9 +420,15 @@ def r_precision(ranking: list[int], useful: torch.Tensor) -> float | None:
     return float(useful[ranking[:m]].float().mean()) if m else None
 
 
+def world_summary(world: SyntheticWorld) -> dict:
+    """What a report says of the world: its true L0 (on 65 536 sampled rows) and how many features are useful."""
+    true_l0 = float((world.sample(65_536, _seed_of("true l0"))[1] > 0).float().sum(1).mean())
+    return {"true_l0": true_l0, "useful": len(world.useful)}
+
+
 class SyntheticBenchmark:
     """All seeds' runs under `<output_dir>/seed{s}/` (`distillation/`, `transfer/`, `plain-batchtopk/`: resumable as
-    any run); the scores in `results.json`, the report in `report.md` with `figures/`."""
+    any run); the scores in `results.json`, from which `reporting.reports.synthetic_report` writes `report.md`."""
 
     def __init__(
         self,
@@ -553,7 +555,7 @@ class SyntheticBenchmark:
         return {"k": k, "prefixes": prefixes, "fvu": fvu}
 
     def run(self) -> dict:
-        """Every seed (each resumes where it stopped), cross-seed consistency, `results.json` and the report."""
+        """Every seed (each resumes where it stopped), cross-seed consistency, the world's summary: `results.json`."""
         results = read_json(self.results_path, {}) if self.results_path.is_file() else {}
         if results.get("identity", self.identity()) != self.identity():
             raise ValueError(f"{self.results_path} holds results of other settings: use another output_dir")
@@ -566,6 +568,7 @@ class SyntheticBenchmark:
                 started = time.perf_counter()
                 write_json_atomically(self.results_path, results)
         results["consistency"] = self.consistency()
+        results["world"] = world_summary(self.world)
         write_json_atomically(self.results_path, results)
         self.results = results
         return results
@@ -589,155 +592,3 @@ class SyntheticBenchmark:
             for name in names
         }
         return {name: [consistency(decoders[a, name], decoders[b, name]) for a, b in pairs] for name in names}
-
-    # -- the report -----------------------------------------------------------------------------------------------
-    def _seeds(self) -> list[dict]:
-        return [self.results[f"seed{s}"] for s in self.args.seeds]
-
-    def report(self) -> str:
-        """`report.md` and its figures from `results.json`: every number with its mean ± standard deviation over
-        seeds."""
-        a, seeds = self.args, self._seeds()
-        true_l0 = float((self.world.sample(65_536, _seed_of("true l0"))[1] > 0).float().sum(1).mean())
-        lines = [
-            "# Synthetic ground-truth benchmark (sae_lens.synthetic + a downstream readout task)",
-            "",
-            f"World: {a.num_features} features in {a.hidden_dim} dimensions (Zipfian firing {a.min_firing_probability}"
-            f"–{a.max_firing_probability}, exponent {a.zipf_exponent}; hierarchy of {a.root_features} roots, branching "
-            f"{a.branching_factor}, depth 2; low-rank correlations rank {a.correlation_rank}, scale "
-            f"{a.correlation_scale}); true L0 {true_l0:.2f}. "
-            f"Task: {a.readout_classes} classes from a readout weighting "
-            f"{len(self.world.useful)} useful features ×{a.readout_scale} and the others "
-            f"×{a.readout_scale * a.readout_off_weight:g}; the downstream model is a linear probe fitted on x.",
-            "",
-            f"SAEs of {self.sae_args.dict_size} latents, {a.train_rows} fresh rows each; distillation at "
-            f"k={self.sae_args.k} ({self.sae_args.sparsity.replace('_', '-')} cycles) "
-            f"over {a.num_cycles + 1} cycles (q={self.attribution_args.q}, τ={self.attribution_args.tau}, "
-            f"{self.attribution_args.attribution_tokens} attribution rows); seeds {a.seeds}; every cell is mean ± "
-            f"standard deviation over seeds. A latent matches a feature when their directions' |cos| ≥ {a.match_cos}.",
-            "",
-            f"Runtime: {sum(self.results.get('seconds', {}).values()) / 60:.1f} min for {len(a.seeds)} seeds.",
-            "",
-            "## Cores of the distillation cycles",
-            "",
-            "`L0 core`: active core latents per row (held-out rows, inference mode); a dense core is never masked, a "
-            "sparse core competes in the one BatchTopK.",
-            "",
-            "| cycle | core size | carried over from the previous core | L0 core |",
-            "|---|---|---|---|",
-            *(
-                f"| {t} | {spread_cell([s['cycles'][t]['size'] for s in seeds], 1)} | "
-                f"{spread_cell([s['cycles'][t]['carried_over'] for s in seeds], 1) if t != '0' else '–'} | "
-                f"{spread_cell([s['cycles'][t]['l0_core'] for s in seeds], 1) if t != '0' else '–'} |"
-                for t in seeds[0]["cycles"]
-            ),
-            "",
-            "## Core selection against the useful features",
-            "",
-            "Each core (cycle t's, and the distilled `C^(T) ∩ C^(T−1)`) is compared with selections of the same size "
-            "from the same model's candidate pool: random latents, latents by activation frequency and by mean "
-            "squared activation (held-out rows). `R-precision` ranks the whole pool by each method and takes the "
-            "share of useful latents among its first m, m the number of pool latents that match a useful feature: "
-            "how well the ranking separates them, whatever core size τ gives.",
-            "",
-            "| core | size | selection | precision | recall | MCC with the useful features | "
-            "R-precision of the pool ranking |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
-        for core in cores:
-            for selection in SELECTIONS:
-                runs = [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == selection]
-                ranked = [r["r_precision"] for r in runs if r["r_precision"] is not None]
-                cells = [
-                    spread_cell([r["size"] for r in runs], 1),
-                    selection,
-                    *(spread_cell([r[m] for r in runs]) for m in ("precision", "recall", "mcc")),
-                    spread_cell(ranked),
-                ]
-                lines.append(f"| {core} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            "## Transferred SAEs (MCC against all true features)",
-            "",
-            "`consistency`: mean best-match |cos| between two seeds' decoders, over every pair of seeds.",
-            "",
-            "| k | variant | MCC | FVU | L0 | L0 core | task loss recovered | consistency |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        names = [(k, v) for k in a.transfer_ks for v in a.variants]
-        for k, variant in names:
-            runs = [s["transfer"][f"k{k}-{variant}"] for s in seeds]
-            cells = [
-                spread_cell([r[c] for r in runs], 2 if c.startswith("l0") else 3)
-                for c in ("mcc", "fvu", "l0", "l0_core", "task_loss_recovered")
-            ]
-            cells.append(spread_cell(self.results["consistency"][f"k{k}-{variant}"]))
-            lines.append(f"| {k} | {variant} | " + " | ".join(cells) + " |")
-        if "matryoshka" in a.variants:
-            lines += [
-                "",
-                "## Paired differences DMSAE − Matryoshka (same seed, same k)",
-                "",
-                "The sparse-core DMSAE has the Matryoshka SAE's L0 (one BatchTopK of k); the dense-core one adds "
-                "its core's activity to `k_noncore` (Eq. 4), so its L0 is higher (table above).",
-                "",
-                "| k | variant | Δ MCC | Δ FVU | Δ task loss recovered |",
-                "|---|---|---|---|---|",
-            ]
-            for k, variant in names:
-                if variant == "matryoshka":
-                    continue
-                diffs = {
-                    c: [s["transfer"][f"k{k}-{variant}"][c] - s["transfer"][f"k{k}-matryoshka"][c] for s in seeds]
-                    for c in ("mcc", "fvu", "task_loss_recovered")
-                }
-                lines.append(f"| {k} | {variant} | " + " | ".join(f"{spread_cell(d)}" for d in diffs.values()) + " |")
-        progressive = [s["progressive"] for s in seeds if s.get("progressive")]
-        if progressive:
-            prefixes = progressive[0]["prefixes"]
-            lines += [
-                "",
-                f"## Progressive coding at k={progressive[0]['k']}: FVU of the first G latents",
-                "",
-                "| order | " + " | ".join(f"G={g}" for g in prefixes) + " |",
-                "|---|" + "---|" * len(prefixes),
-            ]
-            for name in progressive[0]["fvu"]:
-                lines.append(
-                    f"| {name} | "
-                    + " | ".join(spread_cell([p["fvu"][name][i] for p in progressive]) for i in range(len(prefixes)))
-                    + " |"
-                )
-        plots = self.figures(seeds, cores, names, progressive)
-        lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in plots]
-        text = "\n".join(lines) + "\n"
-        (self.output_dir / "report.md").write_text(text)
-        return text
-
-    def figures(self, seeds, cores, names, progressive) -> list[Path]:
-        folder = self.output_dir / "figures"
-        rows = [r for s in seeds for r in s["selection"]]
-        selection = {
-            (core, sel): [r for r in rows if r["core"] == core and r["selection"] == sel]
-            for core in cores
-            for sel in SELECTIONS
-        }
-        plots = [figures.selection_against_truth(selection, cores, SELECTIONS, folder / "selection_vs_truth.png")]
-        transfer = [
-            {
-                "k": k,
-                "variant": v,
-                **{c: [s["transfer"][f"k{k}-{v}"][c] for s in seeds] for c in ("mcc", "fvu", "task_loss_recovered")},
-                "consistency": self.results["consistency"][f"k{k}-{v}"],
-            }
-            for k, v in names
-        ]
-        plots.append(
-            figures.metrics_against_k(
-                transfer, ("mcc", "consistency", "fvu", "task_loss_recovered"), folder / "synthetic_vs_k.png"
-            )
-        )
-        if progressive:
-            plots.append(figures.prefix_fvu_curves(progressive, folder / "progressive_coding.png"))
-        return plots

@@ -1,0 +1,528 @@
+"""Every report of the package, written from what a run recorded: a distillation's and a transfer's `state.json`, the
+synthetic benchmark's and the core-dynamics study's `results.json`. Each `*_report(folder)` draws its figures into
+`<folder>/figures/`, writes `<folder>/report.md` and returns its text, so a committed report regenerates from its
+committed results; `gather_reports` puts several runs' reports into one folder."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from ..data.slices import SliceLayout
+from ..evaluation.saebench import HEADLINE_METRICS
+from ..model.configuration_dmsae import VARIANTS
+from ..run.state import load_recorded_core
+from ..utils.integrity import read_json
+from . import figures
+from .tables import markdown_table, spread_cell
+
+NAN = float("nan")
+
+
+def _write(folder: Path, lines: list[str]) -> str:
+    text = "\n".join(lines) + "\n"
+    (folder / "report.md").write_text(text)
+    return text
+
+
+def _figure_lines(folder: Path) -> list[str]:
+    return [f"![{p.stem}](figures/{p.name})" for p in sorted((folder / "figures").glob("*.png"))]
+
+
+def _repo_lines(folder: Path) -> list[str]:
+    return [f"- `{p.name.replace('__', '/')}`: `{p}`" for p in sorted((folder / "repos").iterdir())]
+
+
+# -- distillation ---------------------------------------------------------------------------------------------------
+def carry_over(state: dict) -> list[dict]:
+    """Fig. 2's numbers: each cycle's core size and how many of its latents the previous core held."""
+    cycles = sorted(state["cycles"].items(), key=lambda item: int(item[0]))
+    return [{"cycle": int(t), "size": c["size"], "kept": c["carried_over"]} for t, c in cycles if "size" in c]
+
+
+def distillation_figures(folder: str | Path) -> dict[str, Path]:
+    """A distillation's figures from its `state.json` and cores: coverage curves, carry-over, selection convergence
+    (with tracking) and `l0_core` of the controls (with controls)."""
+    folder = Path(folder)
+    state = read_json(folder / "state.json", {"cycles": dict, "distilled": dict})
+    cores = [load_recorded_core(folder, state["cycles"][str(t)]) for t in range(state["distilled"]["last_cycle"] + 1)]
+    out = folder / "figures"
+    tau = state["identity"]["AttributionArguments.tau"]
+    plots = {
+        "coverage_curves": figures.coverage_curves(cores, tau, out / "coverage_curves.png"),
+        "carry_over": figures.carry_over(carry_over(state), out / "carry_over.png"),
+    }
+    tracks = {int(t): c["track"] for t, c in state["cycles"].items() if c.get("track")}
+    if tracks:
+        finals = {t: set(cores[t].latent_ids) for t in tracks}
+        plots["selection_convergence"] = figures.selection_convergence(
+            tracks, finals, out / "selection_convergence.png"
+        )
+    if control := state.get("control"):
+        plots["l0_core"] = figures.l0_core_curves(control, out / "l0_core.png")
+    return plots
+
+
+def slice_table(records: list[dict]) -> list[str]:
+    """The slices of the token stream a run read: slice, split, sequences, rows per reader."""
+    rows = []
+    for piece in SliceLayout(records):
+        first, end = piece.sequence_range
+        last = end - 1 if end is not None else "…"
+        rows.append([piece.name, piece.split, f"{first} – {last}", piece.rows if piece.rows is not None else "all"])
+    return markdown_table(["slice", "split", "sequences", "rows per reader"], rows)
+
+
+def distillation_report(folder: str | Path) -> str:
+    """A distillation's cycles, distilled core, slices, controls (Fig. 3), figures and repos."""
+    folder = Path(folder)
+    distillation_figures(folder)
+    state = read_json(folder / "state.json", {"cycles": dict, "distilled": dict, "slices": list})
+    last = state["distilled"]["last_cycle"]
+    rows = []
+    for t in range(last + 1):
+        c = state["cycles"][str(t)]
+        m = c.get("metrics", {})
+        cells = [t, c["size"], f"{c['coverage']:.3f}", c["carried_over"] if t else "–"]
+        rows.append(cells + [f"{m[k]:.4f}" if k in m else "–" for k in ("eval_fvu", "eval_l0_core", "eval_l0_noncore")])
+    lines = [
+        f"# Distillation report: {state['model_repo']}",
+        "",
+        f"Every cycle trains on its own slice of the token stream with `k_noncore = {state['k_noncore']}` (fixed "
+        "for the run); cores are scored on the attribution split, which no cycle trains on.",
+        "",
+        *markdown_table(
+            [
+                "cycle",
+                "core size",
+                "coverage",
+                "carried over from previous core",
+                "held-out FVU",
+                "L0 core",
+                "L0 non-core",
+            ],
+            rows,
+        ),
+        "",
+        f"Distilled core `C^({last}) ∩ C^({last - 1})`: **{state['distilled']['size']} latents**.",
+        "",
+        "## Slices of the token stream",
+        "",
+        *slice_table(state["slices"]),
+        "",
+    ]
+    if control := state.get("control"):
+        rows = []
+        for _, result in sorted(control.items()):
+            curve = [v for _, v in result["l0_core_curve"]] or [NAN]
+            m = result["metrics"]
+            rows.append(
+                [
+                    result["core"],
+                    result["seed"],
+                    f"{min(curve):.2f}",
+                    f"{curve[-1]:.2f}",
+                    f"{m.get('eval_fvu', NAN):.4f}",
+                    f"{m.get('eval_l0_core', NAN):.2f}",
+                ]
+            )
+        header = ["core", "seed", "E[L0 core] min", "E[L0 core] end", "held-out FVU", "held-out L0 core"]
+        lines += [
+            "## Controls (Fig. 3)",
+            "",
+            "`random_init`: random unit rows, the paper's control; `random_trained`: trained latents of the "
+            "last cycle outside the distilled core. Same slice, budget and seeds as the distilled core.",
+            "",
+            *markdown_table(header, rows),
+            "",
+        ]
+    lines += _figure_lines(folder)
+    if (folder / "repos").is_dir():
+        lines += ["", "## Repos", "", *_repo_lines(folder)]
+    return _write(folder, lines)
+
+
+# -- transfer -------------------------------------------------------------------------------------------------------
+def transfer_report(folder: str | Path) -> str:
+    """A transfer's own and SAEBench metrics per k and variant, the evals not run, its repos and Fig. 4."""
+    folder = Path(folder)
+    state = read_json(folder / "state.json", {"results": dict, "core": dict})
+    results = state["results"]
+    columns = ("fvu", "ce_loss_recovered", "l0", "l0_core", "l0_noncore", "dead_fraction")
+    columns += tuple(c for _, _, c in HEADLINE_METRICS if any(c in r for r in results.values()))
+    rows, skipped = [], {}
+    for result in sorted(results.values(), key=lambda r: (r["k"], VARIANTS.index(r["variant"]))):
+        rows.append([result["k"], result["variant"], *(f"{result[c]:.4f}" if c in result else "–" for c in columns)])
+        skipped |= {
+            name: r.get("skipped") or r["failed"]
+            for name, r in result.get("saebench", {}).items()
+            if "skipped" in r or "failed" in r
+        }
+    lines = [
+        f"# Transfer report: core `{state['core']['source']}` ({state['core']['size']} latents)",
+        "",
+        "Own metrics on held-out text; `sb_*` columns are SAEBench's (`saebench/<eval>/` holds their JSON).",
+        "",
+        *markdown_table(["k", "variant", *columns], rows),
+    ]
+    if skipped:
+        lines += ["", "SAEBench evals not run:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()]
+    if (folder / "repos").is_dir():
+        lines += ["", "Repos (local folders; pushed with `push_to_hub`):", "", *_repo_lines(folder)]
+    if results:
+        plot = figures.metrics_against_k(list(results.values()), columns[:4], folder / "figures" / "metrics_vs_k.png")
+        lines += ["", f"![metrics against k](figures/{plot.name})"]
+    return _write(folder, lines)
+
+
+# -- the synthetic benchmark ----------------------------------------------------------------------------------------
+def synthetic_report(folder: str | Path) -> str:
+    """The ground-truth benchmark from its `results.json`: every number with its mean ± std over seeds."""
+    folder = Path(folder)
+    results = read_json(folder / "results.json", {"identity": dict, "world": dict, "consistency": dict})
+    identity, world = results["identity"], results["world"]
+    a, sae, attribution = identity["synthetic"], identity["sae"], identity["attribution"]
+    seeds = [results[f"seed{s}"] for s in a["seeds"]]
+    lines = [
+        "# Synthetic ground-truth benchmark (sae_lens.synthetic + a downstream readout task)",
+        "",
+        f"World: {a['num_features']} features in {a['hidden_dim']} dimensions (Zipfian firing "
+        f"{a['min_firing_probability']}–{a['max_firing_probability']}, exponent {a['zipf_exponent']}; hierarchy of "
+        f"{a['root_features']} roots, branching {a['branching_factor']}, depth 2; low-rank correlations rank "
+        f"{a['correlation_rank']}, scale {a['correlation_scale']}); true L0 {world['true_l0']:.2f}. "
+        f"Task: {a['readout_classes']} classes from a readout weighting "
+        f"{world['useful']} useful features ×{a['readout_scale']} and the others "
+        f"×{a['readout_scale'] * a['readout_off_weight']:g}; the downstream model is a linear probe fitted on x.",
+        "",
+        f"SAEs of {sae['dict_size']} latents, {a['train_rows']} fresh rows each; distillation at "
+        f"k={sae['k']} ({sae['sparsity'].replace('_', '-')} cycles) "
+        f"over {a['num_cycles'] + 1} cycles (q={attribution['q']}, τ={attribution['tau']}, "
+        f"{attribution['attribution_tokens']} attribution rows); seeds {a['seeds']}; every cell is mean ± "
+        f"standard deviation over seeds. A latent matches a feature when their directions' |cos| ≥ {a['match_cos']}.",
+        "",
+        f"Runtime: {sum(results.get('seconds', {}).values()) / 60:.1f} min for {len(a['seeds'])} seeds.",
+        "",
+        "## Cores of the distillation cycles",
+        "",
+        "`L0 core`: active core latents per row (held-out rows, inference mode); a dense core is never masked, a "
+        "sparse core competes in the one BatchTopK.",
+        "",
+        *markdown_table(
+            ["cycle", "core size", "carried over from the previous core", "L0 core"],
+            (
+                [
+                    t,
+                    spread_cell([s["cycles"][t]["size"] for s in seeds], 1),
+                    spread_cell([s["cycles"][t]["carried_over"] for s in seeds], 1) if t != "0" else "–",
+                    spread_cell([s["cycles"][t]["l0_core"] for s in seeds], 1) if t != "0" else "–",
+                ]
+                for t in seeds[0]["cycles"]
+            ),
+        ),
+        "",
+        "## Core selection against the useful features",
+        "",
+        "Each core (cycle t's, and the distilled `C^(T) ∩ C^(T−1)`) is compared with selections of the same size "
+        "from the same model's candidate pool: random latents, latents by activation frequency and by mean "
+        "squared activation (held-out rows). `R-precision` ranks the whole pool by each method and takes the "
+        "share of useful latents among its first m, m the number of pool latents that match a useful feature: "
+        "how well the ranking separates them, whatever core size τ gives.",
+        "",
+    ]
+    cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
+    selections = tuple(dict.fromkeys(r["selection"] for r in seeds[0]["selection"]))
+    rows = []
+    for core in cores:
+        for selection in selections:
+            runs = [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == selection]
+            ranked = [r["r_precision"] for r in runs if r["r_precision"] is not None]
+            rows.append(
+                [
+                    core,
+                    spread_cell([r["size"] for r in runs], 1),
+                    selection,
+                    *(spread_cell([r[m] for r in runs]) for m in ("precision", "recall", "mcc")),
+                    spread_cell(ranked),
+                ]
+            )
+    header = ["core", "size", "selection", "precision", "recall", "MCC with the useful features"]
+    lines += markdown_table([*header, "R-precision of the pool ranking"], rows)
+    names = [(k, v) for k in a["transfer_ks"] for v in a["variants"]]
+    rows = []
+    for k, variant in names:
+        runs = [s["transfer"][f"k{k}-{variant}"] for s in seeds]
+        cells = [
+            spread_cell([r[c] for r in runs], 2 if c.startswith("l0") else 3)
+            for c in ("mcc", "fvu", "l0", "l0_core", "task_loss_recovered")
+        ]
+        rows.append([k, variant, *cells, spread_cell(results["consistency"][f"k{k}-{variant}"])])
+    lines += [
+        "",
+        "## Transferred SAEs (MCC against all true features)",
+        "",
+        "`consistency`: mean best-match |cos| between two seeds' decoders, over every pair of seeds.",
+        "",
+        *markdown_table(
+            ["k", "variant", "MCC", "FVU", "L0", "L0 core", "task loss recovered", "consistency"],
+            rows,
+        ),
+    ]
+    if "matryoshka" in a["variants"]:
+        rows = []
+        for k, variant in names:
+            if variant != "matryoshka":
+                differences = [
+                    [s["transfer"][f"k{k}-{variant}"][c] - s["transfer"][f"k{k}-matryoshka"][c] for s in seeds]
+                    for c in ("mcc", "fvu", "task_loss_recovered")
+                ]
+                rows.append([k, variant, *(spread_cell(d) for d in differences)])
+        lines += [
+            "",
+            "## Paired differences DMSAE − Matryoshka (same seed, same k)",
+            "",
+            "The sparse-core DMSAE has the Matryoshka SAE's L0 (one BatchTopK of k); the dense-core one adds "
+            "its core's activity to `k_noncore` (Eq. 4), so its L0 is higher (table above).",
+            "",
+            *markdown_table(["k", "variant", "Δ MCC", "Δ FVU", "Δ task loss recovered"], rows),
+        ]
+    progressive = [s["progressive"] for s in seeds if s.get("progressive")]
+    if progressive:
+        prefixes = progressive[0]["prefixes"]
+        rows = [
+            [name, *(spread_cell([p["fvu"][name][i] for p in progressive]) for i in range(len(prefixes)))]
+            for name in progressive[0]["fvu"]
+        ]
+        lines += [
+            "",
+            f"## Progressive coding at k={progressive[0]['k']}: FVU of the first G latents",
+            "",
+            *markdown_table(["order", *(f"G={g}" for g in prefixes)], rows),
+        ]
+    plots = synthetic_figures(folder, results, cores, selections, names, progressive)
+    lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in plots]
+    return _write(folder, lines)
+
+
+def synthetic_figures(folder: Path, results: dict, cores, selections, names, progressive) -> list[Path]:
+    seeds = [results[f"seed{s}"] for s in results["identity"]["synthetic"]["seeds"]]
+    out = folder / "figures"
+    rows = [r for s in seeds for r in s["selection"]]
+    chosen = {
+        (core, sel): [r for r in rows if r["core"] == core and r["selection"] == sel]
+        for core in cores
+        for sel in selections
+    }
+    plots = [figures.selection_against_truth(chosen, cores, selections, out / "selection_vs_truth.png")]
+    transfer = [
+        {
+            "k": k,
+            "variant": v,
+            **{c: [s["transfer"][f"k{k}-{v}"][c] for s in seeds] for c in ("mcc", "fvu", "task_loss_recovered")},
+            "consistency": results["consistency"][f"k{k}-{v}"],
+        }
+        for k, v in names
+    ]
+    metrics = ("mcc", "consistency", "fvu", "task_loss_recovered")
+    plots.append(figures.metrics_against_k(transfer, metrics, out / "synthetic_vs_k.png"))
+    if progressive:
+        plots.append(figures.prefix_fvu_curves(progressive, out / "progressive_coding.png"))
+    return plots
+
+
+# -- the core-dynamics study ----------------------------------------------------------------------------------------
+def _dynamics_summary(runs: list[dict]) -> dict[str, str]:
+    """Cells over the runs of one setting (one per seed): E[L0 core] share at its minimum and at the end, held-out
+    FVU and L0s, the geometry at the end."""
+    cored = [r for r in runs if r["core_size"]]
+    share = {r["seed"]: [v / r["core_size"] for _, v in r["l0_core_curve"]] or [NAN] for r in cored}
+    cells = {
+        "seeds": str(len(runs)),
+        "min": spread_cell([min(s) for s in share.values()]),
+        "end": spread_cell([s[-1] for s in share.values()]),
+        "eval_l0_core": spread_cell([r["metrics"]["eval_l0_core"] for r in cored], 1),
+        "eval_l0_noncore": spread_cell([r["metrics"]["eval_l0_noncore"] for r in runs], 1),
+        "eval_fvu": spread_cell([r["metrics"]["eval_fvu"] for r in runs]),
+    }
+    for key in ("firing", "mean_preactivation_in_std", "variance_ratio", "mean_direction_cos"):
+        for when in ("start", "end"):
+            cells[f"{key}_{when}"] = spread_cell([r["geometry"][when][key] for r in cored], 2)
+    return cells
+
+
+def _change(ablation: dict) -> str:
+    changes = [f"`{k}={v}`" for k, v in ablation["overrides"].items()]
+    if ablation["random_core"] != "random_init":
+        changes.append(f"random core `{ablation['random_core']}`")
+    return ", ".join(changes) or "–"
+
+
+def core_dynamics_report(folder: str | Path) -> str:
+    """A core-dynamics study: the curves' numbers per budget and seed, the ablations against the paper's settings,
+    the cores' geometry, and the figures."""
+    folder = Path(folder)
+    results = read_json(folder / "results.json", {"runs": list, "budgets": list, "ablations": dict})
+    runs, ablations = results["runs"], results["ablations"]
+    paper = [r for r in runs if r["ablation"] == "paper"]
+    rows = []
+    for r in sorted(paper, key=lambda r: (r["budget"], r["core"], r["seed"])):
+        curve = [(step, v / r["core_size"]) for step, v in r["l0_core_curve"]] if r["core_size"] else []
+        m = r["metrics"]
+        if curve:
+            low = min(curve, key=lambda point: point[1])
+            shares = [f"{low[1]:.3f} ({low[0]})", f"{curve[-1][1]:.3f}", f"{m['eval_l0_core']:.1f}"]
+        else:
+            shares = ["–", "–", "–"]
+        rows.append(
+            [
+                r["budget"],
+                r["core"],
+                r["seed"],
+                r["steps"],
+                *shares,
+                f"{m['eval_l0_noncore']:.1f}",
+                f"{m['eval_fvu']:.4f}",
+            ]
+        )
+    header = ["budget", "core", "seed", "steps", "share min (at step)", "share end", "held-out L0 core"]
+    lines = [
+        f"# Core dynamics ({results['source']})",
+        "",
+        "E[L0 core] / |C|: the share of the core's latents active per token (dense core: every core latent "
+        "with a positive pre-activation), logged over training; min and end of the training log.",
+        "",
+        "## Curves per budget and seed (the paper's settings)",
+        "",
+        *markdown_table([*header, "held-out L0 non-core", "held-out FVU"], rows),
+        "",
+        "## Hypotheses and their ablations",
+        "",
+        *markdown_table(
+            ["ablation", "hypothesis", "change"], ([n, a["hypothesis"], _change(a)] for n, a in ablations.items())
+        ),
+    ]
+    budget = results["ablation_budget"]
+    rows = []
+    for name, ablation in ablations.items():
+        for core in ("distilled", ablation["random_core"]):
+            chosen = [r for r in runs if r["ablation"] == name and r["core"] == core and r["budget"] == budget]
+            if chosen:
+                c = _dynamics_summary(chosen)
+                firing = f"{c['firing_start']} → {c['firing_end']}"
+                cells = [c["seeds"], c["min"], c["end"], c["eval_l0_core"], c["eval_fvu"], firing]
+                rows.append([name, core, *cells, c["mean_preactivation_in_std_end"]])
+    header = ["ablation", "core", "seeds", "share min", "share end", "held-out L0 core", "held-out FVU"]
+    lines += [
+        "",
+        f"At {budget} tokens; mean ± std over seeds. Firing: the share of held-out rows a core latent is on "
+        "(start: the initialised model); pre-activation / std: a core latent's mean pre-activation in units of "
+        "its spread at the end (≥ 2: on for almost every row).",
+        "",
+        *markdown_table([*header, "firing start → end", "pre-activation / std"], rows),
+    ]
+    largest = max(results["budgets"])
+    rows = []
+    for core in dict.fromkeys(r["core"] for r in runs):
+        chosen = [
+            r
+            for r in runs
+            if r["core"] == core
+            and r["core_size"]
+            and ((r["ablation"] == "paper" and r["budget"] == largest) or r["ablation"] == "random_core_off_top")
+        ]
+        if chosen:
+            c = _dynamics_summary(chosen)
+            rows.append(
+                [
+                    core,
+                    chosen[0]["budget"],
+                    c["variance_ratio_start"],
+                    c["mean_direction_cos_start"],
+                    f"{c['firing_start']} → {c['firing_end']}",
+                    f"{c['mean_preactivation_in_std_start']} → {c['mean_preactivation_in_std_end']}",
+                ]
+            )
+    header = ["core", "budget", "variance ratio", "mean-direction cos", "firing start → end"]
+    lines += [
+        "",
+        "## The cores' geometry",
+        "",
+        "Variance ratio: the activations' variance along a core row over the mean per direction (1: isotropic); "
+        "mean-direction |cos|: alignment of a core row with the activations' mean (both properties of the "
+        "frozen rows). Firing and pre-activation / std at the start and the end of the largest budget's runs "
+        "(the off-top random core: its ablation's budget).",
+        "",
+        *markdown_table([*header, "pre-activation / std start → end"], rows),
+    ]
+    lines += ["", *(f"![{p.stem}](figures/{p.name})" for p in core_dynamics_figures(results, folder / "figures"))]
+    return _write(folder, lines)
+
+
+def decay_start(learning_rates: list) -> int | None:
+    """The first logged step after the peak whose learning rate is below the peak (None: no decay)."""
+    peak = max(v for _, v in learning_rates)
+    after_peak = learning_rates[[v for _, v in learning_rates].index(peak) :]
+    return next((step for step, v in after_peak if v < peak), None)
+
+
+def core_dynamics_figures(results: dict, folder: Path) -> list[Path]:
+    """`l0_core_by_budget.png` (one panel per budget) and `ablations.png` (one panel per ablation, the paper's
+    curves dashed)."""
+    import matplotlib.pyplot as plt
+
+    runs, budgets = results["runs"], results["budgets"]
+    figure, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
+    for axis, budget in zip(axes[0], budgets, strict=False):
+        chosen = [r for r in runs if r["ablation"] == "paper" and r["budget"] == budget]
+        figures.draw_l0_core(axis, chosen, share=True)
+        if (decay := decay_start(chosen[0]["learning_rate_curve"])) is not None:
+            axis.axvline(decay, color="grey", linestyle=":", linewidth=1)
+        axis.set_title(f"{budget} tokens (dotted: the learning rate decays)", fontsize=9)
+    paths = [figures.save(figure, folder / "l0_core_by_budget.png")]
+    names = [n for n in results["ablations"] if n != "paper" and any(r["ablation"] == n for r in runs)]
+    if names:
+        budget = results["ablation_budget"]
+        paper = [r for r in runs if r["ablation"] == "paper" and r["budget"] == budget and r["core_size"]]
+        columns = min(4, len(names))
+        rows = -(-len(names) // columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+        for axis, name in zip(axes.flat, names, strict=False):
+            figures.draw_l0_core(axis, paper, share=True, style="--")
+            figures.draw_l0_core(axis, [r for r in runs if r["ablation"] == name], share=True)
+            axis.set_title(f"{name} (dashed: paper)", fontsize=9)
+        for axis in list(axes.flat)[len(names) :]:
+            axis.set_visible(False)
+        paths.append(figures.save(figure, folder / "ablations.png"))
+    return paths
+
+
+# -- one study's reports in one folder ------------------------------------------------------------------------------
+SECTIONS = ("distillation", "transfer", "synthetic")
+
+
+def gather_reports(runs: dict[str, str | Path], output_dir: str | Path, title: str) -> Path:
+    """`runs` maps a section (of `SECTIONS`) to its run folder, whose `report.md`, figures and results are copied
+    under one title into `output_dir`; returns the written `report.md`."""
+    unknown = set(runs) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown report sections {sorted(unknown)}: expected some of {SECTIONS}")
+    output_dir = Path(output_dir)
+    (output_dir / "figures").mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}", ""]
+    for section in SECTIONS:
+        if section not in runs:
+            continue
+        folder = Path(runs[section])
+        report = folder / "report.md"
+        if not report.is_file():
+            raise FileNotFoundError(f"{report} is missing: run the {section} first (its script writes it)")
+        # Each run's headings move one level down under this report's title.
+        parts.append(re.sub(r"^(#+) ", r"#\1 ", report.read_text(), flags=re.MULTILINE))
+        for figure in sorted((folder / "figures").glob("*.png")):
+            shutil.copy2(figure, output_dir / "figures" / figure.name)
+        for results in ("results.json", "state.json"):
+            if (folder / results).is_file():
+                shutil.copy2(folder / results, output_dir / f"{section}-{results}")
+    path = output_dir / "report.md"
+    path.write_text("\n".join(parts))
+    return path
