@@ -122,14 +122,3 @@ class SliceLayout:
             for first, second in pairwise(pieces):
                 if first.end is None or first.end.sequence > second.start.sequence:
                     raise RuntimeError(f"slices {first.name!r} and {second.name!r} overlap")
-
-    def table(self) -> list[str]:
-        """Markdown rows: slice, split, sequences, rows."""
-        lines = ["| slice | split | sequences | rows per reader |", "|---|---|---|---|"]
-        for piece in self:
-            first, end = piece.sequence_range
-            lines.append(
-                f"| {piece.name} | {piece.split} | {first} – {end - 1 if end is not None else '…'} | "
-                f"{piece.rows if piece.rows is not None else 'all'} |"
-            )
-        return lines
