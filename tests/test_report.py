@@ -1,6 +1,9 @@
+import shutil
+from pathlib import Path
+
 import pytest
 
-from hf_dmsae.reporting.reports import gather_reports
+from hf_dmsae.reporting.reports import core_dynamics_report, gather_reports, synthetic_report
 
 
 def test_report_gathers_run_reports_figures_and_results(tmp_path):
@@ -22,3 +25,14 @@ def test_report_gathers_run_reports_figures_and_results(tmp_path):
         gather_reports({"synthetic": tmp_path / "nothing"}, tmp_path / "out", "Study")
     with pytest.raises(ValueError, match="unknown report sections"):
         gather_reports({"absorption": tmp_path}, tmp_path / "out", "Study")
+
+
+@pytest.mark.parametrize(
+    "folder, write",
+    [("synthetic", synthetic_report), ("core-dynamics-synthetic", core_dynamics_report)],
+)
+def test_a_committed_report_regenerates_byte_identical_from_its_committed_results(tmp_path, folder, write):
+    committed = Path(__file__).parents[1] / "reports" / folder
+    shutil.copy2(committed / "results.json", tmp_path / "results.json")
+    assert write(tmp_path) == (committed / "report.md").read_text()
+    assert (tmp_path / "report.md").read_bytes() == (committed / "report.md").read_bytes()

@@ -181,10 +181,28 @@ def synthetic_report(folder: str | Path) -> str:
     """The ground-truth benchmark from its `results.json`: every number with its mean ± std over seeds."""
     folder = Path(folder)
     results = read_json(folder / "results.json", {"identity": dict, "world": dict, "consistency": dict})
+    a = results["identity"]["synthetic"]
+    seeds = [results[f"seed{s}"] for s in a["seeds"]]
+    cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
+    selections = tuple(dict.fromkeys(r["selection"] for r in seeds[0]["selection"]))
+    names = [(k, v) for k in a["transfer_ks"] for v in a["variants"]]
+    progressive = [s["progressive"] for s in seeds if s.get("progressive")]
+    lines = [
+        *_synthetic_settings(results),
+        *_synthetic_cycles(seeds),
+        *_synthetic_selection(seeds, cores, selections),
+        *_synthetic_transfer(results, seeds, names),
+        *_synthetic_progressive(progressive),
+    ]
+    plots = synthetic_figures(folder, results, cores, selections, names, progressive)
+    lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in plots]
+    return _write(folder, lines)
+
+
+def _synthetic_settings(results: dict) -> list[str]:
     identity, world = results["identity"], results["world"]
     a, sae, attribution = identity["synthetic"], identity["sae"], identity["attribution"]
-    seeds = [results[f"seed{s}"] for s in a["seeds"]]
-    lines = [
+    return [
         "# Synthetic ground-truth benchmark (sae_lens.synthetic + a downstream readout task)",
         "",
         f"World: {a['num_features']} features in {a['hidden_dim']} dimensions (Zipfian firing "
@@ -202,24 +220,40 @@ def synthetic_report(folder: str | Path) -> str:
         f"standard deviation over seeds. A latent matches a feature when their directions' |cos| ≥ {a['match_cos']}.",
         "",
         f"Runtime: {sum(results.get('seconds', {}).values()) / 60:.1f} min for {len(a['seeds'])} seeds.",
+    ]
+
+
+def _synthetic_cycles(seeds: list[dict]) -> list[str]:
+    rows = [
+        [
+            t,
+            spread_cell([s["cycles"][t]["size"] for s in seeds], 1),
+            spread_cell([s["cycles"][t]["carried_over"] for s in seeds], 1) if t != "0" else "–",
+            spread_cell([s["cycles"][t]["l0_core"] for s in seeds], 1) if t != "0" else "–",
+        ]
+        for t in seeds[0]["cycles"]
+    ]
+    return [
         "",
         "## Cores of the distillation cycles",
         "",
         "`L0 core`: active core latents per row (held-out rows, inference mode); a dense core is never masked, a "
         "sparse core competes in the one BatchTopK.",
         "",
-        *markdown_table(
-            ["cycle", "core size", "carried over from the previous core", "L0 core"],
-            (
-                [
-                    t,
-                    spread_cell([s["cycles"][t]["size"] for s in seeds], 1),
-                    spread_cell([s["cycles"][t]["carried_over"] for s in seeds], 1) if t != "0" else "–",
-                    spread_cell([s["cycles"][t]["l0_core"] for s in seeds], 1) if t != "0" else "–",
-                ]
-                for t in seeds[0]["cycles"]
-            ),
-        ),
+        *markdown_table(["cycle", "core size", "carried over from the previous core", "L0 core"], rows),
+    ]
+
+
+def _synthetic_selection(seeds: list[dict], cores: list[str], selections: tuple[str, ...]) -> list[str]:
+    rows = []
+    for core in cores:
+        for selection in selections:
+            runs = [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == selection]
+            ranked = [r["r_precision"] for r in runs if r["r_precision"] is not None]
+            scores = [spread_cell([r[m] for r in runs]) for m in ("precision", "recall", "mcc")]
+            rows.append([core, spread_cell([r["size"] for r in runs], 1), selection, *scores, spread_cell(ranked)])
+    header = ["core", "size", "selection", "precision", "recall", "MCC with the useful features"]
+    return [
         "",
         "## Core selection against the useful features",
         "",
@@ -229,26 +263,11 @@ def synthetic_report(folder: str | Path) -> str:
         "share of useful latents among its first m, m the number of pool latents that match a useful feature: "
         "how well the ranking separates them, whatever core size τ gives.",
         "",
+        *markdown_table([*header, "R-precision of the pool ranking"], rows),
     ]
-    cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
-    selections = tuple(dict.fromkeys(r["selection"] for r in seeds[0]["selection"]))
-    rows = []
-    for core in cores:
-        for selection in selections:
-            runs = [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == selection]
-            ranked = [r["r_precision"] for r in runs if r["r_precision"] is not None]
-            rows.append(
-                [
-                    core,
-                    spread_cell([r["size"] for r in runs], 1),
-                    selection,
-                    *(spread_cell([r[m] for r in runs]) for m in ("precision", "recall", "mcc")),
-                    spread_cell(ranked),
-                ]
-            )
-    header = ["core", "size", "selection", "precision", "recall", "MCC with the useful features"]
-    lines += markdown_table([*header, "R-precision of the pool ranking"], rows)
-    names = [(k, v) for k in a["transfer_ks"] for v in a["variants"]]
+
+
+def _synthetic_transfer(results: dict, seeds: list[dict], names: list[tuple[int, str]]) -> list[str]:
     rows = []
     for k, variant in names:
         runs = [s["transfer"][f"k{k}-{variant}"] for s in seeds]
@@ -257,51 +276,50 @@ def synthetic_report(folder: str | Path) -> str:
             for c in ("mcc", "fvu", "l0", "l0_core", "task_loss_recovered")
         ]
         rows.append([k, variant, *cells, spread_cell(results["consistency"][f"k{k}-{variant}"])])
-    lines += [
+    header = ["k", "variant", "MCC", "FVU", "L0", "L0 core", "task loss recovered", "consistency"]
+    lines = [
         "",
         "## Transferred SAEs (MCC against all true features)",
         "",
         "`consistency`: mean best-match |cos| between two seeds' decoders, over every pair of seeds.",
         "",
-        *markdown_table(
-            ["k", "variant", "MCC", "FVU", "L0", "L0 core", "task loss recovered", "consistency"],
-            rows,
-        ),
+        *markdown_table(header, rows),
     ]
-    if "matryoshka" in a["variants"]:
-        rows = []
-        for k, variant in names:
-            if variant != "matryoshka":
-                differences = [
-                    [s["transfer"][f"k{k}-{variant}"][c] - s["transfer"][f"k{k}-matryoshka"][c] for s in seeds]
-                    for c in ("mcc", "fvu", "task_loss_recovered")
-                ]
-                rows.append([k, variant, *(spread_cell(d) for d in differences)])
-        lines += [
-            "",
-            "## Paired differences DMSAE − Matryoshka (same seed, same k)",
-            "",
-            "The sparse-core DMSAE has the Matryoshka SAE's L0 (one BatchTopK of k); the dense-core one adds "
-            "its core's activity to `k_noncore` (Eq. 4), so its L0 is higher (table above).",
-            "",
-            *markdown_table(["k", "variant", "Δ MCC", "Δ FVU", "Δ task loss recovered"], rows),
-        ]
-    progressive = [s["progressive"] for s in seeds if s.get("progressive")]
-    if progressive:
-        prefixes = progressive[0]["prefixes"]
-        rows = [
-            [name, *(spread_cell([p["fvu"][name][i] for p in progressive]) for i in range(len(prefixes)))]
-            for name in progressive[0]["fvu"]
-        ]
-        lines += [
-            "",
-            f"## Progressive coding at k={progressive[0]['k']}: FVU of the first G latents",
-            "",
-            *markdown_table(["order", *(f"G={g}" for g in prefixes)], rows),
-        ]
-    plots = synthetic_figures(folder, results, cores, selections, names, progressive)
-    lines += [""] + [f"![{p.stem}](figures/{p.name})" for p in plots]
-    return _write(folder, lines)
+    if "matryoshka" not in results["identity"]["synthetic"]["variants"]:
+        return lines
+    rows = []
+    for k, variant in names:
+        if variant != "matryoshka":
+            differences = [
+                [s["transfer"][f"k{k}-{variant}"][c] - s["transfer"][f"k{k}-matryoshka"][c] for s in seeds]
+                for c in ("mcc", "fvu", "task_loss_recovered")
+            ]
+            rows.append([k, variant, *(spread_cell(d) for d in differences)])
+    return lines + [
+        "",
+        "## Paired differences DMSAE − Matryoshka (same seed, same k)",
+        "",
+        "The sparse-core DMSAE has the Matryoshka SAE's L0 (one BatchTopK of k); the dense-core one adds "
+        "its core's activity to `k_noncore` (Eq. 4), so its L0 is higher (table above).",
+        "",
+        *markdown_table(["k", "variant", "Δ MCC", "Δ FVU", "Δ task loss recovered"], rows),
+    ]
+
+
+def _synthetic_progressive(progressive: list[dict]) -> list[str]:
+    if not progressive:
+        return []
+    prefixes = progressive[0]["prefixes"]
+    rows = [
+        [name, *(spread_cell([p["fvu"][name][i] for p in progressive]) for i in range(len(prefixes)))]
+        for name in progressive[0]["fvu"]
+    ]
+    return [
+        "",
+        f"## Progressive coding at k={progressive[0]['k']}: FVU of the first G latents",
+        "",
+        *markdown_table(["order", *(f"G={g}" for g in prefixes)], rows),
+    ]
 
 
 def synthetic_figures(folder: Path, results: dict, cores, selections, names, progressive) -> list[Path]:
@@ -362,46 +380,41 @@ def core_dynamics_report(folder: str | Path) -> str:
     the cores' geometry, and the figures."""
     folder = Path(folder)
     results = read_json(folder / "results.json", {"runs": list, "budgets": list, "ablations": dict})
-    runs, ablations = results["runs"], results["ablations"]
-    paper = [r for r in runs if r["ablation"] == "paper"]
-    rows = []
-    for r in sorted(paper, key=lambda r: (r["budget"], r["core"], r["seed"])):
-        curve = [(step, v / r["core_size"]) for step, v in r["l0_core_curve"]] if r["core_size"] else []
-        m = r["metrics"]
-        if curve:
-            low = min(curve, key=lambda point: point[1])
-            shares = [f"{low[1]:.3f} ({low[0]})", f"{curve[-1][1]:.3f}", f"{m['eval_l0_core']:.1f}"]
-        else:
-            shares = ["–", "–", "–"]
-        rows.append(
-            [
-                r["budget"],
-                r["core"],
-                r["seed"],
-                r["steps"],
-                *shares,
-                f"{m['eval_l0_noncore']:.1f}",
-                f"{m['eval_fvu']:.4f}",
-            ]
-        )
-    header = ["budget", "core", "seed", "steps", "share min (at step)", "share end", "held-out L0 core"]
     lines = [
         f"# Core dynamics ({results['source']})",
         "",
         "E[L0 core] / |C|: the share of the core's latents active per token (dense core: every core latent "
         "with a positive pre-activation), logged over training; min and end of the training log.",
+        *_dynamics_curves(results["runs"]),
+        *_dynamics_ablations(results),
+        *_dynamics_geometry(results),
+    ]
+    lines += ["", *(f"![{p.stem}](figures/{p.name})" for p in core_dynamics_figures(results, folder / "figures"))]
+    return _write(folder, lines)
+
+
+def _dynamics_curves(runs: list[dict]) -> list[str]:
+    rows = []
+    for r in sorted((r for r in runs if r["ablation"] == "paper"), key=lambda r: (r["budget"], r["core"], r["seed"])):
+        curve = [(step, v / r["core_size"]) for step, v in r["l0_core_curve"]] if r["core_size"] else []
+        m = r["metrics"]
+        shares = ["–", "–", "–"]
+        if curve:
+            low = min(curve, key=lambda point: point[1])
+            shares = [f"{low[1]:.3f} ({low[0]})", f"{curve[-1][1]:.3f}", f"{m['eval_l0_core']:.1f}"]
+        held_out = [f"{m['eval_l0_noncore']:.1f}", f"{m['eval_fvu']:.4f}"]
+        rows.append([r["budget"], r["core"], r["seed"], r["steps"], *shares, *held_out])
+    header = ["budget", "core", "seed", "steps", "share min (at step)", "share end", "held-out L0 core"]
+    return [
         "",
         "## Curves per budget and seed (the paper's settings)",
         "",
         *markdown_table([*header, "held-out L0 non-core", "held-out FVU"], rows),
-        "",
-        "## Hypotheses and their ablations",
-        "",
-        *markdown_table(
-            ["ablation", "hypothesis", "change"], ([n, a["hypothesis"], _change(a)] for n, a in ablations.items())
-        ),
     ]
-    budget = results["ablation_budget"]
+
+
+def _dynamics_ablations(results: dict) -> list[str]:
+    runs, ablations, budget = results["runs"], results["ablations"], results["ablation_budget"]
     rows = []
     for name, ablation in ablations.items():
         for core in ("distilled", ablation["random_core"]):
@@ -412,7 +425,12 @@ def core_dynamics_report(folder: str | Path) -> str:
                 cells = [c["seeds"], c["min"], c["end"], c["eval_l0_core"], c["eval_fvu"], firing]
                 rows.append([name, core, *cells, c["mean_preactivation_in_std_end"]])
     header = ["ablation", "core", "seeds", "share min", "share end", "held-out L0 core", "held-out FVU"]
-    lines += [
+    hypotheses = [[name, a["hypothesis"], _change(a)] for name, a in ablations.items()]
+    return [
+        "",
+        "## Hypotheses and their ablations",
+        "",
+        *markdown_table(["ablation", "hypothesis", "change"], hypotheses),
         "",
         f"At {budget} tokens; mean ± std over seeds. Firing: the share of held-out rows a core latent is on "
         "(start: the initialised model); pre-activation / std: a core latent's mean pre-activation in units of "
@@ -420,7 +438,10 @@ def core_dynamics_report(folder: str | Path) -> str:
         "",
         *markdown_table([*header, "firing start → end", "pre-activation / std"], rows),
     ]
-    largest = max(results["budgets"])
+
+
+def _dynamics_geometry(results: dict) -> list[str]:
+    runs, largest = results["runs"], max(results["budgets"])
     rows = []
     for core in dict.fromkeys(r["core"] for r in runs):
         chosen = [
@@ -432,18 +453,12 @@ def core_dynamics_report(folder: str | Path) -> str:
         ]
         if chosen:
             c = _dynamics_summary(chosen)
-            rows.append(
-                [
-                    core,
-                    chosen[0]["budget"],
-                    c["variance_ratio_start"],
-                    c["mean_direction_cos_start"],
-                    f"{c['firing_start']} → {c['firing_end']}",
-                    f"{c['mean_preactivation_in_std_start']} → {c['mean_preactivation_in_std_end']}",
-                ]
-            )
+            firing = f"{c['firing_start']} → {c['firing_end']}"
+            spread = f"{c['mean_preactivation_in_std_start']} → {c['mean_preactivation_in_std_end']}"
+            cells = [c["variance_ratio_start"], c["mean_direction_cos_start"], firing, spread]
+            rows.append([core, chosen[0]["budget"], *cells])
     header = ["core", "budget", "variance ratio", "mean-direction cos", "firing start → end"]
-    lines += [
+    return [
         "",
         "## The cores' geometry",
         "",
@@ -454,8 +469,6 @@ def core_dynamics_report(folder: str | Path) -> str:
         "",
         *markdown_table([*header, "pre-activation / std start → end"], rows),
     ]
-    lines += ["", *(f"![{p.stem}](figures/{p.name})" for p in core_dynamics_figures(results, folder / "figures"))]
-    return _write(folder, lines)
 
 
 def decay_start(learning_rates: list) -> int | None:
