@@ -7,6 +7,7 @@ from hf_dmsae.data.activations import TrainingPositions
 from hf_dmsae.data.embedded import EMBEDDED_LM, wiki_summaries
 from hf_dmsae.data.language_model import load_language_model
 from hf_dmsae.data.text import TokenPacking, batched
+from hf_dmsae.evaluation.consistency import match_share
 from hf_dmsae.evaluation.held_out import METRICS_DIR, activation_metrics, ce_loss_recovered, fvu_sums, load_metric
 
 
@@ -87,3 +88,15 @@ def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_a_silent_one():
     with torch.no_grad():
         silent.b_enc.fill_(-1e6)
     assert ce_loss_recovered(silent, lm, batches, positions)["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_latent_matches_only_a_direction_within_the_cosine_and_of_the_same_sign():
+    decoder = torch.nn.functional.normalize(torch.randn(6, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    other = torch.cat([decoder[:3] * 2.0, -decoder[3:4], decoder[4:5] + 0.6 * decoder[5:6]])
+    cos_of_tilted = float(torch.nn.functional.cosine_similarity(other[4], decoder[4], dim=0))
+    assert match_share(decoder, other, 0.9, rows=[0, 1, 2]) == 1.0  # same directions, any scale
+    assert match_share(decoder, other, 0.9, rows=[3]) == 0.0  # the flipped direction is another feature
+    assert match_share(decoder, other, cos_of_tilted - 1e-4, rows=[4]) == 1.0
+    assert match_share(decoder, other, cos_of_tilted + 1e-4, rows=[4]) == 0.0
+    assert cos_of_tilted < 0.9 and match_share(decoder, other, 0.9) == 3 / 6  # rows 0-2 only
+    assert match_share(decoder, other, 0.9, rows=[]) is None

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_dmsae.evaluation.consistency import consistency
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.model.core import DMSAECore
 from hf_dmsae.reporting.reports import synthetic_report
@@ -17,7 +18,6 @@ from hf_dmsae.studies.synthetic import (
     SyntheticBenchmark,
     SyntheticSource,
     SyntheticWorld,
-    consistency,
     match_truth,
     r_precision,
 )

@@ -9,6 +9,7 @@ from conftest import tiny_activation_args
 
 from hf_dmsae import DMSAEModel
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
+from hf_dmsae.method.distillation import random_core, random_core_generator
 from hf_dmsae.method.transfer import Transfer, TransferArguments
 from hf_dmsae.model.core import DMSAECore
 from hf_dmsae.reporting.reports import transfer_report
@@ -111,3 +112,28 @@ def test_a_core_for_other_activations_is_refused_before_any_harvesting(tiny_lm_d
                 DMSAETrainingArguments(output_dir=str(tmp_path / "run")),
             )
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_random_core_variant_holds_the_distillation_controls_rows_in_either_sparsity_mode(tiny_lm_dir, tmp_path):
+    core = DMSAECore(
+        encoder_rows=torch.randn(6, 32) / 6,
+        latent_ids=[f"cycle3:{i}" for i in range(6)],
+        scores=torch.ones(6),
+        pool_ids=[],
+        pool_scores=torch.ones(0),
+        coverage_curve=torch.ones(0),
+    )
+    core.save_pretrained(tmp_path / "core")
+    transfer = Transfer(
+        TransferArguments(core=str(tmp_path / "core"), ks=[8], variants=["random_dense_core", "random_sparse_core"]),
+        SAEArguments(dict_size=256, k=8),
+        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=3000),
+        DMSAETrainingArguments(output_dir=str(tmp_path / "run"), seed=3, report_to="none"),
+    )
+    control = random_core(core, 32, random_core_generator(3))
+    for variant, sparsity in (("random_dense_core", "dense_core"), ("random_sparse_core", "sparse_core")):
+        model = transfer.new_model(8, variant)
+        assert torch.equal(model.W_enc_frozen, control.encoder_rows) and model.config.sparsity == sparsity
+        assert model.config.core_ids == [f"random:{i}" for i in range(6)]
+        assert model.config.k_noncore == (round(8 * 250 / 256) if sparsity == "dense_core" else 8)
+    assert not torch.allclose(control.encoder_rows, core.encoder_rows / core.encoder_rows.norm(dim=1, keepdim=True))

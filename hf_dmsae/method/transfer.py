@@ -20,7 +20,7 @@ from ..data.activations import ActivationArguments
 from ..data.language_model import lm_width
 from ..evaluation.held_out import activation_metrics
 from ..evaluation.saebench import SAEBenchArguments, headline_metrics
-from ..model.configuration_dmsae import VARIANTS
+from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..publishing.formats import fit_differences
@@ -39,6 +39,7 @@ from ..run.state import RunState, arguments_identity
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae, training_steps
 from ..utils.checks import check_ranges
+from .distillation import random_core, random_core_generator
 
 
 @dataclass
@@ -47,7 +48,10 @@ class TransferArguments:
 
     core: str = field(metadata={"help": "Distilled core: local folder or Hub repo id org/name[/subfolder][@revision]."})
     ks: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 320, 640], metadata={"help": "Target L0s."})
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Of {VARIANTS}."})
+    variants: list[str] = field(
+        default_factory=lambda: list(PAPER_VARIANTS),
+        metadata={"help": f"Of {VARIANTS}; `random_*`: around random unit rows, as many as the core's."},
+    )
     ce_batches: int = field(default=8, metadata={"help": "Held-out LM batches for CE loss recovered."})
     model_repo: str | None = field(
         default=None,
@@ -138,9 +142,13 @@ class Transfer:
 
     def new_model(self, k: int, variant: str) -> DMSAEModel:
         """The `variant` model at L0 `k`; a transfer sweeps `k`, so `k_noncore` always follows it (Eq. 4 at the core
-        size, by `k_noncore_for`), whatever value was given for one run."""
+        size, by `k_noncore_for`), whatever value was given for one run. A random core's rows are the distillation
+        control's of the run's seed (`random_core_generator`)."""
         core = None if variant == "matryoshka" else self.core
-        sparsity = "sparse_core" if variant == "sparse_core" else "dense_core"
+        if variant.startswith("random_"):
+            generator = random_core_generator(self.training_args.seed)
+            core = random_core(self.core, self.core.encoder_rows.shape[1], generator)
+        sparsity = "sparse_core" if variant.endswith("sparse_core") else "dense_core"
         sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None, sparsity=sparsity)
         sae = dataclasses.replace(sae, k_noncore=k_noncore_for(sae, reference_core_size=len(core or [])))
         return new_model(sae, self.data, core, seed=self.training_args.seed)

@@ -13,8 +13,10 @@ Sparsity = Literal["dense_core", "sparse_core"]
 PrefixLossWeighting = Literal["sum", "dictionary_learning"]
 SPARSITY_MODES = get_args(Sparsity)
 PREFIX_LOSS_WEIGHTINGS = get_args(PrefixLossWeighting)
-# The SAEs a study compares: a DMSAE of either sparsity mode around a core, and the Matryoshka SAE without one.
-VARIANTS = (*SPARSITY_MODES, "matryoshka")
+# The SAEs a study compares: a DMSAE of either sparsity mode around the distilled core, the Matryoshka SAE without
+# one, and the paper's control, a DMSAE of either mode around random unit rows as many as the core's (Fig. 3).
+VARIANTS = (*SPARSITY_MODES, "matryoshka", "random_dense_core", "random_sparse_core")
+PAPER_VARIANTS = VARIANTS[:3]
 
 # SAEBench's Matryoshka group fractions (1/32, 1/16, 1/8, 1/4, rest), applied to the non-core latents.
 SAEBENCH_GROUP_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)

@@ -38,10 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data.activations import norm_factor
+from ..evaluation.consistency import abs_cosines, consistency
 from ..evaluation.progressive import latent_statistics, order_by, prefix_fvu
 from ..method.attribution import AttributionArguments
 from ..method.distillation import Distillation, DistillationArguments
-from ..method.transfer import VARIANTS, Transfer, TransferArguments
+from ..method.transfer import Transfer, TransferArguments
+from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, new_model
@@ -88,7 +90,7 @@ class SyntheticArguments:
     num_cycles: int = field(default=2, metadata={"help": "Distillation cycles T after cycle 0."})
     transfer_ks: list[int] = field(default_factory=lambda: [3, 6, 12], metadata={"help": "k of the transferred SAEs."})
     variants: list[str] = field(
-        default_factory=lambda: list(VARIANTS), metadata={"help": f"Transferred SAEs, of {VARIANTS}."}
+        default_factory=lambda: list(PAPER_VARIANTS), metadata={"help": f"Transferred SAEs, of {VARIANTS}."}
     )
     train_rows: int = field(default=1_000_000, metadata={"help": "Fresh rows per trained SAE."})
     eval_rows: int = field(default=65_536, metadata={"help": "Held-out rows (metrics, latent statistics)."})
@@ -368,11 +370,6 @@ class SyntheticSource:
 # Scoring against the ground truth
 
 
-def abs_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`[len(a), len(b)]` |cos| between the rows of `a` and `b`."""
-    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).abs()
-
-
 def matches(directions: torch.Tensor, truth: torch.Tensor, match_cos: float) -> torch.Tensor:
     """Whether each direction matches one of `truth` (|cos| ≥ `match_cos`)."""
     return abs_cosines(directions, truth).max(1).values >= match_cos
@@ -389,12 +386,6 @@ def match_truth(directions: torch.Tensor, truth: torch.Tensor, match_cos: float)
         "recall": float((cos.max(0).values >= match_cos).float().mean()),
         "mcc": mean_correlation_coefficient(F.normalize(directions, dim=1), F.normalize(truth, dim=1)),
     }
-
-
-def consistency(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> float:
-    """Mean best-match |cos| between two decoders' directions, averaged over both directions of matching."""
-    cos = abs_cosines(decoder_a, decoder_b)
-    return float((cos.max(1).values.mean() + cos.max(0).values.mean()) / 2)
 
 
 def pool_rankings(

@@ -1,0 +1,29 @@
+"""The same feature in two SAEs, matched by decoder direction: the paper's claim 2 (consistent features across
+sparsity levels and runs), and the synthetic benchmark's cross-seed consistency."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def abs_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`[len(a), len(b)]` |cos| between the rows of `a` and `b`."""
+    return (F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T).abs()
+
+
+def consistency(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> float:
+    """Mean best-match |cos| between two decoders' directions, averaged over both directions of matching."""
+    cos = abs_cosines(decoder_a, decoder_b)
+    return float((cos.max(1).values.mean() + cos.max(0).values.mean()) / 2)
+
+
+def match_share(decoder_a: torch.Tensor, decoder_b: torch.Tensor, match_cos: float, rows=None) -> float | None:
+    """Share of `decoder_a`'s rows (those indexed by `rows`; all by default) whose direction has a match among
+    `decoder_b`'s: a row of it at cosine ≥ `match_cos` (signed: a latent's activations are non-negative, so a flipped
+    direction is another feature). None when no row is asked for."""
+    a = decoder_a.float() if rows is None else decoder_a.float()[rows]
+    if len(a) == 0:
+        return None
+    cos = F.normalize(a, dim=1) @ F.normalize(decoder_b.float(), dim=1).T
+    return float((cos.max(1).values >= match_cos).float().mean())
