@@ -18,7 +18,7 @@ from hf_dmsae.data.slices import SliceLayout
 from hf_dmsae.model.core import DMSAECore
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "distill", "transfer", "synthetic", "core_dynamics", "report", "browse", "bench")
+SCRIPTS = ("train", "distill", "transfer", "synthetic", "core_dynamics", "study", "report", "browse", "bench")
 
 
 def run_script(name: str, *args: str, launch: list[str] | None = None, timeout: int = 900):

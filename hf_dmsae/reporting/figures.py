@@ -112,24 +112,45 @@ def metrics_against_k(results: list[dict], metrics: tuple[str, ...], path: Path)
     """Fig. 4: each metric against target k, one line per variant (dense core, sparse core, Matryoshka); a metric
     given as a list (one value per seed) is drawn as its mean with ± one standard deviation."""
     figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
-    variants = sorted({r["variant"] for r in results})
     for axis, metric in zip(axes[0], metrics, strict=False):
-        for variant in variants:
-            points = sorted((r["k"], *mean_and_spread(r[metric])) for r in results if r["variant"] == variant)
-            axis.errorbar(
-                [k for k, _, _ in points],
-                [m for _, m, _ in points],
-                yerr=[s for _, _, s in points],
-                marker="o",
-                capsize=3,
-                label=variant,
-            )
+        _draw_against(axis, results, "k", metric)
         ks = sorted({r["k"] for r in results})
         axis.set(xlabel="k", ylabel=metric, xscale="log")
         axis.set_xticks(ks, [str(k) for k in ks])
         axis.minorticks_off()
     axes[0][0].legend(fontsize=8)
     return save(figure, path)
+
+
+def metrics_against_l0(results: list[dict], metrics: tuple[str, ...], path: Path) -> Path:
+    """Each metric against the measured global L0 (mean ± std over seeds on both axes), one line per variant:
+    variants compared at equal sparsity, not at equal k."""
+    columns = min(4, len(metrics))
+    rows = -(-len(metrics) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.4 * rows), squeeze=False)
+    for axis, metric in zip(axes.flat, metrics, strict=False):
+        _draw_against(axis, results, "l0", metric)
+        axis.set(xlabel="measured L0", ylabel=metric, xscale="log")
+    for axis in list(axes.flat)[len(metrics) :]:
+        axis.set_visible(False)
+    axes[0][0].legend(fontsize=7)
+    return save(figure, path)
+
+
+def _draw_against(axis, results: list[dict], x: str, metric: str) -> None:
+    for variant in sorted({r["variant"] for r in results}):
+        chosen = [r for r in results if r["variant"] == variant and metric in r]
+        points = sorted((*mean_and_spread(r[x]), *mean_and_spread(r[metric])) for r in chosen)
+        spread_x = [sx for _, sx, _, _ in points]
+        axis.errorbar(
+            [mean for mean, _, _, _ in points],
+            [m for _, _, m, _ in points],
+            xerr=spread_x if any(spread_x) else None,
+            yerr=[s for _, _, _, s in points],
+            marker="o",
+            capsize=3,
+            label=variant,
+        )
 
 
 def selection_against_truth(

@@ -539,3 +539,102 @@ def gather_reports(runs: dict[str, str | Path], output_dir: str | Path, title: s
     path = output_dir / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+# -- the paper's claims ---------------------------------------------------------------------------------------------
+def _over_seeds(results: dict) -> list[dict]:
+    """Each (k, variant) with every metric as its list over seeds, in the order of `VARIANTS`."""
+    models = {}
+    for seed in results["models"].values():
+        for name, result in seed.items():
+            row = models.setdefault(name, {"k": result["k"], "variant": result["variant"]})
+            for key, value in result.items():
+                if isinstance(value, int | float) and key != "k":
+                    row.setdefault(key, []).append(value)
+    return sorted(models.values(), key=lambda r: (VARIANTS.index(r["variant"]), r["k"]))
+
+
+def claims_report(folder: str | Path) -> str:
+    """The paper's claims study: every model's metrics over seeds, the differences against the Matryoshka SAE at
+    matched measured L0, the consistency of latents across sparsities and seeds, and the figure of every metric
+    against measured L0."""
+    folder = Path(folder)
+    results = read_json(folder / "results.json", {"models": dict, "matched": dict, "consistency": dict})
+    identity, models = results["identity"], _over_seeds(results)
+    seeds = sorted(results["models"])
+    metrics = ["fvu", "ce_loss_recovered", "dead_fraction"]
+    metrics += [c for _, _, c in HEADLINE_METRICS if any(c in m for m in models)]
+    rows = [
+        [m["k"], m["variant"], *(spread_cell(m.get(c, []), 2) for c in ("l0", "l0_core", "l0_noncore"))]
+        + [spread_cell(m.get(c, [])) for c in metrics]
+        for m in models
+    ]
+    lines = [
+        "# The paper's claims on the embedded default",
+        "",
+        f"The distilled core `{results['core']['source']}` ({results['core']['size']} latents) transferred at "
+        f"k {identity['ClaimsArguments.ks']} in every variant, and the Matryoshka SAE also at k "
+        f"{identity['ClaimsArguments.matryoshka_ks']}; {len(seeds)} seeds ({', '.join(seeds)}), each seed's models "
+        "on the same tokens. `random_*`: the paper's control, a random-init core of the same size. Every cell is "
+        "mean ± standard deviation over seeds; own metrics on held-out text, `sb_*` are SAEBench's.",
+        "",
+        "## Every model",
+        "",
+        *markdown_table(["k", "variant", "L0", "L0 core", "L0 non-core", *metrics], rows),
+        *_claims_matched(results["matched"]),
+        *_claims_consistency(results["consistency"], identity["ClaimsArguments.match_cos"]),
+    ]
+    skipped = {}
+    for seed in results["models"].values():
+        for result in seed.values():
+            for name, r in result.get("saebench", {}).items():
+                if "skipped" in r or "failed" in r:
+                    skipped[name] = r.get("skipped") or r["failed"]
+    if skipped:
+        lines += ["", "SAEBench evals not run:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()]
+    plot = figures.metrics_against_l0(models, tuple(metrics), folder / "figures" / "metrics_vs_l0.png")
+    lines += ["", f"![metrics against measured L0](figures/{plot.name})"]
+    return _write(folder, lines)
+
+
+def _claims_matched(matched: dict) -> list[str]:
+    deltas = list(dict.fromkeys(m for rows in matched.values() for row in rows.values() for m in row if m != "l0"))
+    rows = []
+    for variant in sorted(matched, key=VARIANTS.index):
+        for k, row in sorted(matched[variant].items(), key=lambda item: int(item[0][1:])):
+            cells = [f"{spread_cell(row[m])} ({len(row[m])})" if row.get(m) else "–" for m in deltas]
+            rows.append([k[1:], variant, spread_cell(row["l0"], 1), *cells])
+    return [
+        "",
+        "## Claim 3 at matched sparsity: each variant − the Matryoshka SAE at the same measured L0",
+        "",
+        "The Matryoshka SAE's value at a model's measured global L0 is read off the same seed's Matryoshka curve "
+        "(its models at every k), linear in log L0; outside that curve's L0 range there is no difference. In "
+        "brackets: the seeds whose curve spans the model's L0. FVU and dead fraction: lower is better; the others: "
+        "higher is better.",
+        "",
+        *markdown_table(["k", "variant", "measured L0", *(f"Δ {m}" for m in deltas)], rows),
+    ]
+
+
+def _claims_consistency(consistency: dict, match_cos: float) -> list[str]:
+    smallest, larger = consistency["from_k"], None
+    rows = []
+    for variant, by_k in sorted(consistency["across_sparsity"].items(), key=lambda item: VARIANTS.index(item[0])):
+        larger = list(by_k)
+        cells = [spread_cell([v for v in by_k[k][part] if v is not None]) for part in ("core", "noncore") for k in by_k]
+        seeds = consistency["across_seeds"][variant]
+        cells += [spread_cell([v for v in seeds[part] if v is not None]) for part in ("core", "noncore")]
+        rows.append([variant, *cells])
+    header = [f"core k{smallest}→{k}" for k in larger or []] + [f"non-core k{smallest}→{k}" for k in larger or []]
+    at = consistency["at_k"]
+    return [
+        "",
+        "## Claim 2: the same latents across sparsities and seeds",
+        "",
+        f"The share of a model's latents whose decoder direction has a match (cosine ≥ {match_cos}) in another "
+        f"model: the k-{smallest} model in the same seed's larger-k models, and, at k {at}, each seed's model in "
+        "every other seed's; core latents (the first `core_size`) and non-core latents apart.",
+        "",
+        *markdown_table(["variant", *header, f"core across seeds (k {at})", f"non-core across seeds (k {at})"], rows),
+    ]

@@ -301,7 +301,10 @@ class RunData:
         return LMGradientPairs(self, args)
 
     def downstream_metrics(self, model: DMSAEModel, batches: int) -> dict[str, float]:
-        """CE loss recovered with `model` spliced into the LM, on the first `batches` held-out LM batches."""
+        """CE loss recovered with `model` spliced into the LM, on the first `batches` held-out LM batches (none: no
+        CE metrics)."""
+        if batches == 0:
+            return {}
         return ce_loss_recovered(model, self.lm, self.eval_text_batches(batches), self.harvester.positions())
 
 

@@ -1,0 +1,208 @@
+"""The paper's claims measured on one finished distillation (`make study`): its distilled core transferred at several
+k in every variant (dense- and sparse-core DMSAE, the Matryoshka SAE, and the paper's random-init control in both
+modes), over seeds, each seed's variants on the same tokens; then
+
+- claim 3 at matched sparsity: every metric of a variant against the Matryoshka SAE of the same seed at the same
+  *measured* global L0, read off the Matryoshka SAE's curve by linear interpolation in log L0 (the Matryoshka SAE is
+  also trained at `matryoshka_ks`, so its curve spans the dense-core models' higher L0; outside it, no difference);
+- claim 2: the share of a model's latents that have a match (decoder cosine ≥ `match_cos`) in the same variant's
+  models at the larger ks (across sparsities), and in the other seeds' model at `consistency_k` (across seeds), core
+  and non-core latents counted apart.
+
+Every (seed, k, variant) is an ordinary resumable transfer run under `<study_dir>/seed{s}/`, so re-running resumes;
+`results.json` in `<study_dir>` holds every model's metrics and the comparisons, from which
+`reporting.reports.claims_report` writes `report.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data.activations import ActivationArguments
+from ..evaluation.consistency import match_share
+from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments
+from ..method.transfer import Transfer, TransferArguments
+from ..model.configuration_dmsae import VARIANTS
+from ..run.arguments import SAEArguments
+from ..run.state import arguments_identity, load_recorded_core
+from ..run.trainer import DMSAETrainingArguments
+from ..run.training import load_trained_model
+from ..utils.checks import check_ranges
+from ..utils.integrity import read_json, write_json_atomically
+
+COMPARED_METRICS = ("fvu", "ce_loss_recovered", "dead_fraction", *(c for _, _, c in HEADLINE_METRICS))
+"""The metrics compared at matched L0 (those a model lacks, e.g. an SAEBench eval not run, are left out)."""
+
+
+@dataclass
+class ClaimsArguments:
+    """Which distillation, which transfers, how many seeds, what counts as the same latent."""
+
+    distillation_dir: str = field(
+        default="runs/smollm2-135m-l15", metadata={"help": "A finished distillation, whose distilled core is moved."}
+    )
+    study_dir: str = field(default="runs/study", metadata={"help": "Where the study's runs and results go."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of every model."})
+    ks: list[int] = field(default_factory=lambda: [16, 32, 64], metadata={"help": "k of every variant."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Of {VARIANTS}."})
+    matryoshka_ks: list[int] = field(
+        default_factory=lambda: [128],
+        metadata={
+            "help": "Further k of the Matryoshka SAE alone, so that its curve in measured L0 spans the dense-core "
+            "models' L0 (their core adds to k)."
+        },
+    )
+    consistency_k: int = field(default=32, metadata={"help": "The k at which seeds are compared."})
+    match_cos: float = field(default=0.9, metadata={"help": "Decoder cosine at which two latents match."})
+    ce_batches: int = field(default=4, metadata={"help": "Held-out LM batches for CE loss recovered."})
+
+    def __post_init__(self):
+        check_ranges(self, consistency_k=">= 1", match_cos="(0, 1]", ce_batches=">= 0")
+        if unknown := set(self.variants) - set(VARIANTS):
+            raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
+        if "matryoshka" not in self.variants:
+            raise ValueError(f"variants={self.variants} is invalid: every comparison is against 'matryoshka'")
+        if self.consistency_k not in self.ks:
+            raise ValueError(f"consistency_k={self.consistency_k} is invalid: it must be one of ks={self.ks}")
+        if set(self.ks) & set(self.matryoshka_ks):
+            raise ValueError(f"matryoshka_ks={self.matryoshka_ks} repeats some of ks={self.ks}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} is invalid: give distinct seeds")
+
+
+class PaperClaims:
+    """The study; `run()` trains what is missing, compares, and writes `results.json`."""
+
+    def __init__(
+        self,
+        args: ClaimsArguments,
+        sae: SAEArguments,
+        activations: ActivationArguments,
+        training: DMSAETrainingArguments,
+        saebench: SAEBenchArguments | None = None,
+    ):
+        self.args, self.sae_args, self.activation_args = args, sae, activations
+        self.training_args, self.saebench_args = training, saebench
+        self.study_dir = Path(args.study_dir)
+        folder = Path(args.distillation_dir)
+        if not (folder / "state.json").is_file() or "distilled" not in read_json(folder / "state.json"):
+            raise FileNotFoundError(f"{folder} holds no finished distillation: run it first (scripts/distill.py)")
+        record = read_json(folder / "state.json", {"distilled": dict})["distilled"]
+        self.core_path = folder / record["core"]
+        self.core = load_recorded_core(folder, record)
+
+    def transfers(self, seed: int) -> list[Transfer]:
+        """The seed's transfer runs: every variant at `ks`, and the Matryoshka SAE at `matryoshka_ks`."""
+        grids = [("transfer", self.args.ks, self.args.variants)]
+        if self.args.matryoshka_ks:
+            grids.append(("matryoshka-wide", self.args.matryoshka_ks, ["matryoshka"]))
+        runs = []
+        for name, ks, variants in grids:
+            training = dataclasses.replace(
+                self.training_args, seed=seed, output_dir=str(self.study_dir / f"seed{seed}" / name), push_to_hub=False
+            )
+            transfer = TransferArguments(
+                core=str(self.core_path), ks=ks, variants=variants, ce_batches=self.args.ce_batches
+            )
+            runs.append((transfer, training))
+        return [Transfer(t, self.sae_args, self.activation_args, training, self.saebench_args) for t, training in runs]
+
+    def identity(self) -> dict:
+        """What the results depend on; seeds may be added to a finished study."""
+        arguments = (self.sae_args, self.activation_args, self.training_args, self.args)
+        exclude = ("DMSAETrainingArguments.seed", "seeds", "study_dir", "distillation_dir")
+        identity = arguments_identity(*arguments, exclude=exclude) | {"inputs.core": self.core.digest()}
+        return json.loads(json.dumps(identity, default=str))
+
+    def run(self) -> dict:
+        """Every seed's transfers (each resumes where it stopped), then the comparisons; `results.json` after each
+        seed (main process)."""
+        path, main = self.study_dir / "results.json", self.training_args.process_index == 0
+        results = read_json(path) if path.is_file() else {"identity": self.identity(), "models": {}}
+        if results["identity"] != self.identity():
+            raise ValueError(f"{path} holds results of other settings: use another --study_dir")
+        for seed in self.args.seeds:
+            models = {}
+            for transfer in self.transfers(seed):
+                models |= transfer.run()
+                transfer.state.close()
+            results["models"][f"seed{seed}"] = models
+            if main:
+                write_json_atomically(path, results)
+        if not main:
+            return results
+        results["core"] = {"source": str(self.core_path), "size": len(self.core)}
+        results["matched"] = matched_differences(results["models"], self.args.variants)
+        results["consistency"] = self.consistency()
+        write_json_atomically(path, results)
+        return results
+
+    # -- claim 2 --------------------------------------------------------------------------------------------------
+    def decoder(self, seed: int, k: int, variant: str):
+        model = load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / f"k{k}-{variant}")
+        return model.W_dec.detach(), model.config.core_size
+
+    def consistency(self) -> dict:
+        """Per variant, the share of matched latents (core and non-core apart): the smallest k's model in each
+        larger k's (one value per seed), and each seed's model at `consistency_k` in every other seed's."""
+        a, smallest = self.args, min(self.args.ks)
+        across_sparsity, across_seeds = {}, {}
+        for variant in a.variants:
+            rows = {}
+            for k in sorted(a.ks)[1:]:
+                shares = [
+                    self.match_shares(self.decoder(s, smallest, variant), self.decoder(s, k, variant)) for s in a.seeds
+                ]
+                rows[f"k{k}"] = {part: [s[part] for s in shares] for part in ("core", "noncore")}
+            across_sparsity[variant] = rows
+            pairs = [
+                self.match_shares(self.decoder(x, a.consistency_k, variant), self.decoder(y, a.consistency_k, variant))
+                for x, y in itertools.permutations(a.seeds, 2)
+            ]
+            across_seeds[variant] = {part: [p[part] for p in pairs] for part in ("core", "noncore")}
+        return {
+            "from_k": smallest,
+            "across_sparsity": across_sparsity,
+            "at_k": a.consistency_k,
+            "across_seeds": across_seeds,
+        }
+
+    def match_shares(self, first, second) -> dict[str, float | None]:
+        (decoder, core_size), (other, _) = first, second
+        return {
+            "core": match_share(decoder, other, self.args.match_cos, range(core_size)),
+            "noncore": match_share(decoder, other, self.args.match_cos, range(core_size, len(decoder))),
+        }
+
+
+def interpolate_in_log_l0(points: list[tuple[float, float]], l0: float) -> float | None:
+    """The value at `l0` on the curve through `points` ((L0, value), any order), linear in log L0; None outside the
+    curve's L0 range (no extrapolation)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= l0 <= x1:
+            t = (math.log(l0) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
+            return y0 + t * (y1 - y0)
+    return None
+
+
+def matched_differences(models: dict[str, dict], variants: list[str]) -> dict:
+    """Per variant other than Matryoshka, k and metric: its value minus the same seed's Matryoshka SAE at the same
+    measured L0 (one per seed whose Matryoshka curve spans it), and the measured L0s."""
+    matched = {}
+    for variant in (v for v in variants if v != "matryoshka"):
+        for results in models.values():
+            reference = [r for r in results.values() if r["variant"] == "matryoshka"]
+            for result in (r for r in results.values() if r["variant"] == variant):
+                row = matched.setdefault(variant, {}).setdefault(f"k{result['k']}", {"l0": []})
+                row["l0"].append(result["l0"])
+                for metric in COMPARED_METRICS:
+                    points = [(r["l0"], r[metric]) for r in reference if metric in r]
+                    if metric in result and (at := interpolate_in_log_l0(points, result["l0"])) is not None:
+                        row.setdefault(metric, []).append(result[metric] - at)
+    return matched

@@ -1,0 +1,126 @@
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_activation_args
+
+from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.reporting.reports import claims_report
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.run.training import load_trained_model
+from hf_dmsae.studies.claims import ClaimsArguments, PaperClaims, interpolate_in_log_l0, matched_differences
+
+
+def test_a_value_at_matched_l0_is_read_linearly_in_log_l0_and_never_extrapolated():
+    curve = [(64.0, 0.2), (16.0, 0.4), (32.0, 0.3)]
+    assert interpolate_in_log_l0(curve, 16.0) == 0.4 and interpolate_in_log_l0(curve, 64.0) == 0.2
+    assert interpolate_in_log_l0(curve, math.sqrt(16 * 32)) == pytest.approx(0.35, abs=1e-12)
+    assert interpolate_in_log_l0(curve, 15.9) is None and interpolate_in_log_l0(curve, 64.1) is None
+
+
+def test_each_variant_is_compared_with_its_own_seeds_matryoshka_curve_at_its_measured_l0():
+    def model(k, variant, l0, fvu):
+        return {"k": k, "variant": variant, "l0": l0, "fvu": fvu}
+
+    models = {
+        "seed0": {
+            "a": model(16, "matryoshka", 16.0, 0.4),
+            "b": model(64, "matryoshka", 64.0, 0.2),
+            "c": model(16, "dense_core", 32.0, 0.25),  # Matryoshka at L0 32 (halfway in log): 0.3
+            "d": model(64, "dense_core", 90.0, 0.1),  # beyond seed 0's Matryoshka curve
+        },
+        "seed1": {
+            "a": model(16, "matryoshka", 16.0, 0.5),
+            "b": model(128, "matryoshka", 128.0, 0.2),
+            "c": model(16, "dense_core", 32.0, 0.35),  # Matryoshka at L0 32 (a third in log): 0.4
+            "d": model(64, "dense_core", 90.0, 0.1),
+        },
+    }
+    matched = matched_differences(models, ["dense_core", "matryoshka"])
+    assert matched["dense_core"]["k16"]["l0"] == [32.0, 32.0]
+    assert matched["dense_core"]["k16"]["fvu"] == pytest.approx([-0.05, -0.05], abs=1e-12)
+    assert matched["dense_core"]["k64"]["fvu"] == pytest.approx([0.1 - (0.5 - 0.3 * math.log(90 / 16) / math.log(8))])
+    assert set(matched) == {"dense_core"}
+
+
+def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and_resumes(tiny_lm_dir, tmp_path):
+    core = DMSAECore(
+        encoder_rows=torch.randn(6, 32, generator=torch.Generator().manual_seed(0)) / 6,
+        latent_ids=[f"cycle2:{i}" for i in range(6)],
+        scores=torch.ones(6),
+        pool_ids=[],
+        pool_scores=torch.ones(0),
+        coverage_curve=torch.ones(0),
+    )
+    distillation = tmp_path / "distillation"  # what a finished distillation records of its distilled core
+    core.save_pretrained(distillation / "distilled-core")
+    record = {"core": "distilled-core", "core_digest": core.digest(), "size": 6, "last_cycle": 2}
+    (distillation / "state.json").write_text(json.dumps({"distilled": record}))
+    arguments = (
+        ClaimsArguments(
+            distillation_dir=str(distillation),
+            study_dir=str(tmp_path / "study"),
+            seeds=[0, 1],
+            ks=[4, 8],
+            variants=["dense_core", "matryoshka", "random_sparse_core"],
+            matryoshka_ks=[16],
+            consistency_k=8,
+            ce_batches=0,
+        ),
+        SAEArguments(dict_size=128, k=8),
+        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=2000),
+        DMSAETrainingArguments(
+            output_dir=str(tmp_path / "unused"),
+            max_steps=4,
+            per_device_train_batch_size=200,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+        ),
+    )
+    results = PaperClaims(*arguments).run()
+
+    names = {"k4-dense_core", "k8-dense_core", "k4-matryoshka", "k8-matryoshka", "k16-matryoshka"}
+    names |= {"k4-random_sparse_core", "k8-random_sparse_core"}
+    assert set(results["models"]) == {"seed0", "seed1"} and all(set(m) == names for m in results["models"].values())
+    for seed in (0, 1):
+        states = [tmp_path / "study" / f"seed{seed}" / run / "state.json" for run in ("transfer", "matryoshka-wide")]
+        slices = [json.loads(path.read_text())["slices"] for path in states]
+        assert slices[0] == slices[1]  # the Matryoshka SAE's further k read the same tokens as every variant
+    seed0 = load_trained_model(tmp_path / "study" / "seed0" / "transfer" / "k8-dense_core")
+    seed1 = load_trained_model(tmp_path / "study" / "seed1" / "transfer" / "k8-dense_core")
+    assert torch.equal(seed0.W_enc_frozen, seed1.W_enc_frozen) and not torch.equal(seed0.W_dec, seed1.W_dec)
+
+    matched = results["matched"]
+    assert set(matched) == {"dense_core", "random_sparse_core"}
+    for row in matched["random_sparse_core"].values():
+        assert len(row["l0"]) == 2 and all(-1 < d < 1 for d in row.get("fvu", []))
+    consistency = results["consistency"]
+    assert consistency["from_k"] == 4 and consistency["at_k"] == 8
+    sparse = consistency["across_sparsity"]["dense_core"]["k8"]
+    assert all(0 <= share <= 1 for part in ("core", "noncore") for share in sparse[part])
+    assert consistency["across_sparsity"]["matryoshka"]["k8"]["core"] == [None, None]  # it has no core
+    assert len(consistency["across_seeds"]["dense_core"]["noncore"]) == 2  # both orders of the one pair
+
+    report = claims_report(tmp_path / "study")
+    assert "| 8 | dense_core |" in report and "Δ fvu" in report and "core across seeds (k 8)" in report
+    assert (tmp_path / "study" / "figures" / "metrics_vs_l0.png").read_bytes().startswith(b"\x89PNG")
+
+    weights = tmp_path / "study" / "seed1" / "transfer" / "k8-dense_core" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert PaperClaims(*arguments).run() == json.loads(json.dumps(results))
+    assert weights.stat().st_mtime_ns == before  # nothing retrained
+    other = ClaimsArguments(**{**arguments[0].__dict__, "match_cos": 0.5})
+    with pytest.raises(ValueError, match="other settings"):
+        PaperClaims(other, *arguments[1:]).run()
+
+
+def test_bad_study_arguments_are_refused():
+    with pytest.raises(ValueError, match="against 'matryoshka'"):
+        ClaimsArguments(variants=["dense_core"])
+    with pytest.raises(ValueError, match="consistency_k=24"):
+        ClaimsArguments(consistency_k=24)
+    with pytest.raises(ValueError, match="repeats"):
+        ClaimsArguments(matryoshka_ks=[64])
