@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -62,6 +63,7 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
         ClaimsArguments(
             distillation_dir=str(distillation),
             study_dir=str(tmp_path / "study"),
+            results_dir=str(tmp_path / "results"),
             seeds=[0, 1],
             ks=[4, 8],
             variants=["dense_core", "matryoshka", "random_sparse_core"],
@@ -97,21 +99,29 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     assert set(matched) == {"dense_core", "random_sparse_core"}
     for row in matched["random_sparse_core"].values():
         assert len(row["l0"]) == 2 and all(-1 < d < 1 for d in row.get("fvu", []))
-    consistency = results["consistency"]
-    assert consistency["from_k"] == 4 and consistency["at_k"] == 8
-    sparse = consistency["across_sparsity"]["dense_core"]["k8"]
-    assert all(0 <= share <= 1 for part in ("core", "noncore") for share in sparse[part])
-    assert consistency["across_sparsity"]["matryoshka"]["k8"]["core"] == [None, None]  # it has no core
-    assert len(consistency["across_seeds"]["dense_core"]["noncore"]) == 2  # both orders of the one pair
+    sparse = results["across_sparsity"]["seed1"]["dense_core"]["k8"]
+    assert all(0 <= sparse[part] <= 1 for part in ("core", "noncore"))
+    assert results["across_sparsity"]["seed0"]["matryoshka"]["k8"]["core"] is None  # it has no core
+    assert set(results["across_seeds"]) == {"seed0-seed1"}
+    assert len(results["across_seeds"]["seed0-seed1"]["dense_core"]["noncore"]) == 2  # both ways
 
-    report = claims_report(tmp_path / "study")
+    report = claims_report(tmp_path / "results")
     assert "| 8 | dense_core |" in report and "Δ fvu" in report and "core across seeds (k 8)" in report
-    assert (tmp_path / "study" / "figures" / "metrics_vs_l0.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "results" / "figures" / "metrics_vs_l0.png").read_bytes().startswith(b"\x89PNG")
 
     weights = tmp_path / "study" / "seed1" / "transfer" / "k8-dense_core" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     assert PaperClaims(*arguments).run() == json.loads(json.dumps(results))
     assert weights.stat().st_mtime_ns == before  # nothing retrained
+    # On another machine, from the committed results alone: no seed is trained again but for the comparison of
+    # seeds, whose models at consistency_k come back as they were.
+    shutil.rmtree(tmp_path / "study")
+    committed = json.loads((tmp_path / "results" / "results.json").read_text())
+    del committed["across_seeds"]["seed0-seed1"]
+    (tmp_path / "results" / "results.json").write_text(json.dumps(committed))
+    assert PaperClaims(*arguments).run() == json.loads(json.dumps(results))
+    retrained = sorted(p.name for p in (tmp_path / "study" / "seed0" / "transfer").glob("k*"))
+    assert retrained == ["k8-dense_core", "k8-matryoshka", "k8-random_sparse_core"]
     other = ClaimsArguments(**{**arguments[0].__dict__, "match_cos": 0.5})
     with pytest.raises(ValueError, match="other settings"):
         PaperClaims(other, *arguments[1:]).run()

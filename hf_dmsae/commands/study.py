@@ -7,8 +7,8 @@ consistency of latents across sparsities and seeds.
 
 The JSON file is the distillation's own config (its distillation and attribution fields are skipped); any field of
 `ClaimsArguments`, `SAEArguments`, `ActivationArguments`, `DMSAETrainingArguments` and `SAEBenchArguments` can be
-given on the command line. Re-running resumes (every model is a resumable transfer run); the results and the report
-go to `<study_dir>/results.json` and `<study_dir>/report.md`.
+given on the command line. Re-running resumes (every model is a resumable transfer run; a finished seed is kept in
+`results.json`); the results, report and figures go to `--results_dir` (default: `--study_dir`).
 """
 
 import logging
@@ -33,7 +33,7 @@ def main() -> None:
     study = PaperClaims(*arguments)
     study.run()
     if study.training_args.process_index == 0:
-        print(claims_report(study.study_dir))
+        print(claims_report(study.results_dir))
     end_processes()
 
 

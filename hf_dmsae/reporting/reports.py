@@ -559,7 +559,7 @@ def claims_report(folder: str | Path) -> str:
     matched measured L0, the consistency of latents across sparsities and seeds, and the figure of every metric
     against measured L0."""
     folder = Path(folder)
-    results = read_json(folder / "results.json", {"models": dict, "matched": dict, "consistency": dict})
+    results = read_json(folder / "results.json", {"models": dict, "matched": dict, "across_seeds": dict})
     identity, models = results["identity"], _over_seeds(results)
     seeds = sorted(results["models"])
     metrics = ["fvu", "ce_loss_recovered", "dead_fraction"]
@@ -582,7 +582,7 @@ def claims_report(folder: str | Path) -> str:
         "",
         *markdown_table(["k", "variant", "L0", "L0 core", "L0 non-core", *metrics], rows),
         *_claims_matched(results["matched"]),
-        *_claims_consistency(results["consistency"], identity["ClaimsArguments.match_cos"]),
+        *_claims_consistency(results),
     ]
     skipped = {}
     for seed in results["models"].values():
@@ -617,24 +617,29 @@ def _claims_matched(matched: dict) -> list[str]:
     ]
 
 
-def _claims_consistency(consistency: dict, match_cos: float) -> list[str]:
-    smallest, larger = consistency["from_k"], None
+def _claims_consistency(results: dict) -> list[str]:
+    identity = results["identity"]
+    smallest, at = min(identity["ClaimsArguments.ks"]), identity["ClaimsArguments.consistency_k"]
+    larger = [f"k{k}" for k in sorted(identity["ClaimsArguments.ks"])[1:]]
     rows = []
-    for variant, by_k in sorted(consistency["across_sparsity"].items(), key=lambda item: VARIANTS.index(item[0])):
-        larger = list(by_k)
-        cells = [spread_cell([v for v in by_k[k][part] if v is not None]) for part in ("core", "noncore") for k in by_k]
-        seeds = consistency["across_seeds"][variant]
-        cells += [spread_cell([v for v in seeds[part] if v is not None]) for part in ("core", "noncore")]
+    for variant in identity["ClaimsArguments.variants"]:
+        by_seed = [seed[variant] for seed in results["across_sparsity"].values()]
+        by_pair = [pair[variant] for pair in results["across_seeds"].values()]
+        cells = []
+        for part in ("core", "noncore"):
+            cells += [spread_cell([s[k][part] for s in by_seed if s[k][part] is not None]) for k in larger]
+        for part in ("core", "noncore"):
+            cells.append(spread_cell([v for p in by_pair for v in p[part] if v is not None]))
         rows.append([variant, *cells])
-    header = [f"core k{smallest}→{k}" for k in larger or []] + [f"non-core k{smallest}→{k}" for k in larger or []]
-    at = consistency["at_k"]
+    header = [f"core k{smallest}→{k[1:]}" for k in larger] + [f"non-core k{smallest}→{k[1:]}" for k in larger]
     return [
         "",
         "## Claim 2: the same latents across sparsities and seeds",
         "",
-        f"The share of a model's latents whose decoder direction has a match (cosine ≥ {match_cos}) in another "
-        f"model: the k-{smallest} model in the same seed's larger-k models, and, at k {at}, each seed's model in "
-        "every other seed's; core latents (the first `core_size`) and non-core latents apart.",
+        f"The share of a model's latents whose decoder direction has a match (cosine ≥ "
+        f"{identity['ClaimsArguments.match_cos']}) in another model: the k-{smallest} model in the same seed's "
+        f"larger-k models (over seeds), and, at k {at}, each seed's model in every other seed's (over ordered pairs "
+        "of seeds); core latents (the first `core_size`) and non-core latents apart.",
         "",
         *markdown_table(["variant", *header, f"core across seeds (k {at})", f"non-core across seeds (k {at})"], rows),
     ]

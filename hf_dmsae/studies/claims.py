@@ -9,9 +9,11 @@ modes), over seeds, each seed's variants on the same tokens; then
   models at the larger ks (across sparsities), and in the other seeds' model at `consistency_k` (across seeds), core
   and non-core latents counted apart.
 
-Every (seed, k, variant) is an ordinary resumable transfer run under `<study_dir>/seed{s}/`, so re-running resumes;
-`results.json` in `<study_dir>` holds every model's metrics and the comparisons, from which
-`reporting.reports.claims_report` writes `report.md`.
+Every (seed, k, variant) is an ordinary resumable transfer run under `<study_dir>/seed{s}/`, so re-running resumes.
+`<results_dir>/results.json` (committed by `make study`) holds every finished seed's model metrics and matches, and
+the comparisons, so that a study continues on another machine from its committed results: a finished seed is not
+trained again, and only the models at `consistency_k` of a seed whose runs are gone are, for the seeds' comparison.
+`reporting.reports.claims_report` writes `report.md` beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..data.activations import ActivationArguments
 from ..evaluation.consistency import match_share
@@ -46,7 +50,10 @@ class ClaimsArguments:
     distillation_dir: str = field(
         default="runs/smollm2-135m-l15", metadata={"help": "A finished distillation, whose distilled core is moved."}
     )
-    study_dir: str = field(default="runs/study", metadata={"help": "Where the study's runs and results go."})
+    study_dir: str = field(default="runs/study", metadata={"help": "Where the study's transfer runs go."})
+    results_dir: str | None = field(
+        default=None, metadata={"help": "Where results.json, report.md and figures/ go (default: study_dir)."}
+    )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of every model."})
     ks: list[int] = field(default_factory=lambda: [16, 32, 64], metadata={"help": "k of every variant."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Of {VARIANTS}."})
@@ -89,6 +96,7 @@ class PaperClaims:
         self.args, self.sae_args, self.activation_args = args, sae, activations
         self.training_args, self.saebench_args = training, saebench
         self.study_dir = Path(args.study_dir)
+        self.results_dir = Path(args.results_dir or args.study_dir)
         folder = Path(args.distillation_dir)
         if not (folder / "state.json").is_file() or "distilled" not in read_json(folder / "state.json"):
             raise FileNotFoundError(f"{folder} holds no finished distillation: run it first (scripts/distill.py)")
@@ -96,88 +104,100 @@ class PaperClaims:
         self.core_path = folder / record["core"]
         self.core = load_recorded_core(folder, record)
 
-    def transfers(self, seed: int) -> list[Transfer]:
-        """The seed's transfer runs: every variant at `ks`, and the Matryoshka SAE at `matryoshka_ks`."""
-        grids = [("transfer", self.args.ks, self.args.variants)]
-        if self.args.matryoshka_ks:
+    def transfers(self, seed: int, ks: list[int] | None = None) -> list[Transfer]:
+        """The seed's transfer runs: every variant at the study's ks and the Matryoshka SAE at `matryoshka_ks`; or,
+        given `ks`, every variant at those alone, without SAEBench (a model trained again for the comparisons)."""
+        grids = [("transfer", ks or self.args.ks, self.args.variants)]
+        if self.args.matryoshka_ks and ks is None:
             grids.append(("matryoshka-wide", self.args.matryoshka_ks, ["matryoshka"]))
+        saebench = self.saebench_args if ks is None else None
         runs = []
-        for name, ks, variants in grids:
-            training = dataclasses.replace(
-                self.training_args, seed=seed, output_dir=str(self.study_dir / f"seed{seed}" / name), push_to_hub=False
-            )
+        for name, grid_ks, variants in grids:
+            folder = self.study_dir / f"seed{seed}" / name
+            training = dataclasses.replace(self.training_args, seed=seed, output_dir=str(folder), push_to_hub=False)
             transfer = TransferArguments(
-                core=str(self.core_path), ks=ks, variants=variants, ce_batches=self.args.ce_batches
+                core=str(self.core_path), ks=grid_ks, variants=variants, ce_batches=self.args.ce_batches
             )
-            runs.append((transfer, training))
-        return [Transfer(t, self.sae_args, self.activation_args, training, self.saebench_args) for t, training in runs]
+            runs.append(Transfer(transfer, self.sae_args, self.activation_args, training, saebench))
+        return runs
 
     def identity(self) -> dict:
         """What the results depend on; seeds may be added to a finished study."""
         arguments = (self.sae_args, self.activation_args, self.training_args, self.args)
-        exclude = ("DMSAETrainingArguments.seed", "seeds", "study_dir", "distillation_dir")
+        exclude = ("DMSAETrainingArguments.seed", "seeds", "study_dir", "results_dir", "distillation_dir")
         identity = arguments_identity(*arguments, exclude=exclude) | {"inputs.core": self.core.digest()}
         return json.loads(json.dumps(identity, default=str))
 
     def run(self) -> dict:
-        """Every seed's transfers (each resumes where it stopped), then the comparisons; `results.json` after each
-        seed (main process)."""
-        path, main = self.study_dir / "results.json", self.training_args.process_index == 0
-        results = read_json(path) if path.is_file() else {"identity": self.identity(), "models": {}}
+        """Every seed not yet finished (its transfers resume where they stopped), then every pair of seeds not yet
+        compared; `results.json` after each (main process)."""
+        path, main = self.results_dir / "results.json", self.training_args.process_index == 0
+        empty = {"models": {}, "across_sparsity": {}, "across_seeds": {}}
+        results = read_json(path) if path.is_file() else {"identity": self.identity(), **empty}
         if results["identity"] != self.identity():
-            raise ValueError(f"{path} holds results of other settings: use another --study_dir")
+            raise ValueError(f"{path} holds results of other settings: use another --results_dir")
+        results["core"] = {"source": str(self.core_path), "size": len(self.core)}
+        self.results_dir.mkdir(parents=True, exist_ok=True)
         for seed in self.args.seeds:
+            if f"seed{seed}" in results["models"]:
+                continue
             models = {}
             for transfer in self.transfers(seed):
                 models |= transfer.run()
                 transfer.state.close()
             results["models"][f"seed{seed}"] = models
             if main:
+                results["across_sparsity"][f"seed{seed}"] = self.across_sparsity(seed)
                 write_json_atomically(path, results)
         if not main:
             return results
-        results["core"] = {"source": str(self.core_path), "size": len(self.core)}
+        for x, y in itertools.combinations(self.args.seeds, 2):
+            if f"seed{x}-seed{y}" not in results["across_seeds"]:
+                results["across_seeds"][f"seed{x}-seed{y}"] = self.across_seeds(x, y)
+                write_json_atomically(path, results)
         results["matched"] = matched_differences(results["models"], self.args.variants)
-        results["consistency"] = self.consistency()
         write_json_atomically(path, results)
         return results
 
     # -- claim 2 --------------------------------------------------------------------------------------------------
-    def decoder(self, seed: int, k: int, variant: str):
-        model = load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / f"k{k}-{variant}")
+    def decoder(self, seed: int, k: int, variant: str) -> tuple[torch.Tensor, int]:
+        """The decoder and core size of the seed's model; a model at `consistency_k` whose run is gone (the study
+        continued on another machine) is trained again, as it was."""
+        folder = self.study_dir / f"seed{seed}" / "transfer" / f"k{k}-{variant}"
+        if not folder.is_dir() and k == self.args.consistency_k:
+            transfer = self.transfers(seed, ks=[k])[0]
+            transfer.run()
+            transfer.state.close()
+        model = load_trained_model(folder)
         return model.W_dec.detach(), model.config.core_size
 
-    def consistency(self) -> dict:
-        """Per variant, the share of matched latents (core and non-core apart): the smallest k's model in each
-        larger k's (one value per seed), and each seed's model at `consistency_k` in every other seed's."""
-        a, smallest = self.args, min(self.args.ks)
-        across_sparsity, across_seeds = {}, {}
-        for variant in a.variants:
-            rows = {}
-            for k in sorted(a.ks)[1:]:
-                shares = [
-                    self.match_shares(self.decoder(s, smallest, variant), self.decoder(s, k, variant)) for s in a.seeds
-                ]
-                rows[f"k{k}"] = {part: [s[part] for s in shares] for part in ("core", "noncore")}
-            across_sparsity[variant] = rows
-            pairs = [
-                self.match_shares(self.decoder(x, a.consistency_k, variant), self.decoder(y, a.consistency_k, variant))
-                for x, y in itertools.permutations(a.seeds, 2)
-            ]
-            across_seeds[variant] = {part: [p[part] for p in pairs] for part in ("core", "noncore")}
-        return {
-            "from_k": smallest,
-            "across_sparsity": across_sparsity,
-            "at_k": a.consistency_k,
-            "across_seeds": across_seeds,
-        }
-
     def match_shares(self, first, second) -> dict[str, float | None]:
+        """The share of `first`'s core and non-core latents with a match in `second`."""
         (decoder, core_size), (other, _) = first, second
         return {
             "core": match_share(decoder, other, self.args.match_cos, range(core_size)),
             "noncore": match_share(decoder, other, self.args.match_cos, range(core_size, len(decoder))),
         }
+
+    def across_sparsity(self, seed: int) -> dict:
+        """Per variant and larger k: the shares of the smallest k's model's latents matched in that k's model."""
+        smallest, *larger = sorted(self.args.ks)
+        return {
+            variant: {
+                f"k{k}": self.match_shares(self.decoder(seed, smallest, variant), self.decoder(seed, k, variant))
+                for k in larger
+            }
+            for variant in self.args.variants
+        }
+
+    def across_seeds(self, x: int, y: int) -> dict:
+        """Per variant at `consistency_k`: the shares of seed x's latents matched in seed y's model, and back."""
+        k, shares = self.args.consistency_k, {}
+        for variant in self.args.variants:
+            first, second = self.decoder(x, k, variant), self.decoder(y, k, variant)
+            forth, back = self.match_shares(first, second), self.match_shares(second, first)
+            shares[variant] = {part: [forth[part], back[part]] for part in ("core", "noncore")}
+        return shares
 
 
 def interpolate_in_log_l0(points: list[tuple[float, float]], l0: float) -> float | None:
