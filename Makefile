@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium lint test demo synthetic dynamics report bench gpu-check clean
+.PHONY: setup chromium lint test demo study synthetic dynamics bench gpu-check clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,16 +34,15 @@ test: setup chromium
 demo: setup
 	$(LAUNCH) scripts/distill.py configs/smollm2-135m.json
 
-# The study on the embedded default: the demo's distillation (with its random-core control), transfer at k 16, 32, 64
-# with SAEBench's offline evals, the synthetic ground-truth benchmark, gathered in reports/smollm2-135m/.
-CORE := runs/smollm2-135m-l15/repos/local__dmsae-smollm2-135m-l15-core-distilled
-report: demo
-	$(LAUNCH) scripts/transfer.py configs/smollm2-135m.json --core $(CORE) \
-		--output_dir runs/transfer --ks 16 32 64 --ce_batches 4 \
-		--saebench_evals core sparse_probing_sae_probes meta_structure --meta_structure_steps 500
-	$(BIN)/python scripts/synthetic.py configs/synthetic.json
-	$(BIN)/python scripts/report.py --out reports/smollm2-135m --title "DMSAE study on SmolLM2-135M (embedded default)" \
-		--distillation runs/smollm2-135m-l15 --transfer runs/transfer --synthetic runs/synthetic
+# The paper's claims on the embedded default (docs/results.md): the demo's distillation, then its distilled core
+# transferred at k 16, 32, 64 in every variant (dense and sparse core, Matryoshka, the random-init control in both
+# modes; Matryoshka also at k 128) over 3 seeds, with SAEBench's offline evals, compared at matched measured L0.
+# Runs under runs/study; results, report and figures in reports/study-smollm2-135m, which `make study` continues from
+# (commit them: a finished seed is never trained again).
+study: demo
+	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study \
+		--results_dir reports/study-smollm2-135m \
+		--saebench_evals core sparse_probing_sae_probes meta_structure absorption --meta_structure_steps 500
 
 # The ground-truth benchmark (configs/synthetic.json: 3 seeds; about 13 min on 2 CPU cores), into runs/synthetic.
 synthetic: setup

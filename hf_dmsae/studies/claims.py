@@ -146,6 +146,7 @@ class PaperClaims:
                 models |= transfer.run()
                 transfer.state.close()
             results["models"][f"seed{seed}"] = models
+            results["matched"] = matched_differences(results["models"], self.args.variants)
             if main:
                 results["across_sparsity"][f"seed{seed}"] = self.across_sparsity(seed)
                 write_json_atomically(path, results)
@@ -155,8 +156,6 @@ class PaperClaims:
             if f"seed{x}-seed{y}" not in results["across_seeds"]:
                 results["across_seeds"][f"seed{x}-seed{y}"] = self.across_seeds(x, y)
                 write_json_atomically(path, results)
-        results["matched"] = matched_differences(results["models"], self.args.variants)
-        write_json_atomically(path, results)
         return results
 
     # -- claim 2 --------------------------------------------------------------------------------------------------
