@@ -86,6 +86,21 @@ def tiny_lm_dir(tmp_path_factory):
     return path
 
 
+def core_of_rows(encoder_rows: torch.Tensor, cycle: int = 3, **fields):
+    """A core of `encoder_rows` (ids `cycle<cycle>:<i>`) as a transfer reads one: no candidate pool, scores 1."""
+    from hf_dmsae.model.core import DMSAECore
+
+    count = len(encoder_rows)
+    values = dict(
+        latent_ids=[f"cycle{cycle}:{i}" for i in range(count)],
+        scores=torch.ones(count),
+        pool_ids=[],
+        pool_scores=torch.ones(0),
+        coverage_curve=torch.ones(0),
+    )
+    return DMSAECore(encoder_rows=encoder_rows, **{**values, **fields})
+
+
 def tiny_activation_args(tiny_lm_dir, **overrides):
     """Activation arguments for the tiny LM on the embedded corpus (fast: a few thousand tokens)."""
     from hf_dmsae.data.activations import ActivationArguments

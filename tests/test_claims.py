@@ -4,9 +4,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_activation_args
+from conftest import core_of_rows, tiny_activation_args
 
-from hf_dmsae.model.core import DMSAECore
 from hf_dmsae.reporting.reports import claims_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
@@ -47,14 +46,7 @@ def test_each_variant_is_compared_with_its_own_seeds_matryoshka_curve_at_its_mea
 
 
 def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and_resumes(tiny_lm_dir, tmp_path):
-    core = DMSAECore(
-        encoder_rows=torch.randn(6, 32, generator=torch.Generator().manual_seed(0)) / 6,
-        latent_ids=[f"cycle2:{i}" for i in range(6)],
-        scores=torch.ones(6),
-        pool_ids=[],
-        pool_scores=torch.ones(0),
-        coverage_curve=torch.ones(0),
-    )
+    core = core_of_rows(torch.randn(6, 32, generator=torch.Generator().manual_seed(0)) / 6, cycle=2)
     distillation = tmp_path / "distillation"  # what a finished distillation records of its distilled core
     core.save_pretrained(distillation / "distilled-core")
     record = {"core": "distilled-core", "core_digest": core.digest(), "size": 6, "last_cycle": 2}

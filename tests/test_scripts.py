@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HUB, write_text_folder
+from conftest import HUB, core_of_rows, write_text_folder
 from transformers import AutoModel
 
 from hf_dmsae import DMSAEModel
@@ -143,14 +143,7 @@ def test_the_accelerate_configs_launch_two_processes(config, tiny_lm_dir, tmp_pa
 
 def test_transfer_cli_runs_every_default_saebench_eval(small_vocab_lm_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    core = DMSAECore(
-        encoder_rows=torch.randn(4, 32) / 4,
-        latent_ids=[f"cycle2:{i}" for i in range(4)],
-        scores=torch.ones(4),
-        pool_ids=[],
-        pool_scores=torch.ones(0),
-        coverage_curve=torch.ones(0),
-    )
+    core = core_of_rows(torch.randn(4, 32) / 4, cycle=2)
     core.save_pretrained(tmp_path / "core")
     args = {
         "core": tmp_path / "core",

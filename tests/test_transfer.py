@@ -5,13 +5,12 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_activation_args
+from conftest import core_of_rows, tiny_activation_args
 
 from hf_dmsae import DMSAEModel
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.distillation import random_core, random_core_generator
 from hf_dmsae.method.transfer import Transfer, TransferArguments
-from hf_dmsae.model.core import DMSAECore
 from hf_dmsae.reporting.reports import transfer_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
@@ -21,14 +20,7 @@ from hf_dmsae.utils.integrity import IntegrityError
 
 def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    core = DMSAECore(
-        encoder_rows=torch.randn(6, 32) / 6,
-        latent_ids=[f"cycle3:{i}" for i in range(6)],
-        scores=torch.ones(6),
-        pool_ids=[],
-        pool_scores=torch.ones(0),
-        coverage_curve=torch.ones(0),
-    )
+    core = core_of_rows(torch.randn(6, 32) / 6)
     core.save_pretrained(tmp_path / "core")
     arguments = (
         TransferArguments(core=str(tmp_path / "core"), ks=[8, 16], ce_batches=2, model_repo="local/transfer"),
@@ -91,15 +83,7 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
 
 def test_a_core_for_other_activations_is_refused_before_any_harvesting(tiny_lm_dir, tmp_path):
     for name, width, provenance in (("wide", 64, {}), ("layer", 32, {"hook_layer": 12, "hook_name": "resid_post"})):
-        DMSAECore(
-            encoder_rows=torch.randn(4, width),
-            latent_ids=[f"cycle3:{i}" for i in range(4)],
-            scores=torch.ones(4),
-            pool_ids=[],
-            pool_scores=torch.ones(0),
-            coverage_curve=torch.ones(0),
-            provenance=provenance,
-        ).save_pretrained(tmp_path / name)
+        core_of_rows(torch.randn(4, width), provenance=provenance).save_pretrained(tmp_path / name)
     for name, difference in (
         ("wide", "width 64 (the run's activations: 32)"),
         ("layer", "layer 12 (the run's hook_layer: 2)"),
@@ -115,14 +99,7 @@ def test_a_core_for_other_activations_is_refused_before_any_harvesting(tiny_lm_d
 
 
 def test_a_random_core_variant_holds_the_distillation_controls_rows_in_either_sparsity_mode(tiny_lm_dir, tmp_path):
-    core = DMSAECore(
-        encoder_rows=torch.randn(6, 32) / 6,
-        latent_ids=[f"cycle3:{i}" for i in range(6)],
-        scores=torch.ones(6),
-        pool_ids=[],
-        pool_scores=torch.ones(0),
-        coverage_curve=torch.ones(0),
-    )
+    core = core_of_rows(torch.randn(6, 32) / 6)
     core.save_pretrained(tmp_path / "core")
     transfer = Transfer(
         TransferArguments(core=str(tmp_path / "core"), ks=[8], variants=["random_dense_core", "random_sparse_core"]),

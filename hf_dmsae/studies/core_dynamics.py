@@ -34,11 +34,11 @@ from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import open_source
-from ..run.state import RunState, arguments_identity
+from ..run.state import RunState, arguments_identity, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import train_sae, training_steps
 from ..utils.checks import check_ranges
-from ..utils.integrity import IntegrityError, read_json, write_json_atomically
+from ..utils.integrity import read_json, write_json_atomically
 from .synthetic import SyntheticArguments, SyntheticSource, SyntheticWorld
 
 logger = logging.getLogger(__name__)
@@ -236,11 +236,7 @@ class CoreDynamics:
                 f"{folder} holds no finished distillation: run it first (scripts/distill.py or "
                 "scripts/synthetic.py), or point --distillation_dir at one"
             )
-        record = read_json(folder / "state.json", {"distilled": dict})["distilled"]
-        core = DMSAECore.from_pretrained(folder / record["core"])
-        if core.digest() != record["core_digest"]:
-            raise IntegrityError(f"{folder / record['core']} changed since the distillation wrote it")
-        return core
+        return load_recorded_core(folder, read_json(folder / "state.json", {"distilled": dict})["distilled"])
 
     def identity(self, seed: int) -> dict:
         given = [a for a in (self.sae_args, self.activation_args, self.synthetic_args, self.training_args) if a]
