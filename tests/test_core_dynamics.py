@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -175,3 +176,19 @@ def test_core_geometry_measures_firing_spread_and_variance_along_the_core():
 def test_the_decay_phase_starts_at_the_first_step_below_the_peak_after_warm_up():
     assert decay_start([[1, 0.0], [2, 0.01], [3, 0.01], [4, 0.005], [5, 0.001]]) == 4
     assert decay_start([[1, 0.0], [2, 0.01], [3, 0.01]]) is None
+
+
+def test_every_cored_run_records_fig3_counted_three_ways_over_training(synthetic_study):
+    root, _, results, _ = synthetic_study
+    for run in results["runs"]:
+        if not run["core_size"]:
+            assert run["core_usage_curve"] == [] and run["core_usage"] == {}
+            continue
+        curve = run["core_usage_curve"]
+        assert [e["step"] for e in curve] == [step for step, _ in run["l0_core_curve"]]
+        for entry in curve:
+            assert 0 <= entry["core_energy_share"] and 0 <= entry["l0_core_positive"] <= run["core_size"]
+            assert entry.get("l0_core_above_threshold", 0) <= entry["l0_core_positive"]
+        assert math.isfinite(run["core_usage"]["fvu_without_core"]) and 0 < run["core_usage"]["fvu"] < 1
+    report = core_dynamics_report(root / "core-dynamics")
+    assert "## Fig. 3 counted three ways" in report and "figures/core_countings.png" in report

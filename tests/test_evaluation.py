@@ -8,6 +8,7 @@ from hf_dmsae.data.embedded import EMBEDDED_LM, wiki_summaries
 from hf_dmsae.data.language_model import load_language_model
 from hf_dmsae.data.text import TokenPacking, batched
 from hf_dmsae.evaluation.consistency import match_share
+from hf_dmsae.evaluation.core_usage import core_usage
 from hf_dmsae.evaluation.held_out import METRICS_DIR, activation_metrics, ce_loss_recovered, fvu_sums, load_metric
 
 
@@ -100,3 +101,23 @@ def test_a_latent_matches_only_a_direction_within_the_cosine_and_of_the_same_sig
     assert match_share(decoder, other, cos_of_tilted + 1e-4, rows=[4]) == 0.0
     assert cos_of_tilted < 0.9 and match_share(decoder, other, 0.9) == 3 / 6  # rows 0-2 only
     assert match_share(decoder, other, 0.9, rows=[]) is None
+
+
+def test_core_usage_counts_the_core_each_way_fig3_could_and_measures_what_it_reconstructs():
+    model = tiny_model()  # a dense core of 8 random rows
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(1)) * 3
+    assert core_usage(model, x)["l0_core_above_threshold"] is None  # no inference threshold estimated yet
+    model.threshold.fill_(0.5)
+    model.train()
+    usage = core_usage(model, x)
+    assert model.training  # measured in inference mode, left as it was
+    latents = model.eval().encode(x)
+    positive, above = ((latents[:, :8] > t).sum(1).float().mean().item() for t in (0.0, 0.5))
+    assert usage["l0_core_positive"] == pytest.approx(positive, abs=1e-5)
+    assert usage["l0_core_above_threshold"] == pytest.approx(above, abs=1e-5)
+    assert 0 < usage["l0_core_above_threshold"] < usage["l0_core_positive"]
+    assert 0 < usage["core_energy_share"] < 1 and usage["fvu_without_core"] != usage["fvu"]
+    model.W_dec.data[:8] = 0  # a core that decodes to nothing carries none of the reconstruction
+    silent = core_usage(model, x)
+    assert silent["core_energy_share"] == 0 and silent["fvu_without_core"] == silent["fvu"]
+    assert core_usage(tiny_model(core_size=0), x) == {}

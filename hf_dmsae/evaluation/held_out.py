@@ -52,6 +52,11 @@ def fvu_sums(x: torch.Tensor, reconstruction: torch.Tensor) -> dict:
     }
 
 
+def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """`Σ‖x − x̂‖² / Σ‖x − x̄‖²` over a batch."""
+    return (x - reconstruction).pow(2).sum() / (x - x.mean(0, keepdim=True)).pow(2).sum()
+
+
 def active_counts(latents: torch.Tensor, core_size: int) -> torch.Tensor:
     """`[B, 2]` numbers of active core and non-core latents per row (what the Trainer gathers for the `l0` metric)."""
     active = latents > 0

@@ -91,6 +91,33 @@ def draw_l0_core(axis, runs: list[dict], share: bool = False, style: str = "-") 
     axis.legend(fontsize=8)
 
 
+COUNTINGS = {
+    "l0_core_positive": "core latents > 0, / |C|",
+    "l0_core_above_threshold": "core latents > inference threshold, / |C|",
+    "core_energy_share": "core's share of the reconstruction's energy",
+}
+"""Fig. 3's possible countings (`evaluation.core_usage`) and their axis labels."""
+
+
+def core_countings(runs: list[dict], path: Path) -> Path:
+    """Fig. 3 counted three ways over training (`core_usage_curve` of each run), one panel per counting, one line
+    per core kind (mean over its runs, the band spanning them)."""
+    figure, axes = plt.subplots(1, len(COUNTINGS), figsize=(4.4 * len(COUNTINGS), 3.6), squeeze=False)
+    for axis, (counting, label) in zip(axes[0], COUNTINGS.items(), strict=True):
+        size = (lambda r: r["core_size"]) if counting.startswith("l0") else (lambda r: 1)
+        curves = [
+            {
+                "core": r["core"],
+                "core_size": size(r),
+                "l0_core_curve": [(e["step"], e[counting]) for e in r["core_usage_curve"] if counting in e],
+            }
+            for r in runs
+        ]
+        draw_l0_core(axis, curves, share=True)
+        axis.set_ylabel(label, fontsize=8)
+    return save(figure, path)
+
+
 def selection_convergence(tracks: dict[int, list[dict]], finals: dict[int, set], path: Path) -> Path:
     """Within each cycle: the Jaccard overlap of the core selected from the model at each tracked step with the
     cycle's final core, and the selection's size."""

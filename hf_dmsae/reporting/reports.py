@@ -388,6 +388,7 @@ def core_dynamics_report(folder: str | Path) -> str:
         *_dynamics_curves(results["runs"]),
         *_dynamics_ablations(results),
         *_dynamics_geometry(results),
+        *_dynamics_countings(results),
     ]
     lines += ["", *(f"![{p.stem}](figures/{p.name})" for p in core_dynamics_figures(results, folder / "figures"))]
     return _write(folder, lines)
@@ -471,6 +472,46 @@ def _dynamics_geometry(results: dict) -> list[str]:
     ]
 
 
+def _dynamics_countings(results: dict) -> list[str]:
+    """Fig. 3 counted three ways at the end of the paper's runs (studies that recorded `core_usage_curve`)."""
+    runs = [r for r in results["runs"] if r["ablation"] == "paper" and r.get("core_usage_curve")]
+    if not runs:
+        return []
+    rows = []
+    for budget in sorted({r["budget"] for r in runs}):
+        for core in dict.fromkeys(r["core"] for r in runs):
+            chosen = [r for r in runs if r["budget"] == budget and r["core"] == core]
+            if not chosen:
+                continue
+            ends = [r["core_usage_curve"][-1] for r in chosen]
+            cells = [
+                spread_cell([e["l0_core_positive"] / r["core_size"] for e, r in zip(ends, chosen, strict=True)]),
+                spread_cell(
+                    [
+                        e["l0_core_above_threshold"] / r["core_size"]
+                        for e, r in zip(ends, chosen, strict=True)
+                        if "l0_core_above_threshold" in e
+                    ]
+                ),
+                spread_cell([e["core_energy_share"] for e in ends]),
+                spread_cell([r["core_usage"]["fvu_without_core"] - r["core_usage"]["fvu"] for r in chosen]),
+            ]
+            rows.append([budget, core, len(chosen), *cells])
+    header = ["budget", "core", "seeds", "share > 0", "share > threshold", "energy share", "FVU lost without core"]
+    return [
+        "",
+        "## Fig. 3 counted three ways",
+        "",
+        "At the end of training, on held-out rows in inference mode (`evaluation.core_usage`): the share of core "
+        "latents with a positive activation (today's count), the share above the inference threshold the masked "
+        "latents use (dictionary_learning's `encode(use_threshold=True)`), the core's share of the "
+        "reconstruction's energy, and the held-out FVU lost when the core's latents are zeroed. "
+        "`core_countings.png` shows the three over training.",
+        "",
+        *markdown_table(header, rows),
+    ]
+
+
 def decay_start(learning_rates: list) -> int | None:
     """The first logged step after the peak whose learning rate is below the peak (None: no decay)."""
     peak = max(v for _, v in learning_rates)
@@ -506,6 +547,10 @@ def core_dynamics_figures(results: dict, folder: Path) -> list[Path]:
         for axis in list(axes.flat)[len(names) :]:
             axis.set_visible(False)
         paths.append(figures.save(figure, folder / "ablations.png"))
+    counted = [r for r in runs if r["ablation"] == "paper" and r.get("core_usage_curve")]
+    if counted:
+        largest = [r for r in counted if r["budget"] == max(r["budget"] for r in counted)]
+        paths.append(figures.core_countings(largest, folder / "core_countings.png"))
     return paths
 
 

@@ -29,7 +29,8 @@ from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..data.activations import ActivationStream, collate_activations
-from ..evaluation.held_out import SAEEvalMetrics, active_counts
+from ..evaluation.core_usage import core_usage
+from ..evaluation.held_out import SAEEvalMetrics, active_counts, fraction_of_variance_unexplained
 from ..model.kernels import release_reused_buffers
 from ..model.modeling_dmsae import DMSAEModel
 from ..utils.checks import check_ranges
@@ -140,9 +141,13 @@ class _SAEStepCallback(TrainerCallback):
 
 class DMSAETrainer(Trainer):
     """Trains a `DMSAEModel`; `train_dataset` yields `{"activations": [d_in]}` rows and has `sample(n)` (the
-    datasets of `hf_dmsae.activations`)."""
+    datasets of `hf_dmsae.activations`). With `core_usage_rows` (raw held-out activations), every training log also
+    holds `core_usage` on them as `core_usage_*`: Fig. 3's countings over training, kept through a resume."""
 
-    def __init__(self, model: DMSAEModel, args: DMSAETrainingArguments, **kwargs):
+    def __init__(
+        self, model: DMSAEModel, args: DMSAETrainingArguments, core_usage_rows: torch.Tensor | None = None, **kwargs
+    ):
+        self.core_usage_rows = core_usage_rows
         kwargs.setdefault("data_collator", collate_activations)
         if args.batch_eval_metrics:
             kwargs.setdefault("compute_metrics", SAEEvalMetrics())
@@ -290,12 +295,10 @@ class DMSAETrainer(Trainer):
             sae.refresh_dead_latents()
             logs["dead_fraction"] = len(sae.dead_latents) / sae.config.dict_size
             logs["threshold"] = float(sae.threshold)
+            if self.core_usage_rows is not None:
+                usage = core_usage(whole_model(sae), self.core_usage_rows)
+                logs.update({f"core_usage_{k}": v for k, v in usage.items() if v is not None})
         super().log(logs, *args, **kwargs)
-
-
-def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """`Σ‖x − x̂‖² / Σ‖x − x̄‖²` over a batch."""
-    return (x - reconstruction).pow(2).sum() / (x - x.mean(0, keepdim=True)).pow(2).sum()
 
 
 def whole_model(sae: DMSAEModel) -> DMSAEModel:

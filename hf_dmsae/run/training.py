@@ -7,6 +7,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import torch
+
 from ..data.slices import TokenSlice
 from ..model.modeling_dmsae import DMSAEModel
 from ..utils.integrity import IntegrityError, checksums, read_json, verify_checksums, write_json_atomically
@@ -67,14 +69,25 @@ def training_steps(rows: int, args: DMSAETrainingArguments) -> int:
 
 
 def train_sae(
-    model: DMSAEModel, data: RunData, piece: TokenSlice, args: DMSAETrainingArguments, callbacks=None
+    model: DMSAEModel,
+    data: RunData,
+    piece: TokenSlice,
+    args: DMSAETrainingArguments,
+    callbacks=None,
+    core_usage_rows: torch.Tensor | None = None,
 ) -> DMSAETrainer:
     """Train `model` on the training slice `piece` (its step count from the slice's budget), resuming from the last
-    complete checkpoint in `args.output_dir`; save the final model there and record where the slice ended."""
+    complete checkpoint in `args.output_dir`; save the final model there and record where the slice ended.
+    `core_usage_rows`: see `DMSAETrainer`."""
     args = dataclasses.replace(args, max_steps=training_steps(piece.rows, args))
     train = data.training_data(piece, args)
     trainer = DMSAETrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=data.eval_dataset(), callbacks=callbacks
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=data.eval_dataset(),
+        callbacks=callbacks,
+        core_usage_rows=core_usage_rows,
     )
     logger.info(
         "Training process %d of %d on %s: %d steps on slice %r",

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from ..data.activations import ActivationArguments
+from ..evaluation.core_usage import core_usage
 from ..evaluation.held_out import activation_metrics
 from ..method.distillation import random_core, random_core_generator
 from ..model.core import DMSAECore
@@ -154,9 +155,12 @@ class CoreDynamicsArguments:
         default=16, metadata={"help": "Principal components the random_off_top core's rows are orthogonal to."}
     )
     geometry_rows: int = field(default=16_384, metadata={"help": "Held-out rows the cores' geometry is measured on."})
+    usage_rows: int = field(
+        default=4096, metadata={"help": "Held-out rows the core's usage is measured on at every training log."}
+    )
 
     def __post_init__(self):
-        check_ranges(self, ablation_budget=">= 1", top_components=">= 0", geometry_rows=">= 1")
+        check_ranges(self, ablation_budget=">= 1", top_components=">= 0", geometry_rows=">= 1", usage_rows=">= 1")
         if not self.budgets or min(self.budgets) < 1:
             raise ValueError(f"budgets={self.budgets} is invalid: give at least one positive budget")
         if not self.study_seeds:
@@ -293,7 +297,8 @@ class CoreDynamics:
             start = core_geometry(model, held_out)
             args = self._training(folder / planned.name, seed, planned.budget, a.overrides)
             logger.info("Seed %d: %s (%d steps)", seed, planned.name, args.max_steps)
-            trainer = train_sae(model, data, piece, args)
+            usage_rows = held_out[: self.args.usage_rows] if core is not None else None
+            trainer = train_sae(model, data, piece, args, core_usage_rows=usage_rows)
             history = trainer.state.log_history
             records[planned.name] = {
                 "ablation": a.name,
@@ -307,6 +312,15 @@ class CoreDynamics:
                 "learning_rate_curve": [(e["step"], e["learning_rate"]) for e in history if "learning_rate" in e],
                 "metrics": {f"eval_{k}": v for k, v in activation_metrics(model, data.eval_batches(4096)).items()},
                 "geometry": {"start": start, "end": core_geometry(model, held_out)},
+                "core_usage_curve": [
+                    {
+                        "step": e["step"],
+                        **{k[len("core_usage_") :]: v for k, v in e.items() if k.startswith("core_usage_")},
+                    }
+                    for e in history
+                    if "core_usage_fvu" in e
+                ],
+                "core_usage": core_usage(model, held_out),
             }
             state.save()
             del trainer, model  # a synthetic slice's rows: gone before the next run draws its own
@@ -350,6 +364,16 @@ class CoreDynamics:
         }
         write_json_atomically(self.study_dir / "results.json", results)
         return results
+
+
+def core_usage_curve(history: list[dict]) -> list[dict]:
+    """The `core_usage_*` values of a training log, one entry per logged step."""
+    prefix = "core_usage_"
+    return [
+        {"step": e["step"], **{k[len(prefix) :]: v for k, v in e.items() if k.startswith(prefix)}}
+        for e in history
+        if any(k.startswith(prefix) for k in e)
+    ]
 
 
 def _first_rows(batches, rows: int):
