@@ -123,7 +123,8 @@ class PaperClaims:
 
     def identity(self) -> dict:
         """What the results depend on; seeds may be added to a finished study."""
-        arguments = (self.sae_args, self.activation_args, self.training_args, self.args)
+        arguments = (self.sae_args, self.activation_args, self.training_args, self.args, self.saebench_args)
+        arguments = tuple(a for a in arguments if a is not None)
         exclude = ("DMSAETrainingArguments.seed", "seeds", "study_dir", "results_dir", "distillation_dir")
         identity = arguments_identity(*arguments, exclude=exclude) | {"inputs.core": self.core.digest()}
         return json.loads(json.dumps(identity, default=str))
