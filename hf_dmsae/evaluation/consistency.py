@@ -27,3 +27,14 @@ def match_share(decoder_a: torch.Tensor, decoder_b: torch.Tensor, match_cos: flo
         return None
     cos = F.normalize(a, dim=1) @ F.normalize(decoder_b.float(), dim=1).T
     return float((cos.max(1).values >= match_cos).float().mean())
+
+
+def matched_latents(first, second, match_cos: float) -> dict[str, float | None]:
+    """The share of `first`'s core latents (its first `core_size`) and of its non-core latents whose decoder
+    direction has a match in `second`'s decoder (`match_share`; a part `first` lacks: None). Models are
+    `DMSAEModel`s."""
+    decoder, other, c = first.W_dec.detach(), second.W_dec.detach(), first.config.core_size
+    return {
+        "core": match_share(decoder, other, match_cos, range(c)),
+        "noncore": match_share(decoder, other, match_cos, range(c, len(decoder))),
+    }

@@ -192,6 +192,7 @@ def synthetic_report(folder: str | Path) -> str:
         *_synthetic_cycles(seeds),
         *_synthetic_selection(seeds, cores, selections),
         *_synthetic_transfer(results, seeds, names),
+        *(_matched_latents(results["matched"], a["latent_match_cos"]) if "matched" in results else []),
         *_synthetic_progressive(progressive),
     ]
     plots = synthetic_figures(folder, results, cores, selections, names, progressive)
@@ -664,27 +665,45 @@ def _claims_matched(matched: dict) -> list[str]:
 
 def _claims_consistency(results: dict) -> list[str]:
     identity = results["identity"]
-    smallest, at = min(identity["ClaimsArguments.ks"]), identity["ClaimsArguments.consistency_k"]
-    larger = [f"k{k}" for k in sorted(identity["ClaimsArguments.ks"])[1:]]
-    rows = []
-    for variant in identity["ClaimsArguments.variants"]:
-        by_seed = [seed[variant] for seed in results["across_sparsity"].values()]
-        by_pair = [pair[variant] for pair in results["across_seeds"].values()]
-        cells = []
-        for part in ("core", "noncore"):
-            cells += [spread_cell([s[k][part] for s in by_seed if s[k][part] is not None]) for k in larger]
-        for part in ("core", "noncore"):
-            cells.append(spread_cell([v for p in by_pair for v in p[part] if v is not None]))
+    variants, ks = identity["ClaimsArguments.variants"], sorted(identity["ClaimsArguments.ks"])
+    across_sparsity = {
+        v: {
+            f"k{k}": {p: [seed[v][f"k{k}"][p] for seed in results["across_sparsity"].values()] for p in PARTS}
+            for k in ks[1:]
+        }
+        for v in variants
+    }
+    across_seeds = {
+        v: {p: [x for pair in results["across_seeds"].values() for x in pair[v][p]] for p in PARTS} for v in variants
+    }
+    matched = {"from_k": ks[0], "at_k": identity["ClaimsArguments.consistency_k"]}
+    matched |= {"across_sparsity": across_sparsity, "across_seeds": across_seeds}
+    return _matched_latents(matched, identity["ClaimsArguments.match_cos"])
+
+
+PARTS = ("core", "noncore")
+
+
+def _matched_latents(matched: dict, match_cos: float) -> list[str]:
+    """Claim 2's table from `{"from_k", "at_k", "across_sparsity": {variant: {"k<k>": {part: [share, …]}}},
+    "across_seeds": {variant: {part: [share, …]}}}` (a share of None: the model has no such latents)."""
+    smallest, at = matched["from_k"], matched["at_k"]
+    rows, larger = [], []
+    for variant, by_k in matched["across_sparsity"].items():
+        larger = list(by_k)
+        cells = [spread_cell([v for v in by_k[k][p] if v is not None]) for p in PARTS for k in larger]
+        seeds = matched["across_seeds"][variant]
+        cells += [spread_cell([v for v in seeds[p] if v is not None]) for p in PARTS]
         rows.append([variant, *cells])
-    header = [f"core k{smallest}→{k[1:]}" for k in larger] + [f"non-core k{smallest}→{k[1:]}" for k in larger]
+    header = [f"{part} k{smallest}→{k[1:]}" for part in ("core", "non-core") for k in larger]
     return [
         "",
         "## Claim 2: the same latents across sparsities and seeds",
         "",
-        f"The share of a model's latents whose decoder direction has a match (cosine ≥ "
-        f"{identity['ClaimsArguments.match_cos']}) in another model: the k-{smallest} model in the same seed's "
-        f"larger-k models (over seeds), and, at k {at}, each seed's model in every other seed's (over ordered pairs "
-        "of seeds); core latents (the first `core_size`) and non-core latents apart.",
+        f"The share of a model's latents whose decoder direction has a match (cosine ≥ {match_cos}) in another "
+        f"model: the k-{smallest} model in the same seed's larger-k models (over seeds), and, at k {at}, each seed's "
+        "model in every other seed's (over ordered pairs of seeds); core latents (the first `core_size`) and "
+        "non-core latents apart.",
         "",
         *markdown_table(["variant", *header, f"core across seeds (k {at})", f"non-core across seeds (k {at})"], rows),
     ]

@@ -25,13 +25,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..data.activations import ActivationArguments
-from ..evaluation.consistency import match_share
+from ..evaluation.consistency import matched_latents
 from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments
 from ..method.transfer import Transfer, TransferArguments
 from ..model.configuration_dmsae import VARIANTS
+from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments
 from ..run.state import arguments_identity, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
@@ -160,31 +159,22 @@ class PaperClaims:
         return results
 
     # -- claim 2 --------------------------------------------------------------------------------------------------
-    def decoder(self, seed: int, k: int, variant: str) -> tuple[torch.Tensor, int]:
-        """The decoder and core size of the seed's model; a model at `consistency_k` whose run is gone (the study
-        continued on another machine) is trained again, as it was."""
+    def model(self, seed: int, k: int, variant: str) -> DMSAEModel:
+        """The seed's trained model; one at `consistency_k` whose run is gone (the study continued on another
+        machine) is trained again, as it was."""
         folder = self.study_dir / f"seed{seed}" / "transfer" / f"k{k}-{variant}"
         if not folder.is_dir() and k == self.args.consistency_k:
             transfer = self.transfers(seed, ks=[k])[0]
             transfer.run()
             transfer.state.close()
-        model = load_trained_model(folder)
-        return model.W_dec.detach(), model.config.core_size
-
-    def match_shares(self, first, second) -> dict[str, float | None]:
-        """The share of `first`'s core and non-core latents with a match in `second`."""
-        (decoder, core_size), (other, _) = first, second
-        return {
-            "core": match_share(decoder, other, self.args.match_cos, range(core_size)),
-            "noncore": match_share(decoder, other, self.args.match_cos, range(core_size, len(decoder))),
-        }
+        return load_trained_model(folder)
 
     def across_sparsity(self, seed: int) -> dict:
         """Per variant and larger k: the shares of the smallest k's model's latents matched in that k's model."""
-        smallest, *larger = sorted(self.args.ks)
+        (smallest, *larger), cos = sorted(self.args.ks), self.args.match_cos
         return {
             variant: {
-                f"k{k}": self.match_shares(self.decoder(seed, smallest, variant), self.decoder(seed, k, variant))
+                f"k{k}": matched_latents(self.model(seed, smallest, variant), self.model(seed, k, variant), cos)
                 for k in larger
             }
             for variant in self.args.variants
@@ -192,10 +182,10 @@ class PaperClaims:
 
     def across_seeds(self, x: int, y: int) -> dict:
         """Per variant at `consistency_k`: the shares of seed x's latents matched in seed y's model, and back."""
-        k, shares = self.args.consistency_k, {}
+        k, cos, shares = self.args.consistency_k, self.args.match_cos, {}
         for variant in self.args.variants:
-            first, second = self.decoder(x, k, variant), self.decoder(y, k, variant)
-            forth, back = self.match_shares(first, second), self.match_shares(second, first)
+            first, second = self.model(x, k, variant), self.model(y, k, variant)
+            forth, back = matched_latents(first, second, cos), matched_latents(second, first, cos)
             shares[variant] = {part: [forth[part], back[part]] for part in ("core", "noncore")}
         return shares
 

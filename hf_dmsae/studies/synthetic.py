@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.activations import norm_factor
-from ..evaluation.consistency import abs_cosines, consistency
+from ..evaluation.consistency import abs_cosines, consistency, matched_latents
 from ..evaluation.progressive import latent_statistics, order_by, prefix_fvu
 from ..method.attribution import AttributionArguments
 from ..method.distillation import Distillation, DistillationArguments
@@ -97,6 +97,9 @@ class SyntheticArguments:
     match_cos: float = field(
         default=0.8, metadata={"help": "|cos| at which a latent's decoder direction matches a true feature."}
     )
+    latent_match_cos: float = field(
+        default=0.9, metadata={"help": "Decoder cosine at which two SAEs' latents match (consistency, claim 2)."}
+    )
 
     def __post_init__(self):
         check_ranges(
@@ -127,8 +130,9 @@ class SyntheticArguments:
             raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
         if not 0 < self.useful_fraction < 1:
             raise ValueError(f"useful_fraction={self.useful_fraction} is invalid: must lie in (0, 1)")
-        if not 0 < self.match_cos <= 1:
-            raise ValueError(f"match_cos={self.match_cos} is invalid: must lie in (0, 1]")
+        for name in ("match_cos", "latent_match_cos"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: must lie in (0, 1]")
         if not self.seeds or not self.transfer_ks:
             raise ValueError("seeds and transfer_ks must be non-empty")
         if self.num_cycles < 1:
@@ -559,6 +563,7 @@ class SyntheticBenchmark:
                 started = time.perf_counter()
                 write_json_atomically(self.results_path, results)
         results["consistency"] = self.consistency()
+        results["matched"] = self.matched()
         results["world"] = world_summary(self.world)
         write_json_atomically(self.results_path, results)
         self.results = results
@@ -577,9 +582,29 @@ class SyntheticBenchmark:
         """Per transferred SAE, the consistency of every pair of seeds' decoders."""
         pairs = list(itertools.combinations(self.args.seeds, 2))
         names = [f"k{k}-{v}" for k in self.args.transfer_ks for v in self.args.variants]
-        decoders = {
-            (s, name): load_trained_model(self.output_dir / f"seed{s}" / "transfer" / name).W_dec.detach()
-            for s in self.args.seeds
-            for name in names
-        }
+        decoders = {(s, name): self.model(s, name).W_dec.detach() for s in self.args.seeds for name in names}
         return {name: [consistency(decoders[a, name], decoders[b, name]) for a, b in pairs] for name in names}
+
+    def model(self, seed: int, name: str) -> DMSAEModel:
+        return load_trained_model(self.output_dir / f"seed{seed}" / "transfer" / name)
+
+    def matched(self) -> dict:
+        """The paper's claim 2 as the claims study measures it (`matched_latents` at `latent_match_cos`): per
+        variant, the smallest k's model's latents matched in each larger k's (one value per seed), and at the middle
+        k each seed's model in every other seed's (both ways), core and non-core apart."""
+        a, cos = self.args, self.args.latent_match_cos
+        (smallest, *larger), middle = sorted(a.transfer_ks), sorted(a.transfer_ks)[len(a.transfer_ks) // 2]
+        across_sparsity, across_seeds = {}, {}
+        for v in a.variants:
+            across_sparsity[v] = {}
+            for k in larger:
+                shares = [
+                    matched_latents(self.model(s, f"k{smallest}-{v}"), self.model(s, f"k{k}-{v}"), cos) for s in a.seeds
+                ]
+                across_sparsity[v][f"k{k}"] = {p: [x[p] for x in shares] for p in ("core", "noncore")}
+            pairs = [
+                matched_latents(self.model(x, f"k{middle}-{v}"), self.model(y, f"k{middle}-{v}"), cos)
+                for x, y in itertools.permutations(a.seeds, 2)
+            ]
+            across_seeds[v] = {p: [x[p] for x in pairs] for p in ("core", "noncore")}
+        return {"from_k": smallest, "at_k": middle, "across_sparsity": across_sparsity, "across_seeds": across_seeds}
