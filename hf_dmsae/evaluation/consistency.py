@@ -7,9 +7,14 @@ import torch
 import torch.nn.functional as F
 
 
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`[len(a), len(b)]` cosines between the rows of `a` and `b`."""
+    return F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T
+
+
 def abs_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`[len(a), len(b)]` |cos| between the rows of `a` and `b`."""
-    return (F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T).abs()
+    return cosines(a, b).abs()
 
 
 def consistency(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> float:
@@ -22,11 +27,10 @@ def match_share(decoder_a: torch.Tensor, decoder_b: torch.Tensor, match_cos: flo
     """Share of `decoder_a`'s rows (those indexed by `rows`; all by default) whose direction has a match among
     `decoder_b`'s: a row of it at cosine ≥ `match_cos` (signed: a latent's activations are non-negative, so a flipped
     direction is another feature). None when no row is asked for."""
-    a = decoder_a.float() if rows is None else decoder_a.float()[rows]
+    a = decoder_a if rows is None else decoder_a[rows]
     if len(a) == 0:
         return None
-    cos = F.normalize(a, dim=1) @ F.normalize(decoder_b.float(), dim=1).T
-    return float((cos.max(1).values >= match_cos).float().mean())
+    return float((cosines(a, decoder_b).max(1).values >= match_cos).float().mean())
 
 
 def matched_latents(first, second, match_cos: float) -> dict[str, float | None]:

@@ -134,3 +134,14 @@ def load_recorded_core(folder: Path, record: dict) -> DMSAECore:
     if core.digest() != record["core_digest"]:
         raise IntegrityError(f"{folder / record['core']} changed since the run wrote it")
     return core
+
+
+def distilled_core_record(folder: Path) -> dict:
+    """The `distilled` record of the finished distillation in `folder` (its core: `load_recorded_core`)."""
+    state = read_json(folder / "state.json") if (folder / "state.json").is_file() else {}
+    if "distilled" not in state:
+        raise FileNotFoundError(
+            f"{folder} holds no finished distillation: run it first (scripts/distill.py or scripts/synthetic.py), "
+            "or point --distillation_dir at one"
+        )
+    return read_json(folder / "state.json", {"distilled": dict})["distilled"]

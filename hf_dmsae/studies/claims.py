@@ -32,7 +32,7 @@ from ..method.transfer import Transfer, TransferArguments
 from ..model.configuration_dmsae import VARIANTS
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments
-from ..run.state import arguments_identity, load_recorded_core
+from ..run.state import arguments_identity, distilled_core_record, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model
 from ..utils.checks import check_ranges
@@ -97,9 +97,7 @@ class PaperClaims:
         self.study_dir = Path(args.study_dir)
         self.results_dir = Path(args.results_dir or args.study_dir)
         folder = Path(args.distillation_dir)
-        if not (folder / "state.json").is_file() or "distilled" not in read_json(folder / "state.json"):
-            raise FileNotFoundError(f"{folder} holds no finished distillation: run it first (scripts/distill.py)")
-        record = read_json(folder / "state.json", {"distilled": dict})["distilled"]
+        record = distilled_core_record(folder)
         self.core_path = folder / record["core"]
         self.core = load_recorded_core(folder, record)
 

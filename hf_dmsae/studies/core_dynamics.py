@@ -35,11 +35,11 @@ from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import open_source
-from ..run.state import RunState, arguments_identity, load_recorded_core
+from ..run.state import RunState, arguments_identity, distilled_core_record, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import train_sae, training_steps
 from ..utils.checks import check_ranges
-from ..utils.integrity import read_json, write_json_atomically
+from ..utils.integrity import write_json_atomically
 from .synthetic import SyntheticArguments, SyntheticSource, SyntheticWorld
 
 logger = logging.getLogger(__name__)
@@ -235,12 +235,7 @@ class CoreDynamics:
 
     def distilled_core(self, seed: int) -> DMSAECore:
         folder = self.distillation_dir(seed)
-        if not (folder / "state.json").is_file() or "distilled" not in read_json(folder / "state.json", {}):
-            raise FileNotFoundError(
-                f"{folder} holds no finished distillation: run it first (scripts/distill.py or "
-                "scripts/synthetic.py), or point --distillation_dir at one"
-            )
-        return load_recorded_core(folder, read_json(folder / "state.json", {"distilled": dict})["distilled"])
+        return load_recorded_core(folder, distilled_core_record(folder))
 
     def identity(self, seed: int) -> dict:
         given = [a for a in (self.sae_args, self.activation_args, self.synthetic_args, self.training_args) if a]
