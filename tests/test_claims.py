@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import core_of_rows, tiny_activation_args
 
+from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.reporting.reports import claims_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
@@ -45,7 +46,10 @@ def test_each_variant_is_compared_with_its_own_seeds_matryoshka_curve_at_its_mea
     assert set(matched) == {"dense_core"}
 
 
-def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and_resumes(tiny_lm_dir, tmp_path):
+def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and_resumes(
+    tiny_lm_dir, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # SAEBench's autointerp: recorded as skipped, at once
     core = core_of_rows(torch.randn(6, 32, generator=torch.Generator().manual_seed(0)) / 6, cycle=2)
     distillation = tmp_path / "distillation"  # what a finished distillation records of its distilled core
     core.save_pretrained(distillation / "distilled-core")
@@ -73,12 +77,15 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
             report_to="none",
             disable_tqdm=True,
         ),
+        SAEBenchArguments(saebench_evals=["autointerp"]),
     )
     results = PaperClaims(*arguments).run()
 
     names = {"k4-dense_core", "k8-dense_core", "k4-matryoshka", "k8-matryoshka", "k16-matryoshka"}
     names |= {"k4-random_sparse_core", "k8-random_sparse_core"}
     assert set(results["models"]) == {"seed0", "seed1"} and all(set(m) == names for m in results["models"].values())
+    saebench = [model["saebench"] for models in results["models"].values() for model in models.values()]
+    assert len(saebench) == 14 and all("OPENAI_API_KEY" in s["autointerp"]["skipped"] for s in saebench)
     for seed in (0, 1):
         states = [tmp_path / "study" / f"seed{seed}" / run / "state.json" for run in ("transfer", "matryoshka-wide")]
         slices = [json.loads(path.read_text())["slices"] for path in states]
@@ -105,15 +112,19 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     before = weights.stat().st_mtime_ns
     assert PaperClaims(*arguments).run() == json.loads(json.dumps(results))
     assert weights.stat().st_mtime_ns == before  # nothing retrained
-    # On another machine, from the committed results alone: no seed is trained again but for the comparison of
-    # seeds, whose models at consistency_k come back as they were.
+    # On another machine, from the committed results alone: nothing recorded is redone, and only a seed with
+    # something left (here, the comparison of seeds) is trained again, as it was.
     shutil.rmtree(tmp_path / "study")
     committed = json.loads((tmp_path / "results" / "results.json").read_text())
     del committed["across_seeds"]["seed0-seed1"]
+    committed["models"]["seed1"]["k4-dense_core"]["saebench"] = {"autointerp": {"skipped": "on the other machine"}}
     (tmp_path / "results" / "results.json").write_text(json.dumps(committed))
-    assert PaperClaims(*arguments).run() == json.loads(json.dumps(results))
+    rerun = PaperClaims(*arguments).run()
+    assert rerun["models"]["seed1"]["k4-dense_core"]["saebench"]["autointerp"]["skipped"] == "on the other machine"
+    rerun["models"]["seed1"]["k4-dense_core"]["saebench"] = results["models"]["seed1"]["k4-dense_core"]["saebench"]
+    assert rerun == json.loads(json.dumps(results))  # the retrained models match the first ones
     retrained = sorted(p.name for p in (tmp_path / "study" / "seed0" / "transfer").glob("k*"))
-    assert retrained == ["k8-dense_core", "k8-matryoshka", "k8-random_sparse_core"]
+    assert len(retrained) == 6
     other = ClaimsArguments(**{**arguments[0].__dict__, "match_cos": 0.5})
     with pytest.raises(ValueError, match="other settings"):
         PaperClaims(other, *arguments[1:]).run()

@@ -12,6 +12,7 @@ written as a repo with its model card (`<output_dir>/repos/`) and, with `push_to
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -140,6 +141,11 @@ class Transfer:
 
         return SAEBenchRunner(self.saebench_args, self.activation_args, self.output_dir / "saebench")
 
+    @property
+    def models(self) -> dict[str, tuple[int, str]]:
+        """Every model's name (`k<k>-<variant>`, its folder under the run's) and its (k, variant), in training order."""
+        return {f"k{k}-{variant}": (k, variant) for k in self.args.ks for variant in self.args.variants}
+
     def new_model(self, k: int, variant: str) -> DMSAEModel:
         """The `variant` model at L0 `k`; a transfer sweeps `k`, so `k_noncore` always follows it (Eq. 4 at the core
         size, by `k_noncore_for`), whatever value was given for one run. A random core's rows are the distillation
@@ -161,22 +167,25 @@ class Transfer:
         return {**activation_metrics(model, rows), **self.data.downstream_metrics(model, self.args.ce_batches)}
 
     def run(self) -> dict:
-        piece = self.data.training_slice("train")
-        for k in self.args.ks:
-            for variant in self.args.variants:
-                name = f"k{k}-{variant}"
-                if name in self.results:
-                    continue
-                model = self.new_model(k, variant)
-                args = dataclasses.replace(
-                    self.training_args, output_dir=str(self.output_dir / name), push_to_hub=False
-                )
-                train_sae(model, self.data, piece, args)
-                self.results[name] = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
-                self.state.save()
-        if self.saebench is not None and self.training_args.process_index == 0:
-            self.run_saebench()
+        """Train, evaluate, run SAEBench on and publish every model not yet done; the results."""
+        self.train()
+        self.run_saebench()
         self.publish()
+        return self.results
+
+    def train(self, after_each: Callable[[str, dict], None] | None = None) -> dict:
+        """Train and evaluate every (k, variant) not yet in the results, recording each (and handing its name and
+        record to `after_each`) as it finishes; the results."""
+        todo = [(name, k, variant) for name, (k, variant) in self.models.items() if name not in self.results]
+        piece = self.data.training_slice("train") if todo else None  # a finished run opens no LM
+        for name, k, variant in todo:
+            model = self.new_model(k, variant)
+            args = dataclasses.replace(self.training_args, output_dir=str(self.output_dir / name), push_to_hub=False)
+            train_sae(model, self.data, piece, args)
+            self.results[name] = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
+            self.state.save()
+            if after_each is not None:
+                after_each(name, self.results[name])
         return self.results
 
     def publish(self) -> None:
@@ -194,11 +203,15 @@ class Transfer:
             items.append((folder, repo))
         publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)
 
-    def run_saebench(self) -> None:
-        """SAEBench on every saved model that lacks its results (main process, after all training, so no other
-        process waits in a collective meanwhile)."""
+    def run_saebench(self, after_each: Callable[[str, dict], None] | None = None) -> None:
+        """SAEBench, if asked, on every trained model that lacks its results (main process, after all training, so
+        no other process waits in a collective meanwhile), recording each (and handing it to `after_each`)."""
+        if self.saebench is None or self.training_args.process_index != 0:
+            return
         for name, result in self.results.items():
             if "saebench" not in result:
                 result["saebench"] = self.saebench.run(name, load_trained_model(self.output_dir / name))
                 result |= headline_metrics(result["saebench"])
                 self.state.save()
+                if after_each is not None:
+                    after_each(name, result)

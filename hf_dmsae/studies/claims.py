@@ -10,9 +10,9 @@ modes), over seeds, each seed's variants on the same tokens; then
   and non-core latents counted apart.
 
 Every (seed, k, variant) is an ordinary resumable transfer run under `<study_dir>/seed{s}/`, so re-running resumes.
-`<results_dir>/results.json` (committed by `make study`) holds every finished seed's model metrics and matches, and
-the comparisons, so that a study continues on another machine from its committed results: a finished seed is not
-trained again, and only the models at `consistency_k` of a seed whose runs are gone are, for the seeds' comparison.
+`<results_dir>/results.json` (committed by `make study`) holds every model's metrics (SAEBench's too, once run) and
+the comparisons, rewritten after each, so that a study continues on another machine from its committed results:
+nothing recorded is redone, and a seed's runs are trained again (as they were) only if something of it is left.
 `reporting.reports.claims_report` writes `report.md` beside it.
 """
 
@@ -101,21 +101,19 @@ class PaperClaims:
         self.core_path = folder / record["core"]
         self.core = load_recorded_core(folder, record)
 
-    def transfers(self, seed: int, ks: list[int] | None = None) -> list[Transfer]:
-        """The seed's transfer runs: every variant at the study's ks and the Matryoshka SAE at `matryoshka_ks`; or,
-        given `ks`, every variant at those alone, without SAEBench (a model trained again for the comparisons)."""
-        grids = [("transfer", ks or self.args.ks, self.args.variants)]
-        if self.args.matryoshka_ks and ks is None:
+    def transfers(self, seed: int) -> list[Transfer]:
+        """The seed's transfer runs: every variant at the study's ks, and the Matryoshka SAE at `matryoshka_ks`."""
+        grids = [("transfer", self.args.ks, self.args.variants)]
+        if self.args.matryoshka_ks:
             grids.append(("matryoshka-wide", self.args.matryoshka_ks, ["matryoshka"]))
-        saebench = self.saebench_args if ks is None else None
         runs = []
-        for name, grid_ks, variants in grids:
+        for name, ks, variants in grids:
             folder = self.study_dir / f"seed{seed}" / name
             training = dataclasses.replace(self.training_args, seed=seed, output_dir=str(folder), push_to_hub=False)
             transfer = TransferArguments(
-                core=str(self.core_path), ks=grid_ks, variants=variants, ce_batches=self.args.ce_batches
+                core=str(self.core_path), ks=ks, variants=variants, ce_batches=self.args.ce_batches
             )
-            runs.append(Transfer(transfer, self.sae_args, self.activation_args, training, saebench))
+            runs.append(Transfer(transfer, self.sae_args, self.activation_args, training, self.saebench_args))
         return runs
 
     def identity(self) -> dict:
@@ -127,8 +125,11 @@ class PaperClaims:
         return json.loads(json.dumps(identity, default=str))
 
     def run(self) -> dict:
-        """Every seed not yet finished (its transfers resume where they stopped), then every pair of seeds not yet
-        compared; `results.json` after each (main process)."""
+        """Phase by phase, so that the comparisons of the package's own metrics over every seed come before SAEBench
+        (the longest part): every seed's models and their consistency across sparsities; the consistency across
+        seeds; SAEBench on every model, seed by seed. `results.json` is rewritten after every model and comparison,
+        and what it holds is never redone: a study continues from it on another machine, where a seed's runs are
+        trained again (as they were) only if something of the seed is left to do."""
         path, main = self.results_dir / "results.json", self.training_args.process_index == 0
         empty = {"models": {}, "across_sparsity": {}, "across_seeds": {}}
         results = read_json(path) if path.is_file() else {"identity": self.identity(), **empty}
@@ -136,36 +137,72 @@ class PaperClaims:
             raise ValueError(f"{path} holds results of other settings: use another --results_dir")
         results["core"] = {"source": str(self.core_path), "size": len(self.core)}
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        for seed in self.args.seeds:
-            if f"seed{seed}" in results["models"]:
-                continue
-            models = {}
-            for transfer in self.transfers(seed):
-                models |= transfer.run()
-                transfer.state.close()
-            results["models"][f"seed{seed}"] = models
+
+        def save() -> None:
             results["matched"] = matched_differences(results["models"], self.args.variants)
             if main:
-                results["across_sparsity"][f"seed{seed}"] = self.across_sparsity(seed)
                 write_json_atomically(path, results)
+
+        for seed in self.args.seeds:
+            models = results["models"].setdefault(f"seed{seed}", {})
+
+            def keep(name: str, record: dict, models=models) -> None:
+                models.setdefault(name, dict(record))
+                save()
+
+            if self.unfinished(seed, results):
+                for transfer in self.transfers(seed):  # every process: training may be distributed
+                    transfer.train(after_each=keep)
+                    for name, record in transfer.results.items():
+                        keep(name, record)
+                    transfer.state.close()
+            if main and f"seed{seed}" not in results["across_sparsity"]:
+                results["across_sparsity"][f"seed{seed}"] = self.across_sparsity(seed)
+                save()
         if not main:
             return results
         for x, y in itertools.combinations(self.args.seeds, 2):
             if f"seed{x}-seed{y}" not in results["across_seeds"]:
                 results["across_seeds"][f"seed{x}-seed{y}"] = self.across_seeds(x, y)
-                write_json_atomically(path, results)
+                save()
+        if self.saebench_args is None or not self.saebench_args.saebench_evals:
+            return results
+        for seed in self.args.seeds:
+            models = results["models"][f"seed{seed}"]
+
+            def replace(name: str, record: dict, models=models) -> None:
+                models[name] = dict(record)
+                save()
+
+            if all("saebench" in record for record in models.values()):
+                continue
+            for transfer in self.transfers(seed):
+                for name, record in transfer.results.items():
+                    if "saebench" in models[name]:  # done on another machine: recorded, not redone
+                        record.update(models[name])
+                transfer.run_saebench(after_each=replace)
+                transfer.state.close()
         return results
+
+    def model_names(self) -> list[str]:
+        """The names of a seed's models (their folders under its transfer runs)."""
+        names = [f"k{k}-{variant}" for k in self.args.ks for variant in self.args.variants]
+        return names + [f"k{k}-matryoshka" for k in self.args.matryoshka_ks]
+
+    def unfinished(self, seed: int, results: dict) -> bool:
+        """Whether anything of the seed is left to do: a model, a comparison or an SAEBench result."""
+        models = results["models"].get(f"seed{seed}", {})
+        pairs = [f"seed{x}-seed{y}" for x, y in itertools.combinations(self.args.seeds, 2) if seed in (x, y)]
+        saebench = self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
+        return (
+            any(name not in models or (saebench and "saebench" not in models[name]) for name in self.model_names())
+            or f"seed{seed}" not in results["across_sparsity"]
+            or any(pair not in results["across_seeds"] for pair in pairs)
+        )
 
     # -- claim 2 --------------------------------------------------------------------------------------------------
     def model(self, seed: int, k: int, variant: str) -> DMSAEModel:
-        """The seed's trained model; one at `consistency_k` whose run is gone (the study continued on another
-        machine) is trained again, as it was."""
-        folder = self.study_dir / f"seed{seed}" / "transfer" / f"k{k}-{variant}"
-        if not folder.is_dir() and k == self.args.consistency_k:
-            transfer = self.transfers(seed, ks=[k])[0]
-            transfer.run()
-            transfer.state.close()
-        return load_trained_model(folder)
+        return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / f"k{k}-{variant}")
 
     def across_sparsity(self, seed: int) -> dict:
         """Per variant and larger k: the shares of the smallest k's model's latents matched in that k's model."""
