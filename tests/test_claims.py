@@ -98,14 +98,13 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     assert set(matched) == {"dense_core", "random_sparse_core"}
     for row in matched["random_sparse_core"].values():
         assert len(row["l0"]) == 2 and all(-1 < d < 1 for d in row.get("fvu", []))
-    sparse = results["across_sparsity"]["seed1"]["dense_core"]["k8"]
-    assert all(0 <= sparse[part] <= 1 for part in ("core", "noncore"))
-    assert results["across_sparsity"]["seed0"]["matryoshka"]["k8"]["core"] is None  # it has no core
-    assert set(results["across_seeds"]) == {"seed0-seed1"}
-    assert len(results["across_seeds"]["seed0-seed1"]["dense_core"]["noncore"]) == 2  # both ways
-
+    matches = results["latent_matches"]["variants"]
+    assert all(0 <= share <= 1 for share in matches["dense_core"]["same_seed"]["k8"]["noncore"])
+    assert matches["matryoshka"]["same_seed"]["k8"]["core"] == [None, None]  # it has no core
+    assert len(matches["dense_core"]["across_seeds"]["noncore"]) == 2  # both ways
+    assert matches["random_sparse_core"]["initial"]["core"] == [1.0, 1.0]  # frozen rows stay at their init
     report = claims_report(tmp_path / "results")
-    assert "| 8 | dense_core |" in report and "Δ fvu" in report and "core across seeds (k 8)" in report
+    assert "| 8 | dense_core |" in report and "Δ fvu" in report and "across seeds (k 8)" in report
     assert (tmp_path / "results" / "figures" / "metrics_vs_l0.png").read_bytes().startswith(b"\x89PNG")
 
     weights = tmp_path / "study" / "seed1" / "transfer" / "k8-dense_core" / "model.safetensors"
@@ -113,10 +112,10 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     assert PaperClaims(*arguments).run() == json.loads(json.dumps(results))
     assert weights.stat().st_mtime_ns == before  # nothing retrained
     # On another machine, from the committed results alone: nothing recorded is redone, and only a seed with
-    # something left (here, the comparison of seeds) is trained again, as it was.
+    # something left (here, the comparison of latents) is trained again, as it was.
     shutil.rmtree(tmp_path / "study")
     committed = json.loads((tmp_path / "results" / "results.json").read_text())
-    del committed["across_seeds"]["seed0-seed1"]
+    del committed["latent_matches"]
     committed["models"]["seed1"]["k4-dense_core"]["saebench"] = {"autointerp": {"skipped": "on the other machine"}}
     (tmp_path / "results" / "results.json").write_text(json.dumps(committed))
     rerun = PaperClaims(*arguments).run()

@@ -138,13 +138,14 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
             len(v) == len(progressive["prefixes"]) for v in progressive["fvu"].values()
         )
     assert all(len(pairs) == 1 for pairs in results["consistency"].values())
-    matched = results["matched"]  # transfer_ks [2, 4]: k 2 in k 4, and seeds compared at k 4 (both ways)
-    assert matched["from_k"] == 2 and matched["at_k"] == 4
-    assert matched["across_sparsity"]["matryoshka"]["k4"]["core"] == [None, None]  # no core
-    dense = matched["across_sparsity"]["dense_core"]["k4"]
-    assert len(dense["core"]) == len(dense["noncore"]) == 2 and all(0 <= x <= 1 for x in dense["noncore"])
-    assert all(len(matched["across_seeds"][v]["noncore"]) == 2 for v in ("dense_core", "sparse_core", "matryoshka"))
-
+    matches = results["latent_matches"]  # transfer_ks [2, 4]: k 2 in k 4, and seeds compared at k 4 (both ways)
+    assert matches["from_k"] == 2 and matches["at_k"] == 4 and matches["seeds"] == [0, 1]
+    rows = matches["variants"]
+    assert rows["matryoshka"]["same_seed"]["k4"]["core"] == [None, None]  # no core
+    dense = rows["dense_core"]
+    assert dense["initial"]["core"] == [1.0, 1.0]  # the frozen core rows never move
+    assert all(0 <= x <= 1 for column in ("same_seed", "other_seeds") for x in dense[column]["k4"]["noncore"])
+    assert all(len(rows[v]["across_seeds"]["noncore"]) == 2 for v in ("dense_core", "sparse_core", "matryoshka"))
     weights = run / "seed0" / "transfer" / "k4-dense_core" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     rerun = SyntheticBenchmark(*arguments)
@@ -152,7 +153,7 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
     report = synthetic_report(run)
     assert "| distilled |" in report and "| mean_squared |" in report and "± " in report and "| 1 | " in report
     assert "| 4 | sparse_core |" in report and "Paired differences" in report and "G=64" in report
-    assert "## Claim 2: the same latents across sparsities and seeds" in report and "core k2→4" in report
+    assert "## Claim 2: the same latents across sparsities and seeds" in report and "k2→4 other seed" in report
     for figure in ("selection_vs_truth", "synthetic_vs_k", "progressive_coding"):
         assert (run / "figures" / f"{figure}.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="other settings"):

@@ -12,7 +12,7 @@ from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.distillation import random_core, random_core_generator
 from hf_dmsae.method.transfer import Transfer, TransferArguments
 from hf_dmsae.reporting.reports import transfer_report
-from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.arguments import SAEArguments, initial_model
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model
 from hf_dmsae.utils.integrity import IntegrityError
@@ -114,3 +114,11 @@ def test_a_random_core_variant_holds_the_distillation_controls_rows_in_either_sp
         assert model.config.core_ids == [f"random:{i}" for i in range(6)]
         assert model.config.k_noncore == (round(8 * 250 / 256) if sparsity == "dense_core" else 8)
     assert not torch.allclose(control.encoder_rows, core.encoder_rows / core.encoder_rows.norm(dim=1, keepdim=True))
+    for variant in ("random_dense_core", "random_sparse_core", "matryoshka", "dense_core"):  # its init, rebuilt
+        model = transfer.new_model(8, variant)
+        fresh = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        with torch.no_grad():
+            for parameter in model.parameters():  # as training moves it
+                parameter.add_(1.0)
+        rebuilt = initial_model(model, 3).state_dict()
+        assert rebuilt.keys() == fresh.keys() and all(torch.equal(rebuilt[n], t) for n, t in fresh.items())

@@ -3,6 +3,10 @@ sparsity levels and runs), and the synthetic benchmark's cross-seed consistency.
 
 from __future__ import annotations
 
+import functools
+import itertools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -42,3 +46,43 @@ def matched_latents(first, second, match_cos: float) -> dict[str, float | None]:
         "core": match_share(decoder, other, match_cos, range(c)),
         "noncore": match_share(decoder, other, match_cos, range(c, len(decoder))),
     }
+
+
+PARTS = ("core", "noncore")
+
+
+def latent_matches(
+    model: Callable[[int, int, str], object],
+    initial: Callable[[object, int], object],
+    seeds: list[int],
+    ks: list[int],
+    at_k: int,
+    variants: list[str],
+    match_cos: float,
+) -> dict:
+    """Claim 2 measured: per variant, the shares (`matched_latents`, core and non-core apart) of the smallest k's
+    model's latents matched
+
+    - `same_seed`: in the same seed's model at each larger k (one share per seed);
+    - `initial`: in its own initialization (`initial(model, seed)`), which a seed's models share, so that what
+      training leaves in place counts as matched in `same_seed` too: the part of it that says nothing of the features;
+    - `other_seeds`: in every other seed's model at each larger k (one per ordered pair of seeds);
+
+    and `across_seeds`: at `at_k`, each seed's model in every other seed's. `model(seed, k, variant)` gives a trained
+    `DMSAEModel`."""
+    model = functools.cache(model)
+    (smallest, *larger), pairs = sorted(ks), list(itertools.permutations(seeds, 2))
+
+    def shares(pairs_of_models) -> dict[str, list[float | None]]:
+        matches = [matched_latents(a, b, match_cos) for a, b in pairs_of_models]
+        return {part: [m[part] for m in matches] for part in PARTS}
+
+    rows = {}
+    for v in variants:
+        rows[v] = {
+            "same_seed": {f"k{k}": shares((model(s, smallest, v), model(s, k, v)) for s in seeds) for k in larger},
+            "initial": shares((model(s, smallest, v), initial(model(s, smallest, v), s)) for s in seeds),
+            "other_seeds": {f"k{k}": shares((model(x, smallest, v), model(y, k, v)) for x, y in pairs) for k in larger},
+            "across_seeds": shares((model(x, at_k, v), model(y, at_k, v)) for x, y in pairs),
+        }
+    return {"from_k": smallest, "at_k": at_k, "match_cos": match_cos, "seeds": list(seeds), "variants": rows}

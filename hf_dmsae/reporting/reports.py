@@ -192,7 +192,7 @@ def synthetic_report(folder: str | Path) -> str:
         *_synthetic_cycles(seeds),
         *_synthetic_selection(seeds, cores, selections),
         *_synthetic_transfer(results, seeds, names),
-        *(_matched_latents(results["matched"], a["latent_match_cos"]) if "matched" in results else []),
+        *(_latent_matches(results["latent_matches"]) if "latent_matches" in results else []),
         *_synthetic_progressive(progressive),
     ]
     plots = synthetic_figures(folder, results, cores, selections, names, progressive)
@@ -605,7 +605,7 @@ def claims_report(folder: str | Path) -> str:
     matched measured L0, the consistency of latents across sparsities and seeds, and the figure of every metric
     against measured L0."""
     folder = Path(folder)
-    results = read_json(folder / "results.json", {"models": dict, "matched": dict, "across_seeds": dict})
+    results = read_json(folder / "results.json", {"models": dict, "matched": dict})
     identity, models = results["identity"], _over_seeds(results)
     seeds = sorted(results["models"])
     metrics = ["fvu", "ce_loss_recovered", "dead_fraction"]
@@ -628,7 +628,7 @@ def claims_report(folder: str | Path) -> str:
         "",
         *markdown_table(["k", "variant", "L0", "L0 core", "L0 non-core", *metrics], rows),
         *_claims_matched(results["matched"]),
-        *_claims_consistency(results),
+        *(_latent_matches(results["latent_matches"]) if "latent_matches" in results else []),
     ]
     skipped = {}
     for seed in results["models"].values():
@@ -663,47 +663,29 @@ def _claims_matched(matched: dict) -> list[str]:
     ]
 
 
-def _claims_consistency(results: dict) -> list[str]:
-    identity = results["identity"]
-    variants, ks = identity["ClaimsArguments.variants"], sorted(identity["ClaimsArguments.ks"])
-    across_sparsity = {
-        v: {
-            f"k{k}": {p: [seed[v][f"k{k}"][p] for seed in results["across_sparsity"].values()] for p in PARTS}
-            for k in ks[1:]
-        }
-        for v in variants
-    }
-    across_seeds = {
-        v: {p: [x for pair in results["across_seeds"].values() for x in pair[v][p]] for p in PARTS} for v in variants
-    }
-    matched = {"from_k": ks[0], "at_k": identity["ClaimsArguments.consistency_k"]}
-    matched |= {"across_sparsity": across_sparsity, "across_seeds": across_seeds}
-    return _matched_latents(matched, identity["ClaimsArguments.match_cos"])
-
-
-PARTS = ("core", "noncore")
-
-
-def _matched_latents(matched: dict, match_cos: float) -> list[str]:
-    """Claim 2's table from `{"from_k", "at_k", "across_sparsity": {variant: {"k<k>": {part: [share, …]}}},
-    "across_seeds": {variant: {part: [share, …]}}}` (a share of None: the model has no such latents)."""
-    smallest, at = matched["from_k"], matched["at_k"]
-    rows, larger = [], []
-    for variant, by_k in matched["across_sparsity"].items():
-        larger = list(by_k)
-        cells = [spread_cell([v for v in by_k[k][p] if v is not None]) for p in PARTS for k in larger]
-        seeds = matched["across_seeds"][variant]
-        cells += [spread_cell([v for v in seeds[p] if v is not None]) for p in PARTS]
-        rows.append([variant, *cells])
-    header = [f"{part} k{smallest}→{k[1:]}" for part in ("core", "non-core") for k in larger]
-    return [
+def _latent_matches(matches: dict) -> list[str]:
+    """Claim 2's tables, core and non-core latents apart, from `evaluation.consistency.latent_matches`."""
+    smallest, at, cos = matches["from_k"], matches["at_k"], matches["match_cos"]
+    larger = list(next(iter(matches["variants"].values()))["same_seed"])
+    header = [f"k{smallest}→{k[1:]} same seed" for k in larger] + [f"k{smallest} at its init"]
+    header += [f"k{smallest}→{k[1:]} other seed" for k in larger] + [f"across seeds (k {at})"]
+    lines = [
         "",
         "## Claim 2: the same latents across sparsities and seeds",
         "",
-        f"The share of a model's latents whose decoder direction has a match (cosine ≥ {match_cos}) in another "
-        f"model: the k-{smallest} model in the same seed's larger-k models (over seeds), and, at k {at}, each seed's "
-        "model in every other seed's (over ordered pairs of seeds); core latents (the first `core_size`) and "
-        "non-core latents apart.",
-        "",
-        *markdown_table(["variant", *header, f"core across seeds (k {at})", f"non-core across seeds (k {at})"], rows),
+        f"The share of a model's latents whose decoder direction has a match (cosine ≥ {cos}) in another model: the "
+        f"k-{smallest} model in the same seed's models at larger k, in its own initialization (which a seed's models "
+        "share: a latent still there is matched across sparsities without having learnt anything, so the first "
+        f"columns are inflated by as much), in the other seeds' models at larger k, and at k {at}, each seed's model "
+        "in every other seed's. Mean ± std over seeds (same seed, init) or ordered pairs of seeds (other seed, across "
+        "seeds).",
     ]
+    for part, title in (("core", "Core latents"), ("noncore", "Non-core latents")):
+        rows = []
+        for variant, row in matches["variants"].items():
+            columns = [*row["same_seed"].values(), row["initial"], *row["other_seeds"].values(), row["across_seeds"]]
+            shares = [[v for v in column[part] if v is not None] for column in columns]
+            if any(shares):
+                rows.append([variant, *(spread_cell(s) for s in shares)])
+        lines += ["", f"{title}:", "", *markdown_table(["variant", *header], rows)]
+    return lines

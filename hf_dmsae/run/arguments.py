@@ -8,6 +8,7 @@ and the synthetic benchmark alike, with `k_noncore` by the one rule of `k_noncor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -109,3 +110,12 @@ def new_model(sae: SAEArguments, data, core=None, *, seed: int, cycle: int = 0) 
         return DMSAEModel(sae_config(sae, data, cycle=cycle))
     config = sae_config(sae, data, cycle=cycle, core_size=len(core), core_ids=list(core.latent_ids))
     return DMSAEModel.from_core(config, torch.as_tensor(core.encoder_rows))
+
+
+def initial_model(trained: DMSAEModel, seed: int) -> DMSAEModel:
+    """The model `new_model` gave under `seed` before `trained` was trained from it, rebuilt from its config and
+    frozen core rows: what training left in place is measured against it."""
+    set_seed(seed)
+    if trained.config.core_size == 0:
+        return DMSAEModel(copy.deepcopy(trained.config))
+    return DMSAEModel.from_core(trained.config, trained.W_enc_frozen.detach().cpu())

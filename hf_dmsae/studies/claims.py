@@ -5,9 +5,10 @@ modes), over seeds, each seed's variants on the same tokens; then
 - claim 3 at matched sparsity: every metric of a variant against the Matryoshka SAE of the same seed at the same
   *measured* global L0, read off the Matryoshka SAE's curve by linear interpolation in log L0 (the Matryoshka SAE is
   also trained at `matryoshka_ks`, so its curve spans the dense-core models' higher L0; outside it, no difference);
-- claim 2: the share of a model's latents that have a match (decoder cosine ≥ `match_cos`) in the same variant's
-  models at the larger ks (across sparsities), and in the other seeds' model at `consistency_k` (across seeds), core
-  and non-core latents counted apart.
+- claim 2 (`evaluation.consistency.latent_matches`): the share of a model's latents that have a match (decoder
+  cosine ≥ `match_cos`) in the same variant's models at the larger ks, of the same seed and of the others (a seed's
+  models share their initialization, so the share of latents still at it is measured too), and in the other seeds'
+  models at `consistency_k`, core and non-core latents apart.
 
 Every (seed, k, variant) is an ordinary resumable transfer run under `<study_dir>/seed{s}/`, so re-running resumes.
 `<results_dir>/results.json` (committed by `make study`) holds every model's metrics (SAEBench's too, once run) and
@@ -26,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.activations import ActivationArguments
-from ..evaluation.consistency import matched_latents
+from ..evaluation.consistency import latent_matches
 from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments
 from ..method.transfer import Transfer, TransferArguments
 from ..model.configuration_dmsae import VARIANTS
 from ..model.modeling_dmsae import DMSAEModel
-from ..run.arguments import SAEArguments
+from ..run.arguments import SAEArguments, initial_model
 from ..run.state import arguments_identity, distilled_core_record, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model
@@ -126,13 +127,12 @@ class PaperClaims:
 
     def run(self) -> dict:
         """Phase by phase, so that the comparisons of the package's own metrics over every seed come before SAEBench
-        (the longest part): every seed's models and their consistency across sparsities; the consistency across
-        seeds; SAEBench on every model, seed by seed. `results.json` is rewritten after every model and comparison,
-        and what it holds is never redone: a study continues from it on another machine, where a seed's runs are
-        trained again (as they were) only if something of the seed is left to do."""
+        (the longest part): every seed's models; the latents' matches; SAEBench on every model, seed by seed.
+        `results.json` is rewritten after every model and comparison, and what it holds is never redone: a study
+        continues from it on another machine, where a seed's runs are trained again (as they were) only if something
+        of the seed is left to do."""
         path, main = self.results_dir / "results.json", self.training_args.process_index == 0
-        empty = {"models": {}, "across_sparsity": {}, "across_seeds": {}}
-        results = read_json(path) if path.is_file() else {"identity": self.identity(), **empty}
+        results = read_json(path) if path.is_file() else {"identity": self.identity(), "models": {}}
         if results["identity"] != self.identity():
             raise ValueError(f"{path} holds results of other settings: use another --results_dir")
         results["core"] = {"source": str(self.core_path), "size": len(self.core)}
@@ -156,15 +156,14 @@ class PaperClaims:
                     for name, record in transfer.results.items():
                         keep(name, record)
                     transfer.state.close()
-            if main and f"seed{seed}" not in results["across_sparsity"]:
-                results["across_sparsity"][f"seed{seed}"] = self.across_sparsity(seed)
-                save()
         if not main:
             return results
-        for x, y in itertools.combinations(self.args.seeds, 2):
-            if f"seed{x}-seed{y}" not in results["across_seeds"]:
-                results["across_seeds"][f"seed{x}-seed{y}"] = self.across_seeds(x, y)
-                save()
+        if results.get("latent_matches", {}).get("seeds") != self.args.seeds:
+            a = self.args
+            results["latent_matches"] = latent_matches(
+                self.model, initial_model, a.seeds, a.ks, a.consistency_k, a.variants, a.match_cos
+            )
+            save()
         if self.saebench_args is None or not self.saebench_args.saebench_evals:
             return results
         for seed in self.args.seeds:
@@ -190,39 +189,15 @@ class PaperClaims:
         return names + [f"k{k}-matryoshka" for k in self.args.matryoshka_ks]
 
     def unfinished(self, seed: int, results: dict) -> bool:
-        """Whether anything of the seed is left to do: a model, a comparison or an SAEBench result."""
+        """Whether anything of the seed is left to do: a model, an SAEBench result or the comparison of latents."""
         models = results["models"].get(f"seed{seed}", {})
-        pairs = [f"seed{x}-seed{y}" for x, y in itertools.combinations(self.args.seeds, 2) if seed in (x, y)]
         saebench = self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
-        return (
-            any(name not in models or (saebench and "saebench" not in models[name]) for name in self.model_names())
-            or f"seed{seed}" not in results["across_sparsity"]
-            or any(pair not in results["across_seeds"] for pair in pairs)
+        return results.get("latent_matches", {}).get("seeds") != self.args.seeds or any(
+            name not in models or (saebench and "saebench" not in models[name]) for name in self.model_names()
         )
 
-    # -- claim 2 --------------------------------------------------------------------------------------------------
     def model(self, seed: int, k: int, variant: str) -> DMSAEModel:
         return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / f"k{k}-{variant}")
-
-    def across_sparsity(self, seed: int) -> dict:
-        """Per variant and larger k: the shares of the smallest k's model's latents matched in that k's model."""
-        (smallest, *larger), cos = sorted(self.args.ks), self.args.match_cos
-        return {
-            variant: {
-                f"k{k}": matched_latents(self.model(seed, smallest, variant), self.model(seed, k, variant), cos)
-                for k in larger
-            }
-            for variant in self.args.variants
-        }
-
-    def across_seeds(self, x: int, y: int) -> dict:
-        """Per variant at `consistency_k`: the shares of seed x's latents matched in seed y's model, and back."""
-        k, cos, shares = self.args.consistency_k, self.args.match_cos, {}
-        for variant in self.args.variants:
-            first, second = self.model(x, k, variant), self.model(y, k, variant)
-            forth, back = matched_latents(first, second, cos), matched_latents(second, first, cos)
-            shares[variant] = {part: [forth[part], back[part]] for part in ("core", "noncore")}
-        return shares
 
 
 def interpolate_in_log_l0(points: list[tuple[float, float]], l0: float) -> float | None:

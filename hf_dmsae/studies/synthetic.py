@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.activations import norm_factor
-from ..evaluation.consistency import abs_cosines, consistency, matched_latents
+from ..evaluation.consistency import abs_cosines, consistency, latent_matches
 from ..evaluation.progressive import latent_statistics, order_by, prefix_fvu
 from ..method.attribution import AttributionArguments
 from ..method.distillation import Distillation, DistillationArguments
@@ -46,7 +46,7 @@ from ..method.transfer import Transfer, TransferArguments
 from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
-from ..run.arguments import SAEArguments, new_model
+from ..run.arguments import SAEArguments, initial_model, new_model
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
 from ..utils.checks import check_ranges
@@ -563,7 +563,7 @@ class SyntheticBenchmark:
                 started = time.perf_counter()
                 write_json_atomically(self.results_path, results)
         results["consistency"] = self.consistency()
-        results["matched"] = self.matched()
+        results["latent_matches"] = self.latent_matches()
         results["world"] = world_summary(self.world)
         write_json_atomically(self.results_path, results)
         self.results = results
@@ -588,23 +588,17 @@ class SyntheticBenchmark:
     def model(self, seed: int, name: str) -> DMSAEModel:
         return load_trained_model(self.output_dir / f"seed{seed}" / "transfer" / name)
 
-    def matched(self) -> dict:
-        """The paper's claim 2 as the claims study measures it (`matched_latents` at `latent_match_cos`): per
-        variant, the smallest k's model's latents matched in each larger k's (one value per seed), and at the middle
-        k each seed's model in every other seed's (both ways), core and non-core apart."""
-        a, cos = self.args, self.args.latent_match_cos
-        (smallest, *larger), middle = sorted(a.transfer_ks), sorted(a.transfer_ks)[len(a.transfer_ks) // 2]
-        across_sparsity, across_seeds = {}, {}
-        for v in a.variants:
-            across_sparsity[v] = {}
-            for k in larger:
-                shares = [
-                    matched_latents(self.model(s, f"k{smallest}-{v}"), self.model(s, f"k{k}-{v}"), cos) for s in a.seeds
-                ]
-                across_sparsity[v][f"k{k}"] = {p: [x[p] for x in shares] for p in ("core", "noncore")}
-            pairs = [
-                matched_latents(self.model(x, f"k{middle}-{v}"), self.model(y, f"k{middle}-{v}"), cos)
-                for x, y in itertools.permutations(a.seeds, 2)
-            ]
-            across_seeds[v] = {p: [x[p] for x in pairs] for p in ("core", "noncore")}
-        return {"from_k": smallest, "at_k": middle, "across_sparsity": across_sparsity, "across_seeds": across_seeds}
+    def latent_matches(self) -> dict:
+        """The paper's claim 2 as the claims study measures it (`latent_matches` at `latent_match_cos`), across
+        `transfer_ks` from the smallest and across seeds at the middle k."""
+        a = self.args
+        middle = sorted(a.transfer_ks)[len(a.transfer_ks) // 2]
+        return latent_matches(
+            lambda seed, k, variant: self.model(seed, f"k{k}-{variant}"),
+            initial_model,
+            a.seeds,
+            a.transfer_ks,
+            middle,
+            a.variants,
+            a.latent_match_cos,
+        )
