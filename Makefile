@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium lint test demo study synthetic dynamics bench gpu-check clean
+.PHONY: setup chromium lint test demo study synthetic worlds dynamics bench gpu-check clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ study: demo
 # The ground-truth benchmark (configs/synthetic.json: 3 seeds; about 13 min on 2 CPU cores), into runs/synthetic.
 synthetic: setup
 	$(BIN)/python scripts/synthetic.py configs/synthetic.json
+
+# The ground-truth benchmark over a family of worlds (configs/worlds.json: 10 worlds drawn from stated ranges, 2 seeds
+# each, screened by a plain Matryoshka SAE), into runs/worlds; results and report in reports/worlds, which `make
+# worlds` continues from (commit them). A larger family: `--num_worlds 30 --train_rows 1000000` (about 6 h).
+worlds: setup
+	$(BIN)/python scripts/worlds.py configs/worlds.json
 
 # The core's dynamics against Fig. 3 (distilled, random-init and no core; 3 budgets × 2 seeds; one ablation per
 # hypothesis): on the demo's distilled core (200k, 500k and 996 352 tokens: every usable row of the corpus's training

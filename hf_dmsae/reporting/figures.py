@@ -216,3 +216,28 @@ def prefix_fvu_curves(runs: list[dict], path: Path) -> Path:
     axis.set(xlabel="G (first latents kept)", ylabel="FVU", xticks=prefixes)
     axis.legend(fontsize=8)
     return save(figure, path)
+
+
+def r_precision_against_properties(
+    properties: dict[str, list], attribution: list, random: list, relation: dict, path: Path
+) -> Path:
+    """One panel per world property: attribution's (filled) and random ranking's (hollow) R-precision, one point per
+    world, with Spearman's ρ of attribution's in the title."""
+    figure, axes = plt.subplots(1, len(properties), figsize=(4 * len(properties), 3.6), sharey=True)
+    for axis, (name, values) in zip(axes, properties.items(), strict=True):
+        points = [(x, a, r) for x, a, r in zip(values, attribution, random, strict=True) if x is not None]
+        axis.scatter(
+            [x for x, a, _ in points if a is not None], [a for _, a, _ in points if a is not None], label="GxA"
+        )
+        axis.scatter(
+            [x for x, _, r in points if r is not None],
+            [r for _, _, r in points if r is not None],
+            facecolors="none",
+            edgecolors="grey",
+            label="random",
+        )
+        rho = relation[name]["r_precision"]
+        axis.set(xlabel=name.replace("_", " "), title=f"ρ = {rho:.2f}" if rho is not None else "ρ: too few worlds")
+    axes[0].set_ylabel("R-precision of the cycle-0 pool ranking")
+    axes[0].legend(fontsize=8)
+    return save(figure, path)

@@ -211,7 +211,9 @@ def interpolate_in_log_l0(points: list[tuple[float, float]], l0: float) -> float
     return None
 
 
-def matched_differences(models: dict[str, dict], variants: list[str]) -> dict:
+def matched_differences(
+    models: dict[str, dict], variants: list[str], metrics: tuple[str, ...] = COMPARED_METRICS
+) -> dict:
     """Per variant other than Matryoshka, k and metric: its value minus the same seed's Matryoshka SAE at the same
     measured L0 (one per seed whose Matryoshka curve spans it), and the measured L0s."""
     matched = {}
@@ -221,7 +223,7 @@ def matched_differences(models: dict[str, dict], variants: list[str]) -> dict:
             for result in (r for r in results.values() if r["variant"] == variant):
                 row = matched.setdefault(variant, {}).setdefault(f"k{result['k']}", {"l0": []})
                 row["l0"].append(result["l0"])
-                for metric in COMPARED_METRICS:
+                for metric in metrics:
                     points = [(r["l0"], r[metric]) for r in reference if metric in r]
                     if metric in result and (at := interpolate_in_log_l0(points, result["l0"])) is not None:
                         row.setdefault(metric, []).append(result[metric] - at)

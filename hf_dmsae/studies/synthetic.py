@@ -33,6 +33,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,7 @@ class SyntheticArguments:
         default=4, metadata={"help": "Roots of sae_lens's feature hierarchy (depth 2; 0: no hierarchy)."}
     )
     branching_factor: int = field(default=3, metadata={"help": "Children per parent in the hierarchy."})
+    hierarchy_depth: int = field(default=2, metadata={"help": "Levels of the hierarchy, its roots included."})
     correlation_rank: int = field(default=16, metadata={"help": "Rank of the features' correlations (0: none)."})
     correlation_scale: float = field(default=0.1, metadata={"help": "Scale of the low-rank correlations."})
     max_firing_probability: float = field(
@@ -79,6 +81,13 @@ class SyntheticArguments:
     useful_fraction: float = field(
         default=0.25, metadata={"help": "Share of the features the task's readout weights heavily."}
     )
+    useful_by: Literal["random", "frequent", "rare"] = field(
+        default="random",
+        metadata={
+            "help": "Which features are useful: drawn at random, the most frequently firing or the rarest (a task "
+            "need not prefer frequent features)."
+        },
+    )
     readout_classes: int = field(default=16, metadata={"help": "Classes of the downstream task."})
     readout_scale: float = field(
         default=3.0, metadata={"help": "Readout scale of the useful features (logits per unit of feature)."}
@@ -89,6 +98,13 @@ class SyntheticArguments:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds, each a full run."})
     num_cycles: int = field(default=2, metadata={"help": "Distillation cycles T after cycle 0."})
     transfer_ks: list[int] = field(default_factory=lambda: [3, 6, 12], metadata={"help": "k of the transferred SAEs."})
+    matryoshka_ks: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Further k of the Matryoshka SAE alone, so that its curve in measured L0 spans the dense-core "
+            "models' (their core adds to k) for the comparison at matched L0."
+        },
+    )
     variants: list[str] = field(
         default_factory=lambda: list(PAPER_VARIANTS), metadata={"help": f"Transferred SAEs, of {VARIANTS}."}
     )
@@ -108,6 +124,7 @@ class SyntheticArguments:
             hidden_dim=">= 1",
             root_features=">= 0",
             branching_factor=">= 1",
+            hierarchy_depth=">= 1",
             correlation_rank=">= 0",
             correlation_scale=">= 0",
             max_firing_probability="(0, 1]",
@@ -170,7 +187,7 @@ class SyntheticWorld:
             hierarchy=HierarchyConfig(
                 total_root_nodes=args.root_features,
                 branching_factor=args.branching_factor,
-                max_depth=2,
+                max_depth=args.hierarchy_depth,
                 compensate_probabilities=True,
             )
             if args.root_features
@@ -187,7 +204,13 @@ class SyntheticWorld:
         self.bias = self.model.feature_dict.bias.detach().float()
         generator = torch.Generator().manual_seed(_seed_of("readout", args.world_seed))
         count = round(args.useful_fraction * args.num_features)
-        self.useful = torch.randperm(args.num_features, generator=generator)[:count].sort().values
+        self.firing_probabilities = self.model.activation_generator.firing_probabilities.detach().float().cpu()
+        order = {
+            "random": torch.randperm(args.num_features, generator=generator),
+            "frequent": self.firing_probabilities.argsort(descending=True, stable=True),
+            "rare": self.firing_probabilities.argsort(stable=True),
+        }[args.useful_by]
+        self.useful = order[:count].sort().values
         weight = torch.full((args.num_features,), args.readout_off_weight)
         weight[self.useful] = 1.0
         weight *= args.readout_scale
@@ -217,7 +240,7 @@ class SyntheticWorld:
         """What decides the world and its task (recorded by every run on it)."""
         task = {
             k: getattr(self.args, k)
-            for k in ("useful_fraction", "readout_classes", "readout_scale", "readout_off_weight")
+            for k in ("useful_fraction", "useful_by", "readout_classes", "readout_scale", "readout_off_weight")
         }
         task["probe"] = hashlib.sha256(self.probe.weight.numpy().tobytes()).hexdigest()
         text = json.dumps({"world": self.config.to_dict(), "task": task}, sort_keys=True, default=str)
@@ -433,8 +456,11 @@ class SyntheticBenchmark:
         training: DMSAETrainingArguments,
     ):
         self.args, self.sae_args, self.attribution_args, self.training_args = args, sae, attribution, training
-        if max(args.transfer_ks) > sae.dict_size:
-            raise ValueError(f"transfer_ks={args.transfer_ks} is invalid: every k must be at most dict_size")
+        if max(args.transfer_ks + args.matryoshka_ks) > sae.dict_size:
+            raise ValueError(
+                f"transfer_ks={args.transfer_ks} and matryoshka_ks={args.matryoshka_ks} are invalid: every k must be "
+                f"at most dict_size={sae.dict_size}"
+            )
         self.output_dir = Path(training.output_dir)
         self.results_path = self.output_dir / "results.json"
         self.world = SyntheticWorld(args)
@@ -472,6 +498,19 @@ class SyntheticBenchmark:
         )
         transfer.run()
         transfer.state.close()
+        results = dict(transfer.results)
+        if a.matryoshka_ks:  # on the same rows: a synthetic slice is drawn by its seed and name
+            wide = Transfer(
+                TransferArguments(
+                    core=transfer.args.core, ks=a.matryoshka_ks, variants=["matryoshka"], model_repo=repo
+                ),
+                self.sae_args,
+                None,
+                self._training(folder / "matryoshka-wide", seed),
+                source=source,
+            )
+            results |= wide.run()
+            wide.state.close()
         cycles = {
             t: {
                 "size": c["size"],
@@ -484,7 +523,7 @@ class SyntheticBenchmark:
         return {
             "cycles": cycles,
             "selection": self.selection_scores(distillation, source, seed),
-            "transfer": transfer.results,
+            "transfer": results,
             "progressive": self.progressive_coding(folder, source, seed),
         }
 
@@ -518,6 +557,7 @@ class SyntheticBenchmark:
                         "core": name,
                         "selection": selection,
                         "r_precision": r_precision(ranking, useful),
+                        "pool_useful": float(useful[: model.config.candidate_pool_size].float().mean()),
                         **match_truth(decoder[chosen], truth, self.args.match_cos),
                     }
                 )

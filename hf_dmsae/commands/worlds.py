@@ -1,0 +1,35 @@
+"""Ground truth over many worlds: the synthetic benchmark on a family of worlds drawn from stated ranges, screened by
+a plain Matryoshka SAE, with per-world and across-worlds reports.
+
+    python scripts/worlds.py configs/worlds.json [--num_worlds 24 --family_seed 1 …]
+
+The JSON file holds any field of `WorldFamilyArguments` (how many worlds, the ranges, the screen),
+`SyntheticArguments` (the base world: every field the family does not draw, the seeds, budgets), `SAEArguments`,
+`AttributionArguments` and `DMSAETrainingArguments`; command-line flags override it. Re-running resumes (every
+world's runs are resumable, `results.json` keeps finished worlds); the report goes beside `results.json`.
+"""
+
+import logging
+from pathlib import Path
+
+from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.reporting.reports import worlds_report
+from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.launch import parse_arguments
+from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.studies.synthetic import SyntheticArguments
+from hf_dmsae.studies.worlds import WorldFamily, WorldFamilyArguments
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    arguments = parse_arguments(
+        (WorldFamilyArguments, SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments)
+    )
+    family = WorldFamily(*arguments)
+    family.run()
+    print(worlds_report(Path(family.results_path).parent))
+
+
+if __name__ == "__main__":
+    main()
