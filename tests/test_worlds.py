@@ -50,6 +50,8 @@ def test_worlds_are_drawn_within_their_ranges_the_same_each_time_and_the_task_ca
             assert torch.equal(world.useful, order[:16].sort().values)
         correlations[useful_by] = world_properties(world)["useful_frequency_correlation"]
     assert correlations["frequent"] > 0.5 > abs(correlations["random"]) and correlations["rare"] < -0.5
+    with pytest.raises(ValueError, match="useful_by_turns"):
+        WorldFamilyArguments(useful_by_turns=["often"])
     with pytest.raises(ValueError, match="features_per_dim_range"):
         WorldFamilyArguments(features_per_dim_range=[3.0, 1.0])
 
@@ -61,6 +63,7 @@ def test_a_family_screens_benchmarks_and_reports_every_world_and_resumes(tmp_pat
         "features_per_dim_range": [1.5, 2.0],
         "root_features_range": [0, 2],
         "mcc_floor": 0.0,
+        "useful_by_turns": ["rare", "random"],
         "family_dir": str(tmp_path / "family"),
         "results_dir": str(tmp_path / "kept"),
         "seeds": [0, 1],
@@ -88,6 +91,7 @@ def test_a_family_screens_benchmarks_and_reports_every_world_and_resumes(tmp_pat
 
     world = results["worlds"]["world0"]
     assert world["kept"] and 0 < world["screen_mcc"] <= 1 and world["settings"]["num_features"] >= 48
+    assert world["settings"]["useful_by"] == "rare" and world["properties"]["useful_frequency_correlation"] < 0
     summary = world["summary"]
     assert len(summary["selection"]["distilled"]["attribution"]["precision"]) == 2  # one per seed
     assert set(summary["transfer"]) == {"k4-sparse_core", "k4-matryoshka", "k8-matryoshka"}

@@ -200,10 +200,23 @@ class PaperClaims:
         return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / f"k{k}-{variant}")
 
 
+END_TOLERANCE = 0.02
+"""How far (relative, in L0) beyond the Matryoshka curve's ends a model still takes the end's value: BatchTopK's
+measured L0 differs from k by a few hundredths either way, so a model at the curve's smallest k often lies just below
+it."""
+
+
 def interpolate_in_log_l0(points: list[tuple[float, float]], l0: float) -> float | None:
-    """The value at `l0` on the curve through `points` ((L0, value), any order), linear in log L0; None outside the
-    curve's L0 range (no extrapolation)."""
+    """The value at `l0` on the curve through `points` ((L0, value), any order), linear in log L0; within
+    `END_TOLERANCE` beyond an end, the end's value; None farther out (no extrapolation)."""
     points = sorted(points)
+    if not points:
+        return None
+    (first, at_first), (last, at_last) = points[0], points[-1]
+    if first * (1 - END_TOLERANCE) <= l0 < first:
+        return at_first
+    if last < l0 <= last * (1 + END_TOLERANCE):
+        return at_last
     for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 <= l0 <= x1:
             t = (math.log(l0) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0

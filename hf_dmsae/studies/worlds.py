@@ -23,7 +23,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import get_args, get_type_hints
 
 import torch
 
@@ -37,6 +37,8 @@ from .synthetic import SyntheticArguments, SyntheticBenchmark, SyntheticSource, 
 
 logger = logging.getLogger(__name__)
 
+USEFUL_BY = get_args(get_type_hints(SyntheticArguments)["useful_by"])
+"""How a world's useful features can relate to firing frequency (`SyntheticArguments.useful_by`)."""
 SELECTIONS = ("attribution", "random", "frequency", "mean_squared")
 """The pool's rankings of the benchmark (`synthetic.pool_rankings`): attribution (GxA) and its baselines."""
 TRANSFER_METRICS = ("mcc", "fvu", "task_loss_recovered")
@@ -69,9 +71,11 @@ class WorldFamilyArguments:
     zipf_exponent_range: list[float] = field(
         default_factory=lambda: [0.3, 1.2], metadata={"help": "Range of the Zipf exponent of firing probabilities."}
     )
-    useful_by_turns: list[Literal["random", "frequent", "rare"]] = field(
+    useful_by_turns: list[str] = field(
         default_factory=lambda: ["random", "frequent", "rare"],
-        metadata={"help": "How the useful features relate to firing frequency, world by world in turn."},
+        metadata={
+            "help": f"How the useful features relate to firing frequency, world by world in turn: of {USEFUL_BY}."
+        },
     )
     mcc_floor: float = field(
         default=0.5,
@@ -99,8 +103,8 @@ class WorldFamilyArguments:
                 raise ValueError(f"{name}={bounds} is invalid: give a range `min max` with 0 ≤ min ≤ max")
         if self.features_per_dim_range[0] <= 0 or self.hierarchy_depth_range[0] < 1:
             raise ValueError("features_per_dim_range must be positive and hierarchy_depth_range at least 1")
-        if not self.useful_by_turns:
-            raise ValueError("useful_by_turns must not be empty")
+        if not self.useful_by_turns or not set(self.useful_by_turns) <= set(USEFUL_BY):
+            raise ValueError(f"useful_by_turns={self.useful_by_turns} is invalid: give some of {USEFUL_BY}")
         if not 0 <= self.mcc_floor <= 1:
             raise ValueError(f"mcc_floor={self.mcc_floor} is invalid: must lie in [0, 1]")
 
