@@ -307,14 +307,7 @@ class CoreDynamics:
                 "learning_rate_curve": [(e["step"], e["learning_rate"]) for e in history if "learning_rate" in e],
                 "metrics": {f"eval_{k}": v for k, v in activation_metrics(model, data.eval_batches(4096)).items()},
                 "geometry": {"start": start, "end": core_geometry(model, held_out)},
-                "core_usage_curve": [
-                    {
-                        "step": e["step"],
-                        **{k[len("core_usage_") :]: v for k, v in e.items() if k.startswith("core_usage_")},
-                    }
-                    for e in history
-                    if "core_usage_fvu" in e
-                ],
+                "core_usage_curve": core_usage_curve(history),
                 "core_usage": core_usage(model, held_out),
             }
             state.save()

@@ -320,7 +320,7 @@ class SyntheticSource:
         self.world, self.train_rows, self.seed = world, train_rows, seed
         self.d_in = world.args.hidden_dim
         self.eval_slice = RowSlice("eval", eval_rows) if eval_rows else None
-        self._eval = None
+        self._eval, self._last_slice = None, (None, None)
 
     def input_identity(self) -> dict:
         return {"inputs.synthetic_world": self.world.digest(), "inputs.synthetic_seed": self.seed}
@@ -333,19 +333,23 @@ class SyntheticSource:
 
     def training_data(self, piece: RowSlice, args: DMSAETrainingArguments) -> Rows:
         """The slice's rows, drawn in chunks of `SAMPLE_CHUNK` rows (the true features of a whole large slice would
-        not fit in memory); the first chunk's seed is the slice's own, so a slice of one chunk is one draw."""
+        not fit in memory); the first chunk's seed is the slice's own, so a slice of one chunk is one draw. The last
+        slice drawn is kept: a transfer trains every model on the same slice, and drawing it costs more than training
+        on it."""
+        if self._last_slice[0] == (piece.name, piece.rows):
+            return Rows(self._last_slice[1])
         chunks = range(0, piece.rows, SAMPLE_CHUNK)
-        return Rows(
-            torch.cat(
-                [
-                    self.world.sample(
-                        min(SAMPLE_CHUNK, piece.rows - start),
-                        _seed_of(self.seed, piece.name, *([start] if start else [])),
-                    )[0]
-                    for start in chunks
-                ]
-            )
+        rows = torch.cat(
+            [
+                self.world.sample(
+                    min(SAMPLE_CHUNK, piece.rows - start),
+                    _seed_of(self.seed, piece.name, *([start] if start else [])),
+                )[0]
+                for start in chunks
+            ]
         )
+        self._last_slice = ((piece.name, piece.rows), rows)
+        return Rows(rows)
 
     def finish_slice(self, piece: RowSlice, dataset) -> RowSlice:
         return piece
