@@ -18,7 +18,7 @@ from hf_dmsae.data.slices import SliceLayout
 from hf_dmsae.model.core import DMSAECore
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "distill", "transfer", "synthetic", "core_dynamics", "study", "report", "browse", "bench")
+SCRIPTS = ("train", "distill", "transfer", "synthetic", "worlds", "core_dynamics", "study", "report", "browse", "bench")
 
 
 def run_script(name: str, *args: str, launch: list[str] | None = None, timeout: int = 900):
@@ -235,6 +235,19 @@ def test_synthetic_and_report_clis(tmp_path):
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Study")
     missing = run_script("report", "--out", tmp_path / "report", "--transfer", tmp_path / "nothing")
     assert missing.returncode != 0 and "run the transfer first" in missing.stderr
+
+
+def test_worlds_cli(tmp_path):
+    # The shipped family at a tiny size: one world of 32-48 features in 16 dimensions, two seeds, one cycle, one k.
+    tiny = {"num_worlds": 1, "hidden_dim": 16, "features_per_dim_range": "2 3", "transfer_ks": 4, "matryoshka_ks": 8}
+    tiny |= {"num_cycles": 1, "train_rows": 2048, "attribution_tokens": 1024, "eval_rows": 1024, "k": 4, "q": 0.95}
+    tiny |= {"mcc_floor": 0.0, "per_device_train_batch_size": 256, "family_dir": tmp_path / "runs"}
+    tiny |= {"results_dir": tmp_path / "worlds", "output_dir": tmp_path / "unused"}
+    flags = [part for key, value in tiny.items() for part in (f"--{key}", *str(value).split())]
+    result = run_script("worlds", REPO / "configs" / "worlds.json", *flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "1 kept, 0 skipped" in result.stdout and "| world0 |" in result.stdout
+    assert "| 4 | matryoshka |" in (tmp_path / "worlds" / "world0" / "report.md").read_text()
 
 
 def undocumented_options(help_text: str) -> list[str]:

@@ -101,6 +101,7 @@ def test_a_family_screens_benchmarks_and_reports_every_world_and_resumes(tmp_pat
     assert benchmark["identity"]["sae"]["dict_size"] == world["settings"]["num_features"]
     across = results["across_worlds"]
     assert across["worlds"] == ["world0"] and len(across["attribution_r_precision"]) == 1
+    assert json.loads((tmp_path / "kept" / "world0" / "results.json").read_text()) == benchmark  # its own report's
     report = worlds_report(tmp_path / "kept")
     assert "1 kept, 0 skipped" in report and "## What goes with attribution beating chance" in report
     assert (tmp_path / "kept" / "figures" / "r_precision_vs_properties.png").read_bytes().startswith(b"\x89PNG")

@@ -6,14 +6,14 @@ a plain Matryoshka SAE, with per-world and across-worlds reports.
 The JSON file holds any field of `WorldFamilyArguments` (how many worlds, the ranges, the screen),
 `SyntheticArguments` (the base world: every field the family does not draw, the seeds, budgets), `SAEArguments`,
 `AttributionArguments` and `DMSAETrainingArguments`; command-line flags override it. Re-running resumes (every
-world's runs are resumable, `results.json` keeps finished worlds); the report goes beside `results.json`.
+world's runs are resumable, `results.json` keeps finished worlds); the report goes beside `results.json`, each kept
+world's in `world<i>/`.
 """
 
 import logging
-from pathlib import Path
 
 from hf_dmsae.method.attribution import AttributionArguments
-from hf_dmsae.reporting.reports import worlds_report
+from hf_dmsae.reporting.reports import synthetic_report, worlds_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
@@ -27,8 +27,11 @@ def main() -> None:
         (WorldFamilyArguments, SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments)
     )
     family = WorldFamily(*arguments)
-    family.run()
-    print(worlds_report(Path(family.results_path).parent))
+    results = family.run()
+    folder = family.results_path.parent
+    for name in results["across_worlds"]["worlds"]:
+        synthetic_report(folder / name)
+    print(worlds_report(folder))
 
 
 if __name__ == "__main__":

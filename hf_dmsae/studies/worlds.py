@@ -10,7 +10,8 @@ run.
 
 `<results_dir>/results.json` holds, per world, its settings, its properties, its screening and its benchmark results
 summarised (`summarise`), rewritten after each world, so that the family continues from it on another machine; and
-the across-worlds statistics (`across_worlds`), from which `reporting.reports.worlds_report` writes the report.
+the across-worlds statistics (`across_worlds`), from which `reporting.reports.worlds_report` writes the report. Each
+kept world's own `results.json` is copied to `<results_dir>/world{i}/` (`synthetic_report` writes its report there).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import logging
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -360,6 +362,12 @@ class WorldFamily:
                 logger.info("World %d of %d", index + 1, self.family.num_worlds)
                 results["worlds"][f"world{index}"] = self.run_world(index)
                 write_json_atomically(path, results)
+        for index in range(self.family.num_worlds):  # each kept world's own results, for its own report
+            benchmark = self.family_dir / f"world{index}" / "benchmark" / "results.json"
+            kept = path.parent / f"world{index}" / "results.json"
+            if benchmark.is_file() and not kept.is_file():
+                kept.parent.mkdir(exist_ok=True)
+                shutil.copyfile(benchmark, kept)
         worlds = {f"world{i}": results["worlds"][f"world{i}"] for i in range(self.family.num_worlds)}
         results["across_worlds"] = across_worlds(worlds)
         results["mcc_floor"] = self.family.mcc_floor
