@@ -11,7 +11,8 @@ run.
 `<results_dir>/results.json` holds, per world, its settings, its properties, its screening and its benchmark results
 summarised (`summarise`), rewritten after each world, so that the family continues from it on another machine; and
 the across-worlds statistics (`across_worlds`), from which `reporting.reports.worlds_report` writes the report. Each
-kept world's own `results.json` is copied to `<results_dir>/world{i}/` (`synthetic_report` writes its report there).
+kept world's own `results.json` is copied to `<results_dir>/world{i}/` (`synthetic_report` writes its report there),
+and its summary is made from that copy.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def world_properties(world: SyntheticWorld) -> dict:
 
 def summarise(results: dict, seeds: list[int], variants: list[str]) -> dict:
     """One world's benchmark results, each value a list over seeds: per core (cycle 0, distilled) and selection, the
-    R-precision and the core's precision; the pool's share of useful latents; the carry-over of each later cycle;
+    R-precision and the core's precision; the pool's share of useful latents; the share of the previous core each
+    later cycle selects again;
     per transferred SAE its metrics; per variant and k its difference from the Matryoshka SAE at matched L0."""
     runs = [results[f"seed{s}"] for s in seeds]
     selection = {}
@@ -176,8 +178,8 @@ def summarise(results: dict, seeds: list[int], variants: list[str]) -> dict:
     carried = {}
     for run in runs:
         for t, cycle in run["cycles"].items():
-            if cycle["carried_over"] is not None:
-                carried.setdefault(t, []).append(cycle["carried_over"] / cycle["size"])
+            if t != "0":  # the share of the previous core selected again
+                carried.setdefault(t, []).append(cycle["carried_over"] / run["cycles"][str(int(t) - 1)]["size"])
     transfer = {}
     for run in runs:
         for name, result in run["transfer"].items():
@@ -332,6 +334,7 @@ class WorldFamily:
         return source.downstream_metrics(model, 0)["mcc"]
 
     def run_world(self, index: int) -> dict:
+        """Screen world `index` and, if kept, run the benchmark on it."""
         base, sae = self.settings(index)
         folder = self.family_dir / f"world{index}"
         started = time.perf_counter()
@@ -341,8 +344,7 @@ class WorldFamily:
         record["kept"] = record["screen_mcc"] >= self.family.mcc_floor
         if record["kept"]:
             training = dataclasses.replace(self.training_args, output_dir=str(folder / "benchmark"))
-            results = SyntheticBenchmark(base, sae, self.attribution_args, training).run()
-            record["summary"] = summarise(results, base.seeds, base.variants)
+            SyntheticBenchmark(base, sae, self.attribution_args, training).run()
         else:
             logger.warning(
                 "World %d skipped: plain Matryoshka MCC %.3f < %s", index, record["screen_mcc"], self.family.mcc_floor
@@ -350,8 +352,12 @@ class WorldFamily:
         record["seconds"] = time.perf_counter() - started
         return record
 
+    def world_results(self, index: int) -> Path:
+        return self.results_path.parent / f"world{index}" / "results.json"
+
     def run(self) -> dict:
-        """Every world not yet recorded, in order, `results.json` after each; then the across-worlds statistics."""
+        """Every world not yet recorded, in order, `results.json` after each; then each kept world's summary, from
+        its own recorded results, and the across-worlds statistics."""
         path = self.results_path
         results = read_json(path) if path.is_file() else {"identity": self.identity(), "worlds": {}}
         if results["identity"] != self.identity():
@@ -362,13 +368,14 @@ class WorldFamily:
                 logger.info("World %d of %d", index + 1, self.family.num_worlds)
                 results["worlds"][f"world{index}"] = self.run_world(index)
                 write_json_atomically(path, results)
-        for index in range(self.family.num_worlds):  # each kept world's own results, for its own report
-            benchmark = self.family_dir / f"world{index}" / "benchmark" / "results.json"
-            kept = path.parent / f"world{index}" / "results.json"
-            if benchmark.is_file() and not kept.is_file():
-                kept.parent.mkdir(exist_ok=True)
-                shutil.copyfile(benchmark, kept)
         worlds = {f"world{i}": results["worlds"][f"world{i}"] for i in range(self.family.num_worlds)}
+        for index, record in enumerate(worlds.values()):
+            if record["kept"]:
+                if not self.world_results(index).is_file():  # kept beside the family's, for the world's own report
+                    self.world_results(index).parent.mkdir(exist_ok=True)
+                    benchmark = self.family_dir / f"world{index}" / "benchmark" / "results.json"
+                    shutil.copyfile(benchmark, self.world_results(index))
+                record["summary"] = summarise(read_json(self.world_results(index)), self.base.seeds, self.base.variants)
         results["across_worlds"] = across_worlds(worlds)
         results["mcc_floor"] = self.family.mcc_floor
         write_json_atomically(path, results)
