@@ -856,7 +856,7 @@ def _worlds_cycles(across: dict) -> list[str]:
         "## Carry-over between cycles, across worlds",
         "",
         *markdown_table(
-            ["cycle", "share of the core carried over", "worlds where every seed re-selected it whole"], rows
+            ["cycle", "share of the previous core selected again", "worlds where every seed re-selected it whole"], rows
         ),
     ]
 

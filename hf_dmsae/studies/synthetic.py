@@ -204,11 +204,12 @@ class SyntheticWorld:
         self.bias = self.model.feature_dict.bias.detach().float()
         generator = torch.Generator().manual_seed(_seed_of("readout", args.world_seed))
         count = round(args.useful_fraction * args.num_features)
-        self.firing_probabilities = self.model.activation_generator.firing_probabilities.detach().float().cpu()
+        # Measured, not the generator's firing probabilities: under a hierarchy a child's is conditional on its parent.
+        self.firing_frequencies = (self.sample(65_536, _seed_of("firing", args.world_seed))[1] > 0).float().mean(0)
         order = {
             "random": torch.randperm(args.num_features, generator=generator),
-            "frequent": self.firing_probabilities.argsort(descending=True, stable=True),
-            "rare": self.firing_probabilities.argsort(stable=True),
+            "frequent": self.firing_frequencies.argsort(descending=True, stable=True),
+            "rare": self.firing_frequencies.argsort(stable=True),
         }[args.useful_by]
         self.useful = order[:count].sort().values
         weight = torch.full((args.num_features,), args.readout_off_weight)

@@ -156,7 +156,7 @@ def world_properties(world: SyntheticWorld) -> dict:
     useful[world.useful] = 1.0
     return {
         "features_per_dim": world.args.num_features / world.args.hidden_dim,
-        "useful_frequency_correlation": spearman(useful.tolist(), world.firing_probabilities.tolist()),
+        "useful_frequency_correlation": spearman(useful.tolist(), world.firing_frequencies.tolist()),
         **world_summary(world),
     }
 
