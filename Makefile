@@ -50,7 +50,7 @@ synthetic: setup
 
 # The ground-truth benchmark over a family of worlds (configs/worlds.json: 10 worlds drawn from stated ranges, 2 seeds
 # each, screened by a plain Matryoshka SAE), into runs/worlds; results and report in reports/worlds, which `make
-# worlds` continues from (commit them). A larger family: `--num_worlds 30 --train_rows 1000000` (about 6 h).
+# worlds` continues from (commit them); about 55 min on 2 CPU cores. A larger family: docs/results.md.
 worlds: setup
 	$(BIN)/python scripts/worlds.py configs/worlds.json
 

@@ -7,7 +7,7 @@ from hf_dmsae.data.activations import TrainingPositions
 from hf_dmsae.data.embedded import EMBEDDED_LM, wiki_summaries
 from hf_dmsae.data.language_model import load_language_model
 from hf_dmsae.data.text import TokenPacking, batched
-from hf_dmsae.evaluation.consistency import match_share
+from hf_dmsae.evaluation.consistency import latent_matches, match_share
 from hf_dmsae.evaluation.core_usage import core_usage
 from hf_dmsae.evaluation.held_out import METRICS_DIR, activation_metrics, ce_loss_recovered, fvu_sums, load_metric
 
@@ -101,6 +101,23 @@ def test_a_latent_matches_only_a_direction_within_the_cosine_and_of_the_same_sig
     assert match_share(decoder, other, cos_of_tilted + 1e-4, rows=[4]) == 0.0
     assert cos_of_tilted < 0.9 and match_share(decoder, other, 0.9) == 3 / 6  # rows 0-2 only
     assert match_share(decoder, other, 0.9, rows=[]) is None
+
+
+def test_latent_matches_compare_each_model_with_the_right_others():
+    # A model's decoder depends on its seed alone here: the same seed's models at any k match wholly, other seeds'
+    # (random directions in 16 dimensions) almost never, and a model rebuilt as its own init matches itself.
+    def model(seed, k, variant):
+        return tiny_model(seed=seed, core_size=4 if variant == "dense_core" else 0)
+
+    matches = latent_matches(model, lambda m, seed: m, [0, 1, 2], [8, 16, 32], 16, ["dense_core", "matryoshka"], 0.9)
+    assert matches["from_k"] == 8 and matches["at_k"] == 16 and matches["seeds"] == [0, 1, 2]
+    dense = matches["variants"]["dense_core"]
+    assert set(dense["same_seed"]) == set(dense["other_seeds"]) == {"k16", "k32"}
+    assert dense["same_seed"]["k32"] == {"core": [1.0] * 3, "noncore": [1.0] * 3}
+    assert dense["initial"] == {"core": [1.0] * 3, "noncore": [1.0] * 3}
+    assert len(dense["other_seeds"]["k16"]["noncore"]) == 6 and max(dense["other_seeds"]["k16"]["noncore"]) < 0.1
+    assert len(dense["across_seeds"]["core"]) == 6 and max(dense["across_seeds"]["noncore"]) < 0.1
+    assert matches["variants"]["matryoshka"]["same_seed"]["k16"]["core"] == [None] * 3  # no core to count
 
 
 def test_core_usage_counts_the_core_each_way_fig3_could_and_measures_what_it_reconstructs():

@@ -719,7 +719,8 @@ def worlds_report(folder: str | Path) -> str:
         f"{base['transfer_ks']}, variants {', '.join(base['variants'])}). A world is kept when a plain Matryoshka "
         f"SAE (k {sorted(base['transfer_ks'])[len(base['transfer_ks']) // 2]}, seed 0) reaches MCC ≥ "
         f"{results['mcc_floor']}: {len(kept)} kept, {len(skipped)} skipped ({', '.join(skipped) or 'none'}). "
-        f"Wall time: {sum(w['seconds'] for w in worlds.values()) / 60:.1f} min.",
+        f"Wall time of the recording runs: {sum(w['seconds'] for w in worlds.values()) / 60:.1f} min (a world whose "
+        "benchmark runs were already there when it was recorded counts only what was left).",
         *_worlds_table(worlds),
         *_worlds_selection(across),
         *_worlds_variants(across),
