@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import tiny_activation_args, tiny_run_data, token_positions, write_text_folder
 
+from hf_dmsae.data import language_model
 from hf_dmsae.data.activations import (
     ActivationArguments,
     ActivationStream,
@@ -42,6 +43,39 @@ def test_hooked_activations_equal_a_full_forward_and_skip_the_upper_blocks(tiny_
     finally:
         handle.remove()
     assert torch.equal(acts, full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lm_dir", ["tiny_lm_dir", "tiny_gemma2_dir"])
+def test_pairs_and_patched_loss_from_the_chunked_head_equal_the_whole_logits(lm_dir, dtype, request, monkeypatch):
+    """The chunked, checkpointed loss against the LM's own forward with its whole `[B, T, vocab]` logits, Gemma-2's
+    soft-capping included (made strong, so that leaving it out would show). In float64 the two agree to 1e-10: the
+    same arithmetic; in float32 within its rounding (the head's matmul blocks differently by chunk)."""
+    lm, _ = load_language_model(str(request.getfixturevalue(lm_dir)))
+    lm.to(dtype)
+    if getattr(lm.config, "final_logit_softcapping", None):
+        lm.config.final_logit_softcapping = 0.5
+    vocab = lm.config.vocab_size
+    monkeypatch.setattr(language_model, "LOSS_CHUNK_VALUES", 7 * vocab)  # 7 positions a chunk: 9 chunks, one short
+    input_ids = torch.randint(0, vocab, (2, 31))
+    layer = LayerActivations(lm, 1)
+    leaf = layer(input_ids).detach().requires_grad_(True)
+    handle = layer._hook(lambda hidden: leaf)
+    try:
+        with torch.enable_grad():
+            logits = lm(input_ids=input_ids, use_cache=False).logits
+            whole = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="sum"
+            )
+            (expected,) = torch.autograd.grad(whole, leaf)
+    finally:
+        handle.remove()
+    acts, gradient = layer.with_gradient(input_ids)
+    loss = layer.patched_loss(input_ids, lambda hidden: hidden)
+    assert torch.equal(acts, leaf.detach())
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    assert float((gradient - expected).norm() / expected.norm()) < tolerance
+    assert abs(float(loss) - float(whole.detach())) < tolerance * abs(float(whole.detach()))
 
 
 def test_sequences_are_packed_to_the_context_length_with_bos_first(tiny_lm):

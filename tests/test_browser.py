@@ -10,6 +10,7 @@ from conftest import tiny_model, write_text_folder
 from test_scripts import run_script
 
 from hf_dmsae.model.core import DMSAECore
+from hf_dmsae.model.modeling_dmsae import SparseLatents
 from hf_dmsae.publishing.browser import FeatureStatistics, check_site_dir, context_windows
 
 
@@ -23,13 +24,42 @@ def test_feature_statistics_keep_the_top_contexts_over_batches():
     assert windows[4].tolist() == [-1, 5, 6], "a context stops at the sequence's start"
     latents = torch.zeros(9, 3)
     latents[2, 0], latents[7, 0], latents[5, 1] = 3.0, 1.0, 2.0
-    stats.update(latents, windows, rows)
+    stats.update(SparseLatents.from_dense(latents), windows, rows)
     later = torch.zeros(9, 3)
     later[4, 0] = 2.0
-    stats.update(later, windows, rows)
+    stats.update(SparseLatents.from_dense(later), windows, rows)
     assert stats.values[:, 0].tolist() == [3.0, 2.0] and stats.values[:, 1].tolist() == [2.0, 0.0]
     assert stats.tokens[0, 0].tolist() == [2, 3, 4] and stats.window_acts[0, 0].tolist() == [0.0, 3.0, 0.0]
     assert stats.fired.tolist() == [3, 1, 0] and stats.rows == 18 and stats.histogram.sum() == 4
+
+
+def test_feature_statistics_from_sparse_entries_equal_a_dense_top_k_over_all_positions():
+    """Random sparse latents in two batches against the plain computation over all positions at once: each latent's
+    top values, their context tokens and the latent's activation at each context token."""
+    generator = torch.Generator().manual_seed(0)
+    n, top, width = 40, 3, 5
+    input_ids = torch.randint(0, 100, (4, 25), generator=generator)
+    keep = torch.rand(4, 25, generator=generator) > 0.2
+    windows, rows = context_windows(input_ids, keep, before=2, after=2)
+    positions = len(windows)
+    shape = (2 * positions, n)
+    dense = torch.rand(shape, generator=generator) * (torch.rand(shape, generator=generator) < 0.1)
+    stats = FeatureStatistics(dict_size=n, top=top, width=width)
+    for half in dense.split(positions):
+        stats.update(SparseLatents.from_dense(half), windows, rows)
+    values, picked = dense.topk(top, dim=0)
+    assert torch.equal(stats.values, values)
+    assert torch.equal(stats.fired, (dense > 0).sum(0))
+    for k in range(top):
+        for j in range(n):
+            if values[k, j] == 0:
+                continue
+            row = int(picked[k, j])
+            first = positions * (row // positions)
+            assert torch.equal(stats.tokens[k, j], windows[row % positions])
+            neighbours = rows[row % positions]
+            expected = torch.where(neighbours >= 0, dense[first + neighbours.clamp_min(0), j], 0.0)
+            assert torch.equal(stats.window_acts[k, j], expected)
 
 
 def test_the_browser_site_loads_in_chromium_without_errors(tiny_lm_dir, tmp_path):

@@ -10,6 +10,7 @@ from conftest import tiny_model
 from transformers import AutoConfig, AutoModel
 
 from hf_dmsae import DMSAEModel
+from hf_dmsae.model import modeling_dmsae
 
 
 def naive_latents(model: DMSAEModel, x: torch.Tensor) -> torch.Tensor:
@@ -247,6 +248,26 @@ def test_raw_activations_in_and_out_with_a_norm_factor():
     torch.testing.assert_close(out_scaled.latents, out_plain.latents)
     torch.testing.assert_close(out_scaled.reconstruction, 10.0 * out_plain.reconstruction)
     torch.testing.assert_close(out_scaled.loss, out_plain.loss)
+
+
+@pytest.mark.parametrize("threshold", [True, False])
+def test_sparse_latents_are_encodes_entries_and_decode_alike(model, threshold, monkeypatch):
+    """`encode_sparse` in blocks of 5 rows (threshold) or the whole batch (BatchTopK, no threshold yet) against the
+    dense `encode` / `decode`: the same entries, values within fp32 rounding (the matmul blocks by rows)."""
+    monkeypatch.setattr(modeling_dmsae, "SPARSE_BLOCK_VALUES", 5 * model.config.dict_size)
+    if threshold:
+        model.train()
+        for _ in range(20):
+            model(torch.randn(64, 16))
+    model.eval()
+    x = torch.randn(2, 37, 16)
+    dense, sparse = model.encode(x).reshape(-1, 128), model.encode_sparse(x)
+    assert sparse.shape == (74, 128)
+    torch.testing.assert_close(sparse.to_dense(), dense, rtol=1e-6, atol=1e-6)
+    assert torch.equal(sparse.rows * 128 + sparse.cols, (dense > 0).flatten().nonzero().squeeze(1))  # (row, col) order
+    counts = sparse.active_counts(model.config.core_size)
+    assert torch.equal(counts, torch.stack([(dense[:, :8] > 0).sum(1), (dense[:, 8:] > 0).sum(1)], dim=1))
+    torch.testing.assert_close(model.decode_sparse(sparse), model.decode(dense), rtol=1e-5, atol=1e-5)
 
 
 def test_encode_keeps_leading_dimensions(model):

@@ -8,6 +8,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .embedded import resolve_model
 
@@ -120,17 +121,19 @@ class LayerActivations:
             handle.remove()
         return captured[0]
 
-    def patched_logits(self, input_ids: torch.Tensor, transform) -> torch.Tensor:
-        """Logits of a full forward with the activations at the hook replaced by `transform(hidden)`."""
+    def patched_loss(self, input_ids: torch.Tensor, transform) -> torch.Tensor:
+        """The next-token loss summed over the batch (fp32) of a full forward with the activations at the hook
+        replaced by `transform(hidden)`; the vocabulary's logits are built a chunk of positions at a time."""
         handle = self._hook(transform)
         try:
-            return self.lm(input_ids=input_ids, use_cache=False).logits
+            return next_token_loss(self.lm, self._last_hidden(input_ids), input_ids)
         finally:
             handle.remove()
 
     def with_gradient(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations and `∂L/∂x` at the hook, `L` the next-token cross-entropy summed over all positions of the
-        batch. The activations become a leaf of the graph, so backward runs through the upper blocks only."""
+        batch. The activations become a leaf of the graph, so backward runs through the upper blocks only, and the
+        loss is `next_token_loss`'s, so no whole `[B, T, vocab]` logits (or their gradient) exist at once."""
         captured: list[torch.Tensor] = []
 
         def make_leaf(hidden):
@@ -141,11 +144,60 @@ class LayerActivations:
         handle = self._hook(make_leaf)
         try:
             with torch.enable_grad():
-                logits = self.lm(input_ids=input_ids, use_cache=False).logits
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum"
-                )
+                loss = next_token_loss(self.lm, self._last_hidden(input_ids), input_ids)
                 (gradient,) = torch.autograd.grad(loss, captured[0])
         finally:
             handle.remove()
         return captured[0].detach(), gradient
+
+    def _last_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden states `[B, T, d]` (after the final norm): the LM's forward without its head."""
+        return self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+LOSS_CHUNK_VALUES = 2**26
+"""Logits built at once by `next_token_loss`: 256 MB in fp32 (262 positions of Gemma-2's 256 000-token vocabulary,
+1365 of SmolLM2's 49 152), against 4 GB for the whole logits of one 4 × 1024-token Gemma-2 batch and as much again
+for their gradient."""
+
+HEAD_SCALINGS = ("logit_scale", "logits_scaling")
+"""Config fields by which some LMs' heads rescale their logits, which `head_logits` does not apply."""
+
+
+def head_logits(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM's logits for final hidden states, as its `ForCausalLM.forward` computes them: the output embedding,
+    then Gemma-2's soft-capping `cap · tanh(logits / cap)` where the config sets `final_logit_softcapping`."""
+    config = lm.config.get_text_config()
+    logits = lm.get_output_embeddings()(hidden)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def next_token_loss(lm: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The next-token cross-entropy (fp32 at least) summed over every position of a batch, from the final hidden states
+    `[B, T, d]`. Positions go through the head `LOSS_CHUNK_VALUES // vocab` at a time, each chunk checkpointed: its
+    logits are freed after its loss and built again in the backward, so the peak holds one chunk's logits and
+    gradient. A position's gradient depends on its own logits only, so it equals the unchunked loss's (up to the
+    head's matmul blocking)."""
+    config = lm.config.get_text_config()
+    scaling = [name for name in HEAD_SCALINGS if getattr(config, name, None) not in (None, 1, 1.0)]
+    if scaling:
+        raise NotImplementedError(f"{type(lm).__name__}'s head rescales its logits ({scaling[0]}); not supported")
+    hidden = hidden[:, :-1].flatten(0, 1)
+    targets = input_ids[:, 1:].flatten().to(hidden.device)
+    chunk = max(1, LOSS_CHUNK_VALUES // lm.get_output_embeddings().weight.shape[0])
+
+    def chunk_loss(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = head_logits(lm, rows)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    for first in range(0, len(hidden), chunk):
+        rows, labels = hidden[first : first + chunk], targets[first : first + chunk]
+        if torch.is_grad_enabled() and rows.requires_grad:
+            total = total + checkpoint(chunk_loss, rows, labels, use_reentrant=False)
+        else:
+            total = total + chunk_loss(rows, labels)
+    return total

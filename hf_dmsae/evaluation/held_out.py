@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..data.activations import TrainingPositions
 from ..data.language_model import LayerActivations
@@ -79,10 +78,10 @@ def activation_metrics(sae: DMSAEModel, activations: Iterable[torch.Tensor]) -> 
     with stage("evaluation") as timed:
         for x in activations:
             x = x.to(sae.device)
-            latents = sae.encode(x)
-            fvu.add(**fvu_sums(x, sae.decode(latents)))
-            l0.add(**l0_sums(active_counts(latents, sae.config.core_size)))
-            fired |= (latents > 0).any(0)
+            latents = sae.encode_sparse(x)
+            fvu.add(**fvu_sums(x, sae.decode_sparse(latents)))
+            l0.add(**l0_sums(latents.active_counts(sae.config.core_size)))
+            fired[latents.cols] = True
             timed.tokens += len(x)
     dead.add(fired_latents=fired.nonzero().squeeze(1).tolist())
     sae.train(was_training)
@@ -120,7 +119,7 @@ def ce_loss_recovered(
 
         def spliced(hidden, keep=keep):
             out = hidden.clone()
-            out[keep] = sae.decode(sae.encode(hidden[keep])).to(hidden.dtype)
+            out[keep] = sae.decode_sparse(sae.encode_sparse(hidden[keep])).to(hidden.dtype)
             return out
 
         def zero_ablated(hidden, keep=keep):
@@ -129,10 +128,7 @@ def ce_loss_recovered(
         interventions = {"clean": lambda hidden: hidden, "spliced": spliced, "zero_ablated": zero_ablated}
         losses = {}
         for name, transform in interventions.items():
-            logits = layer.patched_logits(input_ids, transform)
-            losses[f"loss_{name}"] = float(
-                F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
-            )
+            losses[f"loss_{name}"] = float(layer.patched_loss(input_ids, transform))
         metric.add(**losses, tokens=input_ids[:, 1:].numel())
     sae.train(was_training)
     return metric.compute()

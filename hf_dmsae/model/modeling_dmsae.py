@@ -20,8 +20,12 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_dmsae import DMSAEConfig
-from .kernels import SparseEncode, sparse_matryoshka_losses
+from .kernels import SparseEncode, bag_bounds, sparse_matryoshka_losses
 from .sparsity import all_reduce_any, mask_batch_topk, mask_threshold, smallest_kept_activation, world_size
+
+SPARSE_BLOCK_VALUES = 2**24
+"""Pre-activations `encode_sparse` builds at once under the inference threshold: 64 MB in fp32 (256 rows at 65 536
+latents), against 1 GB for a dense `[4096, 65 536]` batch of latents and as much again for each temporary."""
 
 
 @dataclass
@@ -47,6 +51,35 @@ class DMSAEOutput(ModelOutput):
     reconstruction: torch.FloatTensor | None = None
     l0_core: torch.FloatTensor | None = None
     l0_noncore: torch.FloatTensor | None = None
+
+
+@dataclass
+class SparseLatents:
+    """Masked latents `[shape[0], shape[1]]` held as their nonzero entries in (row, column) order: what evaluation
+    and the browser read, so that at 65 536 latents no dense `[B, n]` tensor outlives the encoder's block."""
+
+    rows: torch.Tensor  # [E] long
+    cols: torch.Tensor  # [E] long
+    values: torch.Tensor  # [E] > 0, normalised units
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, latents: torch.Tensor) -> SparseLatents:
+        rows, cols = latents.nonzero(as_tuple=True)
+        return cls(rows, cols, latents[rows, cols], tuple(latents.shape))
+
+    def to(self, device: torch.device | str) -> SparseLatents:
+        return SparseLatents(self.rows.to(device), self.cols.to(device), self.values.to(device), self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        dense = self.values.new_zeros(self.shape)
+        dense[self.rows, self.cols] = self.values
+        return dense
+
+    def active_counts(self, core_size: int) -> torch.Tensor:
+        """`[B, 2]` numbers of active core and non-core latents per row."""
+        counts = torch.zeros(self.shape[0], 2, dtype=torch.long, device=self.rows.device)
+        return counts.index_put_((self.rows, (self.cols >= core_size).long()), torch.ones_like(self.rows), True)
 
 
 @dataclass
@@ -192,6 +225,38 @@ class DMSAEModel(PreTrainedModel):
         x = self._checked(activations) / self.config.norm_factor
         latents = self._mask(self._relu_preactivations(x), batch_topk)
         return latents.reshape(*activations.shape[:-1], self.config.dict_size)
+
+    @torch.no_grad()
+    def encode_sparse(self, activations: torch.Tensor, batch_topk: bool | None = None) -> SparseLatents:
+        """`encode`'s latents as their nonzero entries. With the inference threshold, rows are encoded
+        `SPARSE_BLOCK_VALUES // dict_size` at a time, so the dense pre-activations of one block are the peak; BatchTopK
+        (`batch_topk`, as `encode` chooses it) masks over the whole batch, so it encodes the batch at once."""
+        x = self._checked(activations) / self.config.norm_factor
+        if batch_topk is None:
+            batch_topk = self.training or bool(self.threshold < 0)
+        n = self.config.dict_size
+        blocks = [x] if batch_topk else x.split(max(1, SPARSE_BLOCK_VALUES // n))
+        rows, cols, values, first = [], [], [], 0
+        for block in blocks:
+            entries = SparseLatents.from_dense(self._mask(self._relu_preactivations(block), batch_topk))
+            rows.append(entries.rows + first)
+            cols.append(entries.cols)
+            values.append(entries.values)
+            first += len(block)
+        return SparseLatents(torch.cat(rows), torch.cat(cols), torch.cat(values), (len(x), n))
+
+    def decode_sparse(self, latents: SparseLatents) -> torch.Tensor:
+        """`decode` of sparse latents: each row's active decoder rows summed (`embedding_bag`), in raw units."""
+        if latents.shape[1] != self.config.dict_size:
+            raise ValueError(f"latents have {latents.shape[1]} columns, the model dict_size={self.config.dict_size}")
+        sums = F.embedding_bag(
+            latents.cols,
+            self.W_dec,
+            bag_bounds(latents.rows, latents.shape[0])[:-1],
+            mode="sum",
+            per_sample_weights=latents.values.to(self.W_dec.dtype),
+        )
+        return (sums + self.b_dec) * self.config.norm_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents `[..., dict_size]` → reconstruction `[..., d_in]` in raw activation units (in the model's dtype,

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from ..data.activations import ActivationArguments, Harvester
 from ..data.text import StreamPosition, sequence_batches
 from ..model.core import DMSAECore
-from ..model.modeling_dmsae import DMSAEModel
+from ..model.kernels import bag_bounds
+from ..model.modeling_dmsae import DMSAEModel, SparseLatents
 from ..utils.checks import check_ranges
 
 logger = logging.getLogger(__name__)
@@ -79,23 +80,36 @@ class FeatureStatistics:
         self.fired = torch.zeros(dict_size, dtype=torch.long)
         self.rows = 0
 
-    def update(self, latents: torch.Tensor, windows: torch.Tensor, window_rows: torch.Tensor) -> None:
-        """`latents [N, n]` of N positions, `windows [N, width]` their context token ids (-1: none) and
-        `window_rows [N, width]` the row of each context token among the N (-1: not a kept position)."""
-        n = latents.shape[1]
-        active = latents > 0
-        self.fired += active.sum(0)
-        self.rows += len(latents)
-        rows, cols = active.nonzero(as_tuple=True)
-        bins = torch.bucketize(latents[rows, cols], BIN_EDGES[1:-1])
+    def update(self, latents: SparseLatents, windows: torch.Tensor, window_rows: torch.Tensor) -> None:
+        """`latents` of N positions (sparse: at 65 536 latents no `[N, n]` tensor is built), `windows [N, width]`
+        their context token ids (-1: none) and `window_rows [N, width]` the row of each context token among the N
+        (-1: not a kept position)."""
+        n, rows, cols, values = latents.shape[1], latents.rows, latents.cols, latents.values.float()
+        self.fired += torch.bincount(cols, minlength=n)
+        self.rows += latents.shape[0]
+        bins = torch.bucketize(values, BIN_EDGES[1:-1])
         self.histogram.view(-1).index_add_(0, cols * self.histogram.shape[1] + bins, torch.ones_like(bins))
-        values, picked = latents.topk(min(self.top, len(latents)), dim=0)  # [K, n]
+        # Each latent's largest entries of the batch: entries by column, within a column by descending value.
+        order = values.argsort(descending=True, stable=True)
+        order = order[cols[order].argsort(stable=True)]
+        rank = torch.arange(len(order)) - bag_bounds(cols, n)[cols[order]]
+        best = order[rank < self.top]
+        depth, column = rank[rank < self.top], cols[best]
+        top = min(self.top, latents.shape[0])
+        batch_values = torch.zeros(top, n).index_put_((depth, column), values[best])  # [K, n]; 0: no entry
+        picked = torch.zeros(top, n, dtype=torch.long).index_put_((depth, column), rows[best])
         tokens = windows[picked]  # [K, n, width]
         neighbours = window_rows[picked]  # [K, n, width]
-        acts = latents[neighbours.clamp_min(0), torch.arange(n)[None, :, None]] * (neighbours >= 0)
-        values = torch.cat([self.values, values])
-        order = values.topk(min(self.top, len(values)), dim=0).indices
-        self.values = values.gather(0, order)
+        # Each latent's activation at its context tokens: looked up among the entries, keyed row · n + column.
+        keys = rows * n + cols  # ascending: the entries are in (row, column) order
+        wanted = neighbours.clamp_min(0) * n + torch.arange(n)[None, :, None]
+        acts = torch.zeros(neighbours.shape)
+        if len(keys):
+            at = torch.searchsorted(keys, wanted).clamp_max(len(keys) - 1)
+            acts = torch.where((neighbours >= 0) & (keys[at] == wanted), values[at], 0.0)
+        merged = torch.cat([self.values, batch_values])
+        order = merged.topk(min(self.top, len(merged)), dim=0).indices
+        self.values = merged.gather(0, order)
         expand = order[:, :, None].expand(-1, -1, self.width)
         self.tokens = torch.cat([self.tokens, tokens]).gather(0, expand)
         self.window_acts = torch.cat([self.window_acts, acts]).gather(0, expand)
@@ -132,9 +146,9 @@ def collect(sae: DMSAEModel, harvester: Harvester, args: BrowseArguments) -> Fea
         acts = harvester.layer(input_ids)
         keep = positions.mask(input_ids, acts)
         windows, rows = context_windows(batch.input_ids, keep.cpu(), args.context_before, args.context_after)
-        latents = sae.encode(acts[keep].to(sae.device)).float().cpu()
+        latents = sae.encode_sparse(acts[keep].to(sae.device)).to("cpu")
         stats.update(latents, windows, rows)
-        progress.update(len(latents))
+        progress.update(latents.shape[0])
         if stats.rows >= args.browse_tokens:
             break
     progress.close()

@@ -147,8 +147,9 @@ class PaperClaims:
             models = results["models"].setdefault(f"seed{seed}", {})
 
             def keep(name: str, record: dict, models=models) -> None:
-                models.setdefault(name, dict(record))
-                save()
+                if name not in models:  # a model trained before this study's last save is recorded once
+                    models[name] = dict(record)
+                    save()
 
             if self.unfinished(seed, results):
                 for transfer in self.transfers(seed):  # every process: training may be distributed
