@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium lint test demo study synthetic worlds dynamics bench gpu-check clean
+.PHONY: setup chromium lint test demo study synthetic worlds dynamics paper-scale bench gpu-check clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ dynamics: demo synthetic
 		--ablation_seeds 0
 	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic \
 		--budgets 250000 1000000 5000000
+
+# The paper config at its real shapes (Gemma-2-2B's architecture with random weights, 65 536 latents) through every
+# stage on this machine, and the real run's projected cost, into reports/paper-scale (about 45 min on 2 CPU cores;
+# builds runs/gemma-2-2b-random, 10 GB, once).
+paper-scale: setup
+	$(BIN)/python scripts/paper_scale.py
 
 # Training-step speed against SAELens, dictionary_learning and the encoder limit, harvest and attribution speed, and
 # a distillation's stages (about 16 min on 2 CPU cores), into reports/bench.json.

@@ -11,7 +11,7 @@ from test_scripts import run_script
 
 from hf_dmsae.model.core import DMSAECore
 from hf_dmsae.model.modeling_dmsae import SparseLatents
-from hf_dmsae.publishing.browser import FeatureStatistics, check_site_dir, context_windows
+from hf_dmsae.publishing.browser import FeatureStatistics, check_site_dir, context_windows, logit_effects
 
 
 def test_feature_statistics_keep_the_top_contexts_over_batches():
@@ -60,6 +60,20 @@ def test_feature_statistics_from_sparse_entries_equal_a_dense_top_k_over_all_pos
             neighbours = rows[row % positions]
             expected = torch.where(neighbours >= 0, dense[first + neighbours.clamp_min(0), j], 0.0)
             assert torch.equal(stats.window_acts[k, j], expected)
+
+
+def test_logit_effects_are_computed_for_the_paged_latents_only():
+    sae = tiny_model()
+    unembedding = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    promoted, suppressed = logit_effects(sae, unembedding, count=4, latents=[7, 2, 90], chunk=2)
+    logits = sae.W_dec.detach() @ unembedding.T
+    for j in (7, 2, 90):
+        assert torch.equal(promoted[j], logits[j].topk(4).indices) and torch.equal(
+            suppressed[j], (-logits[j]).topk(4).indices
+        )
+    others = torch.ones(len(promoted), dtype=torch.bool)
+    others[[7, 2, 90]] = False
+    assert (promoted[others] == -1).all() and (suppressed[others] == -1).all()
 
 
 def test_the_browser_site_loads_in_chromium_without_errors(tiny_lm_dir, tmp_path):

@@ -8,7 +8,6 @@ import hashlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .embedded import resolve_model
 
@@ -126,14 +125,15 @@ class LayerActivations:
         replaced by `transform(hidden)`; the vocabulary's logits are built a chunk of positions at a time."""
         handle = self._hook(transform)
         try:
-            return next_token_loss(self.lm, self._last_hidden(input_ids), input_ids)
+            return next_token_loss(self.lm, self._last_hidden(input_ids), input_ids)[0]
         finally:
             handle.remove()
 
     def with_gradient(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations and `∂L/∂x` at the hook, `L` the next-token cross-entropy summed over all positions of the
-        batch. The activations become a leaf of the graph, so backward runs through the upper blocks only, and the
-        loss is `next_token_loss`'s, so no whole `[B, T, vocab]` logits (or their gradient) exist at once."""
+        batch. The activations become a leaf of the graph, so backward runs through the upper blocks only; the head's
+        part of it is `next_token_loss`'s, chunk by chunk, so no whole `[B, T, vocab]` logits (or their gradient)
+        exist at once."""
         captured: list[torch.Tensor] = []
 
         def make_leaf(hidden):
@@ -144,8 +144,9 @@ class LayerActivations:
         handle = self._hook(make_leaf)
         try:
             with torch.enable_grad():
-                loss = next_token_loss(self.lm, self._last_hidden(input_ids), input_ids)
-                (gradient,) = torch.autograd.grad(loss, captured[0])
+                hidden = self._last_hidden(input_ids)
+                _, grad_hidden = next_token_loss(self.lm, hidden, input_ids, gradient=True)
+                (gradient,) = torch.autograd.grad(hidden, captured[0], grad_outputs=grad_hidden)
         finally:
             handle.remove()
         return captured[0].detach(), gradient
@@ -175,29 +176,38 @@ def head_logits(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def next_token_loss(lm: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """The next-token cross-entropy (fp32 at least) summed over every position of a batch, from the final hidden states
-    `[B, T, d]`. Positions go through the head `LOSS_CHUNK_VALUES // vocab` at a time, each chunk checkpointed: its
-    logits are freed after its loss and built again in the backward, so the peak holds one chunk's logits and
-    gradient. A position's gradient depends on its own logits only, so it equals the unchunked loss's (up to the
-    head's matmul blocking)."""
+def next_token_loss(
+    lm: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, gradient: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The next-token cross-entropy (fp32 at least) summed over every position of a batch, from the final hidden
+    states `[B, T, d]`, and with `gradient` its gradient with respect to them. Positions go through the head
+    `LOSS_CHUNK_VALUES // vocab` at a time, each chunk's logits freed once its loss (and gradient) is taken, so the
+    peak holds one chunk's logits. A position's gradient depends on its own logits only: it is the whole loss's, up
+    to the head's matmul blocking."""
     config = lm.config.get_text_config()
     scaling = [name for name in HEAD_SCALINGS if getattr(config, name, None) not in (None, 1, 1.0)]
     if scaling:
         raise NotImplementedError(f"{type(lm).__name__}'s head rescales its logits ({scaling[0]}); not supported")
-    hidden = hidden[:, :-1].flatten(0, 1)
-    targets = input_ids[:, 1:].flatten().to(hidden.device)
+    batch, length, width = hidden.shape
+    rows = hidden.detach()[:, :-1].reshape(-1, width)
+    targets = input_ids[:, 1:].reshape(-1).to(hidden.device)
     chunk = max(1, LOSS_CHUNK_VALUES // lm.get_output_embeddings().weight.shape[0])
-
-    def chunk_loss(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = head_logits(lm, rows)
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction="sum")
-
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for first in range(0, len(hidden), chunk):
-        rows, labels = hidden[first : first + chunk], targets[first : first + chunk]
-        if torch.is_grad_enabled() and rows.requires_grad:
-            total = total + checkpoint(chunk_loss, rows, labels, use_reentrant=False)
-        else:
-            total = total + chunk_loss(rows, labels)
-    return total
+    grad_rows = torch.empty_like(rows) if gradient else None
+    for first in range(0, len(rows), chunk):
+        part = rows[first : first + chunk].requires_grad_(gradient)
+        with torch.set_grad_enabled(gradient):
+            logits = head_logits(lm, part)
+            loss = F.cross_entropy(
+                logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                targets[first : first + chunk],
+                reduction="sum",
+            )
+            if gradient:
+                (grad_rows[first : first + chunk],) = torch.autograd.grad(loss, part)
+        total = total + loss.detach()
+    if not gradient:
+        return total, None
+    grad_hidden = torch.zeros_like(hidden)
+    grad_hidden[:, :-1] = grad_rows.view(batch, length - 1, width)
+    return total, grad_hidden

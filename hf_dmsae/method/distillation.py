@@ -53,7 +53,7 @@ from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae, training_steps
 from ..utils.checks import check_ranges
 from ..utils.integrity import file_sha256
-from ..utils.stages import StageTimes
+from ..utils.stages import StageTimes, stage
 from .attribution import Attribution, AttributionArguments, AttributionCallback, jaccard
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,10 @@ class Distillation:
         self.state.save()
         if self.args.random_core_control:
             self._control(distilled, last)
-        self._publish(cores, distilled)
+        with StageTimes() as times, stage("publish"):
+            self._publish(cores, distilled)
+        self.state.data["publish"] = {"stages": times.summary()}
+        self.state.save()
         return distilled
 
     @property
