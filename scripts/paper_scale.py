@@ -77,6 +77,9 @@ class PaperScaleArguments:
     lm_batch_size: int = field(default=2, metadata={"help": "Sequences of 1024 tokens per LM forward."})
     browse_tokens: int = field(default=2048, metadata={"help": "Positions the browser reads."})
     max_pages: int = field(default=100, metadata={"help": "Latent pages the browser writes (the index lists all)."})
+    report_only: bool = field(
+        default=False, metadata={"help": "Remake the report (and the projection) from <results_dir>/results.json."}
+    )
 
 
 def build_random_lm(folder: Path, dtype: str) -> float:
@@ -233,6 +236,7 @@ def projected_cost(run: dict, lm: dict = GEMMA_2_2B, device: dict = H100) -> dic
     once = sum(c["lower_bound_s"] for name, c in stages.items() if "once" in name)
     return {
         "device": device,
+        "flops_per_token": {"harvest": harvest, "attribution pairs": pairs, "sae encode": encode},
         "cycles": cycles,
         "tokens_per_cycle": tokens,
         "stages": stages,
@@ -243,6 +247,15 @@ def projected_cost(run: dict, lm: dict = GEMMA_2_2B, device: dict = H100) -> dic
 
 
 # -- the report ----------------------------------------------------------------------------------------------------
+
+
+def hours(cost: dict) -> float:
+    return cost["total_lower_bound_s"] / 3600
+
+
+def harvest_share(cost: dict) -> float:
+    harvest = sum(c["lower_bound_s"] for name, c in cost["stages"].items() if name.startswith("harvest"))
+    return harvest * cost["cycles"] / cost["total_lower_bound_s"]
 
 
 def report(results: dict) -> str:
@@ -262,6 +275,12 @@ def report(results: dict) -> str:
         "",
         "## Each stage (from the run's `state.json`)",
         "",
+        "A cycle's harvest holds its training tokens, the held-out slice (evaluated every cycle) and the samples that "
+        "fix the decoder bias's start and the inference threshold, each read again from the stream; the browser's "
+        "time includes the normalisation statistics its harvester reads first (`norm_tokens`, 16 384 by default). "
+        "A stage's peak is the process's resident set at its highest during that stage, the LM's weights included; "
+        "a whole process's peak is the larger of its stages' and of what followed the last.",
+        "",
         "| part | stage | seconds | tokens | tokens/s | peak resident MB |",
         "|---|---|---|---|---|---|",
     ]
@@ -272,7 +291,20 @@ def report(results: dict) -> str:
         )
     for name, process in results["processes"].items():
         lines.append(f"| whole process | {name} | {process['seconds']:.1f} | | | {process['peak_rss_mb']:.0f} |")
+    pushed = ", ".join(f"`{repo}` {size / 2**20:.1f} MB" for repo, size in sorted(results["pushed_bytes"].items()))
+    lines += ["", f"Repos on the loopback Hub (files, cards included): {pushed}."]
     cost = results["projected"]
+    measured = {row["stage"]: row for row in results["stages"] if row["part"] in ("before cycle 0", "cycle 1")}
+    lines += [
+        "",
+        "The cost model against this CPU: the FLOPs per token it counts times the tokens/s measured above.",
+        "",
+        "| stage | FLOPs per token | measured tokens/s | implied GFLOP/s |",
+        "|---|---|---|---|",
+    ]
+    for stage in ("harvest", "attribution pairs"):
+        flops, speed = cost["flops_per_token"][stage], measured[stage]["tokens_per_s"]
+        lines.append(f"| {stage} | {flops / 1e9:.2f} G | {speed:.1f} | {flops * speed / 1e9:.0f} |")
     lines += [
         "",
         f"## The paper run, projected ({cost['cycles']} cycles of {cost['tokens_per_cycle']:.3g} tokens; one "
@@ -288,7 +320,11 @@ def report(results: dict) -> str:
         lines.append(f"| {name} | {c['flops']:.3g} | {c['bytes']:.3g} | {c['lower_bound_s'] / 60:.1f} min |")
     lines += [
         f"| **per cycle** | | | {cost['per_cycle_lower_bound_s'] / 60:.1f} min |",
-        f"| **whole run** | {cost['total_flops']:.3g} | | {cost['total_lower_bound_s'] / 3600:.2f} h |",
+        f"| **whole run** | {cost['total_flops']:.3g} | | {hours(cost):.2f} h |",
+        "",
+        f"At 40% of the peak the whole run takes {hours(cost) / 0.4:.1f} h on one H100 ({hours(cost) / 0.4 / 8:.1f} h "
+        f"on eight: the harvest and training are data parallel). The harvest is {harvest_share(cost):.0%} of it: the "
+        "LM's forward to layer 12 over 500M fresh tokens a cycle.",
         "",
     ]
     return "\n".join(lines)
@@ -299,12 +335,19 @@ def main() -> None:
     from hub_server import HubServer
 
     results_dir, output_dir = Path(args.results_dir), REPO / args.output_dir
+    if args.report_only:
+        results = json.loads((results_dir / "results.json").read_text())
+        write_results(results_dir, results | {"projected": projected_cost(results["run"])})
+        return
     built = build_random_lm(REPO / args.lm_dir, args.lm_dtype)
     run = json.loads((REPO / args.config).read_text())
     with HubServer() as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
         processes = {"distill": run_measured(distill_command(args), env)}
         state = json.loads((output_dir / "state.json").read_text())
+        # The stages reset the kernel's high-water mark, so the process's own covers what followed the last one.
+        stage_peaks = [totals.get("peak_rss_mb", 0.0) for totals in stage_table(state)]
+        processes["distill"]["peak_rss_mb"] = max([processes["distill"]["peak_rss_mb"], *stage_peaks])
         processes["browse"] = run_measured(browse_command(args, state), env)
         pushed = {repo: sum(len(b) for b in hub.files(repo).values()) for repo in hub.state.repos}
     results = {
@@ -318,6 +361,10 @@ def main() -> None:
         "pushed_bytes": pushed,
         "projected": projected_cost(run),
     }
+    write_results(results_dir, results)
+
+
+def write_results(results_dir: Path, results: dict) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "results.json").write_text(json.dumps(results, indent=2))
     (results_dir / "report.md").write_text(report(results))

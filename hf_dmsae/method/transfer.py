@@ -43,6 +43,11 @@ from ..utils.checks import check_ranges
 from .distillation import random_core, random_core_generator
 
 
+def model_name(k: int, variant: str) -> str:
+    """A transfer model's name: its folder under the run's and its key in the results."""
+    return f"k{k}-{variant}"
+
+
 @dataclass
 class TransferArguments:
     """Which core, which sparsities, which variants."""
@@ -144,7 +149,7 @@ class Transfer:
     @property
     def models(self) -> dict[str, tuple[int, str]]:
         """Every model's name (`k<k>-<variant>`, its folder under the run's) and its (k, variant), in training order."""
-        return {f"k{k}-{variant}": (k, variant) for k in self.args.ks for variant in self.args.variants}
+        return {model_name(k, variant): (k, variant) for k in self.args.ks for variant in self.args.variants}
 
     def new_model(self, k: int, variant: str) -> DMSAEModel:
         """The `variant` model at L0 `k`; a transfer sweeps `k`, so `k_noncore` always follows it (Eq. 4 at the core

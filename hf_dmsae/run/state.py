@@ -139,9 +139,9 @@ def load_recorded_core(folder: Path, record: dict) -> DMSAECore:
 def distilled_core_record(folder: Path) -> dict:
     """The `distilled` record of the finished distillation in `folder` (its core: `load_recorded_core`)."""
     state = read_json(folder / "state.json") if (folder / "state.json").is_file() else {}
-    if "distilled" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("distilled"), dict):
         raise FileNotFoundError(
             f"{folder} holds no finished distillation: run it first (scripts/distill.py or scripts/synthetic.py), "
             "or point --distillation_dir at one"
         )
-    return read_json(folder / "state.json", {"distilled": dict})["distilled"]
+    return state["distilled"]

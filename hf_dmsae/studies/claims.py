@@ -29,7 +29,7 @@ from pathlib import Path
 from ..data.activations import ActivationArguments
 from ..evaluation.consistency import latent_matches
 from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments
-from ..method.transfer import Transfer, TransferArguments
+from ..method.transfer import Transfer, TransferArguments, model_name
 from ..model.configuration_dmsae import VARIANTS
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, initial_model
@@ -186,8 +186,8 @@ class PaperClaims:
 
     def model_names(self) -> list[str]:
         """The names of a seed's models (their folders under its transfer runs)."""
-        names = [f"k{k}-{variant}" for k in self.args.ks for variant in self.args.variants]
-        return names + [f"k{k}-matryoshka" for k in self.args.matryoshka_ks]
+        names = [model_name(k, variant) for k in self.args.ks for variant in self.args.variants]
+        return names + [model_name(k, "matryoshka") for k in self.args.matryoshka_ks]
 
     def unfinished(self, seed: int, results: dict) -> bool:
         """Whether anything of the seed is left to do: a model, an SAEBench result or the comparison of latents."""
@@ -198,7 +198,7 @@ class PaperClaims:
         )
 
     def model(self, seed: int, k: int, variant: str) -> DMSAEModel:
-        return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / f"k{k}-{variant}")
+        return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / model_name(k, variant))
 
 
 END_TOLERANCE = 0.02

@@ -43,7 +43,7 @@ from ..evaluation.consistency import abs_cosines, consistency, latent_matches
 from ..evaluation.progressive import latent_statistics, order_by, prefix_fvu
 from ..method.attribution import AttributionArguments
 from ..method.distillation import Distillation, DistillationArguments
-from ..method.transfer import Transfer, TransferArguments
+from ..method.transfer import Transfer, TransferArguments, model_name
 from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
@@ -459,7 +459,9 @@ class SyntheticBenchmark:
         sae: SAEArguments,
         attribution: AttributionArguments,
         training: DMSAETrainingArguments,
+        world: SyntheticWorld | None = None,
     ):
+        """`world`: `SyntheticWorld(args)` when a caller has built it already (its probe is fit at construction)."""
         self.args, self.sae_args, self.attribution_args, self.training_args = args, sae, attribution, training
         if max(args.transfer_ks + args.matryoshka_ks) > sae.dict_size:
             raise ValueError(
@@ -468,7 +470,7 @@ class SyntheticBenchmark:
             )
         self.output_dir = Path(training.output_dir)
         self.results_path = self.output_dir / "results.json"
-        self.world = SyntheticWorld(args)
+        self.world = world or SyntheticWorld(args)
 
     def _training(self, folder: Path, seed: int) -> DMSAETrainingArguments:
         return dataclasses.replace(self.training_args, output_dir=str(folder), seed=seed, push_to_hub=False)
@@ -575,7 +577,7 @@ class SyntheticBenchmark:
         k = sorted(self.args.transfer_ks)[len(self.args.transfer_ks) // 2]
         if "matryoshka" not in self.args.variants:
             return {}
-        matryoshka = load_trained_model(folder / "transfer" / f"k{k}-matryoshka")
+        matryoshka = load_trained_model(folder / "transfer" / model_name(k, "matryoshka"))
         plain_folder = folder / "plain-batchtopk"
         if (plain_folder / "checksums.json").is_file():
             plain = load_trained_model(plain_folder)
@@ -639,7 +641,7 @@ class SyntheticBenchmark:
         a = self.args
         middle = sorted(a.transfer_ks)[len(a.transfer_ks) // 2]
         return latent_matches(
-            lambda seed, k, variant: self.model(seed, f"k{k}-{variant}"),
+            lambda seed, k, variant: self.model(seed, model_name(k, variant)),
             initial_model,
             a.seeds,
             a.transfer_ks,

@@ -344,7 +344,7 @@ class WorldFamily:
         record["kept"] = record["screen_mcc"] >= self.family.mcc_floor
         if record["kept"]:
             training = dataclasses.replace(self.training_args, output_dir=str(folder / "benchmark"))
-            SyntheticBenchmark(base, sae, self.attribution_args, training).run()
+            SyntheticBenchmark(base, sae, self.attribution_args, training, world).run()
         else:
             logger.warning(
                 "World %d skipped: plain Matryoshka MCC %.3f < %s", index, record["screen_mcc"], self.family.mcc_floor
