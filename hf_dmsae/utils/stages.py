@@ -5,7 +5,8 @@ stream harvesting during training, the selection scored at the end of training) 
 Without an active recorder, marking costs nothing.
 
 The peak is Linux's high-water mark of the process's resident set (`VmHWM`), reset at each stage's bounds through
-`/proc/self/clear_refs`; elsewhere no peak is recorded."""
+`/proc/self/clear_refs`; elsewhere no peak is recorded. The reset is the kernel's own, so a recorded process's
+`getrusage` maximum then covers only what followed the last stage."""
 
 from __future__ import annotations
 
