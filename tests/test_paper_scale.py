@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from test_scripts import undocumented_options
+from transformers import Gemma2Config, Gemma2ForCausalLM, HfArgumentParser
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "paper_scale.py"
 spec = importlib.util.spec_from_file_location("paper_scale", SCRIPT)
@@ -49,3 +50,9 @@ def test_the_projected_cost_scales_with_the_configs_budget():
     assert cost["total_lower_bound_s"] == pytest.approx(
         cost["stages"]["attribution pairs (once)"]["lower_bound_s"] + 8 * cost["per_cycle_lower_bound_s"]
     )
+
+
+def test_every_option_is_documented():
+    """In-process (the script's parser is one dataclass), sparing the --help test of the other scripts a process."""
+    help_text = HfArgumentParser(paper_scale.PaperScaleArguments).format_help()
+    assert help_text.count("\n  --") > 3 and not undocumented_options(help_text)
