@@ -257,7 +257,9 @@ def training_steps(setting: StepSetting, sizes: list[int], rounds: int) -> list[
     return results
 
 
-def harvest_and_attribution(device: torch.device, rounds: int, cached_positions: int = 16_384) -> dict:
+def harvest_and_attribution(
+    device: torch.device, rounds: int, shape: tuple[int, int] = (8, 128), cached_positions: int = 16_384
+) -> dict:
     from hf_dmsae.data.activations import ActivationArguments, TrainingPositions
     from hf_dmsae.data.language_model import LayerActivations, load_language_model
     from hf_dmsae.method.attribution import gxa_scores
@@ -265,7 +267,7 @@ def harvest_and_attribution(device: torch.device, rounds: int, cached_positions:
     args = ActivationArguments()
     lm, tokenizer = load_language_model(args.model_name_or_path)
     lm.to(device)
-    input_ids = torch.randint(3, lm.config.vocab_size, (8, 128), device=device)
+    input_ids = torch.randint(3, lm.config.vocab_size, shape, device=device)
     layer = LayerActivations(lm, args.hook_layer)
     sae = DMSAEModel(DMSAEConfig(d_in=576, dict_size=4096, k=64, hook_layer=args.hook_layer)).to(device).eval()
     keep = TrainingPositions(tokenizer, 0.0, None).mask(input_ids, layer(input_ids))
@@ -522,6 +524,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=StepSetting.batch, help="tokens per timed step")
     parser.add_argument("--k", type=int, default=StepSetting.k, help="kept latents per token in the timed steps")
     parser.add_argument(
+        "--lm_batch_shape",
+        type=int,
+        nargs=2,
+        default=[8, 128],
+        metavar=("SEQUENCES", "TOKENS"),
+        help="the LM batch whose harvest and (x, g) pairs are timed",
+    )
+    parser.add_argument(
         "--parts",
         nargs="+",
         choices=PARTS,
@@ -577,7 +587,7 @@ def main() -> None:
                     f"+{row['peak_memory_rise_mb']:.0f} MB"
                 )
     if "lm" in args.parts:
-        lm = report["lm"] = harvest_and_attribution(device, args.steps)
+        lm = report["lm"] = harvest_and_attribution(device, args.steps, tuple(args.lm_batch_shape))
         print(
             f"harvest (layer {lm['hook_layer']} of {lm['num_layers']}): {lm['harvest_speedup_vs_full_forward']:.2f}x "
             f"faster than a full forward"

@@ -325,9 +325,13 @@ def test_bench_times_every_implementation_attribution_and_the_stages_of_a_cycle(
         1024,
         "--cycle_eval_tokens",
         1024,
+        "--lm_batch_shape",
+        2,
+        64,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["lm"]["tokens_per_batch"] == 128
     cycles = report["distillation_cycles"]  # the embedded default's distillation, on fewer tokens
     assert set(cycles["cycles"]) == {"0", "1"} and cycles["setup"]["attribution pairs"]["tokens"] >= 1024
     for stages in cycles["cycles"].values():
