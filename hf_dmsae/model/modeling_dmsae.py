@@ -208,12 +208,17 @@ class DMSAEModel(PreTrainedModel):
             return self.b_enc
         return torch.cat([self.b_enc[:c].detach(), self.b_enc[c:]])
 
+    @property
+    def masks_by_batch_topk(self) -> bool:
+        """The default mask: BatchTopK while training or before a threshold exists, the threshold otherwise."""
+        return self.training or bool(self.threshold < 0)
+
     def _mask(self, z: torch.Tensor, batch_topk: bool | None = None) -> torch.Tensor:
         """BatchTopK while training (or before a threshold exists), the threshold at inference; `batch_topk`
         chooses explicitly."""
         start = self.config.first_masked_latent
         if batch_topk is None:
-            batch_topk = self.training or bool(self.threshold < 0)
+            batch_topk = self.masks_by_batch_topk
         if batch_topk:
             return mask_batch_topk(z, start, self.config.topk_per_row)
         return mask_threshold(z, start, self.threshold)
@@ -233,7 +238,7 @@ class DMSAEModel(PreTrainedModel):
         (`batch_topk`, as `encode` chooses it) masks over the whole batch, so it encodes the batch at once."""
         x = self._checked(activations) / self.config.norm_factor
         if batch_topk is None:
-            batch_topk = self.training or bool(self.threshold < 0)
+            batch_topk = self.masks_by_batch_topk
         n = self.config.dict_size
         blocks = [x] if batch_topk else x.split(max(1, SPARSE_BLOCK_VALUES // n))
         rows, cols, values, first = [], [], [], 0
@@ -271,7 +276,7 @@ class DMSAEModel(PreTrainedModel):
         """Loss and statistics of a batch. BatchTopK masks run on the sparse kernels (`config.kernels`) unless the
         threshold masks (inference); `return_latents=False` skips building the dense `[B, n]` latents."""
         x = self._checked(activations, check_values=not self.training) / self.config.norm_factor
-        batch_topk = self.training or bool(self.threshold < 0)
+        batch_topk = self.masks_by_batch_topk
         if self.config.kernels == "sparse" and batch_topk:
             step = self._sparse_pass(x, return_latents)
         else:
