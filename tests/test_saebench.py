@@ -66,7 +66,7 @@ def test_transformer_lens_loads_a_local_model_by_its_registered_name(tiny_lm_dir
 def test_runner_writes_saebench_results_and_skips_what_is_unreachable(tiny_lm_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     args = SAEBenchArguments(
-        saebench_evals=["core", "meta_structure", "scr", "autointerp"],
+        saebench_evals=["core", "meta_structure", "scr", "autointerp", "absorption"],
         core_batches=2,
         core_batch_prompts=4,
         core_variance_batches=1,
@@ -81,6 +81,8 @@ def test_runner_writes_saebench_results_and_skips_what_is_unreachable(tiny_lm_di
     assert "meta_structure.decoder_fraction_variance_explained" in results["meta_structure"]["metrics"]
     assert "LabHC/bias_in_bios_class_set1" in results["scr"]["skipped"]
     assert "OPENAI_API_KEY" in results["autointerp"]["skipped"]
+    assert "--absorption_on_cpu true" in results["absorption"]["skipped"]  # hours a model on a CPU: asked for only
+    assert not (tmp_path / "absorption").exists()
     stored = json.loads((tmp_path / "core" / "tiny-dmsae_custom_sae_eval_results.json").read_text())
     assert stored["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(core["sparsity.l0"])
     assert set(headline_metrics(results)) == {

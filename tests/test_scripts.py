@@ -178,6 +178,7 @@ def test_transfer_cli_runs_every_default_saebench_eval(small_vocab_lm_dir, tmp_p
         "core_variance_batches": 1,
         "meta_structure_steps": 5,
         "probe_datasets": "96_spam_is",
+        "absorption_on_cpu": "true",
         "push_to_hub": "true",
         "hub_token": "hf_loopback",
         "model_repo": "org/transfer",
