@@ -401,7 +401,8 @@ def memory_probe(what: str) -> dict:
     """One measurement, in this (fresh) process: the resident set just before the work (Python, torch, the model)
     and its peak during the work."""
     from hf_dmsae.evaluation.held_out import activation_metrics
-    from hf_dmsae.method.attribution import StreamingQuantile, gxa_values
+    from hf_dmsae.method.attribution import StreamingQuantile
+    from hf_dmsae.method.scorers import gxa_values
 
     torch.manual_seed(0)
     batch, d = PAPER["batch"], PAPER["d_in"]

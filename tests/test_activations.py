@@ -64,9 +64,10 @@ def test_pairs_and_patched_loss_from_the_chunked_head_equal_the_whole_logits(lm_
     try:
         with torch.enable_grad():
             logits = lm(input_ids=input_ids, use_cache=False).logits
-            whole = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="sum"
+            each = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none"
             )
+            whole = each.sum()
             (expected,) = torch.autograd.grad(whole, leaf)
     finally:
         handle.remove()
@@ -76,6 +77,13 @@ def test_pairs_and_patched_loss_from_the_chunked_head_equal_the_whole_logits(lm_
     tolerance = 1e-10 if dtype == torch.float64 else 1e-5
     assert float((gradient - expected).norm() / expected.norm()) < tolerance
     assert abs(float(loss) - float(whole.detach())) < tolerance * abs(float(whole.detach()))
+    per_position = layer.patched_loss(input_ids, lambda hidden: hidden, per_position=True)
+    assert per_position.shape == (2, 31) and not per_position[:, -1].any()
+    torch.testing.assert_close(per_position[:, :-1].flatten(), each.detach(), rtol=tolerance, atol=0)
+    # At a moved point: the activations and gradient there, not the clean ones.
+    shifted, shifted_gradient = layer.with_gradient(input_ids, transform=lambda hidden: hidden * 0.5)
+    torch.testing.assert_close(shifted, acts * 0.5, rtol=0, atol=0)
+    assert float((shifted_gradient - gradient).norm() / gradient.norm()) > 1e-3
 
 
 def test_sequences_are_packed_to_the_context_length_with_bos_first(tiny_lm):

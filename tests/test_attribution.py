@@ -13,10 +13,10 @@ from hf_dmsae.method.attribution import (
     StreamingQuantile,
     core_from_scores,
     gxa_scores,
-    pool_latents,
     select_by_coverage,
     training_sized_batches,
 )
+from hf_dmsae.method.scorers import ablation_values, gxa_values, integrated_gradient_values, pool_latents
 from hf_dmsae.model.core import DMSAECore
 
 
@@ -137,7 +137,7 @@ def test_gxa_scores_equal_a_brute_force_quantile(sae):
 
 def attribution_scores(data, sae, batch_size=64, **overrides):
     args = AttributionArguments(attribution_tokens=1500, q=0.9, tau=0.8, **overrides)
-    attribution = Attribution(data.gradient_pairs(args), args, batch_size)
+    attribution = Attribution(data, args, batch_size)
     return attribution, attribution.scores(sae)
 
 
@@ -213,3 +213,70 @@ def test_attribution_arguments_are_checked_when_parsed():
     ):
         with pytest.raises(ValueError, match=message):
             AttributionArguments(**bad)
+
+
+def sae_for(data) -> DMSAEModel:
+    """A random DMSAE with a core in the units of `data`'s activations (so that its latents fire on them)."""
+    torch.manual_seed(0)
+    config = DMSAEConfig(
+        d_in=32,
+        dict_size=96,
+        core_size=6,
+        k=6,
+        core_ids=[f"cycle0:{i}" for i in range(6)],
+        hook_layer=2,
+        hook_name="resid_post",
+        norm_factor=data.sae_fields()["norm_factor"],
+        cycle=1,
+    )
+    return DMSAEModel.from_core(config, torch.randn(6, 32)).eval()
+
+
+def test_ablation_and_integrated_gradients_on_the_lm_against_their_definitions(tiny_lm_dir, tmp_path):
+    """On the tiny LM's own next-token loss: each ablation value is the change of a position's loss from a forward
+    with that latent's decoded part removed at every scored position, computed here by hand; integrated gradients
+    with one step is GxA at the clean activations (the same masks and gradient), and with more steps moves away from
+    it while ranking latents alike."""
+    data = tiny_run_data(tmp_path / "run", tiny_activation_args(tiny_lm_dir))
+    sae = sae_for(data)
+    args = AttributionArguments(attribution_tokens=1500, scorer_tokens=200, q=0.9)
+    objective = data.objective(args, batch_size=64)
+    batch = objective.batches()[0]
+    assert batch.activations.shape[:2] == batch.keep.shape == batch.context.shape == (2, 32)  # 64 // 32 sequences
+    assert objective.max_rows == sum(int(b.keep.sum()) for b in objective.batches()) >= 150
+    pool = sae.config.candidate_pool_size
+    values = ablation_values(sae, objective, batch, pool)
+    x, keep = batch.activations, batch.keep
+    latents = pool_latents(sae, x[keep], pool)
+    layer = LayerActivations(data.lm, 2)
+    clean = layer.patched_loss(batch.context, lambda h: h, per_position=True)
+    activity = latents.ne(0).sum(0)
+    for j in (int(activity[:6].argmax()), int(activity[6:].argmax()) + 6):  # the most active core and other latent
+        ablated = x.clone()
+        ablated[keep] -= latents[:, j, None] * sae.W_dec[j] * sae.config.norm_factor
+        expected = (layer.patched_loss(batch.context, lambda h, a=ablated: a, per_position=True) - clean)[keep].abs()
+        assert expected.max() > 0
+        torch.testing.assert_close(values[:, j], expected, rtol=1e-4, atol=1e-6)
+
+    _, gradients = layer.with_gradient(batch.context)
+    gxa = gxa_values(sae, x[keep], gradients[keep], pool)
+    torch.testing.assert_close(integrated_gradient_values(sae, objective, batch, pool, steps=1), gxa)
+    integrated = integrated_gradient_values(sae, objective, batch, pool, steps=4)
+    assert not torch.allclose(integrated, gxa, rtol=1e-3, atol=1e-6)
+    mean_ig, mean_gxa = integrated.mean(0), gxa.mean(0)
+    ranks = torch.stack([mean_ig.argsort().argsort(), mean_gxa.argsort().argsort()]).float()
+    assert torch.corrcoef(ranks)[0, 1] > 0.5
+
+
+def test_every_scorer_selects_a_core_and_says_which(tiny_lm_dir, tmp_path):
+    data = tiny_run_data(tmp_path / "run", tiny_activation_args(tiny_lm_dir))
+    sae = sae_for(data)
+    for scorer, aggregation in (("gxa", "mean"), ("ablation", "quantile"), ("integrated_gradients", "mean")):
+        settings = dict(scorer=scorer, aggregation=aggregation, ig_steps=2)
+        args = AttributionArguments(attribution_tokens=1500, scorer_tokens=100, q=0.9, tau=0.8, **settings)
+        attribution = Attribution(data, args, 64)
+        core = attribution.select(sae, cycle=1)
+        assert 0 < len(core) < sae.config.candidate_pool_size
+        assert core.provenance["scorer"] == scorer and core.provenance["aggregation"] == aggregation
+        assert core.provenance["tokens"] == attribution.max_rows
+        assert (attribution.max_rows > 1000) == (scorer == "gxa")  # gxa scores the whole split

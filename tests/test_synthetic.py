@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.evaluation.consistency import consistency
 from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.method.scorers import ablation_values, gxa_values, integrated_gradient_values, pool_latents
 from hf_dmsae.model.core import DMSAECore
 from hf_dmsae.reporting.reports import synthetic_report
 from hf_dmsae.run.arguments import SAEArguments
@@ -55,6 +57,34 @@ def test_the_task_gradient_is_the_gradient_of_the_task_loss():
     useful = torch.zeros(64, dtype=torch.bool)
     useful[world.useful] = True
     assert useful.sum() == 16 and weights[useful].mean() > 5 * weights[~useful].mean()
+
+
+def test_the_task_objective_scores_the_attribution_rows_of_the_gradient_pairs():
+    """Ablation and integrated gradients read the same rows, labels and loss as GxA's pairs: IG with one step is GxA,
+    and an ablation value is the row's task loss change with the latent's decoded part removed."""
+    world = SyntheticWorld(SyntheticArguments(**TINY_WORLD))
+    source = SyntheticSource(world, 1000, 0, seed=3)
+    args = AttributionArguments(attribution_tokens=300, scorer_tokens=200)
+    pairs = source.gradient_pairs(args).pairs()[0]
+    objective = source.objective(args, batch_size=64)
+    assert objective.max_rows == 200 and [len(b.context) for b in objective.batches()] == [64, 64, 64, 8]
+    torch.manual_seed(0)
+    config = dict(d_in=32, dict_size=48, k=4, group_fractions=[0.5], norm_factor=world.norm_factor)
+    sae = DMSAEModel(DMSAEConfig(**config)).eval()
+    pool = sae.config.candidate_pool_size
+    batch = objective.batches()[1]
+    x, g = pairs["activations"][64:128], pairs["gradients"][64:128]
+    assert torch.equal(batch.activations[:, 0], x)
+    torch.testing.assert_close(integrated_gradient_values(sae, objective, batch, pool, 1), gxa_values(sae, x, g, pool))
+    values = ablation_values(sae, objective, batch, pool)
+    latents = pool_latents(sae, x, pool)
+    j = int(latents.ne(0).sum(0).argmax())
+    ablated = x - latents[:, j, None] * sae.W_dec[j] * world.norm_factor
+    change = F.cross_entropy(world.logits(ablated), batch.context, reduction="none") - F.cross_entropy(
+        world.logits(x), batch.context, reduction="none"
+    )
+    assert change.abs().max() > 0
+    torch.testing.assert_close(values[:, j], change.abs(), rtol=1e-4, atol=1e-6)
 
 
 def test_a_large_training_slice_is_drawn_in_chunks_the_first_of_which_is_the_one_draw(monkeypatch):

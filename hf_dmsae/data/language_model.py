@@ -120,24 +120,25 @@ class LayerActivations:
             handle.remove()
         return captured[0]
 
-    def patched_loss(self, input_ids: torch.Tensor, transform) -> torch.Tensor:
+    def patched_loss(self, input_ids: torch.Tensor, transform, per_position: bool = False) -> torch.Tensor:
         """The next-token loss summed over the batch (fp32) of a full forward with the activations at the hook
-        replaced by `transform(hidden)`; the vocabulary's logits are built a chunk of positions at a time."""
+        replaced by `transform(hidden)`, or with `per_position` each position's `[B, T]` (`next_token_loss`); the
+        vocabulary's logits are built a chunk of positions at a time."""
         handle = self._hook(transform)
         try:
-            return next_token_loss(self.lm, self._last_hidden(input_ids), input_ids)[0]
+            return next_token_loss(self.lm, self._last_hidden(input_ids), input_ids, per_position=per_position)[0]
         finally:
             handle.remove()
 
-    def with_gradient(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_gradient(self, input_ids: torch.Tensor, transform=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations and `∂L/∂x` at the hook, `L` the next-token cross-entropy summed over all positions of the
-        batch. The activations become a leaf of the graph, so backward runs through the upper blocks only; the head's
-        part of it is `next_token_loss`'s, chunk by chunk, so no whole `[B, T, vocab]` logits (or their gradient)
-        exist at once."""
+        batch; with `transform`, both at `transform(hidden)` put in the activations' place. The activations become a
+        leaf of the graph, so backward runs through the upper blocks only; the head's part of it is
+        `next_token_loss`'s, chunk by chunk, so no whole `[B, T, vocab]` logits (or their gradient) exist at once."""
         captured: list[torch.Tensor] = []
 
         def make_leaf(hidden):
-            leaf = hidden.detach().requires_grad_(True)
+            leaf = (hidden if transform is None else transform(hidden)).detach().requires_grad_(True)
             captured.append(leaf)
             return leaf
 
@@ -177,10 +178,11 @@ def head_logits(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def next_token_loss(
-    lm: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, gradient: bool = False
+    lm: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, gradient: bool = False, per_position: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The next-token cross-entropy (fp32 at least) summed over every position of a batch, from the final hidden
-    states `[B, T, d]`, and with `gradient` its gradient with respect to them. Positions go through the head
+    states `[B, T, d]` (with `per_position`, each position's `[B, T]`, the last one's 0: it predicts nothing), and
+    with `gradient` the sum's gradient with respect to them. Positions go through the head
     `LOSS_CHUNK_VALUES // vocab` at a time, each chunk's logits freed once its loss (and gradient) is taken, so the
     peak holds one chunk's logits. A position's gradient depends on its own logits only: it is the whole loss's, up
     to the head's matmul blocking."""
@@ -192,20 +194,24 @@ def next_token_loss(
     rows = hidden.detach()[:, :-1].reshape(-1, width)
     targets = input_ids[:, 1:].reshape(-1).to(hidden.device)
     chunk = max(1, LOSS_CHUNK_VALUES // lm.get_output_embeddings().weight.shape[0])
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    loss_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    total = hidden.new_zeros((), dtype=loss_dtype)
+    each_row = hidden.new_empty(len(rows), dtype=loss_dtype) if per_position else None
     grad_rows = torch.empty_like(rows) if gradient else None
     for first in range(0, len(rows), chunk):
         part = rows[first : first + chunk].requires_grad_(gradient)
         with torch.set_grad_enabled(gradient):
             logits = head_logits(lm, part)
-            loss = F.cross_entropy(
-                logits.to(torch.promote_types(logits.dtype, torch.float32)),
-                targets[first : first + chunk],
-                reduction="sum",
-            )
+            each = F.cross_entropy(logits.to(loss_dtype), targets[first : first + chunk], reduction="none")
+            loss = each.sum()
             if gradient:
                 (grad_rows[first : first + chunk],) = torch.autograd.grad(loss, part)
         total = total + loss.detach()
+        if per_position:
+            each_row[first : first + chunk] = each.detach()
+    if per_position:
+        total = hidden.new_zeros((batch, length), dtype=loss_dtype)
+        total[:, :-1] = each_row.view(batch, length - 1)
     if not gradient:
         return total, None
     grad_hidden = torch.zeros_like(hidden)

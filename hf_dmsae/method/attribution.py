@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,10 +28,16 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..model.core import DMSAECore
-from ..model.kernels import batch_topk_entries
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.trainer import whole_model
 from ..utils.stages import stage
+from .scorers import (
+    Objective,
+    Scorer,
+    ablation_values,
+    gxa_values,
+    integrated_gradient_values,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,32 +94,6 @@ class StreamingQuantile:
         return torch.lerp(low, high, (position - lower).expand_as(low))
 
 
-@torch.no_grad()
-def pool_latents(sae: DMSAEModel, acts: torch.Tensor, pool_size: int) -> torch.Tensor:
-    """`[B, pool_size]` activations of the first `pool_size` latents for raw activations `acts`, under the training
-    masks over these B rows (BatchTopK; the dense core unmasked). Equal to `sae.encode(acts, batch_topk=True)`'s
-    first columns, without building the other `[B, n]` latents."""
-    config = sae.config
-    start = config.first_masked_latent
-    x = acts.to(sae.W_dec.dtype) / config.norm_factor
-    pre = sae._relu_preactivations(x)
-    rows, cols, values = batch_topk_entries(pre[:, start:], config.topk_per_row * len(x))
-    cols = cols + start
-    latents = torch.zeros(len(x), pool_size, device=x.device, dtype=pre.dtype)
-    latents[:, :start] = pre[:, :start]
-    keep = cols < pool_size
-    latents[rows[keep], cols[keep]] = values[keep]
-    return latents
-
-
-@torch.no_grad()
-def gxa_values(sae: DMSAEModel, acts: torch.Tensor, grads: torch.Tensor, pool_size: int) -> torch.Tensor:
-    """`[N, pool_size]` |a · (g · ŵ)| for a training-sized batch of activations and their loss gradients."""
-    decoder = sae.W_dec[:pool_size].float()
-    directional = grads.to(decoder.device, torch.float32) @ (decoder / decoder.norm(dim=1, keepdim=True)).T
-    return (pool_latents(sae, acts.to(decoder.device), pool_size).float() * directional).abs()
-
-
 def training_sized_batches(
     blocks: Iterable[dict[str, torch.Tensor]], batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -138,6 +118,46 @@ def training_sized_batches(
         ) + (new,)
 
 
+class StreamingMean:
+    """Mean of each column of a stream of rows (`StreamingQuantile`'s interface)."""
+
+    def __init__(self, num_columns: int):
+        self.total, self.count = torch.zeros(num_columns, dtype=torch.float64), 0
+
+    def update(self, rows: torch.Tensor) -> None:
+        self.total += rows.double().sum(0).cpu()
+        self.count += len(rows)
+
+    def gather(self, device: torch.device) -> None:
+        """Sum the totals and counts of every process (a no-op outside `torch.distributed`)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        both = torch.cat([self.total, torch.tensor([float(self.count)], dtype=torch.float64)]).to(device)
+        dist.all_reduce(both)
+        self.total, self.count = both[:-1].cpu(), int(both[-1])
+
+    def compute(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no rows were given")
+        return (self.total / self.count).float()
+
+
+Aggregation = Literal["quantile", "mean"]
+
+
+def aggregator(aggregation: Aggregation, num_columns: int, q: float, max_rows: int):
+    """How a latent's values over positions become its score: their q-quantile (the paper's) or their mean."""
+    if aggregation == "quantile":
+        return StreamingQuantile(num_columns, q, max_rows)
+    if aggregation == "mean":
+        return StreamingMean(num_columns)
+    raise ValueError(f"aggregation={aggregation!r} is invalid: quantile or mean")
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
 @torch.no_grad()
 def gxa_scores(
     sae: DMSAEModel,
@@ -146,24 +166,58 @@ def gxa_scores(
     batch_size: int,
     q: float,
     max_rows: int,
+    aggregation: Aggregation = "quantile",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Score each candidate latent (core ∪ prefix-0) by the q-quantile of its GxA over all pairs (at most
+    """Score each candidate latent (core ∪ prefix-0) by the q-quantile (or mean) of its GxA over all pairs (at most
     `max_rows`). Under `torch.distributed`, process r of W scores batches r, r+W, …; the kept values are merged, so
     every process returns the scores of all positions."""
     pool = sae.config.candidate_pool_size
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    quantile = StreamingQuantile(pool, q, max_rows)
+    rank, world = _rank_and_world()
+    scores = aggregator(aggregation, pool, q, max_rows)
     bar = tqdm(
         total=max_rows, desc="attribution", unit="tok", unit_scale=True, disable=rank != 0 or not progress, leave=False
     )
     for index, (acts, grads, new) in enumerate(training_sized_batches(pairs, batch_size)):
         bar.update(new)
         if index % world == rank:
-            quantile.update(gxa_values(sae, acts, grads, pool)[:new].cpu())
+            scores.update(gxa_values(sae, acts, grads, pool)[:new].cpu())
     bar.close()
-    quantile.gather(sae.W_dec.device)
-    return quantile.compute()
+    scores.gather(sae.W_dec.device)
+    return scores.compute()
+
+
+@torch.no_grad()
+def objective_scores(
+    sae: DMSAEModel,
+    objective: Objective,
+    scorer: Scorer,
+    *,
+    q: float,
+    aggregation: Aggregation = "quantile",
+    ig_steps: int = 8,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Score each candidate latent by the q-quantile (or mean) over the objective's scored positions of its
+    `ablation` or `integrated_gradients` values (`scorers`); batches are shared among processes as `gxa_scores`'."""
+    pool = sae.config.candidate_pool_size
+    rank, world = _rank_and_world()
+    scores = aggregator(aggregation, pool, q, objective.max_rows)
+    bar = tqdm(total=objective.max_rows, desc=scorer, unit="tok", disable=rank != 0 or not progress, leave=False)
+    for index, batch in enumerate(objective.batches()):
+        bar.update(int(batch.keep.sum()))
+        if index % world != rank:
+            continue
+        if scorer == "ablation":
+            values = ablation_values(sae, objective, batch, pool)
+        elif scorer == "integrated_gradients":
+            values = integrated_gradient_values(sae, objective, batch, pool, ig_steps)
+        else:
+            raise ValueError(f"scorer={scorer!r} is not scored on an objective (gxa reads the gradient pairs)")
+        scores.update(values.cpu())
+    bar.close()
+    scores.gather(sae.W_dec.device)
+    return scores.compute()
 
 
 @dataclass
@@ -208,7 +262,28 @@ class AttributionArguments:
         },
     )
     attribution_batch_size: int = field(default=8, metadata={"help": "Sequences per LM forward + backward."})
-    q: float = field(default=0.99, metadata={"help": "Quantile of |GxA| over positions that scores a latent."})
+    scorer: Scorer = field(
+        default="gxa",
+        metadata={
+            "help": "A latent's importance at a position (method/scorers.py): gxa, the paper's gradient × "
+            "activation from (x, g) pairs harvested once; ablation, the loss change with its decoded part removed "
+            "(a downstream forward per latent and batch); integrated_gradients, gradients averaged along the path "
+            "from every latent at zero (ig_steps forwards and backwards per batch)."
+        },
+    )
+    aggregation: Aggregation = field(
+        default="quantile",
+        metadata={"help": "A latent's score from its values over positions: their q-quantile (the paper's) or mean."},
+    )
+    q: float = field(default=0.99, metadata={"help": "Quantile of a latent's values over positions that scores it."})
+    ig_steps: int = field(default=8, metadata={"help": "Points of the path integrated_gradients averages over."})
+    scorer_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Positions of the attribution split that ablation and integrated_gradients score, from its "
+            "start (0: all attribution_tokens); gxa scores them all."
+        },
+    )
     tau: float = field(default=0.9, metadata={"help": "Share of the pool's total score the core must cover."})
     cache_attribution_pairs: bool = field(
         default=True,
@@ -240,6 +315,8 @@ class AttributionArguments:
             raise ValueError(f"q={self.q} is invalid: must lie in (0, 1)")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau={self.tau} is invalid: must lie in (0, 1]")
+        if self.ig_steps < 1 or self.scorer_tokens < 0:
+            raise ValueError("ig_steps must be at least 1 and scorer_tokens non-negative")
         if self.track_selection_steps < 0 or self.selection_patience < 1:
             raise ValueError("track_selection_steps must be non-negative and selection_patience at least 1")
         if not 0.0 <= self.stop_at_selection_overlap <= 1.0:
@@ -290,37 +367,59 @@ class GradientPairs(Protocol):
         """Blocks `{"activations": [n, d], "gradients": [n, d]}`, the same pairs in the same order at every call."""
 
 
-class Attribution:
-    """Scores SAEs on a source's gradient pairs and selects their cores."""
+class ScoredSource(Protocol):
+    """What the scorers read of an activation source (`run.data.ActivationSource`)."""
 
-    def __init__(self, gradients: GradientPairs, args: AttributionArguments, batch_size: int):
-        self.gradients, self.args, self.batch_size = gradients, args, batch_size
+    def gradient_pairs(self, args: AttributionArguments) -> GradientPairs: ...
+
+    def objective(self, args: AttributionArguments, batch_size: int) -> Objective: ...
+
+
+class Attribution:
+    """Scores SAEs with the chosen scorer on a source's attribution split and selects their cores. GxA reads the
+    source's gradient pairs (for an LM harvested once); ablation and integrated gradients its objective."""
+
+    def __init__(self, source: ScoredSource, args: AttributionArguments, batch_size: int):
+        """What the scorer reads is laid out now (for an LM, the attribution slice before any training slice)."""
+        self.args, self.batch_size = args, batch_size
+        self.gradients: GradientPairs | None = source.gradient_pairs(args) if args.scorer == "gxa" else None
+        self.objective: Objective | None = source.objective(args, batch_size) if args.scorer != "gxa" else None
 
     @property
     def max_rows(self) -> int:
-        return self.gradients.max_rows
+        """Positions a scoring reads."""
+        return (self.gradients or self.objective).max_rows
 
     def scores(self, sae: DMSAEModel, progress: bool = True) -> torch.Tensor:
+        a = self.args
         with stage("attribution") as timed:
             timed.tokens = self.max_rows
-            return gxa_scores(
-                sae,
-                self.gradients.pairs(),
-                batch_size=self.batch_size,
-                q=self.args.q,
-                max_rows=self.max_rows,
-                progress=progress,
+            if a.scorer == "gxa":
+                return gxa_scores(
+                    sae,
+                    self.gradients.pairs(),
+                    batch_size=self.batch_size,
+                    q=a.q,
+                    max_rows=self.max_rows,
+                    aggregation=a.aggregation,
+                    progress=progress,
+                )
+            return objective_scores(
+                sae, self.objective, a.scorer, q=a.q, aggregation=a.aggregation, ig_steps=a.ig_steps, progress=progress
             )
 
     def select(self, sae: DMSAEModel, **provenance) -> DMSAECore:
         """Score `sae` and select its core."""
         sae = whole_model(sae)
         scores = self.scores(sae)
+        a = self.args
         return core_from_scores(
             sae,
             scores,
-            self.args.tau,
-            q=self.args.q,
+            a.tau,
+            q=a.q,
+            scorer=a.scorer,
+            aggregation=a.aggregation,
             tokens=self.max_rows,
             mask_batch_size=self.batch_size,
             **provenance,

@@ -187,9 +187,8 @@ class Distillation:
 
     @cached_property
     def attribution(self) -> Attribution:
-        """The source's gradient pairs (for an LM: harvested once), scored with training-sized BatchTopK batches."""
-        gradients = self.data.gradient_pairs(self.attribution_args)
-        return Attribution(gradients, self.attribution_args, self.training_args.per_device_train_batch_size)
+        """The source's attribution split, scored with training-sized BatchTopK batches."""
+        return Attribution(self.data, self.attribution_args, self.training_args.per_device_train_batch_size)
 
     # -- one cycle ----------------------------------------------------------------------------------------------
     def _new_model(self, t: int, core: DMSAECore | None, seed: int) -> DMSAEModel:

@@ -22,6 +22,7 @@ from ..data.language_model import load_language_model, weights_digest
 from ..data.slices import TokenSlice
 from ..data.text import StreamPosition, position_after, sequence_batches
 from ..evaluation.held_out import ce_loss_recovered
+from ..method.scorers import ObjectiveBatch
 from ..model.modeling_dmsae import DMSAEModel
 from .state import RunState
 from .trainer import DMSAETrainingArguments
@@ -44,6 +45,7 @@ class PairArguments(Protocol):
     attribution_tokens: int
     attribution_batch_size: int
     cache_attribution_pairs: bool
+    scorer_tokens: int
 
 
 class RunData:
@@ -300,6 +302,10 @@ class RunData:
         """The attribution split's `(x, g)` pairs, `g` the gradient of the LM's next-token loss."""
         return LMGradientPairs(self, args)
 
+    def objective(self, args: PairArguments, batch_size: int) -> LMObjective:
+        """The LM's next-token loss on the attribution split's sequences."""
+        return LMObjective(self, args, batch_size)
+
     def downstream_metrics(self, model: DMSAEModel, batches: int) -> dict[str, float]:
         """CE loss recovered with `model` spliced into the LM, on the first `batches` held-out LM batches (none: no
         CE metrics)."""
@@ -325,6 +331,38 @@ class LMGradientPairs:
         if self._cache is not None:
             return (self._cache.rows(i, i + 65_536) for i in range(0, len(self._cache), 65_536))
         return self.data.attribution_pairs(self.slice, self.args.attribution_batch_size, cached=False)
+
+
+class LMObjective:
+    """The LM's next-token loss on the first `scorer_tokens` positions of the attribution slice (all with 0), as
+    whole sequences, about `batch_size` positions a batch (`method.scorers.Objective`, for the ablation and
+    integrated-gradients scorers). Their activations are read once."""
+
+    def __init__(self, data: RunData, args: PairArguments, batch_size: int):
+        self.layer = data.harvester.layer
+        piece = data.fixed_slice("attribution", args.attribution_tokens)
+        sequences = min(piece.sequences, data.args.sequences_for(args.scorer_tokens or args.attribution_tokens))
+        harvester, positions = data.harvester, data.harvester.positions()
+        per_batch = max(1, batch_size // data.args.context_length)
+        self._batches = []
+        for batch in sequence_batches(
+            harvester.source, piece.split, harvester.packing, piece.start, per_batch, max_sequences=sequences
+        ):
+            input_ids = batch.input_ids.to(data.lm.device)
+            with torch.no_grad():
+                acts = self.layer(input_ids)
+            self._batches.append(ObjectiveBatch(acts, positions.mask(input_ids, acts), input_ids))
+        self.max_rows = sum(int(b.keep.sum()) for b in self._batches)
+
+    def batches(self) -> list[ObjectiveBatch]:
+        return self._batches
+
+    def losses(self, batch: ObjectiveBatch, activations: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.layer.patched_loss(batch.context, lambda hidden: activations.to(hidden.dtype), True)
+
+    def gradients(self, batch: ObjectiveBatch, activations: torch.Tensor) -> torch.Tensor:
+        return self.layer.with_gradient(batch.context, lambda hidden: activations.to(hidden.dtype))[1]
 
 
 class ActivationSource(Protocol):
@@ -362,6 +400,9 @@ class ActivationSource(Protocol):
 
     def gradient_pairs(self, args: PairArguments):
         """The `attribution.GradientPairs` that score latents."""
+
+    def objective(self, args: PairArguments, batch_size: int):
+        """The `scorers.Objective` that ablation and integrated gradients score latents on."""
 
     def downstream_metrics(self, model: DMSAEModel, batches: int) -> dict[str, float]:
         """What the objective says of `model`'s reconstructions (an LM: CE loss recovered)."""

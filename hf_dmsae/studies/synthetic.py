@@ -43,6 +43,7 @@ from ..evaluation.consistency import abs_cosines, consistency, latent_matches
 from ..evaluation.progressive import latent_statistics, order_by, prefix_fvu
 from ..method.attribution import AttributionArguments
 from ..method.distillation import Distillation, DistillationArguments
+from ..method.scorers import ObjectiveBatch
 from ..method.transfer import Transfer, TransferArguments, model_name
 from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
@@ -299,16 +300,47 @@ class Rows(torch.utils.data.Dataset):
         return self.rows[:n]
 
 
+def attribution_rows(world: SyntheticWorld, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attribution split of a seed: rows no training run reads, and their labels."""
+    x, f = world.sample(rows, _seed_of(seed, "attribution"))
+    return x, world.labels(f, _seed_of(seed, "labels"))
+
+
 class TaskGradients:
     """The attribution's `(x, g)` pairs: held-out rows, their labels and the task's gradient (`GradientPairs`)."""
 
     def __init__(self, world: SyntheticWorld, rows: int, seed: int):
-        x, f = world.sample(rows, _seed_of(seed, "attribution"))
-        self._pairs = {"activations": x, "gradients": world.gradients(x, world.labels(f, _seed_of(seed, "labels")))}
+        x, labels = attribution_rows(world, rows, seed)
+        self._pairs = {"activations": x, "gradients": world.gradients(x, labels)}
         self.max_rows = rows
 
     def pairs(self):
         return [self._pairs]
+
+
+class TaskObjective:
+    """The task's loss on the first `scored` rows of the attribution split (of `rows`), each a sequence of one
+    position, `batch_rows` rows a batch (`method.scorers.Objective`, for the ablation and integrated-gradients
+    scorers)."""
+
+    def __init__(self, world: SyntheticWorld, rows: int, seed: int, batch_rows: int, scored: int):
+        x, labels = attribution_rows(world, rows, seed)
+        x, labels = x[:scored], labels[:scored]
+        self.world, self.max_rows = world, len(x)
+        self._batches = [
+            ObjectiveBatch(part[:, None], torch.ones(len(part), 1, dtype=torch.bool), part_labels)
+            for part, part_labels in zip(x.split(batch_rows), labels.split(batch_rows), strict=True)
+        ]
+
+    def batches(self) -> list[ObjectiveBatch]:
+        return self._batches
+
+    def losses(self, batch: ObjectiveBatch, activations: torch.Tensor) -> torch.Tensor:
+        logits = self.world.logits(activations[:, 0])
+        return F.cross_entropy(logits, batch.context.to(logits.device), reduction="none")[:, None]
+
+    def gradients(self, batch: ObjectiveBatch, activations: torch.Tensor) -> torch.Tensor:
+        return self.world.gradients(activations[:, 0], batch.context.to(activations.device))[:, None]
 
 
 class SyntheticSource:
@@ -371,6 +403,11 @@ class SyntheticSource:
 
     def gradient_pairs(self, args: AttributionArguments) -> TaskGradients:
         return TaskGradients(self.world, args.attribution_tokens, self.seed)
+
+    def objective(self, args: AttributionArguments, batch_size: int) -> TaskObjective:
+        """The attribution split's first `scorer_tokens` rows (all with 0), `batch_size` rows a batch."""
+        rows = args.attribution_tokens
+        return TaskObjective(self.world, rows, self.seed, batch_size, min(args.scorer_tokens or rows, rows))
 
     @torch.no_grad()
     def downstream_metrics(self, model: DMSAEModel, batches: int) -> dict[str, float]:
