@@ -234,6 +234,24 @@ def test_the_core_dynamics_study_trains_the_controls_cores_on_one_lm_slice(strai
     )
 
 
+def test_the_scorer_study_scores_the_last_cycle_on_the_runs_attribution_split(straight_run, tiny_lm_dir):
+    tmp_path, _ = straight_run
+    config = distill_config(tmp_path, tiny_lm_dir, "straight")
+    scorers = ["gxa", "ablation", "ablation:mean", "integrated_gradients"]
+    extra = ["--study_source", "lm", "--results_dir", str(tmp_path / "scorers"), "--lm_tokens", "64", "--ig_steps", "2"]
+    command = [sys.executable, str(REPO / "scripts" / "scorers.py"), *config, *extra, "--scorers", *scorers]
+    result = subprocess.run(
+        command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lm = json.loads((tmp_path / "scorers" / "results.json").read_text())["lm"]
+    assert lm["model"].endswith("straight/cycle2") and set(lm["scorers"]) == {"gxa (whole split)", *scorers}
+    whole, gxa = lm["scorers"]["gxa (whole split)"], lm["scorers"]["gxa"]
+    assert whole["positions"] > 1500 and gxa["positions"] == lm["scorers"]["ablation"]["positions"] < 100
+    assert len(gxa["scores"]) == lm["pool"] and lm["comparison"]["gxa"]["spearman vs gxa"] == pytest.approx(1.0)
+    assert "| ablation:mean |" in result.stdout and "Spearman vs GxA (whole split)" in result.stdout
+
+
 def test_selection_is_tracked_during_training(straight_run):
     tmp_path, _ = straight_run
     cycle = json.loads((tmp_path / "straight" / "state.json").read_text())["cycles"]["2"]

@@ -512,22 +512,30 @@ class SyntheticBenchmark:
     def _training(self, folder: Path, seed: int) -> DMSAETrainingArguments:
         return dataclasses.replace(self.training_args, output_dir=str(folder), seed=seed, push_to_hub=False)
 
-    def run_seed(self, seed: int) -> dict:
-        """The shipped distillation and transfer for one seed, then their scores against the ground truth."""
-        a = self.args
-        folder = self.output_dir / f"seed{seed}"
-        source = SyntheticSource(self.world, a.train_rows, a.eval_rows, seed)
-        repo = f"synthetic/dmsae-seed{seed}"
+    def source(self, seed: int) -> SyntheticSource:
+        return SyntheticSource(self.world, self.args.train_rows, self.args.eval_rows, seed)
+
+    def distill(self, seed: int, source: SyntheticSource) -> Distillation:
+        """The shipped distillation of one seed, run (or resumed) to its distilled core."""
         distillation = Distillation(
-            DistillationArguments(num_cycles=a.num_cycles, model_repo=repo),
+            DistillationArguments(num_cycles=self.args.num_cycles, model_repo=f"synthetic/dmsae-seed{seed}"),
             self.sae_args,
             None,
             self.attribution_args,
-            self._training(folder / "distillation", seed),
+            self._training(self.output_dir / f"seed{seed}" / "distillation", seed),
             source=source,
         )
         distillation.run()
         distillation.state.close()
+        return distillation
+
+    def run_seed(self, seed: int) -> dict:
+        """The shipped distillation and transfer for one seed, then their scores against the ground truth."""
+        a = self.args
+        folder = self.output_dir / f"seed{seed}"
+        source = self.source(seed)
+        repo = f"synthetic/dmsae-seed{seed}"
+        distillation = self.distill(seed, source)
         transfer = Transfer(
             TransferArguments(
                 core=str(folder / "distillation" / "distilled-core"),
