@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium lint test demo study synthetic worlds dynamics paper-scale bench gpu-check clean
+.PHONY: setup chromium lint test demo study synthetic worlds dynamics scorers paper-scale bench gpu-check clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,15 @@ dynamics: demo synthetic
 		--ablation_seeds 0
 	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic \
 		--budgets 250000 1000000 5000000
+
+# The scorers compared (GxA, latent ablation as q-quantile and mean, integrated gradients): a distillation per scorer
+# and seed in the synthetic benchmark's world, its cores against the useful features; then the demo's last cycle scored
+# by each on the first 1024 positions of its attribution split, against GxA; into reports/scorers-*, which `make
+# scorers` continues from (commit them).
+scorers: demo
+	$(BIN)/python scripts/scorers.py configs/synthetic.json --study_dir runs/scorers \
+		--results_dir reports/scorers-synthetic
+	$(BIN)/python scripts/scorers.py configs/smollm2-135m.json --study_source lm --results_dir reports/scorers-smollm2
 
 # The paper config at its real shapes (Gemma-2-2B's architecture with random weights, 65 536 latents) through every
 # stage on this machine, and the real run's projected cost, into reports/paper-scale (about 45 min on 2 CPU cores;
