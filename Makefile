@@ -66,7 +66,7 @@ dynamics: demo synthetic
 
 # The scorers compared (GxA, latent ablation as q-quantile and mean, integrated gradients): a distillation per scorer
 # and seed in the synthetic benchmark's world, its cores against the useful features; then the demo's last cycle scored
-# by each on the first 1024 positions of its attribution split, against GxA; into reports/scorers-*, which `make
+# by each on the first 512 positions of its attribution split, against GxA; into reports/scorers-*, which `make
 # scorers` continues from (commit them).
 scorers: demo
 	$(BIN)/python scripts/scorers.py configs/synthetic.json --study_dir runs/scorers \

@@ -159,7 +159,7 @@ class Transfer:
         if variant.startswith("random_"):
             generator = random_core_generator(self.training_args.seed)
             core = random_core(self.core, self.core.encoder_rows.shape[1], generator)
-        sparsity = "sparse_core" if variant.endswith("sparse_core") else "dense_core"
+        sparsity = "dense_core" if variant == "matryoshka" else variant.removeprefix("random_")
         sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None, sparsity=sparsity)
         sae = dataclasses.replace(sae, k_noncore=k_noncore_for(sae, reference_core_size=len(core or [])))
         return new_model(sae, self.data, core, seed=self.training_args.seed)

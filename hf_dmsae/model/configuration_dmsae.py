@@ -9,14 +9,14 @@ from typing import Literal, Union, get_args, get_origin
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-Sparsity = Literal["dense_core", "sparse_core"]
+Sparsity = Literal["dense_core", "sparse_core", "penalized_core"]
 PrefixLossWeighting = Literal["sum", "dictionary_learning"]
 SPARSITY_MODES = get_args(Sparsity)
 PREFIX_LOSS_WEIGHTINGS = get_args(PrefixLossWeighting)
-# The SAEs a study compares: a DMSAE of either sparsity mode around the distilled core, the Matryoshka SAE without
-# one, and the paper's control, a DMSAE of either mode around random unit rows as many as the core's (Fig. 3).
-VARIANTS = (*SPARSITY_MODES, "matryoshka", "random_dense_core", "random_sparse_core")
-PAPER_VARIANTS = VARIANTS[:3]
+# The SAEs a study compares: a DMSAE of any sparsity mode around the distilled core, the Matryoshka SAE without
+# one, and the paper's control, a DMSAE around random unit rows as many as the core's (Fig. 3).
+VARIANTS = (*SPARSITY_MODES, "matryoshka", *(f"random_{mode}" for mode in SPARSITY_MODES))
+PAPER_VARIANTS = ("dense_core", "sparse_core", "matryoshka")
 
 # SAEBench's Matryoshka group fractions (1/32, 1/16, 1/8, 1/4, rest), applied to the non-core latents.
 SAEBENCH_GROUP_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
@@ -141,8 +141,18 @@ class DMSAEConfig(PreTrainedConfig):
         metadata={
             "help": (
                 "`dense_core`: core latents are never masked, BatchTopK keeps `k_noncore · B` non-core activations. "
-                "`sparse_core`: one global BatchTopK keeps `k · B` activations over all latents."
+                "`sparse_core`: one global BatchTopK keeps `k · B` activations over all latents. `penalized_core`: "
+                "as `dense_core` (the core outside the budget), with an L1 penalty `core_l1_coef` on the core's "
+                "activations, so that a core latent fires only where it pays for itself (beyond the paper)."
             )
+        },
+    )
+
+    core_l1_coef: float = field(
+        default=0.01,
+        metadata={
+            "help": "`penalized_core` mode: weight of the core's L1 penalty (the mean over rows of the core "
+            "activations' sum, normalised units) in the loss."
         },
     )
 
@@ -289,7 +299,7 @@ class DMSAEConfig(PreTrainedConfig):
             fail("group_sizes", "every Matryoshka group needs at least one latent")
         if sum(self.group_sizes) != self.dict_size - self.core_size:
             fail("group_sizes", f"must sum to dict_size - core_size = {self.dict_size - self.core_size}")
-        if self.sparsity == "dense_core" and self.k_noncore > self.dict_size - self.core_size:
+        if self.core_unmasked and self.k_noncore > self.dict_size - self.core_size:
             fail("k_noncore", f"must not exceed the {self.dict_size - self.core_size} non-core latents")
         if self.sparsity == "sparse_core" and self.k > self.dict_size:
             fail("k", f"must not exceed dict_size={self.dict_size}")
@@ -301,6 +311,8 @@ class DMSAEConfig(PreTrainedConfig):
             fail("frozen_rows", f"must lie in [0, core_size={self.core_size}]")
         if not self.aux_coef >= 0:
             fail("aux_coef", "must be non-negative")
+        if not self.core_l1_coef >= 0:
+            fail("core_l1_coef", "must be non-negative")
         if self.dead_tokens_threshold < 1:
             fail("dead_tokens_threshold", "must be at least 1")
         if not 0.0 <= self.threshold_beta < 1.0:
@@ -322,15 +334,25 @@ class DMSAEConfig(PreTrainedConfig):
         return ends
 
     @property
+    def core_unmasked(self) -> bool:
+        """Whether the core is outside BatchTopK and the inference threshold (every mode but `sparse_core`)."""
+        return self.sparsity != "sparse_core"
+
+    @property
     def first_masked_latent(self) -> int:
-        """BatchTopK and the inference threshold act on latents from here on: the non-core ones in `dense_core`
-        mode, all of them in `sparse_core` mode."""
-        return self.core_size if self.sparsity == "dense_core" else 0
+        """BatchTopK and the inference threshold act on latents from here on: the non-core ones when the core is
+        unmasked, all of them in `sparse_core` mode."""
+        return self.core_size if self.core_unmasked else 0
 
     @property
     def topk_per_row(self) -> int:
         """Average number of masked-region activations BatchTopK keeps per row: `k_noncore` or `k`."""
-        return self.k_noncore if self.sparsity == "dense_core" else self.k
+        return self.k_noncore if self.core_unmasked else self.k
+
+    @property
+    def core_penalty(self) -> float:
+        """The weight of the core's L1 penalty in the loss (0 but in `penalized_core` mode)."""
+        return self.core_l1_coef if self.sparsity == "penalized_core" else 0.0
 
     @property
     def candidate_pool_size(self) -> int:

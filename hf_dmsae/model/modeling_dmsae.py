@@ -33,11 +33,14 @@ class DMSAEOutput(ModelOutput):
     """Output of [`DMSAEModel.forward`].
 
     Args:
-        loss: `Σ_i prefix_losses[i] + aux_coef · aux_loss`, the training objective (Eq. 5); the sum is divided by
-            `G²` with `prefix_loss_weighting="dictionary_learning"`.
+        loss: `Σ_i prefix_losses[i] + aux_coef · aux_loss` (+ `core_l1_coef · core_l1` in `penalized_core` mode),
+            the training objective (Eq. 5); the sum is divided by `G²` with
+            `prefix_loss_weighting="dictionary_learning"`.
         prefix_losses: `[G]` mean squared error (summed over `d_in`, normalised units) of the reconstruction from
             the core and the first `i` non-core groups; the last one uses the full dictionary.
         aux_loss: AuxK loss: how well the top `aux_k` dead latents reconstruct the residual, relative to its variance.
+        core_l1: mean over rows of the core's summed activations (normalised units); in `penalized_core` mode the
+            loss adds `core_l1_coef` times it.
         latents: `[B, dict_size]` masked activations (normalised units).
         reconstruction: `[B, d_in]` reconstruction by the full dictionary, in raw activation units.
         l0_core: mean number of active core latents per row.
@@ -47,6 +50,7 @@ class DMSAEOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     prefix_losses: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
+    core_l1: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
     l0_core: torch.FloatTensor | None = None
@@ -93,6 +97,7 @@ class _Pass:
     kept_values: torch.Tensor  # the activations BatchTopK kept (threshold EMA target)
     l0_core: torch.Tensor
     l0_noncore: torch.Tensor
+    core_l1: torch.Tensor  # mean over rows of the core's summed activations
     preactivations_of: Callable[[torch.Tensor], torch.Tensor]  # ReLU pre-activations of given latents, [B, len]
 
 
@@ -285,10 +290,14 @@ class DMSAEModel(PreTrainedModel):
             self._update_statistics(step.fired, step.kept_values, len(x))
         prefix_losses = step.prefix_losses
         aux_loss = self._aux_loss(x, step.reconstruction, step.preactivations_of)
+        loss = self._prefix_weight(len(prefix_losses)) * prefix_losses.sum() + self.config.aux_coef * aux_loss
+        if self.config.core_penalty:
+            loss = loss + self.config.core_penalty * step.core_l1
         return DMSAEOutput(
-            loss=self._prefix_weight(len(prefix_losses)) * prefix_losses.sum() + self.config.aux_coef * aux_loss,
+            loss=loss,
             prefix_losses=prefix_losses,
             aux_loss=aux_loss,
+            core_l1=step.core_l1,
             latents=step.latents if return_latents else None,
             reconstruction=step.reconstruction * self.config.norm_factor,
             l0_core=step.l0_core,
@@ -320,6 +329,7 @@ class DMSAEModel(PreTrainedModel):
             kept_values=latents[:, start:],
             l0_core=active[:, :c].sum(1).mean(),
             l0_noncore=active[:, c:].sum(1).mean(),
+            core_l1=latents[:, :c].float().sum(1).mean(),
             preactivations_of=lambda index: z[:, index],
         )
 
@@ -354,6 +364,7 @@ class DMSAEModel(PreTrainedModel):
             kept_values=values,
             l0_core=(torch.count_nonzero(core_active[:, :c]) + core_entries) / batch,
             l0_noncore=(torch.count_nonzero(active) - core_entries) / batch,
+            core_l1=(core[:, :c].float().sum() + values[cols < c].float().sum()) / batch,
             preactivations_of=lambda index: F.relu(
                 F.linear(x - self.b_dec, self.W_enc[index], self.encoder_bias[index])
             ),

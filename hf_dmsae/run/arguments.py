@@ -29,6 +29,7 @@ SAE_FIELDS = (
     "k",
     "k_noncore",
     "sparsity",
+    "core_l1_coef",
     "aux_coef",
     "prefix_loss_weighting",
     "train_core_bias",

@@ -30,7 +30,7 @@ from ..data.activations import ActivationArguments
 from ..evaluation.consistency import latent_matches
 from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments
 from ..method.transfer import Transfer, TransferArguments, model_name
-from ..model.configuration_dmsae import VARIANTS
+from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, initial_model
 from ..run.state import arguments_identity, distilled_core_record, load_recorded_core
@@ -56,7 +56,10 @@ class ClaimsArguments:
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of every model."})
     ks: list[int] = field(default_factory=lambda: [16, 32, 64], metadata={"help": "k of every variant."})
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Of {VARIANTS}."})
+    variants: list[str] = field(
+        default_factory=lambda: [*PAPER_VARIANTS, "random_dense_core", "random_sparse_core"],
+        metadata={"help": f"Of {VARIANTS} (default: the paper's, and its random-core control in both modes)."},
+    )
     matryoshka_ks: list[int] = field(
         default_factory=lambda: [128],
         metadata={

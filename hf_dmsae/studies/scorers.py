@@ -58,7 +58,7 @@ class ScorerStudyArguments:
     results_dir: str = field(
         default="reports/scorers", metadata={"help": "Folder of results.json (continued from) and the report."}
     )
-    lm_tokens: int = field(default=1024, metadata={"help": "Attribution positions every scorer scores on the LM."})
+    lm_tokens: int = field(default=512, metadata={"help": "Attribution positions every scorer scores on the LM."})
 
     def __post_init__(self):
         for spec in self.scorers:
