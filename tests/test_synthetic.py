@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.evaluation.consistency import consistency
 from hf_dmsae.method.attribution import AttributionArguments
+from hf_dmsae.method.consensus import consensus_members
 from hf_dmsae.method.scorers import ablation_values, gxa_values, integrated_gradient_values, pool_latents
 from hf_dmsae.model.core import DMSAECore
 from hf_dmsae.reporting.reports import synthetic_report
@@ -85,6 +86,16 @@ def test_the_task_objective_scores_the_attribution_rows_of_the_gradient_pairs():
     )
     assert change.abs().max() > 0
     torch.testing.assert_close(values[:, j], change.abs(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_consensus_keeps_the_reference_latents_a_majority_of_seeds_selected():
+    reference = torch.eye(4)
+    others = [torch.eye(4)[[0, 1]], torch.eye(4)[[0, 2]] * 3, -torch.eye(4)[[3]]]  # scale is not direction; sign is
+    assert consensus_members([reference, *others], match_cos=0.9, min_seeds=3) == [0]
+    assert consensus_members([reference, *others], match_cos=0.9, min_seeds=2) == [0, 1, 2]
+    assert consensus_members([reference, torch.empty(0, 4)], match_cos=0.9, min_seeds=1) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="min_seeds"):
+        consensus_members([reference], match_cos=0.9, min_seeds=2)
 
 
 def test_a_large_training_slice_is_drawn_in_chunks_the_first_of_which_is_the_one_draw(monkeypatch):
@@ -176,6 +187,10 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
     assert len(dense["initial"]["core"]) == 2 and all(0 <= x <= 1 for x in dense["initial"]["noncore"])
     assert all(0 <= x <= 1 for column in ("same_seed", "other_seeds") for x in dense[column]["k4"]["noncore"])
     assert all(len(rows[v]["across_seeds"]["noncore"]) == 2 for v in ("dense_core", "sparse_core", "matryoshka"))
+    consensus = results["consensus"]["consensus of 2"]  # each seed the reference once, the other seed voting
+    cycle0 = [results[f"seed{s}"]["cycles"]["0"]["size"] for s in (0, 1)]
+    assert list(results["consensus"]) == ["consensus of 2"] and len(consensus) == 2
+    assert all(c["size"] <= size for c, size in zip(consensus, cycle0, strict=True))
     weights = run / "seed0" / "transfer" / "k4-dense_core" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     rerun = SyntheticBenchmark(*arguments)
@@ -184,6 +199,7 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
     assert "| distilled |" in report and "| mean_squared |" in report and "± " in report and "| 1 | " in report
     assert "| 4 | sparse_core |" in report and "Paired differences" in report and "G=64" in report
     assert "## Claim 2: the same latents across sparsities and seeds" in report and "k2→4 other seed" in report
+    assert "| consensus of 2 cycle-0 seeds | 2 | 2 |" in report and "| distilled | 2 | 2 |" in report
     for figure in ("selection_vs_truth", "synthetic_vs_k", "progressive_coding"):
         assert (run / "figures" / f"{figure}.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="other settings"):

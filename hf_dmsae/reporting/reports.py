@@ -191,6 +191,7 @@ def synthetic_report(folder: str | Path) -> str:
         *_synthetic_settings(results),
         *_synthetic_cycles(seeds),
         *_synthetic_selection(seeds, cores, selections),
+        *(_synthetic_consensus(seeds, results["consensus"]) if "consensus" in results else []),
         *_synthetic_transfer(results, seeds, names),
         *(_latent_matches(results["latent_matches"]) if "latent_matches" in results else []),
         *_synthetic_progressive(progressive),
@@ -271,6 +272,35 @@ def _synthetic_selection(seeds: list[dict], cores: list[str], selections: tuple[
         "",
         *markdown_table([*header, "R-precision of the pool ranking"], rows),
     ]
+
+
+def _synthetic_consensus(seeds: list[dict], consensus: dict[str, list[dict]]) -> list[str]:
+    cycles = len(seeds[0]["cycles"])
+    rows = []
+    for core in dict.fromkeys(r["core"] for r in seeds[0]["selection"]):
+        runs = [r for s in seeds for r in s["selection"] if r["core"] == core and r["selection"] == "attribution"]
+        trainings = cycles if core == "distilled" else int(core.split()[-1]) + 1
+        rows.append([core, trainings, len(runs), *_truth_cells(runs)])
+    for name, runs in consensus.items():
+        rows.append([name + " cycle-0 seeds", int(name.split()[-1]), len(runs), *_truth_cells(runs)])
+    return [
+        "",
+        "## What cycles buy: cycles against a consensus of cycle-0 seeds",
+        "",
+        "At the same number of SAE trainings: cycle t's core (t + 1 trainings) and the distilled core, against a "
+        "consensus core of m seeds' cycle 0 (m trainings: a reference seed's cycle-0 core latents whose decoder "
+        "direction is selected in a majority of the m seeds' cycle-0 cores, at the latent-match cosine; every "
+        "reference seed with every choice of the others).",
+        "",
+        *markdown_table(
+            ["core", "trainings", "cores", "size", "precision", "recall", "MCC with the useful features"], rows
+        ),
+    ]
+
+
+def _truth_cells(runs: list[dict]) -> list[str]:
+    cells = [spread_cell([r["size"] for r in runs], 1)]
+    return cells + [spread_cell([r[m] for r in runs if r[m] is not None]) for m in ("precision", "recall", "mcc")]
 
 
 def _synthetic_transfer(results: dict, seeds: list[dict], names: list[tuple[int, str]]) -> list[str]:

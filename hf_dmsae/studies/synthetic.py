@@ -42,6 +42,7 @@ from ..data.activations import norm_factor
 from ..evaluation.consistency import abs_cosines, consistency, latent_matches
 from ..evaluation.progressive import latent_statistics, order_by, prefix_fvu
 from ..method.attribution import AttributionArguments
+from ..method.consensus import consensus_members
 from ..method.distillation import Distillation, DistillationArguments
 from ..method.scorers import ObjectiveBatch
 from ..method.transfer import Transfer, TransferArguments, model_name
@@ -656,6 +657,7 @@ class SyntheticBenchmark:
                 write_json_atomically(self.results_path, results)
         results["consistency"] = self.consistency()
         results["latent_matches"] = self.latent_matches()
+        results["consensus"] = self.consensus()
         results["world"] = world_summary(self.world)
         write_json_atomically(self.results_path, results)
         self.results = results
@@ -676,6 +678,34 @@ class SyntheticBenchmark:
         names = [f"k{k}-{v}" for k in self.args.transfer_ks for v in self.args.variants]
         decoders = {(s, name): self.model(s, name).W_dec.detach() for s in self.args.seeds for name in names}
         return {name: [consistency(decoders[a, name], decoders[b, name]) for a, b in pairs] for name in names}
+
+    def consensus(self) -> dict[str, list[dict]]:
+        """What cycles buy, against consensus cores at the same number of trainings: for m of the seeds, each
+        reference seed with each choice of m − 1 others, the reference's cycle-0 core latents selected in a majority
+        of the m seeds' cycle-0 cores (`consensus_members`, matched at `latent_match_cos`), scored against the useful
+        features like the cycles' cores (`match_truth`)."""
+        truth = self.world.directions[self.world.useful]
+        selected = {}
+        for seed in self.args.seeds:
+            folder = self.output_dir / f"seed{seed}" / "distillation"
+            model = load_trained_model(folder / "cycle0")
+            core = DMSAECore.from_pretrained(folder / "cycle0" / "core")
+            ids = model.config.latent_ids()
+            selected[seed] = model.W_dec.detach().float()[[ids.index(i) for i in core.latent_ids]]
+        results = {}
+        for m in range(2, len(self.args.seeds) + 1):
+            scores = []
+            for reference in self.args.seeds:
+                others = [s for s in self.args.seeds if s != reference]
+                for chosen in itertools.combinations(others, m - 1):
+                    decoders = [selected[reference], *(selected[s] for s in chosen)]
+                    members = consensus_members(decoders, self.args.latent_match_cos, m // 2 + 1)
+                    if members:
+                        scores.append(match_truth(selected[reference][members], truth, self.args.match_cos))
+                    else:  # no latent selected in a majority
+                        scores.append({"size": 0, "precision": None, "recall": 0.0, "mcc": None})
+            results[f"consensus of {m}"] = scores
+        return results
 
     def model(self, seed: int, name: str) -> DMSAEModel:
         return load_trained_model(self.output_dir / f"seed{seed}" / "transfer" / name)
