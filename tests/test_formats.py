@@ -83,10 +83,15 @@ def test_export_is_read_by_saebench_with_the_same_outputs(tmp_path):
     torch.testing.assert_close(reloaded.decode(reloaded.encode(x)), model.decode(model.encode(x)))
 
 
-def test_sae_lens_export_loads_with_sae_lens_and_gives_the_same_latents(tmp_path):
+@pytest.mark.parametrize("sparsity", ["dense_core", "jumprelu_core"])
+def test_sae_lens_export_loads_with_sae_lens_and_gives_the_same_latents(tmp_path, sparsity):
     from sae_lens import SAE
 
-    model = tiny_model(norm_factor=4.0, base_model="google/gemma-2-2b", hook_layer=12, hook_name="resid_post")
+    settings = dict(base_model="google/gemma-2-2b", hook_layer=12, hook_name="resid_post", sparsity=sparsity)
+    model = tiny_model(norm_factor=4.0, **settings)
+    if sparsity == "jumprelu_core":  # the core's own thresholds, e^-3 … 1
+        with torch.no_grad():
+            model.core_log_threshold.copy_(torch.linspace(-3, 0, model.config.core_size))
     with pytest.raises(ValueError, match="no inference threshold yet"):
         save_sae_lens(model, tmp_path / "too-early")
     model.train()
@@ -104,7 +109,8 @@ def test_sae_lens_export_loads_with_sae_lens_and_gives_the_same_latents(tmp_path
         pre = model._relu_preactivations(x / 4.0)
         # The folded weights round differently: masks are compared where rounding cannot flip them, values to rounding.
         clear = (pre - model.threshold).abs() > 1e-4
-        clear[:, : model.config.core_size] = True
+        c = model.config.core_size
+        clear[:, :c] = True if sparsity == "dense_core" else (pre[:, :c] - model.core_log_threshold.exp()).abs() > 1e-4
         assert torch.equal((ours > 0)[clear], (theirs > 0)[clear]) and (ours[:, : model.config.core_size] > 0).any()
         torch.testing.assert_close(theirs[clear], ours[clear], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae.decode(ours), model.decode(ours), rtol=1e-5, atol=1e-4)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -175,18 +176,18 @@ def test_dictionary_learning_weighting_divides_the_prefix_losses_by_g_squared():
 
 @pytest.mark.parametrize("kernels", ["sparse", "reference"])
 def test_a_penalized_core_is_a_dense_core_whose_loss_adds_its_l1_and_trains_sparser(kernels):
-    """`penalized_core` masks as `dense_core` (the core outside the budget), its loss adds `core_l1_coef` times the
-    core's mean summed activation, and the same training from the same start leaves its core firing less."""
+    """`penalized_core` masks as `dense_core` (the core outside the budget), its loss adds `core_sparsity_coef`
+    times the core's mean summed activation, and the same training from the same start leaves its core firing less."""
     dense, penalized = (
         tiny_model(kernels=kernels),
-        tiny_model(kernels=kernels, sparsity="penalized_core", core_l1_coef=5.0),
+        tiny_model(kernels=kernels, sparsity="penalized_core", core_sparsity_coef=5.0),
     )
     penalized.load_state_dict(dense.state_dict())
     x = torch.randn(64, 16)
     a, b = dense.train()(x), penalized.train()(x)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.prefix_losses, b.prefix_losses)
-    torch.testing.assert_close(b.core_l1, a.latents[:, :8].sum(1).mean())
-    torch.testing.assert_close(b.loss, a.loss + 5.0 * b.core_l1)
+    torch.testing.assert_close(b.core_sparsity, a.latents[:, :8].sum(1).mean())
+    torch.testing.assert_close(b.loss, a.loss + 5.0 * b.core_sparsity)
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randn(64, 16, generator=generator) for _ in range(60)]
     for model in (dense, penalized):
@@ -196,6 +197,41 @@ def test_a_penalized_core_is_a_dense_core_whose_loss_adds_its_l1_and_trains_spar
             optimizer.step()
             optimizer.zero_grad()
     assert penalized(x).l0_core < 0.75 * dense(x).l0_core  # 1.6 against 3.0 core latents a row
+
+
+@pytest.mark.parametrize("kernels", ["sparse", "reference"])
+def test_a_jumprelu_core_keeps_a_core_latent_only_above_its_learned_threshold(kernels, tmp_path):
+    """`jumprelu_core`: each core latent has a threshold (a parameter, trained through JumpReLU's straight-through
+    gradient by the L0 penalty), the non-core latents are masked as in `dense_core`, the penalty is the core's active
+    latents per row, and the thresholds rise in training until the core fires less; they are saved and reloaded."""
+    dense = tiny_model(kernels=kernels)
+    jump = tiny_model(kernels=kernels, sparsity="jumprelu_core", core_sparsity_coef=0.5, jumprelu_bandwidth=0.05)
+    jump.load_state_dict(dense.state_dict(), strict=False)
+    assert torch.allclose(jump.core_log_threshold.exp(), torch.tensor(0.001))
+    with torch.no_grad():
+        jump.core_log_threshold.copy_(torch.linspace(-3, 0, 8))  # thresholds e^-3 … 1
+    x = torch.randn(64, 16)
+    a, b = dense.train()(x), jump.train()(x)
+    z = a.latents[:, :8]
+    threshold = jump.core_log_threshold.exp()
+    torch.testing.assert_close(b.latents[:, :8], z * (z > threshold))
+    assert torch.equal(a.latents[:, 8:] > 0, b.latents[:, 8:] > 0)
+    torch.testing.assert_close(b.core_sparsity, (z > threshold).float().sum(1).mean())
+    b.loss.backward()
+    assert jump.core_log_threshold.grad is not None and jump.core_log_threshold.grad.abs().sum() > 0
+    with torch.no_grad():  # from the initial thresholds, the L0 penalty raises every one
+        jump.core_log_threshold.fill_(math.log(0.001))
+    generator = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.Adam(jump.parameters(), lr=3e-2)
+    for _ in range(30):
+        jump(torch.randn(64, 16, generator=generator)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert (jump.core_log_threshold > math.log(0.001)).all()
+    jump.save_pretrained(tmp_path)
+    reloaded = DMSAEModel.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.core_log_threshold, jump.core_log_threshold)
+    torch.testing.assert_close(reloaded.eval().encode(x), jump.eval().encode(x))
 
 
 @pytest.mark.parametrize("kernels", ["sparse", "reference"])

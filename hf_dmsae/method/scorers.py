@@ -69,7 +69,7 @@ def pool_latents(sae: DMSAEModel, acts: torch.Tensor, pool_size: int) -> torch.T
     rows, cols, values = batch_topk_entries(pre[:, start:], config.topk_per_row * len(x))
     cols = cols + start
     latents = torch.zeros(len(x), pool_size, device=x.device, dtype=pre.dtype)
-    latents[:, :start] = pre[:, :start]
+    latents[:, :start] = sae.core_activations(pre[:, :start])
     keep = cols < pool_size
     latents[rows[keep], cols[keep]] = values[keep]
     return latents

@@ -9,7 +9,7 @@ from typing import Literal, Union, get_args, get_origin
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-Sparsity = Literal["dense_core", "sparse_core", "penalized_core"]
+Sparsity = Literal["dense_core", "sparse_core", "penalized_core", "jumprelu_core"]
 PrefixLossWeighting = Literal["sum", "dictionary_learning"]
 SPARSITY_MODES = get_args(Sparsity)
 PREFIX_LOSS_WEIGHTINGS = get_args(PrefixLossWeighting)
@@ -141,19 +141,26 @@ class DMSAEConfig(PreTrainedConfig):
         metadata={
             "help": (
                 "`dense_core`: core latents are never masked, BatchTopK keeps `k_noncore · B` non-core activations. "
-                "`sparse_core`: one global BatchTopK keeps `k · B` activations over all latents. `penalized_core`: "
-                "as `dense_core` (the core outside the budget), with an L1 penalty `core_l1_coef` on the core's "
-                "activations, so that a core latent fires only where it pays for itself (beyond the paper)."
+                "`sparse_core`: one global BatchTopK keeps `k · B` activations over all latents. Beyond the paper, "
+                "the core outside the budget as in `dense_core`, made sparse by a penalty of weight "
+                "`core_sparsity_coef`, so that a core latent fires only where it pays for itself: `penalized_core`, "
+                "an L1 penalty on the core's activations; `jumprelu_core`, a learned threshold per core latent "
+                "(JumpReLU) and an L0 penalty."
             )
         },
     )
 
-    core_l1_coef: float = field(
+    core_sparsity_coef: float = field(
         default=0.01,
         metadata={
-            "help": "`penalized_core` mode: weight of the core's L1 penalty (the mean over rows of the core "
-            "activations' sum, normalised units) in the loss."
+            "help": "Weight in the loss of the core's sparsity penalty, the mean over rows of the core's summed "
+            "activations (`penalized_core`, normalised units) or of its active latents (`jumprelu_core`)."
         },
+    )
+
+    jumprelu_bandwidth: float = field(
+        default=0.001,
+        metadata={"help": "`jumprelu_core`: width of the straight-through window of the thresholds' gradient."},
     )
 
     core_ids: list[str] | None = field(
@@ -311,8 +318,10 @@ class DMSAEConfig(PreTrainedConfig):
             fail("frozen_rows", f"must lie in [0, core_size={self.core_size}]")
         if not self.aux_coef >= 0:
             fail("aux_coef", "must be non-negative")
-        if not self.core_l1_coef >= 0:
-            fail("core_l1_coef", "must be non-negative")
+        if not self.core_sparsity_coef >= 0:
+            fail("core_sparsity_coef", "must be non-negative")
+        if not self.jumprelu_bandwidth > 0:
+            fail("jumprelu_bandwidth", "must be positive")
         if self.dead_tokens_threshold < 1:
             fail("dead_tokens_threshold", "must be at least 1")
         if not 0.0 <= self.threshold_beta < 1.0:
@@ -351,8 +360,8 @@ class DMSAEConfig(PreTrainedConfig):
 
     @property
     def core_penalty(self) -> float:
-        """The weight of the core's L1 penalty in the loss (0 but in `penalized_core` mode)."""
-        return self.core_l1_coef if self.sparsity == "penalized_core" else 0.0
+        """The weight of the core's sparsity penalty in the loss (0 but in `penalized_core` and `jumprelu_core`)."""
+        return self.core_sparsity_coef if self.sparsity in ("penalized_core", "jumprelu_core") else 0.0
 
     @property
     def candidate_pool_size(self) -> int:

@@ -9,6 +9,7 @@ from one encode by decoding group after group, plus the AuxK loss for dead laten
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,18 @@ from transformers.utils import ModelOutput
 
 from .configuration_dmsae import DMSAEConfig
 from .kernels import SparseEncode, bag_bounds, sparse_matryoshka_losses
-from .sparsity import all_reduce_any, mask_batch_topk, mask_threshold, smallest_kept_activation, world_size
+from .sparsity import (
+    JumpReLU,
+    Step,
+    all_reduce_any,
+    mask_batch_topk,
+    mask_threshold,
+    smallest_kept_activation,
+    world_size,
+)
+
+CORE_THRESHOLD_INIT = 0.001
+"""`jumprelu_core`: every core latent's threshold at initialisation (normalised units), as JumpReLU SAEs start."""
 
 SPARSE_BLOCK_VALUES = 2**24
 """Pre-activations `encode_sparse` builds at once under the inference threshold: 64 MB in fp32 (256 rows at 65 536
@@ -33,14 +45,15 @@ class DMSAEOutput(ModelOutput):
     """Output of [`DMSAEModel.forward`].
 
     Args:
-        loss: `Σ_i prefix_losses[i] + aux_coef · aux_loss` (+ `core_l1_coef · core_l1` in `penalized_core` mode),
-            the training objective (Eq. 5); the sum is divided by `G²` with
+        loss: `Σ_i prefix_losses[i] + aux_coef · aux_loss` (+ `core_sparsity_coef · core_sparsity` in the
+            penalized modes), the training objective (Eq. 5); the sum is divided by `G²` with
             `prefix_loss_weighting="dictionary_learning"`.
         prefix_losses: `[G]` mean squared error (summed over `d_in`, normalised units) of the reconstruction from
             the core and the first `i` non-core groups; the last one uses the full dictionary.
         aux_loss: AuxK loss: how well the top `aux_k` dead latents reconstruct the residual, relative to its variance.
-        core_l1: mean over rows of the core's summed activations (normalised units); in `penalized_core` mode the
-            loss adds `core_l1_coef` times it.
+        core_sparsity: the core's sparsity penalty before its weight `core_sparsity_coef`: the mean over rows of the
+            core's summed activations (normalised units), or in `jumprelu_core` mode of its active latents (with a
+            straight-through gradient for the thresholds).
         latents: `[B, dict_size]` masked activations (normalised units).
         reconstruction: `[B, d_in]` reconstruction by the full dictionary, in raw activation units.
         l0_core: mean number of active core latents per row.
@@ -50,7 +63,7 @@ class DMSAEOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     prefix_losses: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
-    core_l1: torch.FloatTensor | None = None
+    core_sparsity: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
     l0_core: torch.FloatTensor | None = None
@@ -97,7 +110,7 @@ class _Pass:
     kept_values: torch.Tensor  # the activations BatchTopK kept (threshold EMA target)
     l0_core: torch.Tensor
     l0_noncore: torch.Tensor
-    core_l1: torch.Tensor  # mean over rows of the core's summed activations
+    core_sparsity: torch.Tensor  # the core's sparsity penalty before its weight (`DMSAEOutput.core_sparsity`)
     preactivations_of: Callable[[torch.Tensor], torch.Tensor]  # ReLU pre-activations of given latents, [B, len]
 
 
@@ -135,6 +148,9 @@ class DMSAEModel(PreTrainedModel):
         self.register_buffer("threshold", torch.tensor(-1.0))
         # Training tokens since each latent last fired; a latent is dead past `dead_tokens_threshold` (AuxK).
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        # `jumprelu_core`: each core latent's learned threshold, as its log (it stays positive).
+        jumprelu = config.sparsity == "jumprelu_core"
+        self.core_log_threshold = nn.Parameter(torch.empty(config.core_size)) if jumprelu else None
         # The dead latents AuxK reads, as set by `refresh_dead_latents` (None: found at every step, which waits for
         # the device; `DMSAETrainer` refreshes them at its logging steps instead).
         self.dead_latents: torch.Tensor | None = None
@@ -153,6 +169,8 @@ class DMSAEModel(PreTrainedModel):
         init.zeros_(self.b_dec)
         init.constant_(self.threshold, -1.0)
         init.zeros_(self.tokens_since_fired)
+        if self.core_log_threshold is not None:
+            init.constant_(self.core_log_threshold, math.log(CORE_THRESHOLD_INIT))
 
     @classmethod
     def from_core(cls, config: DMSAEConfig, core_rows: torch.Tensor) -> DMSAEModel:
@@ -225,8 +243,28 @@ class DMSAEModel(PreTrainedModel):
         if batch_topk is None:
             batch_topk = self.masks_by_batch_topk
         if batch_topk:
-            return mask_batch_topk(z, start, self.config.topk_per_row)
-        return mask_threshold(z, start, self.threshold)
+            latents = mask_batch_topk(z, start, self.config.topk_per_row)
+        else:
+            latents = mask_threshold(z, start, self.threshold)
+        if self.core_log_threshold is None:
+            return latents
+        return torch.cat([self.core_activations(latents[:, :start]), latents[:, start:]], dim=1)
+
+    def core_activations(self, preactivations: torch.Tensor) -> torch.Tensor:
+        """An unmasked core's latents `[B, c]` from its ReLU pre-activations: themselves, or in `jumprelu_core` mode
+        those above each latent's learned threshold."""
+        if self.core_log_threshold is None:
+            return preactivations
+        return JumpReLU.apply(preactivations, self.core_log_threshold.exp(), self.config.jumprelu_bandwidth)
+
+    def _core_sparsity(self, preactivations: torch.Tensor, core_l1: torch.Tensor) -> torch.Tensor:
+        """The core's sparsity penalty before its weight: its active latents per row (`jumprelu_core`: a step at
+        each threshold, with a straight-through gradient for it) or `core_l1`, its summed activations per row."""
+        if self.core_log_threshold is None:
+            return core_l1
+        c = self.config.core_size
+        threshold = self.core_log_threshold.exp()
+        return Step.apply(preactivations[:, :c], threshold, self.config.jumprelu_bandwidth).sum(1).mean()
 
     def encode(self, activations: torch.Tensor, batch_topk: bool | None = None) -> torch.Tensor:
         """Raw activations `[..., d_in]` → masked latents `[..., dict_size]`. The mask is BatchTopK over the rows
@@ -292,12 +330,12 @@ class DMSAEModel(PreTrainedModel):
         aux_loss = self._aux_loss(x, step.reconstruction, step.preactivations_of)
         loss = self._prefix_weight(len(prefix_losses)) * prefix_losses.sum() + self.config.aux_coef * aux_loss
         if self.config.core_penalty:
-            loss = loss + self.config.core_penalty * step.core_l1
+            loss = loss + self.config.core_penalty * step.core_sparsity
         return DMSAEOutput(
             loss=loss,
             prefix_losses=prefix_losses,
             aux_loss=aux_loss,
-            core_l1=step.core_l1,
+            core_sparsity=step.core_sparsity,
             latents=step.latents if return_latents else None,
             reconstruction=step.reconstruction * self.config.norm_factor,
             l0_core=step.l0_core,
@@ -313,6 +351,7 @@ class DMSAEModel(PreTrainedModel):
         c, start = self.config.core_size, self.config.first_masked_latent
         z = self._relu_preactivations(x)
         latents = self._mask(z)
+        core_sparsity = self._core_sparsity(z[:, :c], latents[:, :c].float().sum(1).mean())
         reconstructions, reconstruction, low = [], self.b_dec.expand_as(x), 0
         for end in [c] + self.config.prefix_ends:
             if end > low:
@@ -329,7 +368,7 @@ class DMSAEModel(PreTrainedModel):
             kept_values=latents[:, start:],
             l0_core=active[:, :c].sum(1).mean(),
             l0_noncore=active[:, c:].sum(1).mean(),
-            core_l1=latents[:, :c].float().sum(1).mean(),
+            core_sparsity=core_sparsity,
             preactivations_of=lambda index: z[:, index],
         )
 
@@ -345,6 +384,9 @@ class DMSAEModel(PreTrainedModel):
             start,
             self.config.topk_per_row * batch,
         )
+        preactivations, core = core, self.core_activations(core)
+        core_l1 = (core.float().sum() + values[cols < c].float().sum()) / batch  # the core's, in any mode
+        core_sparsity = self._core_sparsity(preactivations, core_l1)
         prefix_losses, reconstruction = sparse_matryoshka_losses(
             x, core, rows, cols, values, by_col, self.W_dec, self.b_dec, self.config.prefix_ends
         )
@@ -364,7 +406,7 @@ class DMSAEModel(PreTrainedModel):
             kept_values=values,
             l0_core=(torch.count_nonzero(core_active[:, :c]) + core_entries) / batch,
             l0_noncore=(torch.count_nonzero(active) - core_entries) / batch,
-            core_l1=(core[:, :c].float().sum() + values[cols < c].float().sum()) / batch,
+            core_sparsity=core_sparsity,
             preactivations_of=lambda index: F.relu(
                 F.linear(x - self.b_dec, self.W_enc[index], self.encoder_bias[index])
             ),

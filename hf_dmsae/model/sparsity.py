@@ -60,3 +60,37 @@ def all_reduce_any(flags: torch.Tensor) -> torch.Tensor:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class JumpReLU(torch.autograd.Function):
+    """`z · 1[z > θ]` per column (`θ` `[columns]`), with JumpReLU's straight-through gradient for `θ` (Rajamanoharan
+    et al. 2024): `∂/∂θ ≈ −θ/ε · K((z − θ)/ε)`, `K` the unit rectangle and `ε` the bandwidth."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, threshold = ctx.saved_tensors
+        window = ((z - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype) / ctx.bandwidth
+        return grad * (z > threshold), -(threshold * window * grad).sum(0), None
+
+
+class Step(torch.autograd.Function):
+    """`1[z > θ]` per column, with the pseudo-derivative `−1/ε · K((z − θ)/ε)` for `θ` and none for `z`: the
+    L0 penalty of a JumpReLU."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, threshold = ctx.saved_tensors
+        window = ((z - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype) / ctx.bandwidth
+        return None, -(window * grad).sum(0), None

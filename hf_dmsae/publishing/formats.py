@@ -256,10 +256,11 @@ def _dictionary_learning_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def save_sae_lens(model: DMSAEModel, folder: str | Path) -> Path:
     """Write `model` as the SAELens JumpReLU SAE it is at inference (`cfg.json` + `sae_weights.safetensors`, loaded
-    by `sae_lens.SAE.load_from_disk`): per-latent threshold 0 on the dense core (ReLU only) and the calibrated
-    threshold on every masked latent. The normalisation factor `s` is folded in (`W_enc/s`, `s·W_dec`, `s·b_dec`),
-    so it reads raw activations and gives the same latents and reconstructions as the DMSAE; decoder rows then have
-    norm `s`. The DMSAE's own settings (core, groups, sparsity, k) travel in the config's metadata."""
+    by `sae_lens.SAE.load_from_disk`): per-latent threshold 0 on the dense core (ReLU only; a `jumprelu_core`'s own
+    learned thresholds) and the calibrated threshold on every masked latent. The normalisation factor `s` is folded
+    in (`W_enc/s`, `s·W_dec`, `s·b_dec`), so it reads raw activations and gives the same latents and reconstructions
+    as the DMSAE; decoder rows then have norm `s`. The DMSAE's own settings (core, groups, sparsity, k) travel in the
+    config's metadata."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
@@ -268,6 +269,8 @@ def save_sae_lens(model: DMSAEModel, folder: str | Path) -> Path:
         raise ValueError("the model has no inference threshold yet: train it or call calibrate_threshold first")
     threshold = torch.full((config.dict_size,), float(model.threshold))
     threshold[: config.first_masked_latent] = 0.0
+    if model.core_log_threshold is not None:  # `jumprelu_core`: the core's own learned thresholds
+        threshold[: config.core_size] = model.core_log_threshold.detach().float().exp()
     metadata = SAEMetadata(
         model_name=config.base_model,
         hook_name=hook_point(config),
