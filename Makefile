@@ -64,10 +64,10 @@ dynamics: demo synthetic
 	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic \
 		--budgets 250000 1000000 5000000
 
-# The scorers compared (GxA, latent ablation as q-quantile and mean, integrated gradients): a distillation per scorer
-# and seed in the synthetic benchmark's world, its cores against the useful features; then the demo's last cycle scored
-# by each on the first 512 positions of its attribution split, against GxA; into reports/scorers-*, which `make
-# scorers` continues from (commit them).
+# The scorers compared (GxA and latent ablation, each as q-quantile and mean, and integrated gradients): a
+# distillation per scorer and seed in the synthetic benchmark's world, its cores against the useful features; then
+# the demo's last cycle scored by each on the first 512 positions of its attribution split, against GxA; into
+# reports/scorers-*, which `make scorers` continues from (commit them; about 35 min on 2 CPU cores).
 scorers: demo
 	$(BIN)/python scripts/scorers.py configs/synthetic.json --study_dir runs/scorers \
 		--results_dir reports/scorers-synthetic

@@ -51,7 +51,7 @@ class ScorerStudyArguments:
         },
     )
     scorers: list[str] = field(
-        default_factory=lambda: ["gxa", "ablation", "ablation:mean", "integrated_gradients"],
+        default_factory=lambda: ["gxa", "gxa:mean", "ablation", "ablation:mean", "integrated_gradients"],
         metadata={"help": f"Scorers, each `scorer` or `scorer:aggregation` (quantile or mean), of {SCORERS}."},
     )
     study_dir: str = field(default="runs/scorers", metadata={"help": "Folder of the synthetic distillations."})
