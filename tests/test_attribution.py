@@ -25,8 +25,8 @@ def tiny_lm(tiny_lm_dir):
     return load_language_model(str(tiny_lm_dir))
 
 
-@pytest.fixture(scope="module")
-def sae():
+def sae_with_core(norm_factor: float) -> DMSAEModel:
+    """A random cycle-1 DMSAE with a core of 6 latents, hooked at block 2 of the tiny LM."""
     torch.manual_seed(0)
     config = DMSAEConfig(
         d_in=32,
@@ -36,13 +36,18 @@ def sae():
         core_ids=[f"cycle0:{i}" for i in range(6)],
         hook_layer=2,
         hook_name="resid_post",
-        norm_factor=2.0,
+        norm_factor=norm_factor,
         cycle=1,
     )
-    model = DMSAEModel.from_core(config, torch.randn(6, 32))
+    return DMSAEModel.from_core(config, torch.randn(6, 32)).eval()
+
+
+@pytest.fixture(scope="module")
+def sae():
+    model = sae_with_core(norm_factor=2.0)
     with torch.no_grad():
         model.b_enc.fill_(-0.05)
-    return model.eval()
+    return model
 
 
 @pytest.mark.parametrize("q", [0.99, 0.9, 0.5, 0.0, 1.0])
@@ -215,30 +220,13 @@ def test_attribution_arguments_are_checked_when_parsed():
             AttributionArguments(**bad)
 
 
-def sae_for(data) -> DMSAEModel:
-    """A random DMSAE with a core in the units of `data`'s activations (so that its latents fire on them)."""
-    torch.manual_seed(0)
-    config = DMSAEConfig(
-        d_in=32,
-        dict_size=96,
-        core_size=6,
-        k=6,
-        core_ids=[f"cycle0:{i}" for i in range(6)],
-        hook_layer=2,
-        hook_name="resid_post",
-        norm_factor=data.sae_fields()["norm_factor"],
-        cycle=1,
-    )
-    return DMSAEModel.from_core(config, torch.randn(6, 32)).eval()
-
-
 def test_ablation_and_integrated_gradients_on_the_lm_against_their_definitions(tiny_lm_dir, tmp_path):
     """On the tiny LM's own next-token loss: each ablation value is the change of a position's loss from a forward
     with that latent's decoded part removed at every scored position, computed here by hand; integrated gradients
     with one step is GxA at the clean activations (the same masks and gradient), and with more steps moves away from
     it while ranking latents alike."""
     data = tiny_run_data(tmp_path / "run", tiny_activation_args(tiny_lm_dir))
-    sae = sae_for(data)
+    sae = sae_with_core(data.sae_fields()["norm_factor"])  # its latents fire on the LM's rows
     args = AttributionArguments(attribution_tokens=1500, scorer_tokens=200, q=0.9)
     objective = data.objective(args, batch_size=64)
     batch = objective.batches()[0]
@@ -270,7 +258,7 @@ def test_ablation_and_integrated_gradients_on_the_lm_against_their_definitions(t
 
 def test_every_scorer_selects_a_core_and_says_which(tiny_lm_dir, tmp_path):
     data = tiny_run_data(tmp_path / "run", tiny_activation_args(tiny_lm_dir))
-    sae = sae_for(data)
+    sae = sae_with_core(data.sae_fields()["norm_factor"])  # its latents fire on the LM's rows
     for scorer, aggregation in (("gxa", "mean"), ("ablation", "quantile"), ("integrated_gradients", "mean")):
         settings = dict(scorer=scorer, aggregation=aggregation, ig_steps=2)
         args = AttributionArguments(attribution_tokens=1500, scorer_tokens=100, q=0.9, tau=0.8, **settings)
