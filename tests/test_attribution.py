@@ -138,6 +138,8 @@ def test_gxa_scores_equal_a_brute_force_quantile(sae):
     )[:500]
     torch.testing.assert_close(scores, torch.quantile(values, 0.9, dim=0), rtol=1e-4, atol=1e-6)
     assert (scores[:6] > 0).all(), "dense core latents are always scored"
+    means = gxa_scores(sae, blocks, batch_size=64, q=0.9, max_rows=600, aggregation="mean")
+    torch.testing.assert_close(means, values.mean(0), rtol=1e-4, atol=1e-7)
 
 
 def attribution_scores(data, sae, batch_size=64, **overrides):
