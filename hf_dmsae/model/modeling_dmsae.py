@@ -385,7 +385,8 @@ class DMSAEModel(PreTrainedModel):
             self.config.topk_per_row * batch,
         )
         preactivations, core = core, self.core_activations(core)
-        core_l1 = (core.float().sum() + values[cols < c].float().sum()) / batch  # the core's, in any mode
+        # The core's, in any mode; masked by a product, as boolean indexing would wait for the device.
+        core_l1 = (core.float().sum() + (values.float() * (cols < c)).sum()) / batch
         core_sparsity = self._core_sparsity(preactivations, core_l1)
         prefix_losses, reconstruction = sparse_matryoshka_losses(
             x, core, rows, cols, values, by_col, self.W_dec, self.b_dec, self.config.prefix_ends
