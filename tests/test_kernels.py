@@ -118,8 +118,9 @@ def paired_models(device: torch.device = CPU, **overrides):
         dict(core_size=0),  # plain Matryoshka
         dict(sparsity="sparse_core", k=6),  # the core competes in the global BatchTopK
         dict(frozen_rows=3),  # a core with some trainable rows
+        dict(sparsity="linear_core", frozen_rows=0),  # a learned linear block: signed, trained core latents
     ],
-    ids=["dense-core", "no-core", "sparse-core", "partly-frozen-core"],
+    ids=["dense-core", "no-core", "sparse-core", "partly-frozen-core", "learned-linear-core"],
 )
 def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides, selection, decode_blocks, device):
     sparse, reference = paired_models(device, **overrides)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel
 
 from hf_dmsae import DMSAEModel
@@ -232,6 +232,35 @@ def test_a_jumprelu_core_keeps_a_core_latent_only_above_its_learned_threshold(ke
     reloaded = DMSAEModel.from_pretrained(tmp_path)
     assert torch.equal(reloaded.core_log_threshold, jump.core_log_threshold)
     torch.testing.assert_close(reloaded.eval().encode(x), jump.eval().encode(x))
+
+
+@pytest.mark.parametrize("kernels", ["sparse", "reference"])
+def test_a_linear_core_reads_out_signed_values_outside_the_budget(kernels, tmp_path):
+    """`linear_core`: the core's latents are its linear pre-activations, negative ones included (every core latent
+    active on every row), decoded as any latent, while the non-core latents are masked as in `dense_core`; a learned
+    block (`frozen_rows=0`) trains its rows through negative values as well; formats that rectify every latent
+    refuse it."""
+    from hf_dmsae import save_sae_lens
+
+    dense = tiny_model(kernels=kernels)
+    linear = tiny_model(kernels=kernels, sparsity="linear_core")
+    linear.load_state_dict(dense.state_dict())
+    x = torch.randn(64, 16)
+    a, b = dense.train()(x), linear.train()(x)
+    read_out = (x - linear.b_dec) @ linear.W_enc[:8].T + linear.b_enc[:8]
+    assert (read_out < 0).float().mean() > 0.3
+    torch.testing.assert_close(b.latents[:, :8], read_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.latents[:, 8:], b.latents[:, 8:])
+    assert b.l0_core == 8 and a.l0_core < 8
+    torch.testing.assert_close(b.reconstruction, linear.decode(b.latents), rtol=1e-5, atol=1e-5)
+
+    learned = DMSAEModel(tiny_config(kernels=kernels, sparsity="linear_core", frozen_rows=0))
+    learned.train()(x).loss.backward()
+    core_grad = learned.W_enc_trainable.grad[:8]
+    assert (core_grad.norm(dim=1) > 0).all()  # a ReLU core's rows below zero on every row would get none
+    learned.eval()
+    with pytest.raises(ValueError, match="signed core latents"):
+        save_sae_lens(learned, tmp_path / "sae_lens")
 
 
 @pytest.mark.parametrize("kernels", ["sparse", "reference"])

@@ -114,7 +114,11 @@ def test_a_random_core_variant_holds_the_distillation_controls_rows_in_either_sp
         assert model.config.core_ids == [f"random:{i}" for i in range(6)]
         assert model.config.k_noncore == (round(8 * 250 / 256) if sparsity == "dense_core" else 8)
     assert not torch.allclose(control.encoder_rows, core.encoder_rows / core.encoder_rows.norm(dim=1, keepdim=True))
-    for variant in ("random_dense_core", "random_sparse_core", "matryoshka", "dense_core"):  # its init, rebuilt
+    learned = transfer.new_model(8, "learned_linear_core")  # the dense baseline: the core's rank, nothing frozen
+    assert learned.config.sparsity == "linear_core" and learned.config.frozen_rows == 0
+    assert learned.config.core_ids == [f"learned:{i}" for i in range(6)] and learned.W_enc_frozen.numel() == 0
+    assert learned.config.k_noncore == round(8 * 250 / 256)
+    for variant in ("random_dense_core", "random_sparse_core", "matryoshka", "dense_core", "learned_linear_core"):
         model = transfer.new_model(8, variant)
         fresh = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         with torch.no_grad():

@@ -58,7 +58,7 @@ def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tens
 
 def active_counts(latents: torch.Tensor, core_size: int) -> torch.Tensor:
     """`[B, 2]` numbers of active core and non-core latents per row (what the Trainer gathers for the `l0` metric)."""
-    active = latents > 0
+    active = latents != 0  # a `linear_core`'s latents are signed
     return torch.stack([active[:, :core_size].sum(1), active[:, core_size:].sum(1)], dim=1)
 
 

@@ -28,7 +28,7 @@ def latent_statistics(sae: DMSAEModel, activations: Iterable[torch.Tensor]) -> d
     rows = 0
     for x in activations:
         latents = sae.encode(x.to(sae.device)).double()
-        fired += (latents > 0).sum(0)
+        fired += (latents != 0).sum(0)
         squared += latents.pow(2).sum(0)
         rows += len(x)
     sae.train(was_training)

@@ -21,7 +21,7 @@ from ..data.activations import ActivationArguments
 from ..data.language_model import lm_width
 from ..evaluation.held_out import activation_metrics
 from ..evaluation.saebench import SAEBenchArguments, headline_metrics
-from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
+from ..model.configuration_dmsae import LEARNED_VARIANTS, PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..publishing.formats import fit_differences
@@ -56,7 +56,10 @@ class TransferArguments:
     ks: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 320, 640], metadata={"help": "Target L0s."})
     variants: list[str] = field(
         default_factory=lambda: list(PAPER_VARIANTS),
-        metadata={"help": f"Of {VARIANTS}; `random_*`: around random unit rows, as many as the core's."},
+        metadata={
+            "help": f"Of {VARIANTS}; `random_*`: around random unit rows, as many as the core's; `learned_*`: "
+            "around as many latents trained from a fresh initialisation (the learned dense block)."
+        },
     )
     ce_batches: int = field(default=8, metadata={"help": "Held-out LM batches for CE loss recovered."})
     model_repo: str | None = field(
@@ -155,14 +158,15 @@ class Transfer:
         """The `variant` model at L0 `k`; a transfer sweeps `k`, so `k_noncore` always follows it (Eq. 4 at the core
         size, by `k_noncore_for`), whatever value was given for one run. A random core's rows are the distillation
         control's of the run's seed (`random_core_generator`)."""
-        core = None if variant == "matryoshka" else self.core
+        core = None if variant in ("matryoshka", *LEARNED_VARIANTS) else self.core
         if variant.startswith("random_"):
             generator = random_core_generator(self.training_args.seed)
             core = random_core(self.core, self.core.encoder_rows.shape[1], generator)
-        sparsity = "dense_core" if variant == "matryoshka" else variant.removeprefix("random_")
+        learned = len(self.core) if variant in LEARNED_VARIANTS else 0
+        sparsity = "dense_core" if variant == "matryoshka" else variant.removeprefix("random_").removeprefix("learned_")
         sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None, sparsity=sparsity)
-        sae = dataclasses.replace(sae, k_noncore=k_noncore_for(sae, reference_core_size=len(core or [])))
-        return new_model(sae, self.data, core, seed=self.training_args.seed)
+        sae = dataclasses.replace(sae, k_noncore=k_noncore_for(sae, reference_core_size=len(core or []) + learned))
+        return new_model(sae, self.data, core, seed=self.training_args.seed, learned_core=learned)
 
     def evaluate(self, model: DMSAEModel) -> dict[str, float]:
         """Held-out metrics and the objective's (an LM: CE loss recovered) (main process; {} elsewhere)."""

@@ -9,13 +9,15 @@ from typing import Literal, Union, get_args, get_origin
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-Sparsity = Literal["dense_core", "sparse_core", "penalized_core", "jumprelu_core"]
+Sparsity = Literal["dense_core", "sparse_core", "penalized_core", "jumprelu_core", "linear_core"]
 PrefixLossWeighting = Literal["sum", "dictionary_learning"]
 SPARSITY_MODES = get_args(Sparsity)
 PREFIX_LOSS_WEIGHTINGS = get_args(PrefixLossWeighting)
 # The SAEs a study compares: a DMSAE of any sparsity mode around the distilled core, the Matryoshka SAE without
-# one, and the paper's control, a DMSAE around random unit rows as many as the core's (Fig. 3).
-VARIANTS = (*SPARSITY_MODES, "matryoshka", *(f"random_{mode}" for mode in SPARSITY_MODES))
+# one, the paper's control, a DMSAE around random unit rows as many as the core's (Fig. 3), and the dense baseline
+# the paper lacks, a learned linear block of the core's rank (a `linear_core` trained from a fresh initialisation).
+LEARNED_VARIANTS = ("learned_linear_core",)
+VARIANTS = (*SPARSITY_MODES, "matryoshka", *(f"random_{mode}" for mode in SPARSITY_MODES), *LEARNED_VARIANTS)
 PAPER_VARIANTS = ("dense_core", "sparse_core", "matryoshka")
 
 # SAEBench's Matryoshka group fractions (1/32, 1/16, 1/8, 1/4, rest), applied to the non-core latents.
@@ -145,7 +147,8 @@ class DMSAEConfig(PreTrainedConfig):
                 "the core outside the budget as in `dense_core`, made sparse by a penalty of weight "
                 "`core_sparsity_coef`, so that a core latent fires only where it pays for itself: `penalized_core`, "
                 "an L1 penalty on the core's activations; `jumprelu_core`, a learned threshold per core latent "
-                "(JumpReLU) and an L0 penalty."
+                "(JumpReLU) and an L0 penalty. `linear_core`: the core outside the budget and linear (signed, no "
+                "ReLU); with trainable rows (`frozen_rows=0`) a learned dense linear block of rank `core_size`."
             )
         },
     )
@@ -346,6 +349,11 @@ class DMSAEConfig(PreTrainedConfig):
     def core_unmasked(self) -> bool:
         """Whether the core is outside BatchTopK and the inference threshold (every mode but `sparse_core`)."""
         return self.sparsity != "sparse_core"
+
+    @property
+    def core_linear(self) -> bool:
+        """Whether the core's latents are linear read-outs (signed; `linear_core`) rather than ReLU's."""
+        return self.sparsity == "linear_core"
 
     @property
     def first_masked_latent(self) -> int:

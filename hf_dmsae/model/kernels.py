@@ -170,7 +170,8 @@ def release_reused_buffers() -> None:
 
 
 class SparseEncode(torch.autograd.Function):
-    """`z = ReLU((x − b_dec) W_encᵀ + b_enc)`; the first `start` columns (the dense core) returned whole, BatchTopK
+    """`z = ReLU((x − b_dec) W_encᵀ + b_enc)`; the first `start` columns (the dense core, without the ReLU unless
+    `core_relu`: a `linear_core`) returned whole, BatchTopK
     of `k_total` entries over the rest returned as `(rows, cols, values)` (cols counted from 0 = first latent), and
     `by_col`, the entries' order by column, which this backward and `SparseMatryoshkaLoss`'s both bag by.
 
@@ -181,7 +182,7 @@ class SparseEncode(torch.autograd.Function):
     (a buffer, not a parameter)."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_frozen, W_trainable, b_enc, start: int, k_total: int):
+    def forward(ctx, x, b_dec, W_frozen, W_trainable, b_enc, start: int, k_total: int, core_relu: bool = True):
         with torch.no_grad():
             compute_dtype = torch.get_autocast_dtype("cpu" if x.device.type == "cpu" else x.device.type)
             autocast = torch.is_autocast_enabled(x.device.type)
@@ -201,7 +202,7 @@ class SparseEncode(torch.autograd.Function):
             # ReLU on what is kept only (new tensors: nothing returned or saved may point into a reused buffer). The
             # selection on the raw values keeps the same positive entries; where fewer than k_total are positive, the
             # others it keeps are zeros after ReLU either way.
-            core = F.relu(pre[:, :start]).float()
+            core = (F.relu(pre[:, :start]) if core_relu else pre[:, :start].clone()).float()
             # The core's columns (copied out above) are never selected: BatchTopK over the whole buffer, so that a
             # GPU's one topk flattens it without copying the [B, n − c] rest (1 GB at the paper's scale).
             pre[:, :start] = -math.inf
@@ -210,6 +211,7 @@ class SparseEncode(torch.autograd.Function):
             by_col = stable_order(cols, n)
         ctx.save_for_backward(x, b_dec, W_frozen, W_trainable, core, rows, cols, values, by_col)
         ctx.mark_non_differentiable(rows, cols, by_col)
+        ctx.core_relu = core_relu
         return core, rows, cols, values, by_col
 
     @staticmethod
@@ -219,7 +221,10 @@ class SparseEncode(torch.autograd.Function):
         f, start = W_frozen.shape[0], core.shape[1]
         n = f + W_trainable.shape[0]
         grad_values = grad_values * (values > 0)  # ReLU: kept zeros pass no gradient
-        grad_core = grad_core * (core > 0) if grad_core is not None else torch.zeros_like(core)
+        if grad_core is None:
+            grad_core = torch.zeros_like(core)
+        elif ctx.core_relu:
+            grad_core = grad_core * (core > 0)
 
         grad_b_enc = torch.zeros(n, device=x.device).index_add_(0, cols, grad_values)
         grad_b_enc[:start] += grad_core.sum(0)
@@ -250,7 +255,7 @@ class SparseEncode(torch.autograd.Function):
             if start > f:  # trainable core rows see the dense core gradient
                 grad_W[f:start] += grad_core[:, f:].T @ x32
             grad_W = grad_W[f:].addr_(grad_b_enc[f:], b_dec.float(), alpha=-1).to(W_trainable.dtype)
-        return grad_x, grad_b_dec, None, grad_W, grad_b_enc, None, None
+        return grad_x, grad_b_dec, None, grad_W, grad_b_enc, None, None, None
 
 
 BLOCKED_DECODE_DEVICES = {"cpu"}

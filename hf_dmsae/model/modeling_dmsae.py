@@ -77,7 +77,7 @@ class SparseLatents:
 
     rows: torch.Tensor  # [E] long
     cols: torch.Tensor  # [E] long
-    values: torch.Tensor  # [E] > 0, normalised units
+    values: torch.Tensor  # [E] nonzero (> 0 but a `linear_core`'s), normalised units
     shape: tuple[int, int]
 
     @classmethod
@@ -214,13 +214,17 @@ class DMSAEModel(PreTrainedModel):
         return activations.reshape(-1, d).to(self.W_dec.dtype)
 
     def _relu_preactivations(self, x: torch.Tensor) -> torch.Tensor:
-        """`ReLU((x − b_dec) W_encᵀ + b_enc)` for normalised `x`, without materialising the joined `W_enc`; the bias
-        and the ReLU act in place on the joined output (one `[B, n]` tensor fewer at a time; autograd-safe: neither
-        `cat` nor the addition saves what they overwrite)."""
+        """`ReLU((x − b_dec) W_encᵀ + b_enc)` for normalised `x` (a `linear_core`'s columns without the ReLU),
+        without materialising the joined `W_enc`; the bias and the ReLU act in place on the joined output (one
+        `[B, n]` tensor fewer at a time; autograd-safe: neither `cat` nor the addition saves what they overwrite)."""
         centred = x - self.b_dec
         frozen = F.linear(centred, self.W_enc_frozen)
         trainable = F.linear(centred, self.W_enc_trainable)
-        return torch.cat([frozen, trainable], dim=1).add_(self.encoder_bias).relu_()
+        preactivations = torch.cat([frozen, trainable], dim=1).add_(self.encoder_bias)
+        if not self.config.core_linear:
+            return preactivations.relu_()
+        c = self.config.core_size
+        return torch.cat([preactivations[:, :c], preactivations[:, c:].relu()], dim=1)
 
     @property
     def encoder_bias(self) -> torch.Tensor:
@@ -351,7 +355,7 @@ class DMSAEModel(PreTrainedModel):
         c, start = self.config.core_size, self.config.first_masked_latent
         z = self._relu_preactivations(x)
         latents = self._mask(z)
-        core_sparsity = self._core_sparsity(z[:, :c], latents[:, :c].float().sum(1).mean())
+        core_sparsity = self._core_sparsity(z[:, :c], latents[:, :c].float().abs().sum(1).mean())
         reconstructions, reconstruction, low = [], self.b_dec.expand_as(x), 0
         for end in [c] + self.config.prefix_ends:
             if end > low:
@@ -359,12 +363,12 @@ class DMSAEModel(PreTrainedModel):
             if end > c:
                 reconstructions.append(reconstruction)
             low = end
-        active = (latents > 0).float()
+        active = (latents != 0).float()
         return _Pass(
             prefix_losses=torch.stack([squared_error(x, r) for r in reconstructions]),
             reconstruction=reconstruction,
             latents=latents,
-            fired=(latents > 0).any(0),
+            fired=(latents != 0).any(0),
             kept_values=latents[:, start:],
             l0_core=active[:, :c].sum(1).mean(),
             l0_noncore=active[:, c:].sum(1).mean(),
@@ -383,17 +387,18 @@ class DMSAEModel(PreTrainedModel):
             self.encoder_bias,
             start,
             self.config.topk_per_row * batch,
+            not self.config.core_linear,
         )
         preactivations, core = core, self.core_activations(core)
         # The core's, in any mode; masked by a product, as boolean indexing would wait for the device.
-        core_l1 = (core.float().sum() + (values.float() * (cols < c)).sum()) / batch
+        core_l1 = (core.float().abs().sum() + (values.float() * (cols < c)).sum()) / batch
         core_sparsity = self._core_sparsity(preactivations, core_l1)
         prefix_losses, reconstruction = sparse_matryoshka_losses(
             x, core, rows, cols, values, by_col, self.W_dec, self.b_dec, self.config.prefix_ends
         )
-        active, core_active = values > 0, core > 0  # counted by count_nonzero: a bool sum copies to int64 first
+        active, core_active = values > 0, core != 0  # counted by count_nonzero: a bool sum copies to int64 first
         fired = torch.zeros(n, dtype=torch.int32, device=x.device).index_add_(0, cols, active.int()) > 0
-        fired[:start] |= core.sum(0) > 0  # core ≥ 0: as any(0), which reduces across rows ~20x slower on a CPU
+        fired[:start] |= core.abs().sum(0) > 0  # as (core != 0).any(0), which reduces ~20x slower on a CPU
         core_entries = torch.count_nonzero(active & (cols < c))
         latents = None
         if return_latents:

@@ -254,6 +254,15 @@ def _dictionary_learning_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_rectified(model: DMSAEModel, format_name: str) -> None:
+    """Both formats rectify every latent; a `linear_core`'s signed latents would lose their negative half."""
+    if model.config.core_linear:
+        raise ValueError(
+            f"a linear_core model has signed core latents, which the {format_name} format (a ReLU on every latent) "
+            "cannot hold: keep it in the Hugging Face format (save_pretrained)"
+        )
+
+
 def save_sae_lens(model: DMSAEModel, folder: str | Path) -> Path:
     """Write `model` as the SAELens JumpReLU SAE it is at inference (`cfg.json` + `sae_weights.safetensors`, loaded
     by `sae_lens.SAE.load_from_disk`): per-latent threshold 0 on the dense core (ReLU only; a `jumprelu_core`'s own
@@ -264,6 +273,7 @@ def save_sae_lens(model: DMSAEModel, folder: str | Path) -> Path:
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
+    _check_rectified(model, "SAELens")
     config, scale = model.config, model.config.norm_factor
     if float(model.threshold) < 0:
         raise ValueError("the model has no inference threshold yet: train it or call calibrate_threshold first")
@@ -306,6 +316,7 @@ def save_dictionary_learning(model: DMSAEModel, folder: str | Path) -> Path:
     `scale_biases` does), so the checkpoint reads raw activations. The format has one global threshold and no
     unmasked core: a dense-core model's core latents are thresholded there like the others.
     """
+    _check_rectified(model, "dictionary_learning")
     config, scale = model.config, model.config.norm_factor
     group_sizes = [config.prefix_ends[0]] + config.group_sizes[1:]
     state = {

@@ -104,10 +104,16 @@ def sae_config(sae: SAEArguments, data, **overrides) -> DMSAEConfig:
     return DMSAEConfig(**(settings | data.sae_fields() | overrides))
 
 
-def new_model(sae: SAEArguments, data, core=None, *, seed: int, cycle: int = 0) -> DMSAEModel:
+def new_model(sae: SAEArguments, data, core=None, *, seed: int, cycle: int = 0, learned_core: int = 0) -> DMSAEModel:
     """A freshly initialised model (under `seed`) on `data`'s activations, around `core` (a `DMSAECore`: its rows
-    copied bit for bit into the frozen encoder rows, its ids kept), or without one."""
+    copied bit for bit into the frozen encoder rows, its ids kept), around a learned core of `learned_core` latents
+    (ids `learned:i`; initialised as every other latent and trained, none frozen), or without a core."""
     set_seed(seed)
+    if core is not None and learned_core:
+        raise ValueError("a model has either a given core or a learned one, not both")
+    if learned_core:
+        ids = [f"learned:{i}" for i in range(learned_core)]
+        return DMSAEModel(sae_config(sae, data, cycle=cycle, core_size=learned_core, core_ids=ids, frozen_rows=0))
     if core is None:
         return DMSAEModel(sae_config(sae, data, cycle=cycle))
     config = sae_config(sae, data, cycle=cycle, core_size=len(core), core_ids=list(core.latent_ids))
@@ -118,6 +124,6 @@ def initial_model(trained: DMSAEModel, seed: int) -> DMSAEModel:
     """The model `new_model` gave under `seed` before `trained` was trained from it, rebuilt from its config and
     frozen core rows: what training left in place is measured against it."""
     set_seed(seed)
-    if trained.config.core_size == 0:
+    if trained.config.frozen_rows == 0:  # no core, or a learned one
         return DMSAEModel(copy.deepcopy(trained.config))
     return DMSAEModel.from_core(trained.config, trained.W_enc_frozen.detach().cpu())
