@@ -191,6 +191,9 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
     cycle0 = [results[f"seed{s}"]["cycles"]["0"]["size"] for s in (0, 1)]
     assert list(results["consensus"]) == ["consensus of 2"] and len(consensus) == 2
     assert all(c["size"] <= size for c, size in zip(consensus, cycle0, strict=True))
+    matched = results["matched"]  # every variant against its seed's Matryoshka curve at its measured L0
+    assert set(matched) == {"dense_core", "sparse_core"} and set(matched["sparse_core"]) == {"k2", "k4"}
+    assert all(len(row["l0"]) == 2 for rows in matched.values() for row in rows.values())
     weights = run / "seed0" / "transfer" / "k4-dense_core" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     rerun = SyntheticBenchmark(*arguments)
@@ -200,6 +203,7 @@ def test_the_benchmark_runs_the_shipped_distillation_and_transfer_and_scores_the
     assert "| 4 | sparse_core |" in report and "Paired differences" in report and "G=64" in report
     assert "## Claim 2: the same latents across sparsities and seeds" in report and "k2→4 other seed" in report
     assert "| consensus of 2 cycle-0 seeds | 2 | 2 |" in report and "| distilled | 2 | 2 |" in report
+    assert "## Each variant − the Matryoshka SAE at the same measured L0" in report
     for figure in ("selection_vs_truth", "synthetic_vs_k", "progressive_coding"):
         assert (run / "figures" / f"{figure}.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="other settings"):

@@ -193,6 +193,7 @@ def synthetic_report(folder: str | Path) -> str:
         *_synthetic_selection(seeds, cores, selections),
         *(_synthetic_consensus(seeds, results["consensus"]) if "consensus" in results else []),
         *_synthetic_transfer(results, seeds, names),
+        *(_matched(results["matched"]) if "matched" in results else []),
         *(_latent_matches(results["latent_matches"]) if "latent_matches" in results else []),
         *_synthetic_progressive(progressive),
     ]
@@ -662,7 +663,9 @@ def claims_report(folder: str | Path) -> str:
         "## Every model",
         "",
         *markdown_table(["k", "variant", "L0", "L0 core", "L0 non-core", *metrics], rows),
-        *_claims_matched(results["matched"]),
+        *_matched(
+            results["matched"], "Claim 3 at matched sparsity: each variant − the Matryoshka SAE at the same measured L0"
+        ),
         *(_latent_matches(results["latent_matches"]) if "latent_matches" in results else []),
     ]
     skipped = {}
@@ -678,7 +681,7 @@ def claims_report(folder: str | Path) -> str:
     return _write(folder, lines)
 
 
-def _claims_matched(matched: dict) -> list[str]:
+def _matched(matched: dict, title: str = "Each variant − the Matryoshka SAE at the same measured L0") -> list[str]:
     deltas = list(dict.fromkeys(m for rows in matched.values() for row in rows.values() for m in row if m != "l0"))
     rows = []
     for variant in sorted(matched, key=VARIANTS.index):
@@ -687,7 +690,7 @@ def _claims_matched(matched: dict) -> list[str]:
             rows.append([k[1:], variant, spread_cell(row["l0"], 1), *cells])
     return [
         "",
-        "## Claim 3 at matched sparsity: each variant − the Matryoshka SAE at the same measured L0",
+        f"## {title}",
         "",
         "The Matryoshka SAE's value at a model's measured global L0 is read off the same seed's Matryoshka curve "
         "(its models at every k), linear in log L0; outside that curve's L0 range there is no difference. In "

@@ -54,6 +54,7 @@ from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
 from ..utils.checks import check_ranges
 from ..utils.integrity import read_json, write_json_atomically
+from .claims import matched_differences
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,9 @@ class SyntheticArguments:
         if self.num_cycles < 1:
             raise ValueError(f"num_cycles={self.num_cycles} is invalid: the distilled core needs at least 1 cycle")
 
+
+TRANSFER_METRICS = ("mcc", "fvu", "task_loss_recovered")
+"""The transferred SAEs' metrics compared across variants."""
 
 SAMPLE_CHUNK = 1_000_000
 """Rows a training slice is drawn in at a time."""
@@ -655,6 +659,9 @@ class SyntheticBenchmark:
                 results.setdefault("seconds", {})[f"seed{seed}"] = time.perf_counter() - started
                 started = time.perf_counter()
                 write_json_atomically(self.results_path, results)
+        if "matryoshka" in self.args.variants:  # every variant against the Matryoshka curve at its measured L0
+            transfers = {f"seed{s}": results[f"seed{s}"]["transfer"] for s in self.args.seeds}
+            results["matched"] = matched_differences(transfers, self.args.variants, TRANSFER_METRICS)
         results["consistency"] = self.consistency()
         results["latent_matches"] = self.latent_matches()
         results["consensus"] = self.consensus()

@@ -36,7 +36,14 @@ from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
 from ..utils.integrity import read_json, write_json_atomically
 from .claims import matched_differences
-from .synthetic import SyntheticArguments, SyntheticBenchmark, SyntheticSource, SyntheticWorld, world_summary
+from .synthetic import (
+    TRANSFER_METRICS,
+    SyntheticArguments,
+    SyntheticBenchmark,
+    SyntheticSource,
+    SyntheticWorld,
+    world_summary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +51,6 @@ USEFUL_BY = get_args(get_type_hints(SyntheticArguments)["useful_by"])
 """How a world's useful features can relate to firing frequency (`SyntheticArguments.useful_by`)."""
 SELECTIONS = ("attribution", "random", "frequency", "mean_squared")
 """The pool's rankings of the benchmark (`synthetic.pool_rankings`): attribution (GxA) and its baselines."""
-TRANSFER_METRICS = ("mcc", "fvu", "task_loss_recovered")
-"""The transferred SAEs' metrics compared across variants."""
 PROPERTIES = ("features_per_dim", "useful_frequency_correlation", "pool_useful", "true_l0")
 """What might decide whether attribution beats chance, per world: superposition, how usefulness goes with firing
 frequency, the candidate pool's share of latents matching a useful feature (random ranking's expected R-precision),
