@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium lint test demo study synthetic worlds dynamics scorers paper-scale bench gpu-check clean
+.PHONY: setup chromium lint test demo study synthetic variants worlds dynamics scorers paper-scale bench gpu-check clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,16 @@ study: demo
 # The ground-truth benchmark (configs/synthetic.json: 3 seeds; about 13 min on 2 CPU cores), into runs/synthetic.
 synthetic: setup
 	$(BIN)/python scripts/synthetic.py configs/synthetic.json
+
+# The core variants beyond the paper (penalized, JumpReLU, the learned dense linear block, their random-core
+# controls) beside the paper's, in the benchmark's world, with Matryoshka up to k 96 for the comparison at matched
+# measured L0 (docs/results.md); into runs/synthetic-variants (about 25 min on 2 CPU cores; copy results.json,
+# report.md and figures/ to reports/synthetic-variants).
+VARIANTS_COMPARED := dense_core sparse_core matryoshka penalized_core jumprelu_core learned_linear_core \
+	random_dense_core random_penalized_core random_jumprelu_core
+variants: setup
+	$(BIN)/python scripts/synthetic.py configs/synthetic.json --output_dir runs/synthetic-variants \
+		--variants $(VARIANTS_COMPARED) --matryoshka_ks 24 48 96
 
 # The ground-truth benchmark over a family of worlds (configs/worlds.json: 10 worlds drawn from stated ranges, 2 seeds
 # each, screened by a plain Matryoshka SAE), into runs/worlds; results and report in reports/worlds, which `make
