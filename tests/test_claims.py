@@ -89,10 +89,12 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     assert set(results["models"]) == {"seed0", "seed1"} and all(set(m) == names for m in results["models"].values())
     saebench = [model["saebench"] for models in results["models"].values() for model in models.values()]
     assert len(saebench) == 14 and all("OPENAI_API_KEY" in s["autointerp"]["skipped"] for s in saebench)
+    slices_of = {}
     for seed in (0, 1):
         states = [tmp_path / "study" / f"seed{seed}" / run / "state.json" for run in ("transfer", "matryoshka-wide")]
         slices = [json.loads(path.read_text())["slices"] for path in states]
         assert slices[0] == slices[1]  # the Matryoshka SAE's further k read the same tokens as every variant
+        slices_of[seed] = slices[0]
     seed0 = load_trained_model(tmp_path / "study" / "seed0" / "transfer" / "k8-dense_core")
     seed1 = load_trained_model(tmp_path / "study" / "seed1" / "transfer" / "k8-dense_core")
     assert torch.equal(seed0.W_enc_frozen, seed1.W_enc_frozen) and not torch.equal(seed0.W_dec, seed1.W_dec)
@@ -130,6 +132,21 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     other = ClaimsArguments(**{**arguments[0].__dict__, "match_cos": 0.5})
     with pytest.raises(ValueError, match="other settings"):
         PaperClaims(other, *arguments[1:]).run()
+    # A variant added to the finished study: its models alone are trained, on the seeds' same tokens, and the
+    # comparisons include it.
+    before, recorded = weights.stat().st_mtime_ns, json.loads((tmp_path / "results" / "results.json").read_text())
+    variants = [*arguments[0].variants, "learned_linear_core"]
+    extended = PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, "variants": variants}), *arguments[1:]).run()
+    added = {"k4-learned_linear_core", "k8-learned_linear_core"}
+    assert all(set(m) == names | added for m in extended["models"].values())
+    assert all(extended["models"][s][n] == recorded["models"][s][n] for s in recorded["models"] for n in names)
+    assert weights.stat().st_mtime_ns == before
+    assert (
+        "learned_linear_core" in extended["matched"] and "learned_linear_core" in extended["latent_matches"]["variants"]
+    )
+    for seed in (0, 1):
+        state = json.loads((tmp_path / "study" / f"seed{seed}" / "transfer" / "state.json").read_text())
+        assert state["slices"] == slices_of[seed]
 
 
 def test_bad_study_arguments_are_refused():

@@ -125,9 +125,9 @@ class Transfer:
             or (default_model_repo(activations) if source is None else source.default_repo),
             "model_repo",
         )
-        identity = arguments_identity(
+        identity = arguments_identity(  # each (k, variant) is a model of its own: a run may be given more
             *(a for a in (args, sae, activations, training) if a is not None),
-            exclude=("core", "ce_batches", "model_repo"),
+            exclude=("core", "ce_batches", "model_repo", "ks", "variants"),
         )
         identity["inputs.core"] = self.core.digest()
         self.state = RunState(self.output_dir, "transfer", identity, writer=training.process_index == 0)

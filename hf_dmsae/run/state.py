@@ -42,6 +42,15 @@ TRAINING_FIELDS = (
 )
 
 
+def recorded_identity_difference(recorded: dict, identity: dict) -> str:
+    """The fields both identities hold with different values, as text (empty: none). A field only one holds is no
+    difference: one added to the identity since (its default keeps the recorded results' behaviour) or one no longer
+    in it (e.g. a study's variants, which it may extend)."""
+    shared = [k for k in identity if k in recorded]
+    difference = identity_difference({k: recorded[k] for k in shared}, {k: identity[k] for k in shared})
+    return "; ".join(f"{k}: recorded {old!r}, now {new!r}" for k, (old, new) in difference.items())
+
+
 def arguments_identity(*arguments, exclude: tuple[str, ...] = ()) -> dict:
     """`{"Class.field": value}` of argument dataclasses (training arguments: `TRAINING_FIELDS` only)."""
     identity = {}
@@ -94,13 +103,9 @@ class RunState:
         """Check `identity` against what the run recorded (refusing any difference, naming the fields) and record
         what is new."""
         recorded = self.data["identity"]
-        difference = identity_difference(
-            {k: recorded[k] for k in identity if k in recorded}, {k: v for k, v in identity.items() if k in recorded}
-        )
-        if difference:
-            fields = "; ".join(f"{k}: recorded {old!r}, now {new!r}" for k, (old, new) in difference.items())
+        if difference := recorded_identity_difference(recorded, identity):
             raise ValueError(
-                f"{self.output_dir} holds a {self.data['kind']} run with other settings ({fields}). Use "
+                f"{self.output_dir} holds a {self.data['kind']} run with other settings ({difference}). Use "
                 "another output_dir, or delete it to start over."
             )
         recorded.update(identity)

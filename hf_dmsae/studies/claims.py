@@ -33,7 +33,7 @@ from ..method.transfer import Transfer, TransferArguments, model_name
 from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, initial_model
-from ..run.state import arguments_identity, distilled_core_record, load_recorded_core
+from ..run.state import arguments_identity, distilled_core_record, load_recorded_core, recorded_identity_difference
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model
 from ..utils.checks import check_ranges
@@ -121,10 +121,10 @@ class PaperClaims:
         return runs
 
     def identity(self) -> dict:
-        """What the results depend on; seeds may be added to a finished study."""
+        """What the results depend on; seeds and variants may be added to a finished study."""
         arguments = (self.sae_args, self.activation_args, self.training_args, self.args, self.saebench_args)
         arguments = tuple(a for a in arguments if a is not None)
-        exclude = ("DMSAETrainingArguments.seed", "seeds", "study_dir", "results_dir", "distillation_dir")
+        exclude = ("DMSAETrainingArguments.seed", "seeds", "variants", "study_dir", "results_dir", "distillation_dir")
         identity = arguments_identity(*arguments, exclude=exclude) | {"inputs.core": self.core.digest()}
         return json.loads(json.dumps(identity, default=str))
 
@@ -136,8 +136,9 @@ class PaperClaims:
         of the seed is left to do."""
         path, main = self.results_dir / "results.json", self.training_args.process_index == 0
         results = read_json(path) if path.is_file() else {"identity": self.identity(), "models": {}}
-        if results["identity"] != self.identity():
-            raise ValueError(f"{path} holds results of other settings: use another --results_dir")
+        if difference := recorded_identity_difference(results["identity"], self.identity()):
+            raise ValueError(f"{path} holds results of other settings ({difference}): use another --results_dir")
+        results["identity"] = self.identity()
         results["core"] = {"source": str(self.core_path), "size": len(self.core)}
         self.results_dir.mkdir(parents=True, exist_ok=True)
 
@@ -162,7 +163,7 @@ class PaperClaims:
                     transfer.state.close()
         if not main:
             return results
-        if results.get("latent_matches", {}).get("seeds") != self.args.seeds:
+        if not self.latents_matched(results):
             a = self.args
             results["latent_matches"] = latent_matches(
                 self.model, initial_model, a.seeds, a.ks, a.consistency_k, a.variants, a.match_cos
@@ -196,9 +197,15 @@ class PaperClaims:
         """Whether anything of the seed is left to do: a model, an SAEBench result or the comparison of latents."""
         models = results["models"].get(f"seed{seed}", {})
         saebench = self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
-        return results.get("latent_matches", {}).get("seeds") != self.args.seeds or any(
+        return not self.latents_matched(results) or any(
             name not in models or (saebench and "saebench" not in models[name]) for name in self.model_names()
         )
+
+    def latents_matched(self, results: dict) -> bool:
+        """Whether the results compare the latents of the study's seeds and variants (a study extended by either
+        compares them again)."""
+        matches = results.get("latent_matches", {})
+        return matches.get("seeds") == self.args.seeds and set(matches.get("variants", {})) == set(self.args.variants)
 
     def model(self, seed: int, k: int, variant: str) -> DMSAEModel:
         return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / model_name(k, variant))
