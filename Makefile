@@ -50,13 +50,17 @@ synthetic: setup
 
 # The core variants beyond the paper (penalized, JumpReLU, the learned dense linear block, their random-core
 # controls) beside the paper's, in the benchmark's world, with Matryoshka up to k 96 for the comparison at matched
-# measured L0 (docs/results.md); into runs/synthetic-variants (about 25 min on 2 CPU cores; copy results.json,
-# report.md and figures/ to reports/synthetic-variants).
+# measured L0 (docs/results.md), into runs/synthetic-variants (about 25 min on 2 CPU cores); then the distillation
+# itself with a JumpReLU core (its cycles' carry-over and cores), into runs/synthetic-jumprelu-cycles (about 30 min).
+# Copy each one's results.json, report.md and figures/ to reports/.
 VARIANTS_COMPARED := dense_core sparse_core matryoshka penalized_core jumprelu_core learned_linear_core \
 	random_dense_core random_penalized_core random_jumprelu_core
 variants: setup
 	$(BIN)/python scripts/synthetic.py configs/synthetic.json --output_dir runs/synthetic-variants \
 		--variants $(VARIANTS_COMPARED) --matryoshka_ks 24 48 96
+	$(BIN)/python scripts/synthetic.py configs/synthetic.json --sparsity jumprelu_core \
+		--output_dir runs/synthetic-jumprelu-cycles --variants jumprelu_core random_jumprelu_core matryoshka \
+		--matryoshka_ks 24 48 96
 
 # The ground-truth benchmark over a family of worlds (configs/worlds.json: 10 worlds drawn from stated ranges, 2 seeds
 # each, screened by a plain Matryoshka SAE), into runs/worlds; results and report in reports/worlds, which `make
