@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium lint test demo study synthetic variants worlds dynamics scorers paper-scale bench gpu-check clean
+.PHONY: setup chromium lint test demo study synthetic variants variants-lm worlds dynamics scorers paper-scale bench gpu-check clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,12 +55,28 @@ synthetic: setup
 # Copy each one's results.json, report.md and figures/ to reports/.
 VARIANTS_COMPARED := dense_core sparse_core matryoshka penalized_core jumprelu_core learned_linear_core \
 	random_dense_core random_penalized_core random_jumprelu_core
+VARIANTS_LM := dense_core sparse_core matryoshka random_dense_core random_sparse_core jumprelu_core \
+	random_jumprelu_core learned_linear_core
 variants: setup
 	$(BIN)/python scripts/synthetic.py configs/synthetic.json --output_dir runs/synthetic-variants \
 		--variants $(VARIANTS_COMPARED) --matryoshka_ks 24 48 96
 	$(BIN)/python scripts/synthetic.py configs/synthetic.json --sparsity jumprelu_core \
 		--output_dir runs/synthetic-jumprelu-cycles --variants jumprelu_core random_jumprelu_core matryoshka \
 		--matryoshka_ks 24 48 96
+	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic --sparsity jumprelu_core \
+		--budgets 250000 1000000 5000000 --cores distilled random_init --ablations paper \
+		--study_dir runs/synthetic/core-dynamics-jumprelu
+
+# The same variants on the embedded default: `make study` extended by them (only their models train; results in
+# reports/study-smollm2-135m), then the JumpReLU core's dynamics on the demo's core, into
+# runs/smollm2-135m-l15/core-dynamics-jumprelu (copy its results.json, report.md and figures/ to reports/).
+variants-lm: study
+	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study \
+		--results_dir reports/study-smollm2-135m --variants $(VARIANTS_LM) \
+		--saebench_evals core sparse_probing_sae_probes meta_structure absorption --meta_structure_steps 500
+	$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --sparsity jumprelu_core \
+		--budgets 200000 500000 --cores distilled random_init --ablations paper \
+		--study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu
 
 # The ground-truth benchmark over a family of worlds (configs/worlds.json: 10 worlds drawn from stated ranges, 2 seeds
 # each, screened by a plain Matryoshka SAE), into runs/worlds; results and report in reports/worlds, which `make

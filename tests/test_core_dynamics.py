@@ -159,6 +159,21 @@ def test_bad_study_arguments_are_refused():
         )
 
 
+def test_a_run_planned_twice_is_planned_once(tmp_path):
+    """The `paper` ablation's random core at a study budget is that budget's random-core run, not a second one."""
+    study = CoreDynamicsArguments(
+        study_source="synthetic", budgets=[2048, 4096], cores=["distilled", "random_init"], ablations=["paper"]
+    )
+    world = SyntheticArguments(**TINY_WORLD)
+    plan = CoreDynamics(study, SAEArguments(**SAE), None, world, training(tmp_path)).plan(seed=0)
+    assert [run.name for run in plan] == [
+        "paper/distilled-b2048",
+        "paper/random_init-b2048",
+        "paper/distilled-b4096",
+        "paper/random_init-b4096",
+    ]
+
+
 def test_core_geometry_measures_firing_spread_and_variance_along_the_core():
     config = DMSAEConfig(d_in=4, dict_size=8, core_size=2, k=2, core_ids=["a", "b"])
     model = DMSAEModel.from_core(config, torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))

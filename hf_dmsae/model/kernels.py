@@ -170,10 +170,10 @@ def release_reused_buffers() -> None:
 
 
 class SparseEncode(torch.autograd.Function):
-    """`z = ReLU((x − b_dec) W_encᵀ + b_enc)`; the first `start` columns (the dense core, without the ReLU unless
-    `core_relu`: a `linear_core`) returned whole, BatchTopK
-    of `k_total` entries over the rest returned as `(rows, cols, values)` (cols counted from 0 = first latent), and
-    `by_col`, the entries' order by column, which this backward and `SparseMatryoshkaLoss`'s both bag by.
+    """`z = ReLU((x − b_dec) W_encᵀ + b_enc)`; the first `start` columns (the dense core; without the ReLU unless
+    `core_relu`, as in a `linear_core`) returned whole, BatchTopK of `k_total` entries over the rest returned as
+    `(rows, cols, values)` (cols counted from 0 = first latent), and `by_col`, the entries' order by column, which
+    this backward and `SparseMatryoshkaLoss`'s both bag by.
 
     Backward touches only the kept entries and the core: `∂W_enc`, `∂b_enc` and `∂b_dec` without a dense `[B, n]`
     gradient. `∂b_dec = −(Σ_rows ∂pre) W_enc = −∂b_enc · W_enc` needs no per-row gradient; the per-row `∂x` (one

@@ -416,12 +416,13 @@ def core_dynamics_report(folder: str | Path) -> str:
     """A core-dynamics study: the curves' numbers per budget and seed, the ablations against the paper's settings,
     the cores' geometry, and the figures."""
     folder = Path(folder)
-    results = read_json(folder / "results.json", {"runs": list, "budgets": list, "ablations": dict})
+    results = read_json(folder / "results.json", {"runs": list, "budgets": list, "ablations": dict, "sparsity": str})
     lines = [
-        f"# Core dynamics ({results['source']})",
+        f"# Core dynamics ({results['source']}, `{results['sparsity']}`)",
         "",
         "E[L0 core] / |C|: the share of the core's latents active per token (dense core: every core latent "
-        "with a positive pre-activation), logged over training; min and end of the training log.",
+        "with a positive pre-activation; JumpReLU core: every one above its threshold), logged over training; min "
+        "and end of the training log.",
         *_dynamics_curves(results["runs"]),
         *_dynamics_ablations(results),
         *_dynamics_geometry(results),

@@ -217,7 +217,8 @@ class CoreDynamics:
 
     # -- what the study trains ----------------------------------------------------------------------------------
     def plan(self, seed: int) -> list[PlannedRun]:
-        """The paper's settings for every core and budget, then each ablation at its budget (its seeds only)."""
+        """The paper's settings for every core and budget, then each ablation at its budget (its seeds only); a run
+        planned twice (the `paper` ablation's random core at a study budget) runs once."""
         paper = ABLATIONS["paper"]
         runs = [PlannedRun(paper, core, budget) for budget in sorted(self.args.budgets) for core in self.args.cores]
         if seed in self.args.ablation_seeds:
@@ -226,7 +227,7 @@ class CoreDynamics:
                 for core in ("distilled", ablation.random_core):
                     if ablation.overrides or core != "distilled":
                         runs.append(PlannedRun(ablation, core, self.args.ablation_budget))
-        return runs
+        return list({run.name: run for run in runs}.values())
 
     def distillation_dir(self, seed: int) -> Path:
         default = "{output_dir}" if self.args.study_source == "lm" else "{output_dir}/seed{seed}/distillation"
@@ -342,6 +343,7 @@ class CoreDynamics:
         runs = [r for seed in self.args.study_seeds for r in self.run_seed(seed)]
         results = {
             "source": self.args.study_source,
+            "sparsity": self.sae_args.sparsity,
             "budgets": sorted(self.args.budgets),
             "ablation_budget": self.args.ablation_budget,
             "runs": runs,
