@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from ..model.core import DMSAECore
 from .tables import mean_and_spread
@@ -158,6 +159,9 @@ def metrics_against_l0(results: list[dict], metrics: tuple[str, ...], path: Path
     for axis, metric in zip(axes.flat, metrics, strict=False):
         _draw_against(axis, results, "l0", metric)
         axis.set(xlabel="measured L0", ylabel=metric, xscale="log")
+        axis.xaxis.set_major_locator(ticker.LogLocator(base=2))  # L0s span powers of two: label those, plainly
+        axis.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(ticker.NullFormatter())
     for axis in list(axes.flat)[len(metrics) :]:
         axis.set_visible(False)
     axes[0][0].legend(fontsize=7)

@@ -696,7 +696,13 @@ def _matched(matched: dict, title: str = "Each variant − the Matryoshka SAE at
         "The Matryoshka SAE's value at a model's measured global L0 is read off the same seed's Matryoshka curve "
         "(its models at every k), linear in log L0; outside that curve's L0 range there is no difference. In "
         "brackets: the seeds whose curve spans the model's L0. FVU and dead fraction: lower is better; the others: "
-        "higher is better.",
+        "higher is better"
+        + (
+            ", but for sb_meta_fve (the share of the decoder's variance a meta-SAE explains: how composed of shared "
+            "parts the latents are), whose better direction SAEBench leaves open."
+            if "sb_meta_fve" in deltas
+            else "."
+        ),
         "",
         *markdown_table(["k", "variant", "measured L0", *(f"Δ {m}" for m in deltas)], rows),
     ]
