@@ -51,7 +51,8 @@ synthetic: setup
 # The core variants beyond the paper (penalized, JumpReLU, the learned dense linear block, their random-core
 # controls) beside the paper's, in the benchmark's world, with Matryoshka up to k 96 for the comparison at matched
 # measured L0 (docs/results.md), into runs/synthetic-variants (about 25 min on 2 CPU cores); then the distillation
-# itself with a JumpReLU core (its cycles' carry-over and cores), into runs/synthetic-jumprelu-cycles (about 30 min).
+# itself with a JumpReLU core (its cycles' carry-over and cores), into runs/synthetic-jumprelu-cycles (about 30 min);
+# then the JumpReLU core's dynamics, into runs/synthetic/core-dynamics-jumprelu (about 8 min).
 # Copy each one's results.json, report.md and figures/ to reports/.
 VARIANTS_COMPARED := dense_core sparse_core matryoshka penalized_core jumprelu_core learned_linear_core \
 	random_dense_core random_penalized_core random_jumprelu_core
@@ -75,7 +76,7 @@ variants-lm: study
 		--results_dir reports/study-smollm2-135m --variants $(VARIANTS_LM) \
 		--saebench_evals core sparse_probing_sae_probes meta_structure absorption --meta_structure_steps 500
 	$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --sparsity jumprelu_core \
-		--budgets 200000 500000 --cores distilled random_init --ablations paper \
+		--budgets 996352 --cores distilled random_init --ablations paper \
 		--study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu
 
 # The ground-truth benchmark over a family of worlds (configs/worlds.json: 10 worlds drawn from stated ranges, 2 seeds

@@ -464,7 +464,8 @@ def _dynamics_ablations(results: dict) -> list[str]:
                 cells = [c["seeds"], c["min"], c["end"], c["eval_l0_core"], c["eval_fvu"], firing]
                 rows.append([name, core, *cells, c["mean_preactivation_in_std_end"]])
     header = ["ablation", "core", "seeds", "share min", "share end", "held-out L0 core", "held-out FVU"]
-    hypotheses = [[name, a["hypothesis"], _change(a)] for name, a in ablations.items()]
+    ran = {r["ablation"] for r in runs}
+    hypotheses = [[name, a["hypothesis"], _change(a)] for name, a in ablations.items() if name in ran]
     return [
         "",
         "## Hypotheses and their ablations",
