@@ -70,7 +70,8 @@ variants: setup
 
 # The same variants on the embedded default: `make study` extended by them (only their models train; results in
 # reports/study-smollm2-135m), then the JumpReLU core's dynamics on the demo's core, into
-# runs/smollm2-135m-l15/core-dynamics-jumprelu (copy its results.json, report.md and figures/ to reports/).
+# runs/smollm2-135m-l15/core-dynamics-jumprelu (copy its results.json, report.md and figures/ to reports/). At the LM
+# config's learning rate the JumpReLU thresholds barely move within this budget (docs/results.md).
 variants-lm: study
 	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study \
 		--results_dir reports/study-smollm2-135m --variants $(VARIANTS_LM) \
