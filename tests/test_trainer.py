@@ -38,7 +38,7 @@ def caches(tiny_lm_dir, tmp_path_factory):
     return train, data.eval_dataset()
 
 
-def core_model(norm_factor: float) -> DMSAEModel:
+def core_model(norm_factor: float, **overrides) -> DMSAEModel:
     torch.manual_seed(0)
     config = DMSAEConfig(
         d_in=32,
@@ -49,6 +49,7 @@ def core_model(norm_factor: float) -> DMSAEModel:
         norm_factor=norm_factor,
         dead_tokens_threshold=2000,
         threshold_beta=0.9,
+        **overrides,
     )
     core_rows = torch.randn(16, 32)
     return DMSAEModel.from_core(config, core_rows / core_rows.norm(dim=1, keepdim=True))
@@ -116,6 +117,26 @@ def test_eval_loop_logs_the_evaluate_metrics_every_eval_steps(caches, tmp_path):
     direct = activation_metrics(model, held_out.batches(300))
     for name in ("fvu", "l0_core", "l0_noncore", "l0"):
         assert evals[1][f"eval_{name}"] == pytest.approx(direct[name], rel=1e-5), name
+
+
+def test_jumprelu_core_thresholds_learn_at_their_own_rate(caches, tmp_path):
+    """The core thresholds' logs are an Adam group of their own: at a learning rate of 1e-4 for the SAE they still
+    rise by ~`core_threshold_learning_rate` a step under a strong penalty, while at the SAE's rate they stay put
+    (Adam's step does not grow with the penalty's weight)."""
+    train, _ = caches
+    rises = {}
+    for rate in (1e-4, 0.05):
+        model = core_model(train.norm_factor, sparsity="jumprelu_core", core_sparsity_coef=1.0)
+        start = model.core_log_threshold.detach().clone()
+        args = training_args(tmp_path / str(rate), max_steps=30, learning_rate=1e-4, core_threshold_learning_rate=rate)
+        trainer = DMSAETrainer(model=model, args=args, train_dataset=train)
+        trainer.train()
+        groups = trainer.optimizer.param_groups
+        assert [len(g["params"]) for g in groups if any(p is model.core_log_threshold for p in g["params"])] == [1]
+        assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+        rises[rate] = (model.core_log_threshold.detach() - start).median().item()
+    assert rises[1e-4] < 30 * 1e-4 * 1.5
+    assert rises[0.05] > 0.5  # 30 steps, warm-up and decay included: 0.76
 
 
 def test_decoder_bias_starts_at_the_median_of_the_first_rows(caches, tmp_path):

@@ -12,7 +12,7 @@ written as a repo with its model card (`<output_dir>/repos/`) and, with `push_to
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -182,10 +182,11 @@ class Transfer:
         self.publish()
         return self.results
 
-    def train(self, after_each: Callable[[str, dict], None] | None = None) -> dict:
-        """Train and evaluate every (k, variant) not yet in the results, recording each (and handing its name and
-        record to `after_each`) as it finishes; the results."""
-        todo = [(name, k, variant) for name, (k, variant) in self.models.items() if name not in self.results]
+    def train(self, after_each: Callable[[str, dict], None] | None = None, skip: Collection[str] = ()) -> dict:
+        """Train and evaluate every (k, variant) not yet in the results nor in `skip` (models recorded elsewhere),
+        recording each (and handing its name and record to `after_each`) as it finishes; the results."""
+        done = set(self.results) | set(skip)
+        todo = [(name, k, variant) for name, (k, variant) in self.models.items() if name not in done]
         piece = self.data.training_slice("train") if todo else None  # a finished run opens no LM
         for name, k, variant in todo:
             model = self.new_model(k, variant)

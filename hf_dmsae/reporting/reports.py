@@ -646,6 +646,7 @@ def claims_report(folder: str | Path) -> str:
     results = read_json(folder / "results.json", {"models": dict, "matched": dict})
     identity, models = results["identity"], _over_seeds(results)
     seeds = sorted(results["models"])
+    wide = sorted({m["k"] for m in models if m["variant"] == "matryoshka"} - set(identity["ClaimsArguments.ks"]))
     metrics = ["fvu", "ce_loss_recovered", "dead_fraction"]
     metrics += [c for _, _, c in HEADLINE_METRICS if any(c in m for m in models)]
     rows = [
@@ -658,7 +659,7 @@ def claims_report(folder: str | Path) -> str:
         "",
         f"The distilled core `{results['core']['source']}` ({results['core']['size']} latents) transferred at "
         f"k {identity['ClaimsArguments.ks']} in every variant, and the Matryoshka SAE also at k "
-        f"{identity['ClaimsArguments.matryoshka_ks']}; {len(seeds)} seeds ({', '.join(seeds)}), each seed's models "
+        f"{wide}; {len(seeds)} seeds ({', '.join(seeds)}), each seed's models "
         "on the same tokens. `random_*`: the paper's control, a random-init core of the same size. Every cell is "
         "mean ± standard deviation over seeds; own metrics on held-out text, `sb_*` are SAEBench's.",
         "",

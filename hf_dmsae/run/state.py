@@ -20,6 +20,7 @@ from .trainer import DMSAETrainingArguments
 
 TRAINING_FIELDS = (
     "learning_rate",
+    "core_threshold_learning_rate",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "max_steps",

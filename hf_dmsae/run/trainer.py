@@ -82,6 +82,15 @@ class DMSAETrainingArguments(TrainingArguments):
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Activation datasets have one column."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Adam learning rate."})
+    core_threshold_learning_rate: float = field(
+        default=0.01,
+        metadata={
+            "help": "`jumprelu_core`: Adam learning rate of the core thresholds' logs, on the same schedule. Adam "
+            "moves a log threshold by about this much a step whatever the penalty's weight, so it sets how far "
+            "the thresholds can rise within a run: from 0.001 to ~0.05 in ~400 steps at 0.01, to ~0.0016 in 1000 "
+            "at an LM's learning rate of 5e-4."
+        },
+    )
     lr_scheduler_type: str = field(default="warmup_stable_decay", metadata={"help": "Learning-rate schedule."})
     decay_fraction: float = field(default=0.2, metadata={"help": "Share of steps in the final linear decay."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a fraction: of all steps)."})
@@ -104,6 +113,7 @@ class DMSAETrainingArguments(TrainingArguments):
         check_ranges(
             self,
             learning_rate="> 0",
+            core_threshold_learning_rate="> 0",
             per_device_train_batch_size=">= 1",
             per_device_eval_batch_size=">= 1",
             gradient_accumulation_steps=">= 1",
@@ -217,6 +227,21 @@ class DMSAETrainer(Trainer):
         """As the Trainer's, with a failed write named (the folder and the cause)."""
         with saving(output_dir or self.args.output_dir):
             super().save_model(output_dir, _internal_call)
+
+    def create_optimizer(self, model=None):
+        """As the Trainer's, with a `jumprelu_core` model's log thresholds in a group of their own at
+        `core_threshold_learning_rate` (no weight decay)."""
+        optimizer = super().create_optimizer(model)
+        threshold = self.sae.core_log_threshold
+        if threshold is None or not threshold.requires_grad:
+            return optimizer
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p is not threshold]
+        optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+        optimizer.add_param_group(
+            {"params": [threshold], "lr": self.args.core_threshold_learning_rate, "weight_decay": 0.0}
+        )
+        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.args.lr_scheduler_type == "warmup_stable_decay":

@@ -13,7 +13,8 @@ modes), over seeds, each seed's variants on the same tokens; then
 Every (seed, k, variant) is an ordinary resumable transfer run under `<study_dir>/seed{s}/`, so re-running resumes.
 `<results_dir>/results.json` (committed by `make study`) holds every model's metrics (SAEBench's too, once run) and
 the comparisons, rewritten after each, so that a study continues on another machine from its committed results:
-nothing recorded is redone, and a seed's runs are trained again (as they were) only if something of it is left.
+nothing recorded is redone, and a seed's runs are trained again (as they were) only where something left to do
+reads them (its SAEBench, or the comparison of latents when variants or seeds are added).
 `reporting.reports.claims_report` writes `report.md` beside it.
 """
 
@@ -121,10 +122,11 @@ class PaperClaims:
         return runs
 
     def identity(self) -> dict:
-        """What the results depend on; seeds and variants may be added to a finished study."""
+        """What the results depend on; seeds, variants and Matryoshka ks may be added to a finished study."""
         arguments = (self.sae_args, self.activation_args, self.training_args, self.args, self.saebench_args)
         arguments = tuple(a for a in arguments if a is not None)
-        exclude = ("DMSAETrainingArguments.seed", "seeds", "variants", "study_dir", "results_dir", "distillation_dir")
+        exclude = ("DMSAETrainingArguments.seed", "seeds", "variants", "matryoshka_ks")
+        exclude += ("study_dir", "results_dir", "distillation_dir")
         identity = arguments_identity(*arguments, exclude=exclude) | {"inputs.core": self.core.digest()}
         return json.loads(json.dumps(identity, default=str))
 
@@ -132,8 +134,8 @@ class PaperClaims:
         """Phase by phase, so that the comparisons of the package's own metrics over every seed come before SAEBench
         (the longest part): every seed's models; the latents' matches; SAEBench on every model, seed by seed.
         `results.json` is rewritten after every model and comparison, and what it holds is never redone: a study
-        continues from it on another machine, where a seed's runs are trained again (as they were) only if something
-        of the seed is left to do."""
+        continues from it on another machine, where a seed's runs are trained again (as they were) only where what
+        is left to do reads them (`recorded_for_good`)."""
         path, main = self.results_dir / "results.json", self.training_args.process_index == 0
         results = read_json(path) if path.is_file() else {"identity": self.identity(), "models": {}}
         if difference := recorded_identity_difference(results["identity"], self.identity()):
@@ -156,8 +158,9 @@ class PaperClaims:
                     save()
 
             if self.unfinished(seed, results):
+                skip = self.recorded_for_good(models, results)
                 for transfer in self.transfers(seed):  # every process: training may be distributed
-                    transfer.train(after_each=keep)
+                    transfer.train(after_each=keep, skip=skip)
                     for name, record in transfer.results.items():
                         keep(name, record)
                     transfer.state.close()
@@ -200,6 +203,14 @@ class PaperClaims:
         return not self.latents_matched(results) or any(
             name not in models or (saebench and "saebench" not in models[name]) for name in self.model_names()
         )
+
+    def recorded_for_good(self, models: dict, results: dict) -> set[str]:
+        """A seed's recorded models that nothing left to do reads again (their SAEBench is done or not asked, the
+        latents are compared): a study extended by a Matryoshka k trains that model alone."""
+        if not self.latents_matched(results):
+            return set()
+        saebench = self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
+        return {name for name, record in models.items() if not saebench or "saebench" in record}
 
     def latents_matched(self, results: dict) -> bool:
         """Whether the results compare the latents of the study's seeds and variants (a study extended by either
