@@ -68,13 +68,14 @@ variants: setup
 		--budgets 250000 1000000 5000000 --cores distilled random_init --ablations paper \
 		--study_dir runs/synthetic/core-dynamics-jumprelu
 
-# The same variants on the embedded default: `make study` extended by them (only their models train; results in
+# The same variants on the embedded default: `make study` extended by them and by the Matryoshka SAE at k 256, which
+# the learned block's L0 (its rank, 121, + k) needs (only their models train; results in
 # reports/study-smollm2-135m), then the JumpReLU core's dynamics on the demo's core, into
 # runs/smollm2-135m-l15/core-dynamics-jumprelu (copy its results.json, report.md and figures/ to reports/). At the LM
 # config's learning rate the JumpReLU thresholds barely move within this budget (docs/results.md).
 variants-lm: study
 	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study \
-		--results_dir reports/study-smollm2-135m --variants $(VARIANTS_LM) \
+		--results_dir reports/study-smollm2-135m --variants $(VARIANTS_LM) --matryoshka_ks 128 256 \
 		--saebench_evals core sparse_probing_sae_probes meta_structure absorption --meta_structure_steps 500
 	$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --sparsity jumprelu_core \
 		--budgets 996352 --cores distilled random_init --ablations paper \

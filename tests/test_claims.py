@@ -147,14 +147,19 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     for seed in (0, 1):
         state = json.loads((tmp_path / "study" / f"seed{seed}" / "transfer" / "state.json").read_text())
         assert state["slices"] == slices_of[seed]
-    # A Matryoshka k added on another machine (nothing but the committed results): that model alone is trained.
+    # A variant and a Matryoshka k added on another machine (nothing but the committed results): their models alone
+    # are trained, and the latents of the variants compared before are not compared again.
     shutil.rmtree(tmp_path / "study")
-    wider = ClaimsArguments(**{**arguments[0].__dict__, "variants": variants, "matryoshka_ks": [16, 32]})
-    widened = PaperClaims(wider, *arguments[1:]).run()
+    wider = {"variants": [*variants, "sparse_core"], "matryoshka_ks": [16, 32]}
+    widened = PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()
     trained = sorted(str(p.relative_to(tmp_path / "study")) for p in (tmp_path / "study").glob("seed*/*/k*"))
-    assert trained == ["seed0/matryoshka-wide/k32-matryoshka", "seed1/matryoshka-wide/k32-matryoshka"]
+    new_models = ["matryoshka-wide/k32-matryoshka", "transfer/k4-sparse_core", "transfer/k8-sparse_core"]
+    assert trained == [f"seed{s}/{m}" for s in (0, 1) for m in new_models]
     assert all(widened["models"][s][n] == extended["models"][s][n] for s in recorded["models"] for n in names)
     assert all("saebench" in widened["models"][s]["k32-matryoshka"] for s in ("seed0", "seed1"))
+    matches = widened["latent_matches"]["variants"]
+    assert set(matches) == {*variants, "sparse_core"}
+    assert all(matches[v] == extended["latent_matches"]["variants"][v] for v in variants)
 
 
 def test_bad_study_arguments_are_refused():

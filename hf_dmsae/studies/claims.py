@@ -14,7 +14,7 @@ Every (seed, k, variant) is an ordinary resumable transfer run under `<study_dir
 `<results_dir>/results.json` (committed by `make study`) holds every model's metrics (SAEBench's too, once run) and
 the comparisons, rewritten after each, so that a study continues on another machine from its committed results:
 nothing recorded is redone, and a seed's runs are trained again (as they were) only where something left to do
-reads them (its SAEBench, or the comparison of latents when variants or seeds are added).
+reads them (their SAEBench, or the comparison of latents of a variant added, or of every variant when seeds are).
 `reporting.reports.claims_report` writes `report.md` beside it.
 """
 
@@ -166,11 +166,12 @@ class PaperClaims:
                     transfer.state.close()
         if not main:
             return results
-        if not self.latents_matched(results):
+        if unmatched := self.unmatched_variants(results):
             a = self.args
-            results["latent_matches"] = latent_matches(
-                self.model, initial_model, a.seeds, a.ks, a.consistency_k, a.variants, a.match_cos
-            )
+            matches = latent_matches(self.model, initial_model, a.seeds, a.ks, a.consistency_k, unmatched, a.match_cos)
+            if unmatched != a.variants:  # the variants compared before are kept
+                matches["variants"] = results["latent_matches"]["variants"] | matches["variants"]
+            results["latent_matches"] = matches
             save()
         if self.saebench_args is None or not self.saebench_args.saebench_evals:
             return results
@@ -200,23 +201,28 @@ class PaperClaims:
         """Whether anything of the seed is left to do: a model, an SAEBench result or the comparison of latents."""
         models = results["models"].get(f"seed{seed}", {})
         saebench = self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
-        return not self.latents_matched(results) or any(
+        return bool(self.unmatched_variants(results)) or any(
             name not in models or (saebench and "saebench" not in models[name]) for name in self.model_names()
         )
 
     def recorded_for_good(self, models: dict, results: dict) -> set[str]:
-        """A seed's recorded models that nothing left to do reads again (their SAEBench is done or not asked, the
-        latents are compared): a study extended by a Matryoshka k trains that model alone."""
-        if not self.latents_matched(results):
-            return set()
+        """A seed's recorded models that nothing left to do reads again (their SAEBench is done or not asked, their
+        variant's latents are compared): a study extended by a variant or a Matryoshka k trains those models alone."""
+        unmatched = self.unmatched_variants(results)
         saebench = self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
-        return {name for name, record in models.items() if not saebench or "saebench" in record}
+        return {
+            name
+            for name, record in models.items()
+            if record["variant"] not in unmatched and (not saebench or "saebench" in record)
+        }
 
-    def latents_matched(self, results: dict) -> bool:
-        """Whether the results compare the latents of the study's seeds and variants (a study extended by either
-        compares them again)."""
+    def unmatched_variants(self, results: dict) -> list[str]:
+        """The study's variants whose latents the results do not compare: every one for other seeds, else those
+        added since."""
         matches = results.get("latent_matches", {})
-        return matches.get("seeds") == self.args.seeds and set(matches.get("variants", {})) == set(self.args.variants)
+        if matches.get("seeds") != self.args.seeds:
+            return list(self.args.variants)
+        return [v for v in self.args.variants if v not in matches["variants"]]
 
     def model(self, seed: int, k: int, variant: str) -> DMSAEModel:
         return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / model_name(k, variant))
