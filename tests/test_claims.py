@@ -160,6 +160,19 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     matches = widened["latent_matches"]["variants"]
     assert set(matches) == {*variants, "sparse_core"}
     assert all(matches[v] == extended["latent_matches"]["variants"][v] for v in variants)
+    # The distillation run again on another machine, selecting other rows: the models that read the core's size
+    # alone may still be added; one built around its rows is refused, before anything trains.
+    shutil.rmtree(tmp_path / "study")
+    other_core = core_of_rows(torch.randn(6, 32, generator=torch.Generator().manual_seed(1)) / 6, cycle=2)
+    other_core.save_pretrained(distillation / "distilled-core")
+    record |= {"core_digest": other_core.digest()}
+    (distillation / "state.json").write_text(json.dumps({"distilled": record}))
+    wider["matryoshka_ks"] = [16, 32, 64]
+    PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()
+    assert (tmp_path / "study" / "seed1" / "matryoshka-wide" / "k64-matryoshka").is_dir()
+    wider["variants"] = [*wider["variants"], "penalized_core"]
+    with pytest.raises(ValueError, match="seed0/k4-penalized_core, seed0/k8-penalized_core, seed1/k4-penalized_core"):
+        PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()
 
 
 def test_bad_study_arguments_are_refused():

@@ -31,7 +31,7 @@ from ..data.activations import ActivationArguments
 from ..evaluation.consistency import latent_matches
 from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments
 from ..method.transfer import Transfer, TransferArguments, model_name
-from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
+from ..model.configuration_dmsae import PAPER_VARIANTS, SPARSITY_MODES, VARIANTS
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, initial_model
 from ..run.state import arguments_identity, distilled_core_record, load_recorded_core, recorded_identity_difference
@@ -122,12 +122,13 @@ class PaperClaims:
         return runs
 
     def identity(self) -> dict:
-        """What the results depend on; seeds, variants and Matryoshka ks may be added to a finished study."""
+        """What the results depend on; seeds, variants and Matryoshka ks may be added to a finished study. The core
+        enters by its size (its rows by `check_same_core`)."""
         arguments = (self.sae_args, self.activation_args, self.training_args, self.args, self.saebench_args)
         arguments = tuple(a for a in arguments if a is not None)
         exclude = ("DMSAETrainingArguments.seed", "seeds", "variants", "matryoshka_ks")
         exclude += ("study_dir", "results_dir", "distillation_dir")
-        identity = arguments_identity(*arguments, exclude=exclude) | {"inputs.core": self.core.digest()}
+        identity = arguments_identity(*arguments, exclude=exclude) | {"inputs.core_size": len(self.core)}
         return json.loads(json.dumps(identity, default=str))
 
     def run(self) -> dict:
@@ -141,7 +142,9 @@ class PaperClaims:
         if difference := recorded_identity_difference(results["identity"], self.identity()):
             raise ValueError(f"{path} holds results of other settings ({difference}): use another --results_dir")
         results["identity"] = self.identity()
-        results["core"] = {"source": str(self.core_path), "size": len(self.core)}
+        self.check_same_core(results)
+        digest = results.get("core", {}).get("digest", self.core.digest())  # the core the study's models read
+        results["core"] = {"source": str(self.core_path), "size": len(self.core), "digest": digest}
         self.results_dir.mkdir(parents=True, exist_ok=True)
 
         def save() -> None:
@@ -192,18 +195,46 @@ class PaperClaims:
                 transfer.state.close()
         return results
 
-    def model_names(self) -> list[str]:
-        """The names of a seed's models (their folders under its transfer runs)."""
-        names = [model_name(k, variant) for k in self.args.ks for variant in self.args.variants]
-        return names + [model_name(k, "matryoshka") for k in self.args.matryoshka_ks]
+    def model_variants(self) -> dict[str, str]:
+        """A seed's models: their names (their folders under its transfer runs) and variants."""
+        grid = [(k, v) for k in self.args.ks for v in self.args.variants]
+        grid += [(k, "matryoshka") for k in self.args.matryoshka_ks]
+        return {model_name(k, variant): variant for k, variant in grid}
 
     def unfinished(self, seed: int, results: dict) -> bool:
         """Whether anything of the seed is left to do: a model, an SAEBench result or the comparison of latents."""
         models = results["models"].get(f"seed{seed}", {})
         saebench = self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
         return bool(self.unmatched_variants(results)) or any(
-            name not in models or (saebench and "saebench" not in models[name]) for name in self.model_names()
+            name not in models or (saebench and "saebench" not in models[name]) for name in self.model_variants()
         )
+
+    def check_same_core(self, results: dict) -> None:
+        """Refuse to train a model around the distilled core's rows if the study's models were built around another
+        core (a distillation run again need not select the same latents). The Matryoshka SAE, the random-core
+        controls and the learned block read the core's size alone, so they may still be added."""
+        recorded, digest = results.get("core", {}).get("digest"), self.core.digest()
+        if recorded is None or recorded == digest:
+            return
+        reading = [
+            f"seed{seed}/{name}"
+            for seed in self.args.seeds
+            for name, variant in self.models_to_train(seed, results).items()
+            if variant in SPARSITY_MODES
+        ]
+        if reading:
+            raise ValueError(
+                f"the study's models were built around core {recorded}, and {self.core_path} is {digest}: "
+                f"{', '.join(reading)} would be trained around another core; use another --results_dir"
+            )
+
+    def models_to_train(self, seed: int, results: dict) -> dict[str, str]:
+        """The seed's models `run()` trains (name: variant): none if nothing of the seed is left to do, else those
+        not `recorded_for_good`."""
+        if not self.unfinished(seed, results):
+            return {}
+        skip = self.recorded_for_good(results["models"].get(f"seed{seed}", {}), results)
+        return {name: variant for name, variant in self.model_variants().items() if name not in skip}
 
     def recorded_for_good(self, models: dict, results: dict) -> set[str]:
         """A seed's recorded models that nothing left to do reads again (their SAEBench is done or not asked, their
