@@ -52,12 +52,12 @@ synthetic: setup
 # controls) beside the paper's, in the benchmark's world, with Matryoshka up to k 96 for the comparison at matched
 # measured L0 (docs/results.md), into runs/synthetic-variants (about 25 min on 2 CPU cores); then the distillation
 # itself with a JumpReLU core (its cycles' carry-over and cores), into runs/synthetic-jumprelu-cycles (about 30 min);
-# then the JumpReLU core's dynamics, into runs/synthetic/core-dynamics-jumprelu (about 8 min).
+# then the JumpReLU core's dynamics, into runs/synthetic/core-dynamics-jumprelu (about 8 min); then the penalized
+# core's transfers at 10x and 100x the default coefficient, into runs/synthetic-penalized-coef* (about 12 min each).
 # Copy each one's results.json, report.md and figures/ to reports/.
 VARIANTS_COMPARED := dense_core sparse_core matryoshka penalized_core jumprelu_core learned_linear_core \
 	random_dense_core random_penalized_core random_jumprelu_core
-VARIANTS_LM := dense_core sparse_core matryoshka random_dense_core random_sparse_core jumprelu_core \
-	random_jumprelu_core learned_linear_core
+PENALIZED_COEFS := 0.1 1.0
 variants: setup
 	$(BIN)/python scripts/synthetic.py configs/synthetic.json --output_dir runs/synthetic-variants \
 		--variants $(VARIANTS_COMPARED) --matryoshka_ks 24 48 96
@@ -67,19 +67,29 @@ variants: setup
 	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic --sparsity jumprelu_core \
 		--budgets 250000 1000000 5000000 --cores distilled random_init --ablations paper \
 		--study_dir runs/synthetic/core-dynamics-jumprelu
+	for coef in $(PENALIZED_COEFS); do \
+		$(BIN)/python scripts/synthetic.py configs/synthetic.json --output_dir runs/synthetic-penalized-coef$$coef \
+			--core_sparsity_coef $$coef --variants penalized_core random_penalized_core matryoshka \
+			--matryoshka_ks 24 48 96 || exit 1; \
+	done
 
-# The same variants on the embedded default: `make study` extended by them and by the Matryoshka SAE at k 256, which
-# the learned block's L0 (its rank, 121, + k) needs (only their models train; results in
-# reports/study-smollm2-135m), then the JumpReLU core's dynamics on the demo's core, into
-# runs/smollm2-135m-l15/core-dynamics-jumprelu (copy its results.json, report.md and figures/ to reports/). At the LM
-# config's learning rate the JumpReLU thresholds barely move within this budget (docs/results.md).
+# The learned dense block on the embedded default: `make study` extended by it and by the Matryoshka SAE at k 256,
+# which the block's L0 (its rank, 121, + k) needs (only their models train; results in reports/study-smollm2-135m);
+# then the JumpReLU core's dynamics on the demo's core at three coefficients, into
+# runs/smollm2-135m-l15/core-dynamics-jumprelu-coef* (about 10 min each; copy results.json, report.md and figures/ to
+# reports/). The JumpReLU core's LM transfers wait for a coefficient at which it neither stays dense nor switches off
+# (docs/results.md).
+VARIANTS_LM := dense_core sparse_core matryoshka random_dense_core random_sparse_core learned_linear_core
+JUMPRELU_LM_COEFS := 0.01 0.001 0.0001
 variants-lm: study
 	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study \
 		--results_dir reports/study-smollm2-135m --variants $(VARIANTS_LM) --matryoshka_ks 128 256 \
 		--saebench_evals core sparse_probing_sae_probes meta_structure absorption --meta_structure_steps 500
-	$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --sparsity jumprelu_core \
-		--budgets 996352 --cores distilled random_init --ablations paper \
-		--study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu
+	for coef in $(JUMPRELU_LM_COEFS); do \
+		$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --sparsity jumprelu_core \
+			--core_sparsity_coef $$coef --budgets 996352 --cores distilled random_init --ablations paper \
+			--study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu-coef$$coef || exit 1; \
+	done
 
 # The ground-truth benchmark over a family of worlds (configs/worlds.json: 10 worlds drawn from stated ranges, 2 seeds
 # each, screened by a plain Matryoshka SAE), into runs/worlds; results and report in reports/worlds, which `make
