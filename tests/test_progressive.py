@@ -35,7 +35,10 @@ def test_a_reordered_model_reconstructs_the_same_and_its_prefixes_follow_the_new
     for x in batches[:2]:
         latents, moved = model.eval().encode(x), reordered.eval().encode(x)
         torch.testing.assert_close(moved, latents[:, order])
-        torch.testing.assert_close(reordered.decode(moved), model.decode(latents), rtol=1e-5, atol=1e-6)
+        # The decoder sums the same terms in another order: each output moves by a few ulps of its terms' |sum|.
+        summed = (latents.abs() @ model.W_dec.abs() + model.b_dec.abs()) * model.config.norm_factor
+        error = (reordered.decode(moved) - model.decode(latents)).abs()
+        assert (error <= 8 * torch.finfo(torch.float32).eps * summed).all()
     prefixes = [8, 16, 40, 128]
     by_order, natural = prefix_fvu(model, batches, prefixes, order), prefix_fvu(reordered, batches, prefixes)
     assert by_order == pytest.approx(natural, rel=1e-5)
