@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import shutil
@@ -160,6 +161,22 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     matches = widened["latent_matches"]["variants"]
     assert set(matches) == {*variants, "sparse_core"}
     assert all(matches[v] == extended["latent_matches"]["variants"][v] for v in variants)
+    # A penalized core added at a coefficient of its own (the study's other models do not read it): recorded per
+    # variant, and refused at another while the variant has models left to train.
+    shutil.rmtree(tmp_path / "study")
+    wider["variants"] = [*wider["variants"], "penalized_core"]
+    claims = ClaimsArguments(**{**arguments[0].__dict__, **wider})
+    at = {c: dataclasses.replace(arguments[1], core_sparsity_coef=c) for c in (0.5, 0.1)}
+    penalized = PaperClaims(claims, at[0.5], *arguments[2:]).run()
+    assert penalized["variant_settings"] == {"penalized_core": {"core_sparsity_coef": 0.5}}
+    assert "`penalized_core` at core_sparsity_coef 0.5." in claims_report(tmp_path / "results")
+    assert all(penalized["models"][s][n] == widened["models"][s][n] for s in recorded["models"] for n in names)
+    interrupted = json.loads((tmp_path / "results" / "results.json").read_text())
+    del interrupted["models"]["seed1"]["k8-penalized_core"]
+    (tmp_path / "results" / "results.json").write_text(json.dumps(interrupted))
+    with pytest.raises(ValueError, match=r"seed1/k8-penalized_core \(recorded \{'core_sparsity_coef': 0.5\}"):
+        PaperClaims(claims, at[0.1], *arguments[2:]).run()
+    PaperClaims(claims, at[0.5], *arguments[2:]).run()  # the same coefficient: the model is trained again
     # The distillation run again on another machine, selecting other rows: the models that read the core's size
     # alone may still be added; one built around its rows is refused, before anything trains.
     shutil.rmtree(tmp_path / "study")
@@ -170,8 +187,8 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     wider["matryoshka_ks"] = [16, 32, 64]
     PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()
     assert (tmp_path / "study" / "seed1" / "matryoshka-wide" / "k64-matryoshka").is_dir()
-    wider["variants"] = [*wider["variants"], "penalized_core"]
-    with pytest.raises(ValueError, match="seed0/k4-penalized_core, seed0/k8-penalized_core, seed1/k4-penalized_core"):
+    wider["variants"] = [*wider["variants"], "jumprelu_core"]
+    with pytest.raises(ValueError, match="seed0/k4-jumprelu_core, seed0/k8-jumprelu_core, seed1/k4-jumprelu_core"):
         PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()
 
 

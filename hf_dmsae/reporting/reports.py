@@ -661,7 +661,11 @@ def claims_report(folder: str | Path) -> str:
         f"k {identity['ClaimsArguments.ks']} in every variant, and the Matryoshka SAE also at k "
         f"{wide}; {len(seeds)} seeds ({', '.join(seeds)}), each seed's models "
         "on the same tokens. `random_*`: the paper's control, a random-init core of the same size. Every cell is "
-        "mean ± standard deviation over seeds; own metrics on held-out text, `sb_*` are SAEBench's.",
+        "mean ± standard deviation over seeds; own metrics on held-out text, `sb_*` are SAEBench's."
+        + "".join(
+            f" `{variant}` at {', '.join(f'{k} {v}' for k, v in settings.items())}."
+            for variant, settings in results.get("variant_settings", {}).items()
+        ),
         "",
         "## Every model",
         "",

@@ -123,11 +123,12 @@ class PaperClaims:
 
     def identity(self) -> dict:
         """What the results depend on; seeds, variants and Matryoshka ks may be added to a finished study. The core
-        enters by its size (its rows by `check_same_core`)."""
+        enters by its size (its rows by `check_same_core`), the settings of `VARIANT_SETTINGS` per variant
+        (`variant_settings`)."""
         arguments = (self.sae_args, self.activation_args, self.training_args, self.args, self.saebench_args)
         arguments = tuple(a for a in arguments if a is not None)
         exclude = ("DMSAETrainingArguments.seed", "seeds", "variants", "matryoshka_ks")
-        exclude += ("study_dir", "results_dir", "distillation_dir")
+        exclude += ("study_dir", "results_dir", "distillation_dir", *(f"SAEArguments.{n}" for n in VARIANT_SETTINGS))
         identity = arguments_identity(*arguments, exclude=exclude) | {"inputs.core_size": len(self.core)}
         return json.loads(json.dumps(identity, default=str))
 
@@ -141,6 +142,7 @@ class PaperClaims:
         results = read_json(path) if path.is_file() else {"identity": self.identity(), "models": {}}
         if difference := recorded_identity_difference(results["identity"], self.identity()):
             raise ValueError(f"{path} holds results of other settings ({difference}): use another --results_dir")
+        results["variant_settings"] = self.variant_settings(results)
         results["identity"] = self.identity()
         self.check_same_core(results)
         digest = results.get("core", {}).get("digest", self.core.digest())  # the core the study's models read
@@ -228,6 +230,33 @@ class PaperClaims:
                 f"{', '.join(reading)} would be trained around another core; use another --results_dir"
             )
 
+    def variant_settings(self, results: dict) -> dict[str, dict]:
+        """The `VARIANT_SETTINGS` each variant's models read: those recorded (for models recorded before they were
+        kept per variant, the study's), and the given ones for a variant with models to train, which must not differ
+        from its recorded ones."""
+        recorded = dict(results.get("variant_settings", {}))
+        for models in results["models"].values():
+            for record in models.values():
+                if record["variant"] not in recorded and (own := self.settings_of(record["variant"])):
+                    recorded[record["variant"]] = {n: results["identity"].get(f"SAEArguments.{n}") for n in own}
+        conflicts = []
+        for seed in self.args.seeds:
+            for name, variant in self.models_to_train(seed, results).items():
+                own = self.settings_of(variant)
+                if own and recorded.setdefault(variant, own) != own:
+                    conflicts.append(f"seed{seed}/{name} (recorded {recorded[variant]}, now {own})")
+        if conflicts:
+            raise ValueError(
+                f"the study's models of a variant would be trained at other settings: {', '.join(conflicts)}; "
+                "use another --results_dir"
+            )
+        return recorded
+
+    def settings_of(self, variant: str) -> dict:
+        """The given `VARIANT_SETTINGS` that a variant's models read."""
+        mode = variant.removeprefix("random_")
+        return {name: getattr(self.sae_args, name) for name, modes in VARIANT_SETTINGS.items() if mode in modes}
+
     def models_to_train(self, seed: int, results: dict) -> dict[str, str]:
         """The seed's models `run()` trains (name: variant): none if nothing of the seed is left to do, else those
         not `recorded_for_good`."""
@@ -258,6 +287,10 @@ class PaperClaims:
     def model(self, seed: int, k: int, variant: str) -> DMSAEModel:
         return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / model_name(k, variant))
 
+
+VARIANT_SETTINGS = {"core_sparsity_coef": ("penalized_core", "jumprelu_core"), "jumprelu_bandwidth": ("jumprelu_core",)}
+"""SAE settings that only some core modes read, with those modes: a study records them per variant, not in its
+identity, so that a variant may be added at settings of its own (a penalty's coefficient is not one for all)."""
 
 END_TOLERANCE = 0.02
 """How far (relative, in L0) beyond the Matryoshka curve's ends a model still takes the end's value: BatchTopK's
