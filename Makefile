@@ -53,7 +53,9 @@ synthetic: setup
 # measured L0 (docs/results.md), into runs/synthetic-variants (about 25 min on 2 CPU cores); then the distillation
 # itself with a JumpReLU core (its cycles' carry-over and cores), into runs/synthetic-jumprelu-cycles (about 30 min);
 # then the JumpReLU core's dynamics, into runs/synthetic/core-dynamics-jumprelu (about 8 min); then the penalized
-# core's transfers at 10x and 100x the default coefficient, into runs/synthetic-penalized-coef* (about 12 min each).
+# core's transfers at 10x and 100x the default coefficient, into runs/synthetic-penalized-coef* (about 10 min each),
+# its dynamics and its own distillation at 0.1, into runs/synthetic/core-dynamics-penalized-coef0.1 and
+# runs/synthetic-penalized-cycles.
 # Copy each one's results.json, report.md and figures/ to reports/.
 VARIANTS_COMPARED := dense_core sparse_core matryoshka penalized_core jumprelu_core learned_linear_core \
 	random_dense_core random_penalized_core random_jumprelu_core
@@ -66,12 +68,20 @@ variants: setup
 		--matryoshka_ks 24 48 96
 	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic --sparsity jumprelu_core \
 		--budgets 250000 1000000 5000000 --cores distilled random_init --ablations paper \
+		--distillation_dir "runs/synthetic-variants/seed{seed}/distillation" \
 		--study_dir runs/synthetic/core-dynamics-jumprelu
 	for coef in $(PENALIZED_COEFS); do \
 		$(BIN)/python scripts/synthetic.py configs/synthetic.json --output_dir runs/synthetic-penalized-coef$$coef \
 			--core_sparsity_coef $$coef --variants penalized_core random_penalized_core matryoshka \
 			--matryoshka_ks 24 48 96 || exit 1; \
 	done
+	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic --sparsity penalized_core \
+		--core_sparsity_coef 0.1 --budgets 250000 1000000 5000000 --cores distilled random_init --ablations paper \
+		--distillation_dir "runs/synthetic-variants/seed{seed}/distillation" \
+		--study_dir runs/synthetic/core-dynamics-penalized-coef0.1
+	$(BIN)/python scripts/synthetic.py configs/synthetic.json --sparsity penalized_core --core_sparsity_coef 0.1 \
+		--output_dir runs/synthetic-penalized-cycles --variants penalized_core random_penalized_core matryoshka \
+		--matryoshka_ks 24 48 96
 
 # The learned dense block on the embedded default: `make study` extended by it and by the Matryoshka SAE at k 256,
 # which the block's L0 (its rank, 121, + k) needs (only their models train; results in reports/study-smollm2-135m);
