@@ -85,12 +85,13 @@ variants: setup
 
 # The learned dense block on the embedded default: `make study` extended by it and by the Matryoshka SAE at k 256,
 # which the block's L0 (its rank, 121, + k) needs (only their models train; results in reports/study-smollm2-135m);
-# then the JumpReLU core's dynamics on the demo's core at three coefficients, into
-# runs/smollm2-135m-l15/core-dynamics-jumprelu-coef* (about 10 min each; copy results.json, report.md and figures/ to
-# reports/). The JumpReLU core's LM transfers wait for a coefficient at which it neither stays dense nor switches off
+# then the JumpReLU core's dynamics on the demo's core at three coefficients and the penalized core's at two, into
+# runs/smollm2-135m-l15/core-dynamics-{jumprelu,penalized}-coef* (about 8 min each after the first's harvest; copy
+# results.json, report.md and figures/ to reports/). The JumpReLU core's LM transfers wait for a coefficient at which it neither stays dense nor switches off
 # (docs/results.md).
 VARIANTS_LM := dense_core sparse_core matryoshka random_dense_core random_sparse_core learned_linear_core
 JUMPRELU_LM_COEFS := 0.01 0.001 0.0001
+PENALIZED_LM_COEFS := 0.01 0.03
 variants-lm: study
 	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study \
 		--results_dir reports/study-smollm2-135m --variants $(VARIANTS_LM) --matryoshka_ks 128 256 \
@@ -99,6 +100,11 @@ variants-lm: study
 		$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --sparsity jumprelu_core \
 			--core_sparsity_coef $$coef --budgets 996352 --cores distilled random_init --ablations paper \
 			--study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu-coef$$coef || exit 1; \
+	done
+	for coef in $(PENALIZED_LM_COEFS); do \
+		$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --sparsity penalized_core \
+			--core_sparsity_coef $$coef --budgets 996352 --cores distilled random_init --ablations paper \
+			--study_dir runs/smollm2-135m-l15/core-dynamics-penalized-coef$$coef || exit 1; \
 	done
 
 # The ground-truth benchmark over a family of worlds (configs/worlds.json: 10 worlds drawn from stated ranges, 2 seeds
