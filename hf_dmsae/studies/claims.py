@@ -162,8 +162,8 @@ class PaperClaims:
                     models[name] = dict(record)
                     save()
 
-            if self.unfinished(seed, results):
-                skip = self.recorded_for_good(models, results)
+            if to_train := self.models_to_train(seed, results):
+                skip = set(models) - set(to_train)
                 for transfer in self.transfers(seed):  # every process: training may be distributed
                     transfer.train(after_each=keep, skip=skip)
                     for name, record in transfer.results.items():
@@ -178,7 +178,7 @@ class PaperClaims:
                 matches["variants"] = results["latent_matches"]["variants"] | matches["variants"]
             results["latent_matches"] = matches
             save()
-        if self.saebench_args is None or not self.saebench_args.saebench_evals:
+        if not self.saebench_asked:
             return results
         for seed in self.args.seeds:
             models = results["models"][f"seed{seed}"]
@@ -197,6 +197,10 @@ class PaperClaims:
                 transfer.state.close()
         return results
 
+    @property
+    def saebench_asked(self) -> bool:
+        return self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
+
     def model_variants(self) -> dict[str, str]:
         """A seed's models: their names (their folders under its transfer runs) and variants."""
         grid = [(k, v) for k in self.args.ks for v in self.args.variants]
@@ -206,9 +210,9 @@ class PaperClaims:
     def unfinished(self, seed: int, results: dict) -> bool:
         """Whether anything of the seed is left to do: a model, an SAEBench result or the comparison of latents."""
         models = results["models"].get(f"seed{seed}", {})
-        saebench = self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
         return bool(self.unmatched_variants(results)) or any(
-            name not in models or (saebench and "saebench" not in models[name]) for name in self.model_variants()
+            name not in models or (self.saebench_asked and "saebench" not in models[name])
+            for name in self.model_variants()
         )
 
     def check_same_core(self, results: dict) -> None:
@@ -269,11 +273,10 @@ class PaperClaims:
         """A seed's recorded models that nothing left to do reads again (their SAEBench is done or not asked, their
         variant's latents are compared): a study extended by a variant or a Matryoshka k trains those models alone."""
         unmatched = self.unmatched_variants(results)
-        saebench = self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
         return {
             name
             for name, record in models.items()
-            if record["variant"] not in unmatched and (not saebench or "saebench" in record)
+            if record["variant"] not in unmatched and (not self.saebench_asked or "saebench" in record)
         }
 
     def unmatched_variants(self, results: dict) -> list[str]:
