@@ -1,4 +1,7 @@
+import contextlib
 import os
+import subprocess
+import sys
 import tempfile
 
 from hub_server import HubServer
@@ -243,3 +246,19 @@ def tiny_gemma2_dir(tmp_path_factory):
     Gemma2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def results_written_by_another_study(path):
+    """`path`, a study's `results.json`, held by another process as a running study holds it (`StudyResults`)."""
+    script = (
+        "import sys\nfrom hf_dmsae.run.results import StudyResults\n"
+        f"held = StudyResults({str(path)!r}, None, {{}})\nprint('held', flush=True)\nsys.stdin.read()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

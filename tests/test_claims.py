@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import core_of_rows, tiny_activation_args
+from conftest import core_of_rows, results_written_by_another_study, tiny_activation_args
 
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.reporting.reports import claims_report
@@ -13,6 +13,43 @@ from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model
 from hf_dmsae.studies.claims import ClaimsArguments, PaperClaims, interpolate_in_log_l0, matched_differences
+
+
+def finished_distillation(folder, seed: int = 0):
+    """What a finished distillation records of its distilled core (6 rows of the tiny LM's width), in `folder`."""
+    core = core_of_rows(torch.randn(6, 32, generator=torch.Generator().manual_seed(seed)) / 6, cycle=2)
+    core.save_pretrained(folder / "distilled-core")
+    record = {"core": "distilled-core", "core_digest": core.digest(), "size": 6, "last_cycle": 2}
+    (folder / "state.json").write_text(json.dumps({"distilled": record}))
+
+
+def study_arguments(tmp_path, tiny_lm_dir):
+    """A study of two seeds, three variants and three ks around `finished_distillation(tmp_path / "distillation")`,
+    trained for 4 steps."""
+    return (
+        ClaimsArguments(
+            distillation_dir=str(tmp_path / "distillation"),
+            study_dir=str(tmp_path / "study"),
+            results_dir=str(tmp_path / "results"),
+            seeds=[0, 1],
+            ks=[4, 8],
+            variants=["dense_core", "matryoshka", "random_sparse_core"],
+            matryoshka_ks=[16],
+            consistency_k=8,
+            ce_batches=0,
+        ),
+        SAEArguments(dict_size=128, k=8),
+        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=2000),
+        DMSAETrainingArguments(
+            output_dir=str(tmp_path / "unused"),
+            max_steps=4,
+            per_device_train_batch_size=200,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+        ),
+        SAEBenchArguments(saebench_evals=["autointerp"]),
+    )
 
 
 def test_a_value_at_matched_l0_is_read_linearly_in_log_l0_and_never_extrapolated():
@@ -54,35 +91,9 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     tiny_lm_dir, tmp_path, monkeypatch
 ):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # SAEBench's autointerp: recorded as skipped, at once
-    core = core_of_rows(torch.randn(6, 32, generator=torch.Generator().manual_seed(0)) / 6, cycle=2)
-    distillation = tmp_path / "distillation"  # what a finished distillation records of its distilled core
-    core.save_pretrained(distillation / "distilled-core")
-    record = {"core": "distilled-core", "core_digest": core.digest(), "size": 6, "last_cycle": 2}
-    (distillation / "state.json").write_text(json.dumps({"distilled": record}))
-    arguments = (
-        ClaimsArguments(
-            distillation_dir=str(distillation),
-            study_dir=str(tmp_path / "study"),
-            results_dir=str(tmp_path / "results"),
-            seeds=[0, 1],
-            ks=[4, 8],
-            variants=["dense_core", "matryoshka", "random_sparse_core"],
-            matryoshka_ks=[16],
-            consistency_k=8,
-            ce_batches=0,
-        ),
-        SAEArguments(dict_size=128, k=8),
-        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=2000),
-        DMSAETrainingArguments(
-            output_dir=str(tmp_path / "unused"),
-            max_steps=4,
-            per_device_train_batch_size=200,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-        ),
-        SAEBenchArguments(saebench_evals=["autointerp"]),
-    )
+    distillation = tmp_path / "distillation"
+    finished_distillation(distillation)
+    arguments = study_arguments(tmp_path, tiny_lm_dir)
     results = PaperClaims(*arguments).run()
 
     names = {"k4-dense_core", "k8-dense_core", "k4-matryoshka", "k8-matryoshka", "k16-matryoshka"}
@@ -180,16 +191,64 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     # The distillation run again on another machine, selecting other rows: the models that read the core's size
     # alone may still be added; one built around its rows is refused, before anything trains.
     shutil.rmtree(tmp_path / "study")
-    other_core = core_of_rows(torch.randn(6, 32, generator=torch.Generator().manual_seed(1)) / 6, cycle=2)
-    other_core.save_pretrained(distillation / "distilled-core")
-    record |= {"core_digest": other_core.digest()}
-    (distillation / "state.json").write_text(json.dumps({"distilled": record}))
+    finished_distillation(distillation, seed=1)
     wider["matryoshka_ks"] = [16, 32, 64]
-    PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()
+    with pytest.raises(ValueError, match=r"finished models were trained at other settings: penalized_core \(recorded"):
+        PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()  # the default 0.01
+    PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), at[0.5], *arguments[2:]).run()
     assert (tmp_path / "study" / "seed1" / "matryoshka-wide" / "k64-matryoshka").is_dir()
     wider["variants"] = [*wider["variants"], "jumprelu_core"]
     with pytest.raises(ValueError, match="seed0/k4-jumprelu_core, seed0/k8-jumprelu_core, seed1/k4-jumprelu_core"):
-        PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()
+        PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), at[0.5], *arguments[2:]).run()
+
+
+def test_a_second_study_on_a_results_folder_in_use_is_refused_naming_it(tiny_lm_dir, tmp_path):
+    """Two studies on one results folder (say `--seeds 0` and `--seeds 1`) would each rewrite `results.json` whole
+    with only their own seeds: the second is refused before it trains anything."""
+    finished_distillation(tmp_path / "distillation")
+    with results_written_by_another_study(tmp_path / "results" / "results.json"):
+        with pytest.raises(RuntimeError, match=r"results/results.json is being written by another study"):
+            PaperClaims(*study_arguments(tmp_path, tiny_lm_dir)).run()
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda r: [r], "holds a JSON list, not an object; restore it from its commit"),
+        (lambda r: {**r, "identity": "the settings"}, "'identity' is a JSON string, not an object"),
+        (lambda r: {k: v for k, v in r.items() if k != "identity"}, "has no 'identity'"),
+        (lambda r: {**r, "identity": {}}, "other settings \\(the recorded identity holds none of its"),
+        (lambda r: {**r, "models": [r["models"]["seed0"]]}, "'models' is a JSON list, not an object"),
+        (lambda r: drop(r, "variant"), "has no 'models.seed0.k4-dense_core.variant'"),
+        (lambda r: drop(r, "l0"), "has no 'models.seed0.k4-dense_core.l0'"),
+        (lambda r: {**r, "models": {"seed0": {"k4-dense_core": {**model(r), "fvu": "0.1"}}}}, "'models.seed0.k4-de"),
+    ],
+)
+def test_a_damaged_study_results_file_is_refused_naming_what_is_wrong(tiny_lm_dir, tmp_path, damage, problem):
+    finished_distillation(tmp_path / "distillation")
+    arguments = study_arguments(tmp_path, tiny_lm_dir)
+    recorded = {
+        "identity": PaperClaims(*arguments).identity(),
+        "models": {"seed0": {"k4-dense_core": {"variant": "dense_core", "k": 4, "l0": 10.0, "fvu": 0.1}}},
+        "matched": {},
+    }
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "results.json").write_text(json.dumps(damage(recorded)))
+    with pytest.raises(ValueError, match=rf"results/results.json.*{problem}"):
+        PaperClaims(*arguments).run()
+    if "identity" not in problem:  # the report reads the file through the same schema
+        with pytest.raises(ValueError, match=rf"results/results.json.*{problem}"):
+            claims_report(tmp_path / "results")
+    assert not (tmp_path / "study").exists()
+
+
+def model(results: dict) -> dict:
+    return results["models"]["seed0"]["k4-dense_core"]
+
+
+def drop(results: dict, name: str) -> dict:
+    return {**results, "models": {"seed0": {"k4-dense_core": {k: v for k, v in model(results).items() if k != name}}}}
 
 
 def test_bad_study_arguments_are_refused():

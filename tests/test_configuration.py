@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from hf_dmsae import DMSAEConfig, matryoshka_group_sizes, noncore_k
 
@@ -130,3 +131,42 @@ def test_the_sae_arguments_are_the_configs_own_fields():
     assert {f.name for f in dataclasses.fields(SAEArguments)} == {*SAE_FIELDS, "group_fractions"}
     with pytest.raises(ValueError, match="DMSAEConfig.sparsity='topk' is invalid: must be of type str, one of"):
         SAEArguments(dict_size=64, k=4, sparsity="topk")
+
+
+@pytest.mark.parametrize(
+    "field, value", [("core_sparsity_coef", "inf"), ("jumprelu_bandwidth", "inf"), ("core_sparsity_coef", "nan")]
+)
+def test_a_core_penalty_setting_that_is_not_finite_is_refused_when_parsed(field, value, tmp_path):
+    """An infinite bandwidth trains thresholds that never move, an infinite coefficient fails only after training."""
+    from hf_dmsae.run.arguments import SAEArguments
+    from hf_dmsae.run.launch import parse_arguments
+
+    with pytest.raises(ValueError, match=rf"DMSAEConfig\.{field}=(inf|nan) is invalid: must be finite"):
+        parse_arguments((SAEArguments,), ["--sparsity", "jumprelu_core", f"--{field}={value}"])
+
+
+def test_num_train_epochs_is_refused_rather_than_ignored(tmp_path):
+    from hf_dmsae.run.trainer import DMSAETrainingArguments
+
+    assert DMSAETrainingArguments(output_dir=str(tmp_path)).num_train_epochs == 1  # what `--help` shows is done
+    with pytest.raises(ValueError, match="num_train_epochs=3.0 is invalid: a run reads its training slice once"):
+        DMSAETrainingArguments(output_dir=str(tmp_path), num_train_epochs=3.0)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once_naming_the_flag(tmp_path, monkeypatch, caplog):
+    """The capability probe stands in for the machine: this CPU's own answer decides nothing here."""
+    from hf_dmsae.run import trainer
+
+    trainer.warn_slow_cpu_bf16.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for _ in range(2):
+        trainer.DMSAETrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True)
+    warnings = [r for r in caplog.records if "--bf16 on this CPU" in r.getMessage()]
+    assert len(warnings) == 1 and "several times slower than in fp32" in warnings[0].getMessage()
+    trainer.warn_slow_cpu_bf16.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    caplog.clear()
+    trainer.DMSAETrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True)
+    assert not [r for r in caplog.records if "--bf16 on this CPU" in r.getMessage()]
+    trainer.warn_slow_cpu_bf16.cache_clear()

@@ -83,6 +83,29 @@ def test_export_is_read_by_saebench_with_the_same_outputs(tmp_path):
     torch.testing.assert_close(reloaded.decode(reloaded.encode(x)), model.decode(model.encode(x)))
 
 
+@pytest.mark.parametrize("sparsity", ["dense_core", "penalized_core", "jumprelu_core", "linear_core"])
+def test_a_core_outside_the_threshold_is_not_exported_to_dictionary_learning_with_its_activations_dropped(
+    tmp_path, sparsity
+):
+    """dictionary_learning's one global threshold would drop the core's activations below it (and a JumpReLU core's
+    own thresholds); a sparse core, under the threshold like every latent, is written as it is."""
+    model = tiny_model(sparsity=sparsity)
+    model.train()
+    model(torch.randn(64, 16))
+    model.eval()
+    with pytest.raises(ValueError, match=f"a {sparsity} model|signed core latents"):
+        save_dictionary_learning(model, tmp_path / sparsity)
+    assert not (tmp_path / sparsity / "ae.pt").exists()
+    sparse = tiny_model(sparsity="sparse_core")
+    sparse.train()
+    sparse(torch.randn(64, 16))
+    save_dictionary_learning(sparse.eval(), tmp_path / "sparse_core")
+    x = torch.randn(32, 16)
+    state = torch.load(tmp_path / "sparse_core" / "ae.pt")
+    z = torch.relu(x @ state["W_enc"] + state["b_enc"])
+    torch.testing.assert_close(z * (z > state["threshold"]), sparse.encode(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("sparsity", ["dense_core", "jumprelu_core"])
 def test_sae_lens_export_loads_with_sae_lens_and_gives_the_same_latents(tmp_path, sparsity):
     from sae_lens import SAE

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from transformers import AutoConfig, AutoModel
 
 from hf_dmsae import DMSAEModel
 from hf_dmsae.model import modeling_dmsae
+from hf_dmsae.model.modeling_dmsae import SparseLatents
 
 
 def naive_latents(model: DMSAEModel, x: torch.Tensor) -> torch.Tensor:
@@ -444,3 +446,48 @@ print("remote-code-ok")
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "remote-code-ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_sparse_latents_in_any_entry_order_decode_as_their_dense_latents(model):
+    """Entries out of row order (given by hand, or two `encode_sparse` results concatenated later rows first) decode
+    as `decode(to_dense())`; the bags of `decode_sparse` would otherwise cut the wrong rows' entries."""
+    model.train()
+    for _ in range(20):  # a threshold, so that each half encodes as it does within the whole
+        model(torch.randn(64, 16))
+    model.eval()
+    x = torch.randn(12, 16)
+    whole = model.encode_sparse(x)
+    first, second = model.encode_sparse(x[:6]), model.encode_sparse(x[6:])
+    joined = SparseLatents(
+        torch.cat([second.rows + 6, first.rows]),
+        torch.cat([second.cols, first.cols]),
+        torch.cat([second.values, first.values]),
+        (12, 128),
+    )
+    torch.testing.assert_close(joined.to_dense(), whole.to_dense(), rtol=1e-6, atol=1e-6)  # the matmul blocks by rows
+    torch.testing.assert_close(model.decode_sparse(joined), model.decode(whole.to_dense()), rtol=1e-5, atol=1e-5)
+    by_hand = SparseLatents(torch.tensor([1, 0, 1]), torch.tensor([3, 5, 2]), torch.tensor([1.0, 2.0, 3.0]), (2, 128))
+    torch.testing.assert_close(model.decode_sparse(by_hand), model.decode(by_hand.to_dense()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows, cols, message",
+    [([0, 2], [1, 1], r"rows must lie in \[0, 2\)"), ([-1, 0], [1, 1], "rows must lie"), ([0, 1], [1, 128], "cols")],
+)
+def test_sparse_latents_outside_their_shape_are_refused_by_name(rows, cols, message):
+    with pytest.raises(ValueError, match=message):
+        SparseLatents(torch.tensor(rows), torch.tensor(cols), torch.ones(2), (2, 128))
+
+
+def test_an_encoder_that_overflows_is_an_error_not_infinite_latents(model):
+    model.eval()
+    with pytest.raises(ValueError, match="latent values are NaN or infinite: the encoder overflowed"):
+        model.encode_sparse(torch.full((4, 16), 3e38))
+
+
+def test_a_model_file_whose_header_announces_100_gb_is_refused_naming_the_folder(model, tmp_path):
+    model.save_pretrained(tmp_path / "saved")
+    weights = tmp_path / "saved" / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", 100 * 2**30) + weights.read_bytes()[8:])
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'saved'}: its model.safetensors is unreadable"):
+        DMSAEModel.from_pretrained(tmp_path / "saved")

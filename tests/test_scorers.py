@@ -77,3 +77,26 @@ def test_bad_scorer_specs_are_refused():
         ScorerStudyArguments(scorers=["shapley"])
     with pytest.raises(ValueError, match="ablation:median"):
         ScorerStudyArguments(scorers=["ablation:median"])
+
+
+def test_the_lm_study_is_keyed_on_the_scored_distillation_and_refuses_another(tmp_path):
+    """Two distillations' scores in one results.json would be correlated as if they were one model's."""
+
+    def study(distillation):
+        arguments = parse_arguments(TYPES, ["--study_source", "lm", "--results_dir", str(tmp_path / "report")])
+        arguments[-1].output_dir = str(distillation)
+        return ScorerStudy(*arguments)
+
+    for name, weights in (("first", b"first model"), ("second", b"second model")):
+        record = {"core": "distilled-core", "core_digest": "0" * 64, "size": 6, "last_cycle": 2}
+        (tmp_path / name / "cycle2").mkdir(parents=True)
+        (tmp_path / name / "cycle2" / "model.safetensors").write_bytes(weights)
+        (tmp_path / name / "state.json").write_text(json.dumps({"kind": "distillation", "distilled": record}))
+    (tmp_path / "report").mkdir()
+    identity = study(tmp_path / "first").identity()
+    (tmp_path / "report" / "results.json").write_text(json.dumps({"identity": identity}))
+    with pytest.raises(ValueError, match=r"other settings \(scored: recorded \{'model': '.*first/cycle2'"):
+        study(tmp_path / "second").run()
+    (tmp_path / "first" / "cycle2" / "model.safetensors").write_bytes(b"the first folder, trained again")
+    with pytest.raises(ValueError, match=r"other settings \(scored: .*'sha256': '[0-9a-f]{64}'\}, now"):
+        study(tmp_path / "first").run()

@@ -372,3 +372,28 @@ def test_bench_times_the_steps_alone_at_a_chosen_shape(tmp_path):
     assert {key: report["setup"][key] for key in ("d_in", "batch", "k")} == {"d_in": 64, "batch": 512, "k": 8}
     ours = next(row for row in report["training_steps"] if row["name"] == "dmsae, dense core 2% (sparse kernels)")
     assert ours["tokens_per_s"] == pytest.approx(512 / ours["median_s"]) and ours["peak_memory_rise_mb"] >= 0
+
+
+@pytest.mark.parametrize(
+    "script, flags, refused",
+    [
+        ("transfer", ["--sparsity", "jumprelu_core"], "--sparsity jumprelu_core: not read here, each of --variants"),
+        (
+            "transfer",
+            ["--core_sparsity_coef", "5", "--variants", "dense_core", "matryoshka"],
+            "--core_sparsity_coef 5.0: not read here, no variant of --variants dense_core matryoshka reads it",
+        ),
+        ("study", ["--sparsity", "penalized_core"], "--sparsity penalized_core: not read here, each of --variants"),
+        ("train", ["--sparsity", "jumprelu_core"], "--sparsity jumprelu_core: not read here, .* without a core"),
+        ("train", ["--jumprelu_bandwidth", "0.1"], "--jumprelu_bandwidth 0.1: not read here"),
+    ],
+)
+def test_a_setting_a_script_does_not_read_is_refused_before_it_runs(script, flags, refused, monkeypatch, tmp_path):
+    """Never silently ignored, nor recorded in the run's identity (where the same command at the default is then
+    refused)."""
+    output = ["--core", str(tmp_path / "core")] if script == "transfer" else []
+    output += ["--study_dir" if script == "study" else "--output_dir", str(tmp_path / "run")]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *flags, *output])
+    with pytest.raises(ValueError, match=refused):
+        runpy.run_path(str(REPO / "scripts" / f"{script}.py"), run_name="__main__")
+    assert not (tmp_path / "run").exists()

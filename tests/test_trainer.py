@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_activation_args, tiny_run_data
+from conftest import core_of_rows, tiny_activation_args, tiny_run_data
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -18,7 +18,7 @@ from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.evaluation.held_out import activation_metrics
 from hf_dmsae.model import kernels
 from hf_dmsae.run.arguments import SAEArguments
-from hf_dmsae.run.state import RunState, arguments_identity
+from hf_dmsae.run.state import RunState, arguments_identity, distilled_core_record, load_recorded_core
 from hf_dmsae.run.trainer import DMSAETrainer, DMSAETrainingArguments, TrainingDivergedError
 from hf_dmsae.run.training import last_complete_checkpoint
 from hf_dmsae.utils.integrity import IntegrityError
@@ -355,14 +355,40 @@ def test_a_rerun_with_other_arguments_is_refused_naming_them(tmp_path, tiny_lm_d
         RunState(tmp_path / "run", "train", arguments_identity(sae, activations, first), writer=True)
     for damaged, problem in (
         ([whole], "holds a JSON list, not an object"),
-        ({**whole, "slices": {}}, "'slices' is a JSON dict, not what"),
+        ({**whole, "slices": {}}, "'slices' is a JSON object, not a list"),
         ({k: v for k, v in whole.items() if k != "identity"}, "no 'identity'"),
+        ({**whole, "metrics": {"fvu": "0.1"}}, "'metrics.fvu' is a JSON string, not a number"),
     ):
         state_file.write_text(json.dumps(damaged))
         with pytest.raises(
             IntegrityError, match=rf"run/state.json(:| has| holds) .*{problem}|run/state.json {problem}"
         ):
             RunState(tmp_path / "run", "train", arguments_identity(sae, activations, first), writer=True)
+
+
+def test_a_distillation_state_with_a_damaged_record_or_a_core_outside_its_folder_is_refused(tmp_path):
+    folder = tmp_path / "run"
+    RunState(folder, "distillation", {"a": 1}, writer=True).close()
+    whole = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**whole, "cycles": "oops"}))
+    for read in (
+        lambda: RunState(folder, "distillation", {"a": 1}, writer=True),
+        lambda: distilled_core_record(folder),
+    ):
+        with pytest.raises(IntegrityError, match=r"run/state.json: 'cycles' is a JSON string, not an object; repair"):
+            read()
+    (folder / "state.json").write_text(json.dumps({**whole, "cycles": {"0": {"carried_over": "3"}}}))
+    with pytest.raises(IntegrityError, match=r"'cycles.0.carried_over' is a JSON string, not a number"):
+        RunState(folder, "distillation", {"a": 1}, writer=True)
+    core = core_of_rows(torch.randn(2, 8))
+    core.save_pretrained(tmp_path / "elsewhere")
+    record = {"core": "../elsewhere", "core_digest": core.digest(), "size": 2, "last_cycle": 0}
+    (folder / "state.json").write_text(json.dumps({**whole, "distilled": record}))
+    with pytest.raises(IntegrityError, match=r"the recorded path '../elsewhere' leaves the run folder .*/run"):
+        load_recorded_core(folder, distilled_core_record(folder))
+    (folder / "state.json").write_text(json.dumps({**whole, "distilled": {"core": "distilled-core"}}))
+    with pytest.raises(IntegrityError, match=r"run/state.json has no 'distilled.core_digest'"):
+        distilled_core_record(folder)
 
 
 def test_a_write_that_fails_during_a_checkpoint_names_the_folder_and_the_cause(tmp_path, tiny_lm_dir):
@@ -404,6 +430,27 @@ def test_a_diverging_run_stops_with_an_error(tmp_path, caches):
     )
     with pytest.raises(TrainingDivergedError, match="training diverged"):
         trainer.train()
+
+
+@pytest.mark.parametrize(
+    "overrides, rate, named",
+    [
+        # The penalty's gradient squared overflows fp32: Adam's second moment is inf and the thresholds never move.
+        ({"core_sparsity_coef": 1e30}, 0.01, "the optimiser's exp_avg_sq of 'core_log_threshold'"),
+        # The thresholds' own rate drives them to NaN: the core switches off and the loss stays finite.
+        ({"core_sparsity_coef": 0.01}, 1e6, "parameter 'core_log_threshold'"),
+    ],
+)
+def test_a_training_whose_parameters_or_their_optimiser_state_turn_non_finite_stops_naming_them(
+    caches, tmp_path, overrides, rate, named
+):
+    train, _ = caches
+    model = core_model(train.norm_factor, sparsity="jumprelu_core", **overrides)
+    args = training_args(tmp_path, max_steps=30, core_threshold_learning_rate=rate)
+    trainer = DMSAETrainer(model=model, args=args, train_dataset=train)
+    with pytest.raises(TrainingDivergedError, match=rf"{named} holds \d+ NaN or infinite values by step 10: "):
+        trainer.train()
+    assert trainer.state.global_step == 10, "stopped at the first logging step"
 
 
 def test_two_runs_on_one_output_dir_are_refused(tmp_path):

@@ -69,6 +69,9 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
     other = dataclasses.replace(core, encoder_rows=core.encoder_rows + 1.0)
     other.save_pretrained(tmp_path / "other-core")
     rerun.state.close()
+    # Settings none of its variants reads are not in its identity: the run at others is the same run.
+    unread = dataclasses.replace(arguments[1], core_sparsity_coef=5.0, jumprelu_bandwidth=0.1, sparsity="linear_core")
+    Transfer(arguments[0], unread, *arguments[2:]).state.close()
     with pytest.raises(ValueError, match="inputs.core: recorded"):
         Transfer(TransferArguments(core=str(tmp_path / "other-core"), ks=[8, 16], ce_batches=2), *arguments[1:])
 

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import results_written_by_another_study
 
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.reporting.reports import worlds_report
@@ -118,3 +119,22 @@ def test_a_family_screens_benchmarks_and_reports_every_world_and_resumes(tmp_pat
     assert weights.stat().st_mtime_ns == before
     assert not any(w["kept"] for w in skipped["worlds"].values()) and skipped["across_worlds"]["worlds"] == []
     assert "0 kept, 2 skipped (world0, world1)" in worlds_report(tmp_path / "strict")
+
+
+def test_a_family_refuses_a_results_file_in_use_or_damaged_naming_it(tmp_path):
+    arguments = (
+        WorldFamilyArguments(num_worlds=1, family_dir=str(tmp_path / "family"), results_dir=str(tmp_path / "kept")),
+        SyntheticArguments(**TINY_WORLD, seeds=[0, 1]),
+        SAEArguments(),
+        AttributionArguments(),
+        DMSAETrainingArguments(output_dir=str(tmp_path / "unused"), report_to="none"),
+    )
+    with results_written_by_another_study(tmp_path / "kept" / "results.json"):
+        with pytest.raises(RuntimeError, match=r"kept/results.json is being written by another study"):
+            WorldFamily(*arguments).run()
+    (tmp_path / "kept" / "results.json").write_text(json.dumps([{"world0": {}}]))
+    with pytest.raises(ValueError, match=r"kept/results.json holds a JSON list, not an object; restore it"):
+        WorldFamily(*arguments).run()
+    with pytest.raises(ValueError, match=r"kept/results.json holds a JSON list"):
+        worlds_report(tmp_path / "kept")
+    assert not (tmp_path / "family").exists()

@@ -18,7 +18,7 @@ from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
 from hf_dmsae.reporting.reports import claims_report
-from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.arguments import SAEArguments, refuse_unread
 from hf_dmsae.run.launch import end_processes, parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.studies.claims import ClaimsArguments, PaperClaims
@@ -29,6 +29,9 @@ def main() -> None:
     arguments = parse_arguments(
         (ClaimsArguments, SAEArguments, ActivationArguments, DMSAETrainingArguments, SAEBenchArguments),
         shared=(DistillationArguments, AttributionArguments),
+    )
+    refuse_unread(
+        arguments[1], ("sparsity",), "each of --variants names its core's mode (e.g. --variants jumprelu_core)"
     )
     study = PaperClaims(*arguments)
     study.run()

@@ -15,7 +15,7 @@ from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.evaluation.held_out import activation_metrics
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
-from hf_dmsae.run.arguments import SAEArguments, new_model
+from hf_dmsae.run.arguments import SAEArguments, new_model, refuse_unread
 from hf_dmsae.run.data import RunData
 from hf_dmsae.run.launch import end_processes, parse_arguments
 from hf_dmsae.run.state import RunState, arguments_identity
@@ -29,6 +29,8 @@ def main() -> None:
         (SAEArguments, ActivationArguments, DMSAETrainingArguments),
         shared=(DistillationArguments, AttributionArguments),
     )
+    core_settings = ("sparsity", "core_sparsity_coef", "jumprelu_bandwidth")
+    refuse_unread(sae_args, core_settings, "they set a core's mode, and train.py trains an SAE without a core")
     training_steps(activation_args.num_tokens, training_args)  # before the run's folder records anything
     identity = arguments_identity(sae_args, activation_args, training_args)
     state = RunState(training_args.output_dir, "train", identity, writer=training_args.process_index == 0)

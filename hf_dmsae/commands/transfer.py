@@ -6,7 +6,7 @@
 The JSON file holds any field of `TransferArguments`, `SAEArguments`, `ActivationArguments` and
 `DMSAETrainingArguments` and `SAEBenchArguments` (the distillation's fields are skipped); flags override it; `--core`
 takes a local folder or a Hub repo id; `--saebench_evals core meta_structure …` picks SAEBench's evals
-(none: `--saebench_evals` with no value). Re-running resumes; the table is written to `<output_dir>/report.md`.
+(none: `--saebench_evals none`). Re-running resumes; the table is written to `<output_dir>/report.md`.
 """
 
 import logging
@@ -15,9 +15,9 @@ from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
-from hf_dmsae.method.transfer import Transfer, TransferArguments
+from hf_dmsae.method.transfer import Transfer, TransferArguments, unread_settings
 from hf_dmsae.reporting.reports import transfer_report
-from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.arguments import SAEArguments, refuse_unread
 from hf_dmsae.run.launch import end_processes, parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 
@@ -27,6 +27,11 @@ def main() -> None:
     arguments = parse_arguments(
         (TransferArguments, SAEArguments, ActivationArguments, DMSAETrainingArguments, SAEBenchArguments),
         shared=(DistillationArguments, AttributionArguments),
+    )
+    transfer, sae = arguments[:2]
+    refuse_unread(sae, ("sparsity",), "each of --variants names its core's mode (e.g. --variants jumprelu_core)")
+    refuse_unread(
+        sae, unread_settings(transfer.variants), f"no variant of --variants {' '.join(transfer.variants)} reads it"
     )
     run = Transfer(*arguments)
     run.run()

@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.trainer import whole_model
+from ..utils.checks import check_ranges
 from ..utils.stages import stage
 from .scorers import (
     Objective,
@@ -239,7 +240,8 @@ def select_by_coverage(scores: torch.Tensor, tau: float = 0.9) -> CoreSelection:
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau={tau} is invalid: must lie in (0, 1]")
     if (scores < 0).any() or not torch.isfinite(scores).all():
-        raise ValueError("scores must be finite and non-negative")
+        bad = scores[(scores < 0) | ~torch.isfinite(scores)]
+        raise ValueError(f"scores must be finite and non-negative: {len(bad)} are not (e.g. {bad[0].item()})")
     order = torch.argsort(scores, descending=True, stable=True)
     cumulative = scores[order].double().cumsum(0)
     total = cumulative[-1] if len(cumulative) else torch.tensor(0.0, dtype=torch.float64)
@@ -309,20 +311,18 @@ class AttributionArguments:
     selection_patience: int = field(default=2, metadata={"help": "Tracking points the overlap must hold for."})
 
     def __post_init__(self):
-        if self.attribution_tokens < 1 or self.attribution_batch_size < 1:
-            raise ValueError("attribution_tokens and attribution_batch_size must be at least 1")
-        if not 0.0 < self.q < 1.0:  # q = 0 scores every latent by its minimum over positions: 0 for all
-            raise ValueError(f"q={self.q} is invalid: must lie in (0, 1)")
-        if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau={self.tau} is invalid: must lie in (0, 1]")
-        if self.ig_steps < 1 or self.scorer_tokens < 0:
-            raise ValueError("ig_steps must be at least 1 and scorer_tokens non-negative")
-        if self.track_selection_steps < 0 or self.selection_patience < 1:
-            raise ValueError("track_selection_steps must be non-negative and selection_patience at least 1")
-        if not 0.0 <= self.stop_at_selection_overlap <= 1.0:
-            raise ValueError(
-                f"stop_at_selection_overlap={self.stop_at_selection_overlap} is invalid: must lie in [0, 1]"
-            )
+        check_ranges(
+            self,
+            attribution_tokens=">= 1",
+            attribution_batch_size=">= 1",
+            q="(0, 1)",  # q = 0 scores every latent by its minimum over positions: 0 for all
+            tau="(0, 1]",
+            ig_steps=">= 1",
+            scorer_tokens=">= 0",
+            track_selection_steps=">= 0",
+            selection_patience=">= 1",
+            stop_at_selection_overlap="[0, 1]",
+        )
         if self.stop_at_selection_overlap and not self.track_selection_steps:
             raise ValueError("stop_at_selection_overlap needs track_selection_steps > 0")
 

@@ -42,6 +42,21 @@ from ..run.training import load_trained_model, train_sae, training_steps
 from ..utils.checks import check_ranges
 from .distillation import random_core, random_core_generator
 
+VARIANT_SETTINGS = {"core_sparsity_coef": ("penalized_core", "jumprelu_core"), "jumprelu_bandwidth": ("jumprelu_core",)}
+"""SAE settings that only some core modes read, with those modes: they enter a run's identity only where one of its
+variants reads them (a study keeps them per variant), so that a variant may be added at settings of its own."""
+
+
+def variant_mode(variant: str) -> str:
+    """The sparsity mode a variant's models train in (the Matryoshka SAE has no core: `dense_core`'s masks)."""
+    return "dense_core" if variant == "matryoshka" else variant.removeprefix("random_").removeprefix("learned_")
+
+
+def unread_settings(variants: list[str]) -> tuple[str, ...]:
+    """The `VARIANT_SETTINGS` none of `variants` reads."""
+    modes = {variant_mode(v) for v in variants}
+    return tuple(name for name, readers in VARIANT_SETTINGS.items() if not modes & set(readers))
+
 
 def model_name(k: int, variant: str) -> str:
     """A transfer model's name: its folder under the run's and its key in the results."""
@@ -127,7 +142,15 @@ class Transfer:
         )
         identity = arguments_identity(  # each (k, variant) is a model of its own: a run may be given more
             *(a for a in (args, sae, activations, training) if a is not None),
-            exclude=("core", "ce_batches", "model_repo", "ks", "variants"),
+            exclude=(
+                "core",
+                "ce_batches",
+                "model_repo",
+                "ks",
+                "variants",
+                "SAEArguments.sparsity",  # each variant names its own mode
+                *(f"SAEArguments.{name}" for name in unread_settings(args.variants)),
+            ),
         )
         identity["inputs.core"] = self.core.digest()
         self.state = RunState(self.output_dir, "transfer", identity, writer=training.process_index == 0)
@@ -163,8 +186,7 @@ class Transfer:
             generator = random_core_generator(self.training_args.seed)
             core = random_core(self.core, self.core.encoder_rows.shape[1], generator)
         learned = len(self.core) if variant in LEARNED_VARIANTS else 0
-        sparsity = "dense_core" if variant == "matryoshka" else variant.removeprefix("random_").removeprefix("learned_")
-        sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None, sparsity=sparsity)
+        sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None, sparsity=variant_mode(variant))
         sae = dataclasses.replace(sae, k_noncore=k_noncore_for(sae, reference_core_size=len(core or []) + learned))
         return new_model(sae, self.data, core, seed=self.training_args.seed, learned_core=learned)
 

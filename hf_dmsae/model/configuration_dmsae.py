@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import field
 from types import UnionType
 from typing import Literal, Union, get_args, get_origin
@@ -319,6 +320,9 @@ class DMSAEConfig(PreTrainedConfig):
             fail("core_ids", "ids must be unique")
         if not 0 <= self.frozen_rows <= self.core_size:
             fail("frozen_rows", f"must lie in [0, core_size={self.core_size}]")
+        for name in ("aux_coef", "core_sparsity_coef", "jumprelu_bandwidth", "threshold_beta", "norm_factor"):
+            if not math.isfinite(getattr(self, name)):
+                fail(name, "must be finite")
         if not self.aux_coef >= 0:
             fail("aux_coef", "must be non-negative")
         if not self.core_sparsity_coef >= 0:

@@ -80,6 +80,38 @@ class SparseLatents:
     values: torch.Tensor  # [E] nonzero (> 0 but a `linear_core`'s), normalised units
     shape: tuple[int, int]
 
+    def __post_init__(self):
+        """Entries given in any order are put in (row, column) order, which `decode_sparse`'s bags read; entries
+        outside `shape` and values that are not finite (an encoder that overflowed) are refused."""
+        if not len(self.rows) == len(self.cols) == len(self.values):
+            raise ValueError(
+                f"SparseLatents needs as many rows, cols and values: got {len(self.rows)}, {len(self.cols)}, "
+                f"{len(self.values)}"
+            )
+        if not len(self.rows):
+            return
+        batch, n = self.shape
+        flat = self.rows * n + self.cols
+        checks = [self.rows.amin(), self.rows.amax(), self.cols.amin(), self.cols.amax()]
+        checks += [(flat[1:] < flat[:-1]).sum(), (~torch.isfinite(self.values)).sum()]
+        low_row, high_row, low_col, high_col, unsorted, nonfinite = torch.stack(checks).tolist()  # one device sync
+        if low_row < 0 or high_row >= batch:
+            raise ValueError(
+                f"SparseLatents rows must lie in [0, {batch}) (shape {self.shape}): got {low_row} … {high_row}"
+            )
+        if low_col < 0 or high_col >= n:
+            raise ValueError(
+                f"SparseLatents cols must lie in [0, {n}) (shape {self.shape}): got {low_col} … {high_col}"
+            )
+        if nonfinite:
+            raise ValueError(
+                f"{nonfinite} latent values are NaN or infinite: the encoder overflowed ({self.values.dtype}); are the "
+                "activations in the range the SAE was trained on?"
+            )
+        if unsorted:
+            order = flat.argsort(stable=True)
+            self.rows, self.cols, self.values = self.rows[order], self.cols[order], self.values[order]
+
     @classmethod
     def from_dense(cls, latents: torch.Tensor) -> SparseLatents:
         rows, cols = latents.nonzero(as_tuple=True)
@@ -500,7 +532,16 @@ class DMSAEModel(PreTrainedModel):
         """As `PreTrainedModel.from_pretrained`, but weights that do not match the model (a missing, renamed or
         reshaped tensor, which transformers would re-initialise with a warning) are an error."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except Exception as error:  # safetensors' own errors name no file (e.g. a header announcing 100 GB)
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: its model.safetensors is unreadable ({error})"
+            ) from error
         problems = {
             k: sorted(map(str, v))
             for k, v in info.items()

@@ -314,9 +314,17 @@ def save_dictionary_learning(model: DMSAEModel, folder: str | Path) -> Path:
 
     The normalisation factor is folded into the weights (latents scale by it, as dictionary_learning's
     `scale_biases` does), so the checkpoint reads raw activations. The format has one global threshold and no
-    unmasked core: a dense-core model's core latents are thresholded there like the others.
+    unmasked core, so only a model whose every latent is under that threshold (no core, or `sparse_core`) is
+    written; a core outside it (dense, penalized, JumpReLU, linear) would lose its activations under the threshold
+    and a JumpReLU core its own thresholds: those are refused, for `save_sae_lens`'s per-latent thresholds.
     """
     _check_rectified(model, "dictionary_learning")
+    if model.config.core_size and model.config.core_unmasked:
+        raise ValueError(
+            f"a {model.config.sparsity} model's core latents are outside the inference threshold, which the "
+            "dictionary_learning format (one global threshold on every latent) cannot hold without dropping their "
+            "activations below it: save it with save_sae_lens (a threshold per latent) or save_pretrained"
+        )
     config, scale = model.config, model.config.norm_factor
     group_sizes = [config.prefix_ends[0]] + config.group_sizes[1:]
     state = {

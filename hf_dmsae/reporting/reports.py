@@ -12,7 +12,15 @@ from pathlib import Path
 from ..data.slices import SliceLayout
 from ..evaluation.saebench import HEADLINE_METRICS
 from ..model.configuration_dmsae import VARIANTS
-from ..run.state import load_recorded_core
+from ..run.results import (
+    CLAIMS_RESULTS,
+    CORE_DYNAMICS_RESULTS,
+    RESULTS_REMEDY,
+    SCORERS_RESULTS,
+    SYNTHETIC_RESULTS,
+    WORLDS_RESULTS,
+)
+from ..run.state import load_recorded_core, read_state
 from ..utils.integrity import read_json
 from . import figures
 from .tables import markdown_table, spread_cell
@@ -45,7 +53,7 @@ def distillation_figures(folder: str | Path) -> dict[str, Path]:
     """A distillation's figures from its `state.json` and cores: coverage curves, carry-over, selection convergence
     (with tracking) and `l0_core` of the controls (with controls)."""
     folder = Path(folder)
-    state = read_json(folder / "state.json", {"cycles": dict, "distilled": dict})
+    state = read_state(folder, "distillation", "cycles", "distilled")
     cores = [load_recorded_core(folder, state["cycles"][str(t)]) for t in range(state["distilled"]["last_cycle"] + 1)]
     out = folder / "figures"
     tau = state["identity"]["AttributionArguments.tau"]
@@ -78,7 +86,7 @@ def distillation_report(folder: str | Path) -> str:
     """A distillation's cycles, distilled core, slices, controls (Fig. 3), figures and repos."""
     folder = Path(folder)
     distillation_figures(folder)
-    state = read_json(folder / "state.json", {"cycles": dict, "distilled": dict, "slices": list})
+    state = read_state(folder, "distillation", "cycles", "distilled")
     last = state["distilled"]["last_cycle"]
     rows = []
     for t in range(last + 1):
@@ -147,7 +155,7 @@ def distillation_report(folder: str | Path) -> str:
 def transfer_report(folder: str | Path) -> str:
     """A transfer's own and SAEBench metrics per k and variant, the evals not run, its repos and Fig. 4."""
     folder = Path(folder)
-    state = read_json(folder / "state.json", {"results": dict, "core": dict})
+    state = read_state(folder, "transfer", "results", "core")
     results = state["results"]
     columns = ("fvu", "ce_loss_recovered", "l0", "l0_core", "l0_noncore", "dead_fraction")
     columns += tuple(c for _, _, c in HEADLINE_METRICS if any(c in r for r in results.values()))
@@ -180,7 +188,11 @@ def transfer_report(folder: str | Path) -> str:
 def synthetic_report(folder: str | Path) -> str:
     """The ground-truth benchmark from its `results.json`: every number with its mean ± std over seeds."""
     folder = Path(folder)
-    results = read_json(folder / "results.json", {"identity": dict, "world": dict, "consistency": dict})
+    results = read_json(
+        folder / "results.json",
+        {"identity": dict, **SYNTHETIC_RESULTS, "world": dict, "consistency": dict},
+        RESULTS_REMEDY,
+    )
     a = results["identity"]["synthetic"]
     seeds = [results[f"seed{s}"] for s in a["seeds"]]
     cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
@@ -416,7 +428,7 @@ def core_dynamics_report(folder: str | Path) -> str:
     """A core-dynamics study: the curves' numbers per budget and seed, the ablations against the paper's settings,
     the cores' geometry, and the figures."""
     folder = Path(folder)
-    results = read_json(folder / "results.json", {"runs": list, "budgets": list, "ablations": dict, "sparsity": str})
+    results = read_json(folder / "results.json", CORE_DYNAMICS_RESULTS, RESULTS_REMEDY)
     lines = [
         f"# Core dynamics ({results['source']}, `{results['sparsity']}`)",
         "",
@@ -643,7 +655,9 @@ def claims_report(folder: str | Path) -> str:
     matched measured L0, the consistency of latents across sparsities and seeds, and the figure of every metric
     against measured L0."""
     folder = Path(folder)
-    results = read_json(folder / "results.json", {"models": dict, "matched": dict})
+    results = read_json(
+        folder / "results.json", {**CLAIMS_RESULTS, "matched": CLAIMS_RESULTS["matched?"]}, RESULTS_REMEDY
+    )
     identity, models = results["identity"], _over_seeds(results)
     seeds = sorted(results["models"])
     wide = sorted({m["k"] for m in models if m["variant"] == "matryoshka"} - set(identity["ClaimsArguments.ks"]))
@@ -747,7 +761,9 @@ def worlds_report(folder: str | Path) -> str:
     conclusions across the kept worlds (mean ± std over worlds, each world its mean over seeds; the shares of worlds
     where each difference has each sign) and what goes with attribution beating chance."""
     folder = Path(folder)
-    results = read_json(folder / "results.json", {"identity": dict, "worlds": dict, "across_worlds": dict})
+    results = read_json(
+        folder / "results.json", {"identity": dict, **WORLDS_RESULTS, "across_worlds": dict}, RESULTS_REMEDY
+    )
     family, base = results["identity"]["family"], results["identity"]["base"]
     worlds, across = results["worlds"], results["across_worlds"]
     kept = [name for name, w in worlds.items() if w["kept"]]
@@ -928,7 +944,7 @@ def scorers_report(folder: str | Path) -> str:
     """The scorers compared (`studies.scorers`): in the synthetic world each scorer's cores against the useful
     features over seeds, and its cost; on the LM each ranking against GxA's, and the cost."""
     folder = Path(folder)
-    results = read_json(folder / "results.json", {"identity": dict})
+    results = read_json(folder / "results.json", {"identity": dict, **SCORERS_RESULTS}, RESULTS_REMEDY)
     lines = ["# Scorers: GxA, latent ablation and integrated gradients"]
     if "synthetic" in results:
         lines += [

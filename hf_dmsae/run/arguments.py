@@ -85,6 +85,14 @@ class SAEArguments:
         DMSAEConfig(d_in=1, group_sizes=group_sizes, **{name: getattr(self, name) for name in SAE_FIELDS})
 
 
+def refuse_unread(args, names: tuple[str, ...], why: str) -> None:
+    """The one rule for settings a command does not read: given other than their defaults, they are refused, naming
+    them and `why`, rather than silently ignored or recorded in the run's identity."""
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    if given := [f"--{name} {getattr(args, name)}" for name in names if getattr(args, name) != defaults[name]]:
+        raise ValueError(f"{', '.join(given)}: not read here, {why}")
+
+
 def k_noncore_for(sae: SAEArguments, reference_core_size: int) -> int:
     """The one rule for `k_noncore`: the value given, else Eq. 4 from `k` at the core size of the model a stage's
     models are compared with. A distillation's cycles and the core-dynamics study compare with the coreless cycle 0

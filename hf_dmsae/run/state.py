@@ -15,7 +15,7 @@ from ..data.activations import ActivationArguments
 from ..data.cache import identity_difference
 from ..data.slices import SliceLayout
 from ..model.core import DMSAECore
-from ..utils.integrity import IntegrityError, read_json, write_json_atomically
+from ..utils.integrity import NUMBER, Each, IntegrityError, check_record, inside, read_json, write_json_atomically
 from .trainer import DMSAETrainingArguments
 
 TRAINING_FIELDS = (
@@ -43,11 +43,47 @@ TRAINING_FIELDS = (
 )
 
 
+STATE_REMEDY = "repair it or restore it from a backup; deleting the folder starts the run over"
+
+_SLICE = {"name": str, "split": str, "start": dict, "rows?": (int, type(None)), "sequences?": (int, type(None))}
+_CORE = {"core?": str, "core_digest?": str, "size?": int}
+RECORDS = {
+    "distillation": {
+        "cycles?": Each({**_CORE, "carried_over?": int, "metrics?": dict, "stages?": dict, "log_history?": list}),
+        "distilled?": {**_CORE, "last_cycle?": int},
+        "control?": Each(dict),
+        "setup?": dict,
+        "publish?": dict,
+    },
+    "transfer": {"results?": Each({"k": int, "variant": str}), "core?": dict},
+    "core_dynamics": {"runs?": Each(dict)},
+    "train": {"metrics?": Each(NUMBER)},
+}
+"""The records each kind of run nests in its `state.json` beside kind, identity and slices, checked when read."""
+
+
+def state_schema(kind: str, *present: str) -> dict:
+    """The schema of a `kind` run's `state.json`, with the records named in `present` required."""
+    records = {
+        (k.removesuffix("?") if k.removesuffix("?") in present else k): v for k, v in RECORDS.get(kind, {}).items()
+    }
+    return {"kind": str, "identity": dict, "slices": Each(_SLICE, of=(list,)), **records}
+
+
+def read_state(folder: str | Path, kind: str, *present: str) -> dict:
+    """A finished `kind` run's `state.json`, read and checked as `RunState` reads it, without its lock: what a report
+    reads."""
+    return read_json(Path(folder) / "state.json", state_schema(kind, *present), STATE_REMEDY)
+
+
 def recorded_identity_difference(recorded: dict, identity: dict) -> str:
     """The fields both identities hold with different values, as text (empty: none). A field only one holds is no
     difference: one added to the identity since (its default keeps the recorded results' behaviour) or one no longer
-    in it (e.g. a study's variants, which it may extend)."""
+    in it (e.g. a study's variants, which it may extend); but a recorded identity sharing no field with
+    `identity` (emptied by hand) matches nothing, so `identity` must be the whole of what a file records."""
     shared = [k for k in identity if k in recorded]
+    if identity and not shared:
+        return f"the recorded identity holds none of its {len(identity)} fields ({', '.join(list(identity)[:3])}, …)"
     difference = identity_difference({k: recorded[k] for k in shared}, {k: identity[k] for k in shared})
     return "; ".join(f"{k}: recorded {old!r}, now {new!r}" for k, (old, new) in difference.items())
 
@@ -91,11 +127,14 @@ class RunState:
                 ) from None
         self.data = {"kind": kind, "identity": {}, "slices": []}
         if self.path.is_file():
-            self.data = read_json(self.path, {"kind": str, "identity": dict, "slices": list})
-            if self.data.get("kind") != kind:
+            data = read_json(self.path, {"kind": str}, STATE_REMEDY)
+            if data["kind"] != kind:
                 raise ValueError(
-                    f"{self.output_dir} holds a {self.data.get('kind')} run, not a {kind} run; use another output_dir"
+                    f"{self.output_dir} holds a {data['kind']} run, not a {kind} run; use another output_dir"
                 )
+            self.data = check_record(self.path, data, state_schema(kind), STATE_REMEDY)
+            if identity and (difference := recorded_identity_difference(self.data["identity"], identity)):
+                self._refuse(difference)
         elif any(p.name.startswith("checkpoint-") for p in self.output_dir.iterdir()):
             raise ValueError(f"{self.output_dir} holds checkpoints but no state.json: it is not this run's folder")
         self.require(identity)
@@ -104,13 +143,17 @@ class RunState:
         """Check `identity` against what the run recorded (refusing any difference, naming the fields) and record
         what is new."""
         recorded = self.data["identity"]
-        if difference := recorded_identity_difference(recorded, identity):
-            raise ValueError(
-                f"{self.output_dir} holds a {self.data['kind']} run with other settings ({difference}). Use "
-                "another output_dir, or delete it to start over."
-            )
+        shared = {k: v for k, v in identity.items() if k in recorded}
+        if difference := recorded_identity_difference(recorded, shared) if shared else "":
+            self._refuse(difference)
         recorded.update(identity)
         self.save()
+
+    def _refuse(self, difference: str) -> None:
+        raise ValueError(
+            f"{self.output_dir} holds a {self.data['kind']} run with other settings ({difference}). Use another "
+            "output_dir, or delete it to start over."
+        )
 
     def close(self) -> None:
         """Release the folder's lock (a process's exit releases it too)."""
@@ -136,18 +179,22 @@ class RunState:
 
 def load_recorded_core(folder: Path, record: dict) -> DMSAECore:
     """The core a run recorded (`record["core"]`, a path under `folder`), refused if its files changed since."""
-    core = DMSAECore.from_pretrained(folder / record["core"])
+    path = inside(folder, record["core"])
+    core = DMSAECore.from_pretrained(path)
     if core.digest() != record["core_digest"]:
-        raise IntegrityError(f"{folder / record['core']} changed since the run wrote it")
+        raise IntegrityError(f"{path} changed since the run wrote it")
     return core
 
 
 def distilled_core_record(folder: Path) -> dict:
     """The `distilled` record of the finished distillation in `folder` (its core: `load_recorded_core`)."""
-    state = read_json(folder / "state.json") if (folder / "state.json").is_file() else {}
-    if not isinstance(state, dict) or not isinstance(state.get("distilled"), dict):
+    path = folder / "state.json"
+    schema = {"kind?": str, **RECORDS["distillation"]}
+    state = read_json(path, schema, STATE_REMEDY) if path.is_file() else {}
+    if "distilled" not in state:
         raise FileNotFoundError(
             f"{folder} holds no finished distillation: run it first (scripts/distill.py or scripts/synthetic.py), "
             "or point --distillation_dir at one"
         )
-    return state["distilled"]
+    finished = {"core": str, "core_digest": str, "size": int, "last_cycle": int}
+    return check_record(path, state, {"distilled": finished}, STATE_REMEDY)["distilled"]

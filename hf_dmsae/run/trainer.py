@@ -16,6 +16,7 @@ are read anyway; the dead latents found there serve AuxK until the next log.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -95,6 +96,13 @@ class DMSAETrainingArguments(TrainingArguments):
     decay_fraction: float = field(default=0.2, metadata={"help": "Share of steps in the final linear decay."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a fraction: of all steps)."})
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (0: none)."})
+    num_train_epochs: float = field(
+        default=1.0,
+        metadata={
+            "help": "Passes over the training slice: one; a run's steps come from its token budget (num_tokens) "
+            "or max_steps, and another value is refused rather than ignored."
+        },
+    )
     batch_eval_metrics: bool = field(
         default=True, metadata={"help": "Evaluation metrics are fed batch by batch; no [B, n] latents are kept."}
     )
@@ -129,9 +137,28 @@ class DMSAETrainingArguments(TrainingArguments):
             logging_steps="> 0",
             save_steps="> 0",
         )
+        if self.num_train_epochs != 1:
+            raise ValueError(
+                f"num_train_epochs={self.num_train_epochs} is invalid: a run reads its training slice once (its steps "
+                "come from num_tokens or max_steps)"
+            )
         if self.use_cpu is None:
             self.use_cpu = not torch.accelerator.is_available()
         super().__post_init__()
+        if self.bf16 and self.use_cpu:
+            warn_slow_cpu_bf16()
+
+
+@functools.cache
+def warn_slow_cpu_bf16() -> None:
+    """Warn once that bf16 autocast on a CPU without native bf16 (AVX-512 BF16 or AMX) emulates it, running the
+    training step several times slower than fp32 (`scripts/bench.py --parts steps`: 8.2× the fp32 limit at 4096
+    latents on such a CPU, 1.09× on one with it)."""
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        logger.warning(
+            "--bf16 on this CPU, which has no native bf16 (AVX-512 BF16 or AMX): the training step runs several "
+            "times slower than in fp32; leave --bf16 out on this machine"
+        )
 
 
 class _SAEStepCallback(TrainerCallback):
@@ -315,6 +342,7 @@ class DMSAETrainer(Trainer):
                     f"the loss became non-finite by step {self.state.global_step} ({losses}): training diverged "
                     f"(learning rate {self.args.learning_rate:g}); lower it and start again in a new output_dir"
                 )
+            self._check_finite_training_state(logs.get("grad_norm"))
         if "loss" in logs:
             sae = self.sae
             sae.refresh_dead_latents()
@@ -324,6 +352,44 @@ class DMSAETrainer(Trainer):
                 usage = core_usage(whole_model(sae), self.core_usage_rows)
                 logs.update({f"core_usage_{k}": v for k, v in usage.items() if v is not None})
         super().log(logs, *args, **kwargs)
+
+    def _check_finite_training_state(self, grad_norm: float | None) -> None:
+        """Raise `TrainingDivergedError` naming the first parameter that, or whose optimiser state, holds NaN or
+        inf, or for a non-finite gradient norm (under fp16 the loss scaler skips such steps itself). A loss can stay
+        finite while training is lost: a penalty whose gradient's square overflows leaves Adam's second moment
+        infinite and the parameter frozen at its start; a threshold driven to NaN switches its latent off."""
+        labelled = []
+        for name, parameter in self.sae.named_parameters():
+            if parameter.requires_grad:
+                labelled.append((f"parameter {name!r}", parameter))
+                state = self.optimizer.state.get(parameter, {}) if self.optimizer is not None else {}
+                labelled += [(f"the optimiser's {key} of {name!r}", v) for key, v in state.items() if _is_float(v)]
+        local = [t.to_local() if isinstance(t, DTensor) else t for _, t in labelled]
+        counts = torch.stack([(~torch.isfinite(t)).sum() for t in local]).to(self.args.device)
+        counts = self.accelerator.reduce(counts, reduction="sum").tolist()
+        if bad := [(label, count) for (label, _), count in zip(labelled, counts, strict=True) if count]:
+            label, count = bad[0]
+            raise TrainingDivergedError(
+                f"{label} holds {count} NaN or infinite values by step {self.state.global_step}: "
+                f"{self._overflow_hint()}"
+            )
+        if grad_norm is not None and not math.isfinite(grad_norm) and not self.args.fp16:
+            raise TrainingDivergedError(
+                f"the gradient norm became {grad_norm} by step {self.state.global_step}: {self._overflow_hint()}"
+            )
+
+    def _overflow_hint(self) -> str:
+        sae, args = self.sae.config, self.args
+        settings = f"learning rate {args.learning_rate:g}"
+        if sae.sparsity == "jumprelu_core":
+            settings += f", core_threshold_learning_rate {args.core_threshold_learning_rate:g}"
+        if sae.core_penalty:
+            settings += f", core_sparsity_coef {sae.core_sparsity_coef:g}"
+        return f"training diverged or overflowed ({settings}); lower them and start again in a new output_dir"
+
+
+def _is_float(value) -> bool:
+    return torch.is_tensor(value) and value.is_floating_point()
 
 
 def whole_model(sae: DMSAEModel) -> DMSAEModel:

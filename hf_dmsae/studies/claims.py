@@ -30,15 +30,15 @@ from pathlib import Path
 from ..data.activations import ActivationArguments
 from ..evaluation.consistency import latent_matches
 from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments
-from ..method.transfer import Transfer, TransferArguments, model_name
+from ..method.transfer import VARIANT_SETTINGS, Transfer, TransferArguments, model_name, variant_mode
 from ..model.configuration_dmsae import PAPER_VARIANTS, SPARSITY_MODES, VARIANTS
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, initial_model
-from ..run.state import arguments_identity, distilled_core_record, load_recorded_core, recorded_identity_difference
+from ..run.results import CLAIMS_RESULTS, StudyResults
+from ..run.state import arguments_identity, distilled_core_record, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model
 from ..utils.checks import check_ranges
-from ..utils.integrity import read_json, write_json_atomically
 
 COMPARED_METRICS = ("fvu", "ce_loss_recovered", "dead_fraction", *(c for _, _, c in HEADLINE_METRICS))
 """The metrics compared at matched L0 (those a model lacks, e.g. an SAEBench eval not run, are left out)."""
@@ -138,21 +138,21 @@ class PaperClaims:
         `results.json` is rewritten after every model and comparison, and what it holds is never redone: a study
         continues from it on another machine, where a seed's runs are trained again (as they were) only where what
         is left to do reads them (`recorded_for_good`)."""
-        path, main = self.results_dir / "results.json", self.training_args.process_index == 0
-        results = read_json(path) if path.is_file() else {"identity": self.identity(), "models": {}}
-        if difference := recorded_identity_difference(results["identity"], self.identity()):
-            raise ValueError(f"{path} holds results of other settings ({difference}): use another --results_dir")
-        results["variant_settings"] = self.variant_settings(results)
-        results["identity"] = self.identity()
+        main = self.training_args.process_index == 0
+        with StudyResults(self.results_dir / "results.json", self.identity(), CLAIMS_RESULTS, writer=main) as store:
+            return self._run(store, main)
+
+    def _run(self, store: StudyResults, main: bool) -> dict:
+        results = store.data
+        results.setdefault("models", {})
+        results["variant_settings"] = self.variant_settings(results, store.recorded_identity)
         self.check_same_core(results)
         digest = results.get("core", {}).get("digest", self.core.digest())  # the core the study's models read
         results["core"] = {"source": str(self.core_path), "size": len(self.core), "digest": digest}
-        self.results_dir.mkdir(parents=True, exist_ok=True)
 
         def save() -> None:
             results["matched"] = matched_differences(results["models"], self.args.variants)
-            if main:
-                write_json_atomically(path, results)
+            store.save()
 
         for seed in self.args.seeds:
             models = results["models"].setdefault(f"seed{seed}", {})
@@ -234,15 +234,16 @@ class PaperClaims:
                 f"{', '.join(reading)} would be trained around another core; use another --results_dir"
             )
 
-    def variant_settings(self, results: dict) -> dict[str, dict]:
+    def variant_settings(self, results: dict, recorded_identity: dict) -> dict[str, dict]:
         """The `VARIANT_SETTINGS` each variant's models read: those recorded (for models recorded before they were
-        kept per variant, the study's), and the given ones for a variant with models to train, which must not differ
-        from its recorded ones."""
+        kept per variant, the study's), and the given ones for a variant with models to train. Given settings that
+        differ from a study variant's recorded ones are refused: they would train its models left to train
+        differently, or be silently ignored by its finished ones."""
         recorded = dict(results.get("variant_settings", {}))
         for models in results["models"].values():
             for record in models.values():
                 if record["variant"] not in recorded and (own := self.settings_of(record["variant"])):
-                    recorded[record["variant"]] = {n: results["identity"].get(f"SAEArguments.{n}") for n in own}
+                    recorded[record["variant"]] = {n: recorded_identity.get(f"SAEArguments.{n}") for n in own}
         conflicts = []
         for seed in self.args.seeds:
             for name, variant in self.models_to_train(seed, results).items():
@@ -254,11 +255,21 @@ class PaperClaims:
                 f"the study's models of a variant would be trained at other settings: {', '.join(conflicts)}; "
                 "use another --results_dir"
             )
+        finished = [
+            f"{variant} (recorded {recorded[variant]}, now {own})"
+            for variant in self.args.variants
+            if (own := self.settings_of(variant)) and recorded.get(variant, own) != own
+        ]
+        if finished:
+            raise ValueError(
+                f"the study's finished models were trained at other settings: {', '.join(finished)}; they are not "
+                "trained again, so give their recorded settings, or use another --results_dir"
+            )
         return recorded
 
     def settings_of(self, variant: str) -> dict:
         """The given `VARIANT_SETTINGS` that a variant's models read."""
-        mode = variant.removeprefix("random_")
+        mode = variant_mode(variant)
         return {name: getattr(self.sae_args, name) for name, modes in VARIANT_SETTINGS.items() if mode in modes}
 
     def models_to_train(self, seed: int, results: dict) -> dict[str, str]:
@@ -290,10 +301,6 @@ class PaperClaims:
     def model(self, seed: int, k: int, variant: str) -> DMSAEModel:
         return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / model_name(k, variant))
 
-
-VARIANT_SETTINGS = {"core_sparsity_coef": ("penalized_core", "jumprelu_core"), "jumprelu_bandwidth": ("jumprelu_core",)}
-"""SAE settings that only some core modes read, with those modes: a study records them per variant, not in its
-identity, so that a variant may be added at settings of its own (a penalty's coefficient is not one for all)."""
 
 END_TOLERANCE = 0.02
 """How far (relative, in L0) beyond the Matryoshka curve's ends a model still takes the end's value: BatchTopK's

@@ -35,11 +35,11 @@ from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import open_source
+from ..run.results import CORE_DYNAMICS_RESULTS, StudyResults
 from ..run.state import RunState, arguments_identity, distilled_core_record, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import train_sae, training_steps
 from ..utils.checks import check_ranges
-from ..utils.integrity import write_json_atomically
 from .synthetic import SyntheticArguments, SyntheticSource, SyntheticWorld
 
 logger = logging.getLogger(__name__)
@@ -340,8 +340,16 @@ class CoreDynamics:
 
     # -- the whole study ----------------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Every seed's runs (each resumes from its seed's state), then `results.json` written whole from them, under
+        its lock all along: a second study on the same folder is refused rather than leaving only its own seeds."""
+        with StudyResults(self.study_dir / "results.json", None, CORE_DYNAMICS_RESULTS) as store:
+            store.data = self._results()
+            store.save()
+            return store.data
+
+    def _results(self) -> dict:
         runs = [r for seed in self.args.study_seeds for r in self.run_seed(seed)]
-        results = {
+        return {
             "source": self.args.study_source,
             "sparsity": self.sae_args.sparsity,
             "budgets": sorted(self.args.budgets),
@@ -352,8 +360,6 @@ class CoreDynamics:
                 for name, a in ABLATIONS.items()
             },
         }
-        write_json_atomically(self.study_dir / "results.json", results)
-        return results
 
 
 def core_usage_curve(history: list[dict]) -> list[dict]:

@@ -30,10 +30,11 @@ from ..method.attribution import Attribution, AttributionArguments, jaccard, sel
 from ..method.scorers import SCORERS
 from ..run.arguments import SAEArguments
 from ..run.data import RunData
+from ..run.results import SCORERS_RESULTS, StudyResults
 from ..run.state import RunState, distilled_core_record
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model
-from ..utils.integrity import read_json, write_json_atomically
+from ..utils.integrity import file_sha256
 from .synthetic import SyntheticArguments, SyntheticBenchmark
 
 logger = logging.getLogger(__name__)
@@ -98,21 +99,22 @@ class ScorerStudy:
         identity["AttributionArguments"] |= {"scorer": None, "aggregation": None}  # each run names its own
         identity["study"] = {"source": self.args.study_source, "lm_tokens": self.args.lm_tokens}
         identity["training"] = {k: getattr(self.training_args, k) for k in ("learning_rate", "seed")}
+        if self.args.study_source == "lm":  # the scored model: the distillation's folder and its weights' digest
+            folder = Path(self.training_args.output_dir)
+            model = folder / f"cycle{distilled_core_record(folder)['last_cycle']}"
+            identity["scored"] = {"model": str(model), "sha256": file_sha256(model / "model.safetensors")}
         return json.loads(json.dumps(identity, default=str))
 
     def run(self) -> dict:
-        results = read_json(self.results_path) if self.results_path.is_file() else {"identity": self.identity()}
-        if results["identity"] != self.identity():
-            raise ValueError(f"{self.results_path} holds results of other settings: use another results_dir")
-        self.results_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.args.study_source == "synthetic":
-            self._synthetic(results)
-        else:
-            self._lm(results)
-        return results
+        with StudyResults(self.results_path, self.identity(), SCORERS_RESULTS) as self.store:
+            if self.args.study_source == "synthetic":
+                self._synthetic(self.store.data)
+            else:
+                self._lm(self.store.data)
+            return self.store.data
 
     def _save(self, results: dict) -> None:
-        write_json_atomically(self.results_path, results)
+        self.store.save()
 
     # -- the synthetic world ------------------------------------------------------------------------------------
     def _synthetic(self, results: dict) -> None:

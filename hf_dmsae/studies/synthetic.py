@@ -50,10 +50,10 @@ from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, initial_model, new_model
+from ..run.results import SYNTHETIC_RESULTS, StudyResults
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
 from ..utils.checks import check_ranges
-from ..utils.integrity import read_json, write_json_atomically
 from .claims import matched_differences
 
 logger = logging.getLogger(__name__)
@@ -648,17 +648,18 @@ class SyntheticBenchmark:
 
     def run(self) -> dict:
         """Every seed (each resumes where it stopped), cross-seed consistency, the world's summary: `results.json`."""
-        results = read_json(self.results_path, {}) if self.results_path.is_file() else {}
-        if results.get("identity", self.identity()) != self.identity():
-            raise ValueError(f"{self.results_path} holds results of other settings: use another output_dir")
-        results["identity"] = self.identity()
+        with StudyResults(self.results_path, self.identity(), SYNTHETIC_RESULTS) as store:
+            return self._run(store)
+
+    def _run(self, store: StudyResults) -> dict:
+        results = store.data
         started = time.perf_counter()
         for seed in self.args.seeds:
             if f"seed{seed}" not in results:
                 results[f"seed{seed}"] = self.run_seed(seed)
                 results.setdefault("seconds", {})[f"seed{seed}"] = time.perf_counter() - started
                 started = time.perf_counter()
-                write_json_atomically(self.results_path, results)
+                store.save()
         if "matryoshka" in self.args.variants:  # every variant against the Matryoshka curve at its measured L0
             transfers = {f"seed{s}": results[f"seed{s}"]["transfer"] for s in self.args.seeds}
             results["matched"] = matched_differences(transfers, self.args.variants, TRANSFER_METRICS)
@@ -666,7 +667,7 @@ class SyntheticBenchmark:
         results["latent_matches"] = self.latent_matches()
         results["consensus"] = self.consensus()
         results["world"] = world_summary(self.world)
-        write_json_atomically(self.results_path, results)
+        store.save()
         self.results = results
         return results
 

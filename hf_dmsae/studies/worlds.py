@@ -32,9 +32,10 @@ import torch
 
 from ..method.attribution import AttributionArguments
 from ..run.arguments import SAEArguments, new_model
+from ..run.results import RESULTS_REMEDY, SYNTHETIC_RESULTS, WORLDS_RESULTS, StudyResults
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
-from ..utils.integrity import read_json, write_json_atomically
+from ..utils.integrity import read_json
 from .claims import matched_differences
 from .synthetic import (
     TRANSFER_METRICS,
@@ -363,16 +364,17 @@ class WorldFamily:
     def run(self) -> dict:
         """Every world not yet recorded, in order, `results.json` after each; then each kept world's summary, from
         its own recorded results, and the across-worlds statistics."""
-        path = self.results_path
-        results = read_json(path) if path.is_file() else {"identity": self.identity(), "worlds": {}}
-        if results["identity"] != self.identity():
-            raise ValueError(f"{path} holds results of other settings: use another --results_dir")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with StudyResults(self.results_path, self.identity(), WORLDS_RESULTS) as store:
+            return self._run(store)
+
+    def _run(self, store: StudyResults) -> dict:
+        results = store.data
+        results.setdefault("worlds", {})
         for index in range(self.family.num_worlds):
             if f"world{index}" not in results["worlds"]:
                 logger.info("World %d of %d", index + 1, self.family.num_worlds)
                 results["worlds"][f"world{index}"] = self.run_world(index)
-                write_json_atomically(path, results)
+                store.save()
         worlds = {f"world{i}": results["worlds"][f"world{i}"] for i in range(self.family.num_worlds)}
         for index, record in enumerate(worlds.values()):
             if record["kept"]:
@@ -380,8 +382,9 @@ class WorldFamily:
                     self.world_results(index).parent.mkdir(exist_ok=True)
                     benchmark = self.family_dir / f"world{index}" / "benchmark" / "results.json"
                     shutil.copyfile(benchmark, self.world_results(index))
-                record["summary"] = summarise(read_json(self.world_results(index)), self.base.seeds, self.base.variants)
+                world = read_json(self.world_results(index), {"identity": dict, **SYNTHETIC_RESULTS}, RESULTS_REMEDY)
+                record["summary"] = summarise(world, self.base.seeds, self.base.variants)
         results["across_worlds"] = across_worlds(worlds)
         results["mcc_floor"] = self.family.mcc_floor
-        write_json_atomically(path, results)
+        store.save()
         return results

@@ -123,27 +123,91 @@ def write_json_atomically(path: str | os.PathLike, data) -> None:
         os.replace(staging, path)
 
 
-def read_json(path: str | os.PathLike, required: dict[str, type | tuple[type, ...]] | None = None):
-    """A JSON file's content, or an error that names the file and says what is wrong with it. With `required`, the
-    content must be an object holding each of those keys with a value of the given type."""
+NUMBER = (int, float)
+"""A JSON number (a bool is not one)."""
+
+
+class Each:
+    """A schema of `read_json`: a JSON object each of whose values has `schema` (`of=(list,)`: a list each of whose
+    items has it)."""
+
+    def __init__(self, schema, of: tuple[type, ...] = (dict,)):
+        self.schema, self.of = schema, of
+
+
+def schema_problem(value, schema, where: str = "") -> str | None:
+    """What is wrong with `value` against `schema` (None: nothing), naming the key path. A schema is a type or a
+    tuple of types; a dict (an object holding each key, one ending in `?` optional, whose value has its schema); or
+    an `Each`."""
+    if isinstance(schema, Each):
+        if not isinstance(value, schema.of):
+            return f"{where!r} is a JSON {_json_type(value)}, not {_describe(schema.of)}"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        return next((p for k, v in items if (p := schema_problem(v, schema.schema, _key(where, k)))), None)
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{where!r} is a JSON {_json_type(value)}, not an object" if where else None
+        for key, inner in schema.items():
+            name = key.removesuffix("?")
+            if name not in value:
+                if not key.endswith("?"):
+                    return f"no {_key(where, name)!r}"
+            elif problem := schema_problem(value[name], inner, _key(where, name)):
+                return problem
+        return None
+    kinds = schema if isinstance(schema, tuple) else (schema,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        return f"{where!r} is a JSON {_json_type(value)}, not {_describe(kinds)}"
+    return None
+
+
+def _key(where: str, key) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _describe(kinds: tuple) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
+
+
+def read_json(path: str | os.PathLike, required: dict | None = None, remedy: str = ""):
+    """A JSON file's content, or an `IntegrityError` that names the file and says what is wrong with it (and
+    `remedy`, what to do about it: deleting is no advice for a file that holds someone's only results). With
+    `required` (a schema of `schema_problem`), the content must be an object matching it."""
     path = Path(path)
+    advice = f"; {remedy}" if remedy else ""
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise IntegrityError(f"{path} is damaged or truncated ({error}); delete it to start over") from error
-    if required is None:
-        return data
+        raise IntegrityError(f"{path} is damaged or truncated ({error}){advice}") from error
+    return data if required is None else check_record(path, data, required, remedy)
+
+
+def check_record(path: str | os.PathLike, data, schema: dict, remedy: str = ""):
+    """`data`, read from `path`, after checking that it is an object matching `schema` (`schema_problem`); else an
+    `IntegrityError` naming the file, the key path and `remedy`."""
+    advice = f"; {remedy}" if remedy else ""
     if not isinstance(data, dict):
-        raise IntegrityError(f"{path} holds a JSON {type(data).__name__}, not an object; delete it to start over")
-    for key, kind in required.items():
-        if key not in data:
-            raise IntegrityError(f"{path} has no {key!r}; delete it to start over")
-        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
-            raise IntegrityError(
-                f"{path}: {key!r} is a JSON {type(data[key]).__name__}, not what this file holds; "
-                "delete it to start over"
-            )
+        raise IntegrityError(f"{path} holds a JSON {_json_type(data)}, not an object{advice}")
+    if problem := schema_problem(data, schema):
+        raise IntegrityError(
+            f"{path} has {problem}{advice}" if problem.startswith("no ") else f"{path}: {problem}{advice}"
+        )
     return data
+
+
+def inside(folder: str | os.PathLike, relative: str) -> Path:
+    """`folder / relative`, refused where a recorded path (`..`, an absolute one) leaves `folder`."""
+    folder = Path(folder)
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise IntegrityError(f"the recorded path {relative!r} leaves the run folder {folder}")
+    return path
 
 
 WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "iostream", "I/O error")
