@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -91,6 +93,9 @@ BAD_VALUES = [
     ("calibrate_threshold_rows", "-1"),
     ("attribution_tokens", "0"),
     ("stop_cycles_at_overlap", "2"),
+    ("ig_steps", "0"),
+    ("scorer_tokens", "-1"),
+    ("selection_patience", "0"),
 ]
 
 
@@ -106,7 +111,8 @@ def test_every_argument_of_the_main_job_is_range_checked_when_parsed(field, valu
     classes = (DistillationArguments, SAEArguments, ActivationArguments, AttributionArguments, DMSAETrainingArguments)
     with pytest.raises(ValueError) as refused:
         parse_arguments(classes, ["--output_dir", str(tmp_path), f"--{field}={value}"])
-    assert f"{field}=" in str(refused.value) or str(refused.value).startswith(field), refused.value
+    given = re.search(rf"\b{field}='?([^\s':]+)", str(refused.value))  # the message names the field and its bad value
+    assert given and (given[1] == value or float(given[1]) == float(value)), refused.value
 
 
 def test_one_rule_sets_k_noncore_for_every_stage():
