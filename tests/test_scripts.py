@@ -28,7 +28,6 @@ SCRIPTS = (
     "core_dynamics",
     "scorers",
     "study",
-    "report",
     "browse",
     "bench",
 )
@@ -207,7 +206,7 @@ def test_transfer_cli_runs_every_default_saebench_eval(small_vocab_lm_dir, tmp_p
     )
 
 
-def test_synthetic_and_report_clis(tmp_path):
+def test_synthetic_cli(tmp_path):
     # The shipped config at a tiny size: one seed, one cycle, one k.
     result = run_script(
         "synthetic",
@@ -243,13 +242,6 @@ def test_synthetic_and_report_clis(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| 4 | matryoshka |" in result.stdout and "| distilled |" in result.stdout
-    report = run_script(
-        "report", "--out", tmp_path / "report", "--title", "Study", "--synthetic", tmp_path / "synthetic"
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
-    assert (tmp_path / "report" / "report.md").read_text().startswith("# Study")
-    missing = run_script("report", "--out", tmp_path / "report", "--transfer", tmp_path / "nothing")
-    assert missing.returncode != 0 and "run the transfer first" in missing.stderr
 
 
 def test_worlds_cli(tmp_path):

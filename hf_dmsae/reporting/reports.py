@@ -1,12 +1,10 @@
 """Every report of the package, written from what a run recorded: a distillation's and a transfer's `state.json`, the
 synthetic benchmark's and the core-dynamics study's `results.json`. Each `*_report(folder)` draws its figures into
 `<folder>/figures/`, writes `<folder>/report.md` and returns its text, so a committed report regenerates from its
-committed results; `gather_reports` puts several runs' reports into one folder."""
+committed results."""
 
 from __future__ import annotations
 
-import re
-import shutil
 from pathlib import Path
 
 from ..data.slices import SliceLayout
@@ -606,37 +604,6 @@ def core_dynamics_figures(results: dict, folder: Path) -> list[Path]:
 
 
 # -- one study's reports in one folder ------------------------------------------------------------------------------
-SECTIONS = ("distillation", "transfer", "synthetic")
-
-
-def gather_reports(runs: dict[str, str | Path], output_dir: str | Path, title: str) -> Path:
-    """`runs` maps a section (of `SECTIONS`) to its run folder, whose `report.md`, figures and results are copied
-    under one title into `output_dir`; returns the written `report.md`."""
-    unknown = set(runs) - set(SECTIONS)
-    if unknown:
-        raise ValueError(f"unknown report sections {sorted(unknown)}: expected some of {SECTIONS}")
-    output_dir = Path(output_dir)
-    (output_dir / "figures").mkdir(parents=True, exist_ok=True)
-    parts = [f"# {title}", ""]
-    for section in SECTIONS:
-        if section not in runs:
-            continue
-        folder = Path(runs[section])
-        report = folder / "report.md"
-        if not report.is_file():
-            raise FileNotFoundError(f"{report} is missing: run the {section} first (its script writes it)")
-        # Each run's headings move one level down under this report's title.
-        parts.append(re.sub(r"^(#+) ", r"#\1 ", report.read_text(), flags=re.MULTILINE))
-        for figure in sorted((folder / "figures").glob("*.png")):
-            shutil.copy2(figure, output_dir / "figures" / figure.name)
-        for results in ("results.json", "state.json"):
-            if (folder / results).is_file():
-                shutil.copy2(folder / results, output_dir / f"{section}-{results}")
-    path = output_dir / "report.md"
-    path.write_text("\n".join(parts))
-    return path
-
-
 # -- the paper's claims ---------------------------------------------------------------------------------------------
 def _over_seeds(results: dict) -> list[dict]:
     """Each (k, variant) with every metric as its list over seeds, in the order of `VARIANTS`."""
