@@ -109,6 +109,7 @@ class SliceLayout:
                 if record["end"] is not None and StreamPosition.from_dict(record["end"]) != end:
                     raise RuntimeError(f"slice {name!r} ended at {record['end']} before, now at {end.to_dict()}")
                 record["end"] = end.to_dict()
+                self.check_disjoint()
                 return TokenSlice.from_dict(record)
         raise KeyError(name)
 

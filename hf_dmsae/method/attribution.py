@@ -58,12 +58,11 @@ class StreamingQuantile:
         """Add `[n, num_columns]` values."""
         if self.count + len(rows) > self.max_rows:
             raise ValueError(f"more than max_rows={self.max_rows} rows given")
-        merged = torch.cat([self.top.to(rows.device, rows.dtype), rows.T], dim=1)
-        self.top = merged.topk(min(self.keep, merged.shape[1]), dim=1).values
-        self.count += len(rows)
+        self.merge(rows.T, len(rows))
 
     def merge(self, tops: torch.Tensor, count: int) -> None:
-        """Fold in another stream's kept values `[num_columns, m]` (e.g. from another process) and its count."""
+        """Fold in `[num_columns, m]` values standing for `count` rows: new rows (transposed), or another stream's
+        kept values and count (e.g. from another process)."""
         merged = torch.cat([self.top.to(tops.device, tops.dtype), tops], dim=1)
         self.top = merged.topk(min(self.keep, merged.shape[1]), dim=1).values
         self.count += count

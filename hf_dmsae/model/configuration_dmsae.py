@@ -271,7 +271,7 @@ class DMSAEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self._check_types()
         if self.group_sizes is None:
-            self.group_sizes = matryoshka_group_sizes(self.dict_size - self.core_size)
+            self.group_sizes = matryoshka_group_sizes(self.num_noncore)
         if self.k_noncore is None:
             self.k_noncore = noncore_k(self.k, self.dict_size, self.core_size)
         if self.core_ids is None:
@@ -308,10 +308,10 @@ class DMSAEConfig(PreTrainedConfig):
             fail("core_size", f"must lie in [0, dict_size={self.dict_size}]")
         if any(g < 1 for g in self.group_sizes):
             fail("group_sizes", "every Matryoshka group needs at least one latent")
-        if sum(self.group_sizes) != self.dict_size - self.core_size:
-            fail("group_sizes", f"must sum to dict_size - core_size = {self.dict_size - self.core_size}")
-        if self.core_unmasked and self.k_noncore > self.dict_size - self.core_size:
-            fail("k_noncore", f"must not exceed the {self.dict_size - self.core_size} non-core latents")
+        if sum(self.group_sizes) != self.num_noncore:
+            fail("group_sizes", f"must sum to dict_size - core_size = {self.num_noncore}")
+        if self.core_unmasked and self.k_noncore > self.num_noncore:
+            fail("k_noncore", f"must not exceed the {self.num_noncore} non-core latents")
         if self.sparsity == "sparse_core" and self.k > self.dict_size:
             fail("k", f"must not exceed dict_size={self.dict_size}")
         if len(self.core_ids) != self.core_size:
