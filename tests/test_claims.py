@@ -8,7 +8,7 @@ import torch
 from conftest import core_of_rows, results_written_by_another_study, tiny_activation_args
 
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
-from hf_dmsae.reporting.reports import claims_report
+from hf_dmsae.reporting.claims import claims_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model

@@ -10,7 +10,7 @@ from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import Distillation, DistillationArguments
 from hf_dmsae.model.core import DMSAECore
-from hf_dmsae.reporting.reports import core_dynamics_report, decay_start
+from hf_dmsae.reporting.core_dynamics import core_dynamics_report, decay_start
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model

@@ -3,13 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from hf_dmsae.reporting.reports import (
-    claims_report,
-    core_dynamics_report,
-    scorers_report,
-    synthetic_report,
-    worlds_report,
-)
+from hf_dmsae.reporting.claims import claims_report
+from hf_dmsae.reporting.core_dynamics import core_dynamics_report
+from hf_dmsae.reporting.scorers import scorers_report
+from hf_dmsae.reporting.synthetic import synthetic_report
+from hf_dmsae.reporting.worlds import worlds_report
 
 REPORTS = Path(__file__).parents[1] / "reports"
 PRODUCERS = (

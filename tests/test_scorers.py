@@ -4,7 +4,7 @@ import pytest
 
 from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.method.attribution import AttributionArguments
-from hf_dmsae.reporting.reports import scorers_report
+from hf_dmsae.reporting.scorers import scorers_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments

@@ -10,7 +10,7 @@ from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.consensus import consensus_members
 from hf_dmsae.method.scorers import ablation_values, gxa_values, integrated_gradient_values, pool_latents
 from hf_dmsae.model.core import DMSAECore
-from hf_dmsae.reporting.reports import synthetic_report
+from hf_dmsae.reporting.synthetic import synthetic_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments

@@ -11,7 +11,7 @@ from hf_dmsae import DMSAEModel
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.distillation import random_core, random_core_generator
 from hf_dmsae.method.transfer import Transfer, TransferArguments
-from hf_dmsae.reporting.reports import transfer_report
+from hf_dmsae.reporting.transfer import transfer_report
 from hf_dmsae.run.arguments import SAEArguments, initial_model
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model

@@ -5,7 +5,7 @@ import torch
 from conftest import results_written_by_another_study
 
 from hf_dmsae.method.attribution import AttributionArguments
-from hf_dmsae.reporting.reports import worlds_report
+from hf_dmsae.reporting.worlds import worlds_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments

@@ -16,7 +16,7 @@ import logging
 from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
-from hf_dmsae.reporting.reports import core_dynamics_report
+from hf_dmsae.reporting.core_dynamics import core_dynamics_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments

@@ -13,7 +13,7 @@ import logging
 from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import Distillation, DistillationArguments
-from hf_dmsae.reporting.reports import distillation_report
+from hf_dmsae.reporting.distillation import distillation_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import end_processes, parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments

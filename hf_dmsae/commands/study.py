@@ -17,7 +17,7 @@ from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
-from hf_dmsae.reporting.reports import claims_report
+from hf_dmsae.reporting.claims import claims_report
 from hf_dmsae.run.arguments import SAEArguments, refuse_unread
 from hf_dmsae.run.launch import end_processes, parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments

@@ -10,7 +10,7 @@ under `--output_dir` is resumable, `results.json` keeps finished seeds); the rep
 import logging
 
 from hf_dmsae.method.attribution import AttributionArguments
-from hf_dmsae.reporting.reports import synthetic_report
+from hf_dmsae.reporting.synthetic import synthetic_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments

@@ -13,7 +13,8 @@ world's in `world<i>/`.
 import logging
 
 from hf_dmsae.method.attribution import AttributionArguments
-from hf_dmsae.reporting.reports import synthetic_report, worlds_report
+from hf_dmsae.reporting.synthetic import synthetic_report
+from hf_dmsae.reporting.worlds import worlds_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments

@@ -45,7 +45,7 @@ from ..publishing.hub import (
     write_core_repo,
     write_model_repo,
 )
-from ..reporting.reports import carry_over, distillation_figures
+from ..reporting.distillation import carry_over, distillation_figures
 from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import ActivationSource, open_source
 from ..run.state import RunState, arguments_identity, load_recorded_core

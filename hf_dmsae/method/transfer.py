@@ -4,7 +4,7 @@ For every target L0 `k`: a DMSAE with the core's frozen rows in dense-core mode 
 sparse-core mode (one global BatchTopK of `k`), and a plain Matryoshka SAE; all on the same slice of the token
 stream, budget and seed. Each is evaluated on held-out data (FVU, L0s, dead fraction, CE loss recovered) and, if
 asked, with SAEBench's evals (`hf_dmsae.saebench`). Results are recorded in the run's `state.json` after every
-model, so re-running resumes (with the same core and settings only); `reporting.reports.transfer_report` writes them
+model, so re-running resumes (with the same core and settings only); `reporting.transfer.transfer_report` writes them
 as `report.md`. Every model is
 written as a repo with its model card (`<output_dir>/repos/`) and, with `push_to_hub`, pushed as one set.
 """

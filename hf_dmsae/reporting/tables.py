@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ..model.configuration_dmsae import VARIANTS
+
+NAN = float("nan")
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
@@ -28,3 +33,74 @@ def spread_cell(values: list[float], digits: int = 3) -> str:
         return "–"
     mean, spread = mean_and_spread(values)
     return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def write_report(folder: Path, lines: list[str]) -> str:
+    """Write `<folder>/report.md` from its lines and return its text."""
+    text = "\n".join(lines) + "\n"
+    (folder / "report.md").write_text(text)
+    return text
+
+
+def figure_lines(folder: Path) -> list[str]:
+    """The markdown images of every figure in `<folder>/figures/`."""
+    return [f"![{p.stem}](figures/{p.name})" for p in sorted((folder / "figures").glob("*.png"))]
+
+
+def repo_lines(folder: Path) -> list[str]:
+    """A line per repo folder in `<folder>/repos/`: its repo id and where it is."""
+    return [f"- `{p.name.replace('__', '/')}`: `{p}`" for p in sorted((folder / "repos").iterdir())]
+
+
+def matched_table(matched: dict, title: str = "Each variant − the Matryoshka SAE at the same measured L0") -> list[str]:
+    deltas = list(dict.fromkeys(m for rows in matched.values() for row in rows.values() for m in row if m != "l0"))
+    rows = []
+    for variant in sorted(matched, key=VARIANTS.index):
+        for k, row in sorted(matched[variant].items(), key=lambda item: int(item[0][1:])):
+            cells = [f"{spread_cell(row[m])} ({len(row[m])})" if row.get(m) else "–" for m in deltas]
+            rows.append([k[1:], variant, spread_cell(row["l0"], 1), *cells])
+    return [
+        "",
+        f"## {title}",
+        "",
+        "The Matryoshka SAE's value at a model's measured global L0 is read off the same seed's Matryoshka curve "
+        "(its models at every k), linear in log L0; outside that curve's L0 range there is no difference. In "
+        "brackets: the seeds whose curve spans the model's L0. FVU and dead fraction: lower is better; the others: "
+        "higher is better"
+        + (
+            ", but for sb_meta_fve (the share of the decoder's variance a meta-SAE explains: how composed of shared "
+            "parts the latents are), whose better direction SAEBench leaves open."
+            if "sb_meta_fve" in deltas
+            else "."
+        ),
+        "",
+        *markdown_table(["k", "variant", "measured L0", *(f"Δ {m}" for m in deltas)], rows),
+    ]
+
+
+def latent_matches_tables(matches: dict) -> list[str]:
+    """Claim 2's tables, core and non-core latents apart, from `evaluation.consistency.latent_matches`."""
+    smallest, at, cos = matches["from_k"], matches["at_k"], matches["match_cos"]
+    larger = list(next(iter(matches["variants"].values()))["same_seed"])
+    header = [f"k{smallest}→{k[1:]} same seed" for k in larger] + [f"k{smallest} at its init"]
+    header += [f"k{smallest}→{k[1:]} other seed" for k in larger] + [f"across seeds (k {at})"]
+    lines = [
+        "",
+        "## Claim 2: the same latents across sparsities and seeds",
+        "",
+        f"The share of a model's latents whose decoder direction has a match (cosine ≥ {cos}) in another model: the "
+        f"k-{smallest} model in the same seed's models at larger k, in its own initialization (which a seed's models "
+        "share: a latent still there is matched across sparsities without having learnt anything, so the first "
+        f"columns are inflated by as much), in the other seeds' models at larger k, and at k {at}, each seed's model "
+        "in every other seed's. Mean ± std over seeds (same seed, init) or ordered pairs of seeds (other seed, across "
+        "seeds).",
+    ]
+    for part, title in (("core", "Core latents"), ("noncore", "Non-core latents")):
+        rows = []
+        for variant, row in matches["variants"].items():
+            columns = [*row["same_seed"].values(), row["initial"], *row["other_seeds"].values(), row["across_seeds"]]
+            shares = [[v for v in column[part] if v is not None] for column in columns]
+            if any(shares):
+                rows.append([variant, *(spread_cell(s) for s in shares)])
+        lines += ["", f"{title}:", "", *markdown_table(["variant", *header], rows)]
+    return lines

@@ -15,7 +15,7 @@ Every (seed, k, variant) is an ordinary resumable transfer run under `<study_dir
 the comparisons, rewritten after each, so that a study continues on another machine from its committed results:
 nothing recorded is redone, and a seed's runs are trained again (as they were) only where something left to do
 reads them (their SAEBench, or the comparison of latents of a variant added, or of every variant when seeds are).
-`reporting.reports.claims_report` writes `report.md` beside it.
+`reporting.claims.claims_report` writes `report.md` beside it.
 """
 
 from __future__ import annotations

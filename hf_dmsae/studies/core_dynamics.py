@@ -14,7 +14,7 @@ the activations' mean direction and the variance of the activations along them.
 
 Layout: `<study_dir>/seed{s}/state.json` (identity, slices, each run's record), `<study_dir>/seed{s}/<ablation>/
 <core>-b<budget>/` (the Trainer's output), and `results.json` in `<study_dir>`, from which
-`reporting.reports.core_dynamics_report` writes `report.md` and `figures/`.
+`reporting.core_dynamics.core_dynamics_report` writes `report.md` and `figures/`.
 """
 
 from __future__ import annotations

@@ -493,7 +493,7 @@ def world_summary(world: SyntheticWorld) -> dict:
 
 class SyntheticBenchmark:
     """All seeds' runs under `<output_dir>/seed{s}/` (`distillation/`, `transfer/`, `plain-batchtopk/`: resumable as
-    any run); the scores in `results.json`, from which `reporting.reports.synthetic_report` writes `report.md`."""
+    any run); the scores in `results.json`, from which `reporting.synthetic.synthetic_report` writes `report.md`."""
 
     def __init__(
         self,

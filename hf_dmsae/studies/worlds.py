@@ -10,7 +10,7 @@ run.
 
 `<results_dir>/results.json` holds, per world, its settings, its properties, its screening and its benchmark results
 summarised (`summarise`), rewritten after each world, so that the family continues from it on another machine; and
-the across-worlds statistics (`across_worlds`), from which `reporting.reports.worlds_report` writes the report. Each
+the across-worlds statistics (`across_worlds`), from which `reporting.worlds.worlds_report` writes the report. Each
 kept world's own `results.json` is copied to `<results_dir>/world{i}/` (`synthetic_report` writes its report there),
 and its summary is made from that copy.
 """
