@@ -45,10 +45,9 @@ from ..publishing.hub import (
     write_core_repo,
     write_model_repo,
 )
-from ..reporting.distillation import carry_over, distillation_figures
 from ..run.arguments import SAEArguments, k_noncore_for, new_model
 from ..run.data import ActivationSource, open_source
-from ..run.state import RunState, arguments_identity, load_recorded_core
+from ..run.state import RunState, arguments_identity, carry_over, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae, training_steps
 from ..utils.checks import check_ranges
@@ -328,7 +327,6 @@ class Distillation:
         `push_to_hub`)."""
         if not self.state.writer:
             return
-        plots = distillation_figures(self.output_dir)
         datasets = [self.data.dataset_name]
         repos = {f"cycle {t} core": core_repo_name(self.model_repo, t) for t in range(len(cores))}
         repos["distilled core"] = core_repo_name(self.model_repo, None)
@@ -358,8 +356,9 @@ class Distillation:
                     repo_folder(self.output_dir, repo),
                     repo,
                     datasets=datasets,
+                    cycles=cores,
+                    tau=self.attribution_args.tau,
                     carry_over=carry_over(self.state.data),
-                    figures=[plots["coverage_curves"], plots["carry_over"]],
                     related=others(repo),
                 ),
                 repo,

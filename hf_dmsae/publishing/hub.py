@@ -9,7 +9,6 @@ the publishing created, so no half-made repo or half-published set stays behind.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from accelerate import PartialState
@@ -20,6 +19,7 @@ from ..data.embedded import describe, hub_name
 from ..data.language_model import HOOK_POINTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
+from . import card_figures
 from .formats import hook_point
 
 logger = logging.getLogger(__name__)
@@ -118,26 +118,26 @@ def _card_data(base_model: str | None, datasets: list[str] | None, **extra) -> M
     )
 
 
-def _copy_figures(folder: Path, figures: list[Path] | None) -> list[str]:
-    """Copy the figure files into the repo folder; the card links them by name."""
-    for figure in figures or []:
-        shutil.copyfile(figure, folder / Path(figure).name)
-    return [Path(figure).name for figure in figures or []]
-
-
 def write_core_repo(
     core: DMSAECore,
     folder: str | Path,
     repo_id: str,
     *,
     datasets: list[str] | None = None,
+    cycles: list[DMSAECore] | None = None,
+    tau: float | None = None,
     carry_over: list[dict] | None = None,
-    figures: list[Path] | None = None,
     related: dict[str, str] | None = None,
 ) -> Path:
-    """Save `core` with its model card (and the given figure files) into `folder`."""
+    """Save `core` with its model card into `folder`; a distilled core's card shows its distillation's `cycles`'
+    coverage curves (with `tau`) and their `carry_over` (Fig. 2), drawn here."""
     folder = Path(folder)
     core.save_pretrained(folder)
+    figures = []
+    if cycles:
+        figures.append(card_figures.coverage_curves(cycles, tau, folder / "coverage_curves.png"))
+    if carry_over:
+        figures.append(card_figures.carry_over(carry_over, folder / "carry_over.png"))
     card = ModelCard.from_template(
         _card_data(core.provenance.get("base_model"), datasets, metrics=["attribution_coverage"]),
         template_path=str(TEMPLATES / "core.md"),
@@ -147,7 +147,7 @@ def write_core_repo(
         provenance=core.provenance,
         distilled=core.provenance.get("distilled", False),
         carry_over=carry_over or [],
-        figures=_copy_figures(folder, figures),
+        figures=[figure.name for figure in figures],
         related=related or {},
     )
     card.save(folder / "README.md")
@@ -161,10 +161,9 @@ def write_model_repo(
     *,
     datasets: list[str] | None = None,
     metrics: dict | None = None,
-    figures: list[Path] | None = None,
     related: dict[str, str] | None = None,
 ) -> Path:
-    """Save `model` (safetensors, config, remote code) with its model card (and figure files) into `folder`."""
+    """Save `model` (safetensors, config, remote code) with its model card into `folder`."""
     folder = Path(folder)
     model.save_pretrained(folder)
     metrics = card_metrics(metrics)
@@ -189,7 +188,6 @@ def write_model_repo(
         threshold=float(model.threshold),
         datasets=[describe(d) for d in datasets or []],
         metrics=metrics,
-        figures=_copy_figures(folder, figures),
         related=related or {},
     )
     card.save(folder / "README.md")

@@ -5,15 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.slices import SliceLayout
-from ..run.state import load_recorded_core, read_state
+from ..publishing import card_figures
+from ..run.state import carry_over, load_recorded_core, read_state
 from . import figures
 from .tables import NAN, figure_lines, markdown_table, repo_lines, write_report
-
-
-def carry_over(state: dict) -> list[dict]:
-    """Fig. 2's numbers: each cycle's core size and how many of its latents the previous core held."""
-    cycles = sorted(state["cycles"].items(), key=lambda item: int(item[0]))
-    return [{"cycle": int(t), "size": c["size"], "kept": c["carried_over"]} for t, c in cycles if "size" in c]
 
 
 def distillation_figures(folder: str | Path) -> dict[str, Path]:
@@ -25,8 +20,8 @@ def distillation_figures(folder: str | Path) -> dict[str, Path]:
     out = folder / "figures"
     tau = state["identity"]["AttributionArguments.tau"]
     plots = {
-        "coverage_curves": figures.coverage_curves(cores, tau, out / "coverage_curves.png"),
-        "carry_over": figures.carry_over(carry_over(state), out / "carry_over.png"),
+        "coverage_curves": card_figures.coverage_curves(cores, tau, out / "coverage_curves.png"),
+        "carry_over": card_figures.carry_over(carry_over(state), out / "carry_over.png"),
     }
     tracks = {int(t): c["track"] for t, c in state["cycles"].items() if c.get("track")}
     if tracks:

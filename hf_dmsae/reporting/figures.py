@@ -1,51 +1,16 @@
-"""The paper's figures from a run's records (PNG, matplotlib): coverage curves per cycle, carry-over between cycles
-(Fig. 2), `l0_core` over training for the distilled core and the controls (Fig. 3), the selected core's convergence
-within a cycle, metrics against k (Fig. 4), and the synthetic benchmark's selection scores and prefix FVU curves."""
+"""The reports' figures from a run's records (PNG, matplotlib): `l0_core` over training for the distilled core and the
+controls (Fig. 3), the selected core's convergence within a cycle, metrics against k (Fig. 4), and the synthetic
+benchmark's selection scores and prefix FVU curves. The model card's (coverage curves, Fig. 2's carry-over) are
+`publishing.card_figures`', drawn with the same `save` on the same headless backend."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib import ticker
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-
-from ..model.core import DMSAECore
+from ..publishing.card_figures import plt, save  # pyplot on the headless backend
 from .tables import mean_and_spread
-
-
-def save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def coverage_curves(cores: list[DMSAECore], tau: float, path: Path) -> Path:
-    """Share of the pool's attribution covered by the top-i latents, one curve per cycle, with τ and each core."""
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for t, core in enumerate(cores):
-        curve = core.coverage_curve.tolist()
-        axis.plot(range(1, len(curve) + 1), curve, label=f"cycle {t} (|C|={len(core)})")
-        axis.axvline(len(core), color=axis.lines[-1].get_color(), linestyle=":", linewidth=1)
-    axis.axhline(tau, color="grey", linestyle="--", linewidth=1, label=f"τ = {tau}")
-    axis.set(xlabel="latents, by descending attribution score", ylabel="coverage", xscale="log", ylim=(0, 1.02))
-    axis.legend(fontsize=8)
-    return save(figure, path)
-
-
-def carry_over(rows: list[dict], path: Path) -> Path:
-    """Fig. 2: each cycle's core size and how many of its latents were already in the previous core."""
-    figure, axis = plt.subplots(figsize=(6, 4))
-    cycles = [r["cycle"] for r in rows]
-    axis.bar(cycles, [r["size"] for r in rows], color="lightsteelblue", label="core size")
-    axis.bar(cycles, [r["kept"] for r in rows], color="steelblue", label="carried over from the previous core")
-    axis.set(xlabel="cycle", ylabel="latents", xticks=cycles)
-    axis.legend(fontsize=8)
-    return save(figure, path)
 
 
 def l0_core_curves(control: dict[str, dict], path: Path) -> Path:

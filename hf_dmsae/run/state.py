@@ -177,6 +177,12 @@ class RunState:
             write_json_atomically(self.path, self.data)
 
 
+def carry_over(state: dict) -> list[dict]:
+    """Fig. 2's numbers: each cycle's core size and how many of its latents the previous core held."""
+    cycles = sorted(state["cycles"].items(), key=lambda item: int(item[0]))
+    return [{"cycle": int(t), "size": c["size"], "kept": c["carried_over"]} for t, c in cycles if "size" in c]
+
+
 def load_recorded_core(folder: Path, record: dict) -> DMSAECore:
     """The core a run recorded (`record["core"]`, a path under `folder`), refused if its files changed since."""
     path = inside(folder, record["core"])
