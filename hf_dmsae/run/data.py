@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from ..data.activations import ActivationArguments, ActivationStream, Harvester, StreamStatistics, shuffled_windows
 from ..data.cache import ActivationCache, AttributionCache
 from ..data.language_model import load_language_model, weights_digest
+from ..data.objective import ObjectiveBatch
 from ..data.slices import TokenSlice
 from ..data.text import StreamPosition, position_after, sequence_batches
 from ..evaluation.held_out import ce_loss_recovered
-from ..method.scorers import ObjectiveBatch
 from ..model.modeling_dmsae import DMSAEModel
 from .state import RunState
 from .trainer import DMSAETrainingArguments
@@ -335,7 +335,7 @@ class LMGradientPairs:
 
 class LMObjective:
     """The LM's next-token loss on the first `scorer_tokens` positions of the attribution slice (all with 0), as
-    whole sequences, about `batch_size` positions a batch (`method.scorers.Objective`, for the ablation and
+    whole sequences, about `batch_size` positions a batch (`data.objective.Objective`, for the ablation and
     integrated-gradients scorers). Their activations are read once."""
 
     def __init__(self, data: RunData, args: PairArguments, batch_size: int):

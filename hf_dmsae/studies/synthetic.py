@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data.activations import norm_factor
+from ..data.objective import ObjectiveBatch
 from ..evaluation.consistency import abs_cosines, consistency, latent_matches
 from ..evaluation.progressive import latent_statistics, order_by, prefix_fvu
 from ..method.attribution import AttributionArguments
 from ..method.consensus import consensus_members
 from ..method.distillation import Distillation, DistillationArguments
-from ..method.scorers import ObjectiveBatch
 from ..method.transfer import Transfer, TransferArguments, model_name
 from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
@@ -325,7 +325,7 @@ class TaskGradients:
 
 class TaskObjective:
     """The task's loss on the first `scored` rows of the attribution split (of `rows`), each a sequence of one
-    position, `batch_rows` rows a batch (`method.scorers.Objective`, for the ablation and integrated-gradients
+    position, `batch_rows` rows a batch (`data.objective.Objective`, for the ablation and integrated-gradients
     scorers)."""
 
     def __init__(self, world: SyntheticWorld, rows: int, seed: int, batch_rows: int, scored: int):
