@@ -129,3 +129,16 @@ def test_a_random_core_variant_holds_the_distillation_controls_rows_in_either_sp
                 parameter.add_(1.0)
         rebuilt = initial_model(model, 3).state_dict()
         assert rebuilt.keys() == fresh.keys() and all(torch.equal(rebuilt[n], t) for n, t in fresh.items())
+
+
+def test_every_variant_name_parses_into_what_its_models_are_built_around():
+    from hf_dmsae.run.variants import VARIANTS, Variant
+
+    parsed = {name: (v.core, v.mode) for name in VARIANTS if (v := Variant.parse(name))}
+    assert parsed["dense_core"] == ("distilled", "dense_core") and parsed["matryoshka"] == ("none", "dense_core")
+    assert parsed["random_jumprelu_core"] == ("random", "jumprelu_core")
+    assert parsed["learned_linear_core"] == ("learned", "linear_core")
+    assert Variant.parse("random_penalized_core").settings == ("core_sparsity_coef",)
+    assert Variant.parse("jumprelu_core").settings == ("core_sparsity_coef", "jumprelu_bandwidth")
+    with pytest.raises(ValueError, match="variant 'random_matryoshka' is not among"):
+        Variant.parse("random_matryoshka")

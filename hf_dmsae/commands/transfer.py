@@ -15,11 +15,12 @@ from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
-from hf_dmsae.method.transfer import Transfer, TransferArguments, unread_settings
+from hf_dmsae.method.transfer import Transfer, TransferArguments
 from hf_dmsae.reporting.transfer import transfer_report
 from hf_dmsae.run.arguments import SAEArguments, refuse_unread
 from hf_dmsae.run.launch import end_processes, parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.run.variants import unread_settings
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from ..data.activations import ActivationArguments
 from ..data.language_model import lm_width
 from ..evaluation.held_out import activation_metrics
 from ..evaluation.saebench import SAEBenchArguments, headline_metrics
-from ..model.configuration_dmsae import LEARNED_VARIANTS, PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..publishing.formats import fit_differences
@@ -39,23 +38,9 @@ from ..run.data import ActivationSource, open_source
 from ..run.state import RunState, arguments_identity
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae, training_steps
+from ..run.variants import PAPER_VARIANTS, VARIANTS, Variant, check_variants, unread_settings
 from ..utils.checks import check_ranges
 from .distillation import random_core, random_core_generator
-
-VARIANT_SETTINGS = {"core_sparsity_coef": ("penalized_core", "jumprelu_core"), "jumprelu_bandwidth": ("jumprelu_core",)}
-"""SAE settings that only some core modes read, with those modes: they enter a run's identity only where one of its
-variants reads them (a study keeps them per variant), so that a variant may be added at settings of its own."""
-
-
-def variant_mode(variant: str) -> str:
-    """The sparsity mode a variant's models train in (the Matryoshka SAE has no core: `dense_core`'s masks)."""
-    return "dense_core" if variant == "matryoshka" else variant.removeprefix("random_").removeprefix("learned_")
-
-
-def unread_settings(variants: list[str]) -> tuple[str, ...]:
-    """The `VARIANT_SETTINGS` none of `variants` reads."""
-    modes = {variant_mode(v) for v in variants}
-    return tuple(name for name, readers in VARIANT_SETTINGS.items() if not modes & set(readers))
 
 
 def model_name(k: int, variant: str) -> str:
@@ -86,9 +71,7 @@ class TransferArguments:
     )
 
     def __post_init__(self):
-        unknown = set(self.variants) - set(VARIANTS)
-        if unknown:
-            raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
+        check_variants(self.variants)
         if not self.ks or not self.variants or min(self.ks) < 1:
             raise ValueError(f"ks={self.ks} and variants={self.variants} must be non-empty, with every k ≥ 1")
         check_ranges(self, ce_batches=">= 0")
@@ -181,12 +164,13 @@ class Transfer:
         """The `variant` model at L0 `k`; a transfer sweeps `k`, so `k_noncore` always follows it (Eq. 4 at the core
         size, by `k_noncore_for`), whatever value was given for one run. A random core's rows are the distillation
         control's of the run's seed (`random_core_generator`)."""
-        core = None if variant in ("matryoshka", *LEARNED_VARIANTS) else self.core
-        if variant.startswith("random_"):
+        built = Variant.parse(variant)
+        core = self.core if built.core == "distilled" else None
+        if built.core == "random":
             generator = random_core_generator(self.training_args.seed)
             core = random_core(self.core, self.core.encoder_rows.shape[1], generator)
-        learned = len(self.core) if variant in LEARNED_VARIANTS else 0
-        sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None, sparsity=variant_mode(variant))
+        learned = len(self.core) if built.core == "learned" else 0
+        sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None, sparsity=built.mode)
         sae = dataclasses.replace(sae, k_noncore=k_noncore_for(sae, reference_core_size=len(core or []) + learned))
         return new_model(sae, self.data, core, seed=self.training_args.seed, learned_core=learned)
 

@@ -14,12 +14,6 @@ Sparsity = Literal["dense_core", "sparse_core", "penalized_core", "jumprelu_core
 PrefixLossWeighting = Literal["sum", "dictionary_learning"]
 SPARSITY_MODES = get_args(Sparsity)
 PREFIX_LOSS_WEIGHTINGS = get_args(PrefixLossWeighting)
-# The SAEs a study compares: a DMSAE of any sparsity mode around the distilled core, the Matryoshka SAE without
-# one, the paper's control, a DMSAE around random unit rows as many as the core's (Fig. 3), and the dense baseline
-# the paper lacks, a learned linear block of the core's rank (a `linear_core` trained from a fresh initialisation).
-LEARNED_VARIANTS = ("learned_linear_core",)
-VARIANTS = (*SPARSITY_MODES, "matryoshka", *(f"random_{mode}" for mode in SPARSITY_MODES), *LEARNED_VARIANTS)
-PAPER_VARIANTS = ("dense_core", "sparse_core", "matryoshka")
 
 # SAEBench's Matryoshka group fractions (1/32, 1/16, 1/8, 1/4, rest), applied to the non-core latents.
 SAEBENCH_GROUP_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)

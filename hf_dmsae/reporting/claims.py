@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..evaluation.saebench import HEADLINE_METRICS
-from ..model.configuration_dmsae import VARIANTS
 from ..run.results import (
     CLAIMS_RESULTS,
     RESULTS_REMEDY,
 )
+from ..run.variants import VARIANTS
 from ..utils.integrity import read_json
 from . import figures
 from .tables import latent_matches_tables, markdown_table, matched_table, spread_cell, write_report

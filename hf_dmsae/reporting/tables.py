@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..model.configuration_dmsae import VARIANTS
+from ..run.variants import VARIANTS
 
 NAN = float("nan")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..evaluation.saebench import HEADLINE_METRICS
-from ..model.configuration_dmsae import VARIANTS
 from ..run.state import read_state
+from ..run.variants import VARIANTS
 from . import figures
 from .tables import markdown_table, repo_lines, write_report
 

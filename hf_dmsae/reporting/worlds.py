@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..model.configuration_dmsae import VARIANTS
 from ..run.results import (
     RESULTS_REMEDY,
     WORLDS_RESULTS,
 )
+from ..run.variants import VARIANTS
 from ..utils.integrity import read_json
 from . import figures
 from .tables import markdown_table, spread_cell, write_report

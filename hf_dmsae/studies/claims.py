@@ -30,14 +30,14 @@ from pathlib import Path
 from ..data.activations import ActivationArguments
 from ..evaluation.consistency import latent_matches
 from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments
-from ..method.transfer import VARIANT_SETTINGS, Transfer, TransferArguments, model_name, variant_mode
-from ..model.configuration_dmsae import PAPER_VARIANTS, SPARSITY_MODES, VARIANTS
+from ..method.transfer import Transfer, TransferArguments, model_name
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, initial_model
 from ..run.results import CLAIMS_RESULTS, StudyResults
 from ..run.state import arguments_identity, distilled_core_record, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model
+from ..run.variants import PAPER_VARIANTS, VARIANT_SETTINGS, VARIANTS, Variant, check_variants
 from ..utils.checks import check_ranges
 
 COMPARED_METRICS = ("fvu", "ce_loss_recovered", "dead_fraction", *(c for _, _, c in HEADLINE_METRICS))
@@ -74,8 +74,7 @@ class ClaimsArguments:
 
     def __post_init__(self):
         check_ranges(self, consistency_k=">= 1", match_cos="(0, 1]", ce_batches=">= 0")
-        if unknown := set(self.variants) - set(VARIANTS):
-            raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
+        check_variants(self.variants)
         if "matryoshka" not in self.variants:
             raise ValueError(f"variants={self.variants} is invalid: every comparison is against 'matryoshka'")
         if self.consistency_k not in self.ks:
@@ -226,7 +225,7 @@ class PaperClaims:
             f"seed{seed}/{name}"
             for seed in self.args.seeds
             for name, variant in self.models_to_train(seed, results).items()
-            if variant in SPARSITY_MODES
+            if Variant.parse(variant).core == "distilled"
         ]
         if reading:
             raise ValueError(
@@ -269,8 +268,7 @@ class PaperClaims:
 
     def settings_of(self, variant: str) -> dict:
         """The given `VARIANT_SETTINGS` that a variant's models read."""
-        mode = variant_mode(variant)
-        return {name: getattr(self.sae_args, name) for name, modes in VARIANT_SETTINGS.items() if mode in modes}
+        return {name: getattr(self.sae_args, name) for name in Variant.parse(variant).settings}
 
     def models_to_train(self, seed: int, results: dict) -> dict[str, str]:
         """The seed's models `run()` trains (name: variant): none if nothing of the seed is left to do, else those

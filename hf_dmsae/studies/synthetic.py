@@ -46,13 +46,13 @@ from ..method.attribution import AttributionArguments
 from ..method.consensus import consensus_members
 from ..method.distillation import Distillation, DistillationArguments
 from ..method.transfer import Transfer, TransferArguments, model_name
-from ..model.configuration_dmsae import PAPER_VARIANTS, VARIANTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, initial_model, new_model
 from ..run.results import SYNTHETIC_RESULTS, StudyResults
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
+from ..run.variants import PAPER_VARIANTS, VARIANTS, check_variants
 from ..utils.checks import check_ranges
 from .claims import matched_differences
 
@@ -145,9 +145,7 @@ class SyntheticArguments:
                 f"min_firing_probability={self.min_firing_probability} is invalid: must not exceed "
                 f"max_firing_probability={self.max_firing_probability}"
             )
-        unknown = set(self.variants) - set(VARIANTS)
-        if unknown:
-            raise ValueError(f"variants={self.variants} is invalid: {sorted(unknown)} not among {VARIANTS}")
+        check_variants(self.variants)
         if not 0 < self.useful_fraction < 1:
             raise ValueError(f"useful_fraction={self.useful_fraction} is invalid: must lie in (0, 1)")
         for name in ("match_cos", "latent_match_cos"):
