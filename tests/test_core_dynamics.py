@@ -21,7 +21,7 @@ from hf_dmsae.studies.core_dynamics import (
     core_geometry,
     principal_directions,
 )
-from hf_dmsae.studies.synthetic import SyntheticArguments, SyntheticSource, SyntheticWorld
+from hf_dmsae.studies.synthetic_world import SyntheticArguments, SyntheticSource, SyntheticWorld
 
 SAE = dict(dict_size=64, k=4, group_fractions=[0.25, 0.25, 0.25], dead_tokens_threshold=4096)
 

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.evaluation.consistency import consistency
 from hf_dmsae.method.attribution import AttributionArguments
-from hf_dmsae.method.consensus import consensus_members
 from hf_dmsae.method.scorers import ablation_values, gxa_values, integrated_gradient_values, pool_latents
 from hf_dmsae.model.core import DMSAECore
 from hf_dmsae.reporting.synthetic import synthetic_report
@@ -15,10 +14,11 @@ from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model
-from hf_dmsae.studies import synthetic
-from hf_dmsae.studies.synthetic import (
+from hf_dmsae.studies import synthetic_world
+from hf_dmsae.studies.consensus import consensus_members
+from hf_dmsae.studies.synthetic import SyntheticBenchmark
+from hf_dmsae.studies.synthetic_world import (
     SyntheticArguments,
-    SyntheticBenchmark,
     SyntheticSource,
     SyntheticWorld,
     match_truth,
@@ -100,10 +100,10 @@ def test_a_consensus_keeps_the_reference_latents_a_majority_of_seeds_selected():
 
 def test_a_large_training_slice_is_drawn_in_chunks_the_first_of_which_is_the_one_draw(monkeypatch):
     world = SyntheticWorld(SyntheticArguments(**TINY_WORLD))
-    monkeypatch.setattr(synthetic, "SAMPLE_CHUNK", 1000)
+    monkeypatch.setattr(synthetic_world, "SAMPLE_CHUNK", 1000)
     one_chunk = SyntheticSource(world, 1000, 0, seed=3)
     rows = one_chunk.training_data(one_chunk.training_slice("s"), None).rows
-    assert torch.equal(rows, world.sample(1000, synthetic._seed_of(3, "s"))[0])
+    assert torch.equal(rows, world.sample(1000, synthetic_world._seed_of(3, "s"))[0])
     large = SyntheticSource(world, 2500, 0, seed=3)
     chunked = large.training_data(large.training_slice("s"), None).rows
     assert chunked.shape == (2500, 32) and torch.equal(chunked[:1000], rows)

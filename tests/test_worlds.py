@@ -9,7 +9,7 @@ from hf_dmsae.reporting.worlds import worlds_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
-from hf_dmsae.studies.synthetic import SyntheticArguments, SyntheticWorld
+from hf_dmsae.studies.synthetic_world import SyntheticArguments, SyntheticWorld
 from hf_dmsae.studies.worlds import (
     WorldFamily,
     WorldFamilyArguments,

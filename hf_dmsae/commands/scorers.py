@@ -20,7 +20,7 @@ from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.studies.scorers import ScorerStudy, ScorerStudyArguments
-from hf_dmsae.studies.synthetic import SyntheticArguments
+from hf_dmsae.studies.synthetic_world import SyntheticArguments
 
 
 def main() -> None:

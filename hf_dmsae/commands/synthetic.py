@@ -14,7 +14,8 @@ from hf_dmsae.reporting.synthetic import synthetic_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
-from hf_dmsae.studies.synthetic import SyntheticArguments, SyntheticBenchmark
+from hf_dmsae.studies.synthetic import SyntheticBenchmark
+from hf_dmsae.studies.synthetic_world import SyntheticArguments
 
 
 def main() -> None:

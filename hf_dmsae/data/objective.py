@@ -1,5 +1,5 @@
 """The downstream loss attribution scores latents against, as each activation source provides it: an LM's next-token
-loss (`run.data.LMObjective`) or a synthetic task's (`studies.synthetic.TaskObjective`); `method.scorers` reads it."""
+loss (`run.data.LMObjective`) or a synthetic task's (`studies.synthetic_world.TaskObjective`); `method.scorers` reads it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class ObjectiveBatch:
 
 class Objective(Protocol):
     """The downstream loss with the activations at the hook replaced, on the attribution split's sequences (an LM's
-    next-token loss: `run.data.LMObjective`; a synthetic task: `studies.synthetic.TaskObjective`)."""
+    next-token loss: `run.data.LMObjective`; a synthetic task: `studies.synthetic_world.TaskObjective`)."""
 
     max_rows: int
     """Scored positions over all batches."""

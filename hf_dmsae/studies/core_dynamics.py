@@ -40,7 +40,7 @@ from ..run.state import RunState, arguments_identity, distilled_core_record, loa
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import train_sae, training_steps
 from ..utils.checks import check_ranges
-from .synthetic import SyntheticArguments, SyntheticSource, SyntheticWorld
+from .synthetic_world import SyntheticArguments, SyntheticSource, SyntheticWorld
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from ..run.state import RunState, distilled_core_record
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model
 from ..utils.integrity import file_sha256
-from .synthetic import SyntheticArguments, SyntheticBenchmark
+from .synthetic import SyntheticBenchmark
+from .synthetic_world import SyntheticArguments
 
 logger = logging.getLogger(__name__)
 

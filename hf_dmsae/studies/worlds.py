@@ -37,14 +37,8 @@ from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
 from ..utils.integrity import read_json
 from .claims import matched_differences
-from .synthetic import (
-    TRANSFER_METRICS,
-    SyntheticArguments,
-    SyntheticBenchmark,
-    SyntheticSource,
-    SyntheticWorld,
-    world_summary,
-)
+from .synthetic import TRANSFER_METRICS, SyntheticBenchmark
+from .synthetic_world import SyntheticArguments, SyntheticSource, SyntheticWorld, world_summary
 
 logger = logging.getLogger(__name__)
 
