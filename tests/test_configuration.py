@@ -176,3 +176,17 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_naming_the_flag(tmp_path, 
     trainer.DMSAETrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True)
     assert not [r for r in caplog.records if "--bf16 on this CPU" in r.getMessage()]
     trainer.warn_slow_cpu_bf16.cache_clear()
+
+
+def test_every_sparsity_mode_has_its_rules_and_only_jumprelu_learns_thresholds():
+    from hf_dmsae.model.configuration_dmsae import SPARSITY_MODES
+    from hf_dmsae.model.sparsity import CORE_MODES
+
+    assert set(CORE_MODES) == set(SPARSITY_MODES)
+    configs = {
+        mode: DMSAEConfig(d_in=8, dict_size=64, core_size=4, k=8, core_ids=ids(4), sparsity=mode) for mode in CORE_MODES
+    }
+    assert [m for m, c in configs.items() if not c.core_unmasked] == ["sparse_core"]
+    assert [m for m, c in configs.items() if c.core_linear] == ["linear_core"]
+    assert [m for m, c in configs.items() if c.core_penalty] == ["penalized_core", "jumprelu_core"]
+    assert [m for m, c in configs.items() if c.core_mode.learned_thresholds] == ["jumprelu_core"]

@@ -1,5 +1,6 @@
 """The downstream loss attribution scores latents against, as each activation source provides it: an LM's next-token
-loss (`run.data.LMObjective`) or a synthetic task's (`studies.synthetic_world.TaskObjective`); `method.scorers` reads it."""
+loss (`run.data.LMObjective`) or a synthetic task's (`studies.synthetic_world.TaskObjective`); `method.scorers`
+reads it."""
 
 from __future__ import annotations
 

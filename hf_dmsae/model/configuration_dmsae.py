@@ -10,6 +10,8 @@ from typing import Literal, Union, get_args, get_origin
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .sparsity import CORE_MODES, CoreMode
+
 Sparsity = Literal["dense_core", "sparse_core", "penalized_core", "jumprelu_core", "linear_core"]
 PrefixLossWeighting = Literal["sum", "dictionary_learning"]
 SPARSITY_MODES = get_args(Sparsity)
@@ -306,7 +308,7 @@ class DMSAEConfig(PreTrainedConfig):
             fail("group_sizes", f"must sum to dict_size - core_size = {self.num_noncore}")
         if self.core_unmasked and self.k_noncore > self.num_noncore:
             fail("k_noncore", f"must not exceed the {self.num_noncore} non-core latents")
-        if self.sparsity == "sparse_core" and self.k > self.dict_size:
+        if not self.core_unmasked and self.k > self.dict_size:
             fail("k", f"must not exceed dict_size={self.dict_size}")
         if len(self.core_ids) != self.core_size:
             fail("core_ids", f"needs one id per core latent ({self.core_size})")
@@ -344,14 +346,19 @@ class DMSAEConfig(PreTrainedConfig):
         return ends
 
     @property
+    def core_mode(self) -> CoreMode:
+        """The rules of the config's sparsity mode (`model.sparsity.CORE_MODES`)."""
+        return CORE_MODES[self.sparsity]
+
+    @property
     def core_unmasked(self) -> bool:
         """Whether the core is outside BatchTopK and the inference threshold (every mode but `sparse_core`)."""
-        return self.sparsity != "sparse_core"
+        return self.core_mode.unmasked
 
     @property
     def core_linear(self) -> bool:
         """Whether the core's latents are linear read-outs (signed; `linear_core`) rather than ReLU's."""
-        return self.sparsity == "linear_core"
+        return self.core_mode.linear
 
     @property
     def first_masked_latent(self) -> int:
@@ -367,7 +374,7 @@ class DMSAEConfig(PreTrainedConfig):
     @property
     def core_penalty(self) -> float:
         """The weight of the core's sparsity penalty in the loss (0 but in `penalized_core` and `jumprelu_core`)."""
-        return self.core_sparsity_coef if self.sparsity in ("penalized_core", "jumprelu_core") else 0.0
+        return self.core_sparsity_coef if self.core_mode.penalized else 0.0
 
     @property
     def candidate_pool_size(self) -> int:

@@ -23,8 +23,6 @@ from transformers.utils import ModelOutput
 from .configuration_dmsae import DMSAEConfig
 from .kernels import SparseEncode, bag_bounds, sparse_matryoshka_losses
 from .sparsity import (
-    JumpReLU,
-    Step,
     all_reduce_any,
     mask_batch_topk,
     mask_threshold,
@@ -181,8 +179,8 @@ class DMSAEModel(PreTrainedModel):
         # Training tokens since each latent last fired; a latent is dead past `dead_tokens_threshold` (AuxK).
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
         # `jumprelu_core`: each core latent's learned threshold, as its log (it stays positive).
-        jumprelu = config.sparsity == "jumprelu_core"
-        self.core_log_threshold = nn.Parameter(torch.empty(config.core_size)) if jumprelu else None
+        learned = config.core_mode.learned_thresholds
+        self.core_log_threshold = nn.Parameter(torch.empty(config.core_size)) if learned else None
         # The dead latents AuxK reads, as set by `refresh_dead_latents` (None: found at every step, which waits for
         # the device; `DMSAETrainer` refreshes them at its logging steps instead).
         self.dead_latents: torch.Tensor | None = None
@@ -282,25 +280,20 @@ class DMSAEModel(PreTrainedModel):
             latents = mask_batch_topk(z, start, self.config.topk_per_row)
         else:
             latents = mask_threshold(z, start, self.threshold)
-        if self.core_log_threshold is None:
+        if not self.config.core_mode.learned_thresholds:  # the core's latents are its pre-activations
             return latents
         return torch.cat([self.core_activations(latents[:, :start]), latents[:, start:]], dim=1)
 
     def core_activations(self, preactivations: torch.Tensor) -> torch.Tensor:
-        """An unmasked core's latents `[B, c]` from its ReLU pre-activations: themselves, or in `jumprelu_core` mode
-        those above each latent's learned threshold."""
-        if self.core_log_threshold is None:
-            return preactivations
-        return JumpReLU.apply(preactivations, self.core_log_threshold.exp(), self.config.jumprelu_bandwidth)
+        """An unmasked core's latents `[B, c]` from its pre-activations, by its mode's rule (`CoreMode`)."""
+        mode = self.config.core_mode
+        return mode.activations(preactivations, self.core_log_threshold, self.config.jumprelu_bandwidth)
 
     def _core_sparsity(self, preactivations: torch.Tensor, core_l1: torch.Tensor) -> torch.Tensor:
-        """The core's sparsity penalty before its weight: its active latents per row (`jumprelu_core`: a step at
-        each threshold, with a straight-through gradient for it) or `core_l1`, its summed activations per row."""
-        if self.core_log_threshold is None:
-            return core_l1
-        c = self.config.core_size
-        threshold = self.core_log_threshold.exp()
-        return Step.apply(preactivations[:, :c], threshold, self.config.jumprelu_bandwidth).sum(1).mean()
+        """The core's sparsity penalty before its weight, by its mode's rule (`CoreMode`), from the core's
+        pre-activations `[B, c]` and `core_l1`, its summed activations per row."""
+        mode = self.config.core_mode
+        return mode.sparsity(preactivations, core_l1, self.core_log_threshold, self.config.jumprelu_bandwidth)
 
     def encode(self, activations: torch.Tensor, batch_topk: bool | None = None) -> torch.Tensor:
         """Raw activations `[..., d_in]` → masked latents `[..., dict_size]`. The mask is BatchTopK over the rows

@@ -1,7 +1,8 @@
-"""BatchTopK masks (dense core, sparse core) and the inference threshold that replaces them (docs/method.md §2).
+"""The sparsity modes of the core (`CoreMode`, one per `DMSAEConfig.sparsity`), BatchTopK masks and the inference
+threshold that replaces them (docs/method.md §2).
 
-The masked region of the latents starts at `start`: the first non-core latent in dense-core mode (core latents
-pass through unmasked), 0 in sparse-core mode (one global BatchTopK over every latent).
+The masked region of the latents starts at `start`: the first non-core latent when the core is unmasked (its latents
+pass through), 0 in sparse-core mode (one global BatchTopK over every latent).
 """
 
 from __future__ import annotations
@@ -94,3 +95,47 @@ class Step(torch.autograd.Function):
         z, threshold = ctx.saved_tensors
         window = ((z - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype) / ctx.bandwidth
         return None, -(window * grad).sum(0), None
+
+
+class CoreMode:
+    """How a sparsity mode forms the core's latents from their pre-activations and what their sparsity costs: the
+    model reads its mode's rules here instead of branching on the mode's name. `unmasked`: the core is outside
+    BatchTopK and the inference threshold; `linear`: its latents are signed read-outs, not ReLU's; `penalized`: the
+    loss weighs `sparsity` by `core_sparsity_coef`; `learned_thresholds`: each core latent has a learned threshold
+    (the model's `core_log_threshold`)."""
+
+    learned_thresholds = False
+
+    def __init__(self, *, unmasked: bool = True, linear: bool = False, penalized: bool = False):
+        self.unmasked, self.linear, self.penalized = unmasked, linear, penalized
+
+    def activations(self, preactivations: torch.Tensor, log_threshold, bandwidth: float) -> torch.Tensor:
+        """An unmasked core's latents `[B, c]` from its pre-activations: themselves."""
+        return preactivations
+
+    def sparsity(self, preactivations: torch.Tensor, core_l1: torch.Tensor, log_threshold, bandwidth: float):
+        """The core's sparsity penalty before its weight: `core_l1`, its summed activations per row."""
+        return core_l1
+
+
+class JumpReLUCore(CoreMode):
+    """A learned threshold per core latent (JumpReLU) and an L0 penalty, each with its straight-through gradient."""
+
+    learned_thresholds = True
+
+    def activations(self, preactivations: torch.Tensor, log_threshold, bandwidth: float) -> torch.Tensor:
+        return JumpReLU.apply(preactivations, log_threshold.exp(), bandwidth)
+
+    def sparsity(self, preactivations: torch.Tensor, core_l1: torch.Tensor, log_threshold, bandwidth: float):
+        """Its active latents per row: a step at each threshold."""
+        return Step.apply(preactivations, log_threshold.exp(), bandwidth).sum(1).mean()
+
+
+CORE_MODES = {
+    "dense_core": CoreMode(),
+    "sparse_core": CoreMode(unmasked=False),
+    "penalized_core": CoreMode(penalized=True),
+    "jumprelu_core": JumpReLUCore(penalized=True),
+    "linear_core": CoreMode(linear=True),
+}
+"""Every `DMSAEConfig.sparsity` value's rules."""

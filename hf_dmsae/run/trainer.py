@@ -381,7 +381,7 @@ class DMSAETrainer(Trainer):
     def _overflow_hint(self) -> str:
         sae, args = self.sae.config, self.args
         settings = f"learning rate {args.learning_rate:g}"
-        if sae.sparsity == "jumprelu_core":
+        if self.sae.core_log_threshold is not None:
             settings += f", core_threshold_learning_rate {args.core_threshold_learning_rate:g}"
         if sae.core_penalty:
             settings += f", core_sparsity_coef {sae.core_sparsity_coef:g}"
