@@ -1,13 +1,12 @@
 """Configuration of a Distilled Matryoshka Sparse Autoencoder (docs/method.md §1, §2 and §6)."""
 
-from __future__ import annotations
-
 import math
-from dataclasses import field
+from dataclasses import field, fields
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Literal, get_args, get_origin
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
 
 from .sparsity import CORE_MODES, CoreMode
@@ -34,37 +33,35 @@ def matryoshka_group_sizes(num_latents: int, fractions: tuple[float, ...] = SAEB
     return sizes
 
 
-def _has_type(value, kind) -> bool:
-    """Whether `value` is of the annotated type `kind` (a float field takes an int, as JSON writes 1.0 as 1)."""
-    origin, args = get_origin(kind), get_args(kind)
-    if origin is Literal:
-        return value in args
-    if origin in (Union, UnionType):
-        return any(_has_type(value, option) for option in args)
-    if origin is list:
-        return isinstance(value, list) and all(_has_type(item, args[0]) for item in value)
-    if kind is type(None):
-        return value is None
-    if isinstance(value, bool) and kind is not bool:
-        return False
-    return isinstance(value, (int, float) if kind is float else kind)
-
-
 def _describe(kind) -> str:
+    """A field's annotated type, as an error names it."""
     origin, args = get_origin(kind), get_args(kind)
     if origin is Literal:
         return f"str, one of {args}"
-    if origin in (Union, UnionType):
+    if origin is UnionType:
         return " or ".join(_describe(option) for option in args)
     if origin is list:
         return f"list of {_describe(args[0])}"
     return "None" if kind is type(None) else kind.__name__
 
 
-def field_type(name: str):
-    """The type `DMSAEConfig` annotates field `name` with. The annotations are postponed (strings), which `@strict`
-    leaves to `_check_types` and its `ValueError`; they are this module's own text, evaluated in its namespace."""
-    return eval(DMSAEConfig.__annotations__[name], globals())
+def _field_errors_named(cls):
+    """`@strict` checks every field against its annotation; make its error the config's own `ValueError` naming the
+    field, and let a float field take an int, as JSON and users write `1` for `1.0`."""
+    strict_setattr, types = cls.__setattr__, {f.name: f.type for f in fields(cls)}
+    floats = {name for name, kind in types.items() if kind in (float, float | None)}
+
+    def __setattr__(self, name, value):
+        if name in floats and type(value) is int:
+            value = float(value)
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as error:
+            rule = f"must be of type {_describe(types[name])}"
+            raise ValueError(f"{cls.__name__}.{name}={value!r} is invalid: {rule}") from error
+
+    cls.__setattr__ = __setattr__
+    return cls
 
 
 def noncore_k(k: int, dict_size: int, core_size: int) -> int:
@@ -72,6 +69,7 @@ def noncore_k(k: int, dict_size: int, core_size: int) -> int:
     return max(1, round(k * (dict_size - core_size) / dict_size))
 
 
+@_field_errors_named
 @strict
 class DMSAEConfig(PreTrainedConfig):
     r"""
@@ -265,7 +263,6 @@ class DMSAEConfig(PreTrainedConfig):
     hook_name: str | None = field(default=None, metadata={"help": 'Hook point, e.g. `"resid_post"`.'})
 
     def __post_init__(self, **kwargs):
-        self._check_types()
         if self.group_sizes is None:
             self.group_sizes = matryoshka_group_sizes(self.num_noncore)
         if self.k_noncore is None:
@@ -282,14 +279,6 @@ class DMSAEConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Part of `@strict` validation, run again at save time: the same rules as at construction."""
         self.check()
-
-    def _check_types(self) -> None:
-        """Raise `ValueError` naming the first field whose value has not the type its annotation declares (e.g.
-        `"k": "16"` in a config.json): the annotations are the one statement of each field's type and choices."""
-        for name in DMSAEConfig.__annotations__:
-            kind, value = field_type(name), getattr(self, name)
-            if not _has_type(value, kind):
-                raise ValueError(f"DMSAEConfig.{name}={value!r} is invalid: must be of type {_describe(kind)}")
 
     def check(self) -> None:
         """Raise `ValueError` naming the first field that breaks a rule."""

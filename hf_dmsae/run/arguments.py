@@ -18,7 +18,6 @@ from transformers import set_seed
 from ..model.configuration_dmsae import (
     SAEBENCH_GROUP_FRACTIONS,
     DMSAEConfig,
-    field_type,
     matryoshka_group_sizes,
     noncore_k,
 )
@@ -53,7 +52,7 @@ def with_config_fields(*names: str, defaults: dict | None = None):
 
     def add(cls):
         own = dict(cls.__dict__.get("__annotations__", {}))
-        cls.__annotations__ = {name: field_type(name) for name in names} | own
+        cls.__annotations__ = {name: config_fields[name].type for name in names} | own
         for name in names:
             setattr(cls, name, field(default=defaults[name], metadata=config_fields[name].metadata))
         return cls
