@@ -12,6 +12,7 @@ from hf_dmsae.reporting.claims import claims_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model
+from hf_dmsae.studies.arguments import StudyArguments
 from hf_dmsae.studies.claims import ClaimsArguments, PaperClaims, interpolate_in_log_l0, matched_differences
 
 
@@ -28,14 +29,14 @@ def study_arguments(tmp_path, tiny_lm_dir):
     trained for 4 steps."""
     return (
         ClaimsArguments(
-            distillation_dir=str(tmp_path / "distillation"),
-            study_dir=str(tmp_path / "study"),
+            distillation_dir=str(tmp_path / "distillation"), study_dir=str(tmp_path / "study"), consistency_k=8
+        ),
+        StudyArguments(
             results_dir=str(tmp_path / "results"),
             seeds=[0, 1],
             ks=[4, 8],
             variants=["dense_core", "matryoshka", "random_sparse_core"],
             matryoshka_ks=[16],
-            consistency_k=8,
             ce_batches=0,
         ),
         SAEArguments(dict_size=128, k=8),
@@ -50,6 +51,12 @@ def study_arguments(tmp_path, tiny_lm_dir):
         ),
         SAEBenchArguments(saebench_evals=["autointerp"]),
     )
+
+
+def changed(arguments: tuple, sae: SAEArguments | None = None, **study) -> tuple:
+    """`arguments` with some of the study's settings changed, and another SAE."""
+    claims, settings, own_sae, *rest = arguments
+    return (claims, dataclasses.replace(settings, **study), sae or own_sae, *rest)
 
 
 def test_a_value_at_matched_l0_is_read_linearly_in_log_l0_and_never_extrapolated():
@@ -141,14 +148,13 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     assert rerun == json.loads(json.dumps(results))  # the retrained models match the first ones
     retrained = sorted(p.name for p in (tmp_path / "study" / "seed0" / "transfer").glob("k*"))
     assert len(retrained) == 6
-    other = ClaimsArguments(**{**arguments[0].__dict__, "match_cos": 0.5})
     with pytest.raises(ValueError, match="other settings"):
-        PaperClaims(other, *arguments[1:]).run()
+        PaperClaims(*changed(arguments, latent_match_cos=0.5)).run()
     # A variant added to the finished study: its models alone are trained, on the seeds' same tokens, and the
     # comparisons include it.
     before, recorded = weights.stat().st_mtime_ns, json.loads((tmp_path / "results" / "results.json").read_text())
-    variants = [*arguments[0].variants, "learned_linear_core"]
-    extended = PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, "variants": variants}), *arguments[1:]).run()
+    variants = [*arguments[1].variants, "learned_linear_core"]
+    extended = PaperClaims(*changed(arguments, variants=variants)).run()
     added = {"k4-learned_linear_core", "k8-learned_linear_core"}
     assert all(set(m) == names | added for m in extended["models"].values())
     assert all(extended["models"][s][n] == recorded["models"][s][n] for s in recorded["models"] for n in names)
@@ -163,7 +169,7 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     # are trained, and the latents of the variants compared before are not compared again.
     shutil.rmtree(tmp_path / "study")
     wider = {"variants": [*variants, "sparse_core"], "matryoshka_ks": [16, 32]}
-    widened = PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()
+    widened = PaperClaims(*changed(arguments, **wider)).run()
     trained = sorted(str(p.relative_to(tmp_path / "study")) for p in (tmp_path / "study").glob("seed*/*/k*"))
     new_models = ["matryoshka-wide/k32-matryoshka", "transfer/k4-sparse_core", "transfer/k8-sparse_core"]
     assert trained == [f"seed{s}/{m}" for s in (0, 1) for m in new_models]
@@ -176,9 +182,8 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     # variant, and refused at another while the variant has models left to train.
     shutil.rmtree(tmp_path / "study")
     wider["variants"] = [*wider["variants"], "penalized_core"]
-    claims = ClaimsArguments(**{**arguments[0].__dict__, **wider})
-    at = {c: dataclasses.replace(arguments[1], core_sparsity_coef=c) for c in (0.5, 0.1)}
-    penalized = PaperClaims(claims, at[0.5], *arguments[2:]).run()
+    at = {c: dataclasses.replace(arguments[2], core_sparsity_coef=c) for c in (0.5, 0.1)}
+    penalized = PaperClaims(*changed(arguments, at[0.5], **wider)).run()
     assert penalized["variant_settings"] == {"penalized_core": {"core_sparsity_coef": 0.5}}
     assert "`penalized_core` at core_sparsity_coef 0.5." in claims_report(tmp_path / "results")
     assert all(penalized["models"][s][n] == widened["models"][s][n] for s in recorded["models"] for n in names)
@@ -186,20 +191,20 @@ def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and
     del interrupted["models"]["seed1"]["k8-penalized_core"]
     (tmp_path / "results" / "results.json").write_text(json.dumps(interrupted))
     with pytest.raises(ValueError, match=r"seed1/k8-penalized_core \(recorded \{'core_sparsity_coef': 0.5\}"):
-        PaperClaims(claims, at[0.1], *arguments[2:]).run()
-    PaperClaims(claims, at[0.5], *arguments[2:]).run()  # the same coefficient: the model is trained again
+        PaperClaims(*changed(arguments, at[0.1], **wider)).run()
+    PaperClaims(*changed(arguments, at[0.5], **wider)).run()  # the same coefficient: the model is trained again
     # The distillation run again on another machine, selecting other rows: the models that read the core's size
     # alone may still be added; one built around its rows is refused, before anything trains.
     shutil.rmtree(tmp_path / "study")
     finished_distillation(distillation, seed=1)
     wider["matryoshka_ks"] = [16, 32, 64]
     with pytest.raises(ValueError, match=r"finished models were trained at other settings: penalized_core \(recorded"):
-        PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), *arguments[1:]).run()  # the default 0.01
-    PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), at[0.5], *arguments[2:]).run()
+        PaperClaims(*changed(arguments, **wider)).run()  # the default 0.01
+    PaperClaims(*changed(arguments, at[0.5], **wider)).run()
     assert (tmp_path / "study" / "seed1" / "matryoshka-wide" / "k64-matryoshka").is_dir()
     wider["variants"] = [*wider["variants"], "jumprelu_core"]
     with pytest.raises(ValueError, match="seed0/k4-jumprelu_core, seed0/k8-jumprelu_core, seed1/k4-jumprelu_core"):
-        PaperClaims(ClaimsArguments(**{**arguments[0].__dict__, **wider}), at[0.5], *arguments[2:]).run()
+        PaperClaims(*changed(arguments, at[0.5], **wider)).run()
 
 
 def test_a_second_study_on_a_results_folder_in_use_is_refused_naming_it(tiny_lm_dir, tmp_path):
@@ -251,10 +256,18 @@ def drop(results: dict, name: str) -> dict:
     return {**results, "models": {"seed0": {"k4-dense_core": {k: v for k, v in model(results).items() if k != name}}}}
 
 
-def test_bad_study_arguments_are_refused():
+def test_bad_study_arguments_are_refused(tmp_path, tiny_lm_dir):
+    finished_distillation(tmp_path / "distillation")
+    arguments = study_arguments(tmp_path, tiny_lm_dir)
     with pytest.raises(ValueError, match="against 'matryoshka'"):
-        ClaimsArguments(variants=["dense_core"])
+        PaperClaims(*changed(arguments, variants=["dense_core"]))
     with pytest.raises(ValueError, match="consistency_k=24"):
-        ClaimsArguments(consistency_k=24)
+        PaperClaims(dataclasses.replace(arguments[0], consistency_k=24), *arguments[1:])
     with pytest.raises(ValueError, match="repeats"):
-        ClaimsArguments(matryoshka_ks=[64])
+        StudyArguments(matryoshka_ks=[64])
+    with pytest.raises(ValueError, match="give distinct seeds"):
+        StudyArguments(seeds=[0, 0])
+    with pytest.raises(ValueError, match=r"variants=\['dmsae'\] is invalid"):
+        StudyArguments(variants=["dmsae"])
+    with pytest.raises(ValueError, match="latent_match_cos=1.5 is invalid"):
+        StudyArguments(latent_match_cos=1.5)

@@ -14,6 +14,7 @@ from hf_dmsae.reporting.core_dynamics import core_dynamics_report, decay_start
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model
+from hf_dmsae.studies.arguments import StudyArguments, StudySourceArguments
 from hf_dmsae.studies.core_dynamics import (
     ABLATIONS,
     CoreDynamics,
@@ -23,6 +24,7 @@ from hf_dmsae.studies.core_dynamics import (
 )
 from hf_dmsae.studies.synthetic_world import SyntheticArguments, SyntheticSource, SyntheticWorld
 
+SYNTHETIC = StudySourceArguments(study_source="synthetic")
 SAE = dict(dict_size=64, k=4, group_fractions=[0.25, 0.25, 0.25], dead_tokens_threshold=4096)
 
 
@@ -58,9 +60,7 @@ def synthetic_study(tmp_path_factory):
             source=source,
         ).run()
     study = CoreDynamicsArguments(
-        study_source="synthetic",
         budgets=[2048, 4096],
-        study_seeds=[0, 1],
         cores=["distilled", "random_init", "none"],
         ablations=list(ABLATIONS)[1:],
         ablation_budget=2048,
@@ -68,7 +68,8 @@ def synthetic_study(tmp_path_factory):
         top_components=4,
         geometry_rows=1024,
     )
-    arguments = (study, SAEArguments(**SAE), None, world_args, training(root, per_device_train_batch_size=128))
+    arguments = (study, SYNTHETIC, StudyArguments(seeds=[0, 1]), SAEArguments(**SAE), None, world_args)
+    arguments += (training(root, per_device_train_batch_size=128),)
     return root, arguments, CoreDynamics(*arguments).run(), world
 
 
@@ -152,6 +153,8 @@ def test_bad_study_arguments_are_refused():
     with pytest.raises(ValueError, match="activation_cache"):
         CoreDynamics(
             CoreDynamicsArguments(),
+            StudySourceArguments(),
+            StudyArguments(),
             SAEArguments(),
             ActivationArguments(),
             None,
@@ -161,11 +164,10 @@ def test_bad_study_arguments_are_refused():
 
 def test_a_run_planned_twice_is_planned_once(tmp_path):
     """The `paper` ablation's random core at a study budget is that budget's random-core run, not a second one."""
-    study = CoreDynamicsArguments(
-        study_source="synthetic", budgets=[2048, 4096], cores=["distilled", "random_init"], ablations=["paper"]
-    )
+    study = CoreDynamicsArguments(budgets=[2048, 4096], cores=["distilled", "random_init"], ablations=["paper"])
     world = SyntheticArguments(**TINY_WORLD)
-    plan = CoreDynamics(study, SAEArguments(**SAE), None, world, training(tmp_path)).plan(seed=0)
+    seeds = StudyArguments()
+    plan = CoreDynamics(study, SYNTHETIC, seeds, SAEArguments(**SAE), None, world, training(tmp_path)).plan(seed=0)
     assert [run.name for run in plan] == [
         "paper/distilled-b2048",
         "paper/random_init-b2048",

@@ -8,15 +8,17 @@ from hf_dmsae.reporting.scorers import scorers_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.studies.arguments import StudyArguments, StudySourceArguments
 from hf_dmsae.studies.scorers import ScorerStudy, ScorerStudyArguments, compare_rankings
 from hf_dmsae.studies.synthetic_world import SyntheticArguments
 
-TYPES = (ScorerStudyArguments, SAEArguments, ActivationArguments, SyntheticArguments, AttributionArguments)
-TYPES += (DMSAETrainingArguments,)
+TYPES = (ScorerStudyArguments, StudySourceArguments, StudyArguments, SAEArguments, ActivationArguments)
+TYPES += (SyntheticArguments, AttributionArguments, DMSAETrainingArguments)
 
 
 def test_the_synthetic_study_distils_once_per_scorer_and_seed_and_continues(tmp_path):
     config = {
+        "study_source": "synthetic",
         "num_features": 64,
         "hidden_dim": 32,
         "root_features": 2,

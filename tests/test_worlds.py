@@ -9,6 +9,7 @@ from hf_dmsae.reporting.worlds import worlds_report
 from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.studies.arguments import StudyArguments
 from hf_dmsae.studies.synthetic_world import SyntheticArguments, SyntheticWorld
 from hf_dmsae.studies.worlds import (
     WorldFamily,
@@ -71,7 +72,7 @@ def test_a_family_screens_benchmarks_and_reports_every_world_and_resumes(tmp_pat
         "results_dir": str(tmp_path / "kept"),
         "seeds": [0, 1],
         "num_cycles": 1,
-        "transfer_ks": [4],
+        "ks": [4],
         "matryoshka_ks": [8],
         "variants": ["sparse_core", "matryoshka"],
         "train_rows": 4096,
@@ -88,7 +89,8 @@ def test_a_family_screens_benchmarks_and_reports_every_world_and_resumes(tmp_pat
         "report_to": "none",
     }
     (tmp_path / "worlds.json").write_text(json.dumps(config))
-    types = (WorldFamilyArguments, SyntheticArguments, SAEArguments, AttributionArguments, DMSAETrainingArguments)
+    types = (WorldFamilyArguments, StudyArguments, SyntheticArguments, SAEArguments, AttributionArguments)
+    types += (DMSAETrainingArguments,)
     arguments = parse_arguments(types, [str(tmp_path / "worlds.json")])
     results = WorldFamily(*arguments).run()
 
@@ -114,7 +116,7 @@ def test_a_family_screens_benchmarks_and_reports_every_world_and_resumes(tmp_pat
     assert WorldFamily(*arguments).run() == results and weights.stat().st_mtime_ns == before  # nothing redone
     # The same worlds under a floor no SAE reaches: each is screened (by the model already trained) and skipped.
     strict = parse_arguments(types, [str(tmp_path / "worlds.json"), "--mcc_floor", "1.0", "--num_worlds", "2"])
-    strict[0].results_dir = str(tmp_path / "strict")
+    strict[1].results_dir = str(tmp_path / "strict")
     skipped = WorldFamily(*strict).run()
     assert weights.stat().st_mtime_ns == before
     assert not any(w["kept"] for w in skipped["worlds"].values()) and skipped["across_worlds"]["worlds"] == []
@@ -123,8 +125,9 @@ def test_a_family_screens_benchmarks_and_reports_every_world_and_resumes(tmp_pat
 
 def test_a_family_refuses_a_results_file_in_use_or_damaged_naming_it(tmp_path):
     arguments = (
-        WorldFamilyArguments(num_worlds=1, family_dir=str(tmp_path / "family"), results_dir=str(tmp_path / "kept")),
-        SyntheticArguments(**TINY_WORLD, seeds=[0, 1]),
+        WorldFamilyArguments(num_worlds=1, family_dir=str(tmp_path / "family")),
+        StudyArguments(seeds=[0, 1], ks=[4], results_dir=str(tmp_path / "kept")),
+        SyntheticArguments(**TINY_WORLD),
         SAEArguments(),
         AttributionArguments(),
         DMSAETrainingArguments(output_dir=str(tmp_path / "unused"), report_to="none"),

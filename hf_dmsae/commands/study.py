@@ -6,9 +6,10 @@ consistency of latents across sparsities and seeds.
         meta_structure absorption
 
 The JSON file is the distillation's own config (its distillation and attribution fields are skipped); any field of
-`ClaimsArguments`, `SAEArguments`, `ActivationArguments`, `DMSAETrainingArguments` and `SAEBenchArguments` can be
-given on the command line. Re-running resumes (every model is a resumable transfer run; a finished seed is kept in
-`results.json`); the results, report and figures go to `--results_dir` (default: `--study_dir`).
+`ClaimsArguments`, `StudyArguments`, `SAEArguments`, `ActivationArguments`, `DMSAETrainingArguments` and
+`SAEBenchArguments` can be given on the command line. Re-running resumes (every model is a resumable transfer run; a
+finished seed is kept in `results.json`); the results, report and figures go to `--results_dir` (default:
+`--study_dir`).
 """
 
 import logging
@@ -21,17 +22,18 @@ from hf_dmsae.reporting.claims import claims_report
 from hf_dmsae.run.arguments import SAEArguments, refuse_unread
 from hf_dmsae.run.launch import end_processes, parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
+from hf_dmsae.studies.arguments import StudyArguments
 from hf_dmsae.studies.claims import ClaimsArguments, PaperClaims
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     arguments = parse_arguments(
-        (ClaimsArguments, SAEArguments, ActivationArguments, DMSAETrainingArguments, SAEBenchArguments),
+        (ClaimsArguments, StudyArguments, SAEArguments, ActivationArguments, DMSAETrainingArguments, SAEBenchArguments),
         shared=(DistillationArguments, AttributionArguments),
     )
     refuse_unread(
-        arguments[1], ("sparsity",), "each of --variants names its core's mode (e.g. --variants jumprelu_core)"
+        arguments[2], ("sparsity",), "each of --variants names its core's mode (e.g. --variants jumprelu_core)"
     )
     study = PaperClaims(*arguments)
     study.run()

@@ -37,7 +37,7 @@ def claims_report(folder: str | Path) -> str:
     )
     identity, models = results["identity"], _over_seeds(results)
     seeds = sorted(results["models"])
-    wide = sorted({m["k"] for m in models if m["variant"] == "matryoshka"} - set(identity["ClaimsArguments.ks"]))
+    wide = sorted({m["k"] for m in models if m["variant"] == "matryoshka"} - set(identity["StudyArguments.ks"]))
     metrics = ["fvu", "ce_loss_recovered", "dead_fraction"]
     metrics += [c for _, _, c in HEADLINE_METRICS if any(c in m for m in models)]
     rows = [
@@ -49,7 +49,7 @@ def claims_report(folder: str | Path) -> str:
         "# The paper's claims on the embedded default",
         "",
         f"The distilled core `{results['core']['source']}` ({results['core']['size']} latents) transferred at "
-        f"k {identity['ClaimsArguments.ks']} in every variant, and the Matryoshka SAE also at k "
+        f"k {identity['StudyArguments.ks']} in every variant, and the Matryoshka SAE also at k "
         f"{wide}; {len(seeds)} seeds ({', '.join(seeds)}), each seed's models "
         "on the same tokens. `random_*`: the paper's control, a random-init core of the same size. Every cell is "
         "mean ± standard deviation over seeds; own metrics on held-out text, `sb_*` are SAEBench's."

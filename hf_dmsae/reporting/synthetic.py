@@ -21,11 +21,11 @@ def synthetic_report(folder: str | Path) -> str:
         {"identity": dict, **SYNTHETIC_RESULTS, "world": dict, "consistency": dict},
         RESULTS_REMEDY,
     )
-    a = results["identity"]["synthetic"]
-    seeds = [results[f"seed{s}"] for s in a["seeds"]]
+    study = results["identity"]["study"]
+    seeds = [results[f"seed{s}"] for s in study["seeds"]]
     cores = list(dict.fromkeys(r["core"] for r in seeds[0]["selection"]))
     selections = tuple(dict.fromkeys(r["selection"] for r in seeds[0]["selection"]))
-    names = [(k, v) for k in a["transfer_ks"] for v in a["variants"]]
+    names = [(k, v) for k in study["ks"] for v in study["variants"]]
     progressive = [s["progressive"] for s in seeds if s.get("progressive")]
     lines = [
         *_synthetic_settings(results),
@@ -44,7 +44,7 @@ def synthetic_report(folder: str | Path) -> str:
 
 def _synthetic_settings(results: dict) -> list[str]:
     identity, world = results["identity"], results["world"]
-    a, sae, attribution = identity["synthetic"], identity["sae"], identity["attribution"]
+    a, study, sae, attribution = identity["synthetic"], identity["study"], identity["sae"], identity["attribution"]
     depth = a.get("hierarchy_depth", 2)
     return [
         "# Synthetic ground-truth benchmark (sae_lens.synthetic + a downstream readout task)",
@@ -60,10 +60,10 @@ def _synthetic_settings(results: dict) -> list[str]:
         f"SAEs of {sae['dict_size']} latents, {a['train_rows']} fresh rows each; distillation at "
         f"k={sae['k']} ({sae['sparsity'].replace('_', '-')} cycles) "
         f"over {a['num_cycles'] + 1} cycles (q={attribution['q']}, τ={attribution['tau']}, "
-        f"{attribution['attribution_tokens']} attribution rows); seeds {a['seeds']}; every cell is mean ± "
+        f"{attribution['attribution_tokens']} attribution rows); seeds {study['seeds']}; every cell is mean ± "
         f"standard deviation over seeds. A latent matches a feature when their directions' |cos| ≥ {a['match_cos']}.",
         "",
-        f"Runtime: {sum(results.get('seconds', {}).values()) / 60:.1f} min for {len(a['seeds'])} seeds.",
+        f"Runtime: {sum(results.get('seconds', {}).values()) / 60:.1f} min for {len(study['seeds'])} seeds.",
     ]
 
 
@@ -162,7 +162,7 @@ def _synthetic_transfer(results: dict, seeds: list[dict], names: list[tuple[int,
         "",
         *markdown_table(header, rows),
     ]
-    if "matryoshka" not in results["identity"]["synthetic"]["variants"]:
+    if "matryoshka" not in results["identity"]["study"]["variants"]:
         return lines
     rows = []
     for k, variant in names:
@@ -200,7 +200,7 @@ def _synthetic_progressive(progressive: list[dict]) -> list[str]:
 
 
 def synthetic_figures(folder: Path, results: dict, cores, selections, names, progressive) -> list[Path]:
-    seeds = [results[f"seed{s}"] for s in results["identity"]["synthetic"]["seeds"]]
+    seeds = [results[f"seed{s}"] for s in results["identity"]["study"]["seeds"]]
     out = folder / "figures"
     rows = [r for s in seeds for r in s["selection"]]
     chosen = {

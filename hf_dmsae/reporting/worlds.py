@@ -22,7 +22,7 @@ def worlds_report(folder: str | Path) -> str:
     results = read_json(
         folder / "results.json", {"identity": dict, **WORLDS_RESULTS, "across_worlds": dict}, RESULTS_REMEDY
     )
-    family, base = results["identity"]["family"], results["identity"]["base"]
+    family, study, base = (results["identity"][part] for part in ("family", "study", "base"))
     worlds, across = results["worlds"], results["across_worlds"]
     kept = [name for name, w in worlds.items() if w["kept"]]
     skipped = [name for name, w in worlds.items() if not w["kept"]]
@@ -35,9 +35,9 @@ def worlds_report(folder: str | Path) -> str:
         "",
         f"{len(worlds)} worlds drawn (family seed {family['family_seed']}; {ranges}; useful features chosen "
         f"{', '.join(family['useful_by_turns'])} in turn; {base['hidden_dim']} dimensions, dict_size = features), the "
-        f"rest as the base benchmark (seeds {base['seeds']}, {base['train_rows']} rows per SAE, transfer k "
-        f"{base['transfer_ks']}, variants {', '.join(base['variants'])}). A world is kept when a plain Matryoshka "
-        f"SAE (k {sorted(base['transfer_ks'])[len(base['transfer_ks']) // 2]}, seed 0) reaches MCC ≥ "
+        f"rest as the base benchmark (seeds {study['seeds']}, {base['train_rows']} rows per SAE, transfer k "
+        f"{study['ks']}, variants {', '.join(study['variants'])}). A world is kept when a plain Matryoshka "
+        f"SAE (k {sorted(study['ks'])[len(study['ks']) // 2]}, seed 0) reaches MCC ≥ "
         f"{results['mcc_floor']}: {len(kept)} kept, {len(skipped)} skipped ({', '.join(skipped) or 'none'}). "
         f"Wall time of the recording runs: {sum(w['seconds'] for w in worlds.values()) / 60:.1f} min (a world whose "
         "benchmark runs were already there when it was recorded counts only what was left).",

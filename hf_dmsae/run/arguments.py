@@ -22,6 +22,7 @@ from ..model.configuration_dmsae import (
     noncore_k,
 )
 from ..model.modeling_dmsae import DMSAEModel
+from ..utils.fields import fields_of
 
 SAE_FIELDS = (
     "dict_size",
@@ -44,24 +45,8 @@ CLI_DEFAULTS = {"dict_size": 4096, "k": 64}
 default's width and L0, so that a run on a small LM given neither starts at a size that fits it."""
 
 
-def with_config_fields(*names: str, defaults: dict | None = None):
-    """Give a dataclass being defined `DMSAEConfig`'s fields `names`, with the config's types, help and defaults
-    (`defaults` override some)."""
-    config_fields = {f.name: f for f in dataclasses.fields(DMSAEConfig)}
-    defaults = {name: config_fields[name].default for name in names} | (defaults or {})
-
-    def add(cls):
-        own = dict(cls.__dict__.get("__annotations__", {}))
-        cls.__annotations__ = {name: config_fields[name].type for name in names} | own
-        for name in names:
-            setattr(cls, name, field(default=defaults[name], metadata=config_fields[name].metadata))
-        return cls
-
-    return add
-
-
 @dataclass
-@with_config_fields(*SAE_FIELDS, defaults=CLI_DEFAULTS)
+@fields_of(DMSAEConfig, *SAE_FIELDS, defaults=CLI_DEFAULTS)
 class SAEArguments:
     """The SAE to train: `DMSAEConfig`'s fields of `SAE_FIELDS` and the group fractions."""
 

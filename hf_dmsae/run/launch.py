@@ -24,6 +24,12 @@ def end_processes() -> None:
         state.destroy_process_group()
 
 
+def aliases(argument: dataclasses.Field) -> list[str]:
+    """The other flags `HfArgumentParser` takes for a field (its metadata's `aliases`), as JSON keys too."""
+    names = argument.metadata.get("aliases", [])
+    return [names] if isinstance(names, str) else list(names)
+
+
 def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None, shared: tuple = ()) -> tuple:
     """Parse `[config.json] [--field value …]`: the JSON file's fields, overridden by the command line. JSON fields
     of the `shared` dataclasses (other scripts' arguments in a shared config file) are skipped; unknown ones are
@@ -31,6 +37,7 @@ def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None, share
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
     known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)}
+    known |= {a.lstrip("-") for cls in dataclass_types for f in dataclasses.fields(cls) for a in aliases(f)}
     skipped = {f.name for cls in shared for f in dataclasses.fields(cls)} - known
     from_file: list[str] = []
     if argv and argv[0].endswith(".json"):

@@ -37,8 +37,9 @@ from ..run.results import CLAIMS_RESULTS, StudyResults
 from ..run.state import arguments_identity, distilled_core_record, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model
-from ..run.variants import PAPER_VARIANTS, VARIANT_SETTINGS, VARIANTS, Variant, check_variants
+from ..run.variants import VARIANT_SETTINGS, Variant
 from ..utils.checks import check_ranges
+from .arguments import StudyArguments
 
 COMPARED_METRICS = ("fvu", "ce_loss_recovered", "dead_fraction", *(c for _, _, c in HEADLINE_METRICS))
 """The metrics compared at matched L0 (those a model lacks, e.g. an SAEBench eval not run, are left out)."""
@@ -46,43 +47,17 @@ COMPARED_METRICS = ("fvu", "ce_loss_recovered", "dead_fraction", *(c for _, _, c
 
 @dataclass
 class ClaimsArguments:
-    """Which distillation, which transfers, how many seeds, what counts as the same latent."""
+    """Which distillation, where its transfers go, and at which k seeds are compared (the seeds, variants and ks are
+    `StudyArguments`)."""
 
     distillation_dir: str = field(
         default="runs/smollm2-135m-l15", metadata={"help": "A finished distillation, whose distilled core is moved."}
     )
     study_dir: str = field(default="runs/study", metadata={"help": "Where the study's transfer runs go."})
-    results_dir: str | None = field(
-        default=None, metadata={"help": "Where results.json, report.md and figures/ go (default: study_dir)."}
-    )
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of every model."})
-    ks: list[int] = field(default_factory=lambda: [16, 32, 64], metadata={"help": "k of every variant."})
-    variants: list[str] = field(
-        default_factory=lambda: [*PAPER_VARIANTS, "random_dense_core", "random_sparse_core"],
-        metadata={"help": f"Of {VARIANTS} (default: the paper's, and its random-core control in both modes)."},
-    )
-    matryoshka_ks: list[int] = field(
-        default_factory=lambda: [128],
-        metadata={
-            "help": "Further k of the Matryoshka SAE alone, so that its curve in measured L0 spans the dense-core "
-            "models' L0 (their core adds to k)."
-        },
-    )
     consistency_k: int = field(default=32, metadata={"help": "The k at which seeds are compared."})
-    match_cos: float = field(default=0.9, metadata={"help": "Decoder cosine at which two latents match."})
-    ce_batches: int = field(default=4, metadata={"help": "Held-out LM batches for CE loss recovered."})
 
     def __post_init__(self):
-        check_ranges(self, consistency_k=">= 1", match_cos="(0, 1]", ce_batches=">= 0")
-        check_variants(self.variants)
-        if "matryoshka" not in self.variants:
-            raise ValueError(f"variants={self.variants} is invalid: every comparison is against 'matryoshka'")
-        if self.consistency_k not in self.ks:
-            raise ValueError(f"consistency_k={self.consistency_k} is invalid: it must be one of ks={self.ks}")
-        if set(self.ks) & set(self.matryoshka_ks):
-            raise ValueError(f"matryoshka_ks={self.matryoshka_ks} repeats some of ks={self.ks}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={self.seeds} is invalid: give distinct seeds")
+        check_ranges(self, consistency_k=">= 1")
 
 
 class PaperClaims:
@@ -91,15 +66,20 @@ class PaperClaims:
     def __init__(
         self,
         args: ClaimsArguments,
+        study: StudyArguments,
         sae: SAEArguments,
         activations: ActivationArguments,
         training: DMSAETrainingArguments,
         saebench: SAEBenchArguments | None = None,
     ):
-        self.args, self.sae_args, self.activation_args = args, sae, activations
+        if "matryoshka" not in study.variants:
+            raise ValueError(f"variants={study.variants} is invalid: every comparison is against 'matryoshka'")
+        if args.consistency_k not in study.ks:
+            raise ValueError(f"consistency_k={args.consistency_k} is invalid: it must be one of ks={study.ks}")
+        self.args, self.study, self.sae_args, self.activation_args = args, study, sae, activations
         self.training_args, self.saebench_args = training, saebench
         self.study_dir = Path(args.study_dir)
-        self.results_dir = Path(args.results_dir or args.study_dir)
+        self.results_dir = Path(study.results_dir or args.study_dir)
         folder = Path(args.distillation_dir)
         record = distilled_core_record(folder)
         self.core_path = folder / record["core"]
@@ -107,15 +87,15 @@ class PaperClaims:
 
     def transfers(self, seed: int) -> list[Transfer]:
         """The seed's transfer runs: every variant at the study's ks, and the Matryoshka SAE at `matryoshka_ks`."""
-        grids = [("transfer", self.args.ks, self.args.variants)]
-        if self.args.matryoshka_ks:
-            grids.append(("matryoshka-wide", self.args.matryoshka_ks, ["matryoshka"]))
+        grids = [("transfer", self.study.ks, self.study.variants)]
+        if self.study.matryoshka_ks:
+            grids.append(("matryoshka-wide", self.study.matryoshka_ks, ["matryoshka"]))
         runs = []
         for name, ks, variants in grids:
             folder = self.study_dir / f"seed{seed}" / name
             training = dataclasses.replace(self.training_args, seed=seed, output_dir=str(folder), push_to_hub=False)
             transfer = TransferArguments(
-                core=str(self.core_path), ks=ks, variants=variants, ce_batches=self.args.ce_batches
+                core=str(self.core_path), ks=ks, variants=variants, ce_batches=self.study.ce_batches
             )
             runs.append(Transfer(transfer, self.sae_args, self.activation_args, training, self.saebench_args))
         return runs
@@ -124,7 +104,8 @@ class PaperClaims:
         """What the results depend on; seeds, variants and Matryoshka ks may be added to a finished study. The core
         enters by its size (its rows by `check_same_core`), the settings of `VARIANT_SETTINGS` per variant
         (`variant_settings`)."""
-        arguments = (self.sae_args, self.activation_args, self.training_args, self.args, self.saebench_args)
+        arguments = (self.sae_args, self.activation_args, self.training_args, self.args, self.study)
+        arguments += (self.saebench_args,)
         arguments = tuple(a for a in arguments if a is not None)
         exclude = ("DMSAETrainingArguments.seed", "seeds", "variants", "matryoshka_ks")
         exclude += ("study_dir", "results_dir", "distillation_dir", *(f"SAEArguments.{n}" for n in VARIANT_SETTINGS))
@@ -150,10 +131,10 @@ class PaperClaims:
         results["core"] = {"source": str(self.core_path), "size": len(self.core), "digest": digest}
 
         def save() -> None:
-            results["matched"] = matched_differences(results["models"], self.args.variants)
+            results["matched"] = matched_differences(results["models"], self.study.variants)
             store.save()
 
-        for seed in self.args.seeds:
+        for seed in self.study.seeds:
             models = results["models"].setdefault(f"seed{seed}", {})
 
             def keep(name: str, record: dict, models=models) -> None:
@@ -171,15 +152,15 @@ class PaperClaims:
         if not main:
             return results
         if unmatched := self.unmatched_variants(results):
-            a = self.args
-            matches = latent_matches(self.model, initial_model, a.seeds, a.ks, a.consistency_k, unmatched, a.match_cos)
+            a, k = self.study, self.args.consistency_k
+            matches = latent_matches(self.model, initial_model, a.seeds, a.ks, k, unmatched, a.latent_match_cos)
             if unmatched != a.variants:  # the variants compared before are kept
                 matches["variants"] = results["latent_matches"]["variants"] | matches["variants"]
             results["latent_matches"] = matches
             save()
         if not self.saebench_asked:
             return results
-        for seed in self.args.seeds:
+        for seed in self.study.seeds:
             models = results["models"][f"seed{seed}"]
 
             def replace(name: str, record: dict, models=models) -> None:
@@ -202,8 +183,8 @@ class PaperClaims:
 
     def model_variants(self) -> dict[str, str]:
         """A seed's models: their names (their folders under its transfer runs) and variants."""
-        grid = [(k, v) for k in self.args.ks for v in self.args.variants]
-        grid += [(k, "matryoshka") for k in self.args.matryoshka_ks]
+        grid = [(k, v) for k in self.study.ks for v in self.study.variants]
+        grid += [(k, "matryoshka") for k in self.study.matryoshka_ks]
         return {model_name(k, variant): variant for k, variant in grid}
 
     def unfinished(self, seed: int, results: dict) -> bool:
@@ -223,7 +204,7 @@ class PaperClaims:
             return
         reading = [
             f"seed{seed}/{name}"
-            for seed in self.args.seeds
+            for seed in self.study.seeds
             for name, variant in self.models_to_train(seed, results).items()
             if Variant.parse(variant).core == "distilled"
         ]
@@ -244,7 +225,7 @@ class PaperClaims:
                 if record["variant"] not in recorded and (own := self.settings_of(record["variant"])):
                     recorded[record["variant"]] = {n: recorded_identity.get(f"SAEArguments.{n}") for n in own}
         conflicts = []
-        for seed in self.args.seeds:
+        for seed in self.study.seeds:
             for name, variant in self.models_to_train(seed, results).items():
                 own = self.settings_of(variant)
                 if own and recorded.setdefault(variant, own) != own:
@@ -256,7 +237,7 @@ class PaperClaims:
             )
         finished = [
             f"{variant} (recorded {recorded[variant]}, now {own})"
-            for variant in self.args.variants
+            for variant in self.study.variants
             if (own := self.settings_of(variant)) and recorded.get(variant, own) != own
         ]
         if finished:
@@ -292,9 +273,9 @@ class PaperClaims:
         """The study's variants whose latents the results do not compare: every one for other seeds, else those
         added since."""
         matches = results.get("latent_matches", {})
-        if matches.get("seeds") != self.args.seeds:
-            return list(self.args.variants)
-        return [v for v in self.args.variants if v not in matches["variants"]]
+        if matches.get("seeds") != self.study.seeds:
+            return list(self.study.variants)
+        return [v for v in self.study.variants if v not in matches["variants"]]
 
     def model(self, seed: int, k: int, variant: str) -> DMSAEModel:
         return load_trained_model(self.study_dir / f"seed{seed}" / "transfer" / model_name(k, variant))

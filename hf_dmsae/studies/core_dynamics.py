@@ -23,7 +23,6 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -40,6 +39,7 @@ from ..run.state import RunState, arguments_identity, distilled_core_record, loa
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import train_sae, training_steps
 from ..utils.checks import check_ranges
+from .arguments import StudyArguments, StudySourceArguments
 from .synthetic_world import SyntheticArguments, SyntheticSource, SyntheticWorld
 
 logger = logging.getLogger(__name__)
@@ -114,13 +114,6 @@ ABLATIONS = {
 class CoreDynamicsArguments:
     """The study: the activations, the distillation whose core it trains, the cores, budgets, seeds and ablations."""
 
-    study_source: Literal["lm", "synthetic"] = field(
-        default="lm",
-        metadata={
-            "help": "lm: the LM and text of the activation arguments; synthetic: the world of the synthetic "
-            "arguments (the distillations of `scripts/synthetic.py`)."
-        },
-    )
     distillation_dir: str | None = field(
         default=None,
         metadata={
@@ -130,13 +123,12 @@ class CoreDynamicsArguments:
     )
     study_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder of the study's runs, results and report (default: output_dir/core-dynamics)."},
+        metadata={"help": "Folder of the study's runs (default: output_dir/core-dynamics)."},
     )
     budgets: list[int] = field(
         default_factory=lambda: [200_000, 500_000, 1_000_000],
         metadata={"help": "Training tokens (rows) of each run, each a full run with its own schedule."},
     )
-    study_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds of every run."})
     cores: list[str] = field(
         default_factory=lambda: ["distilled", "random_init", "none"],
         metadata={"help": f"Cores trained at every budget and seed, of {CORE_KINDS}."},
@@ -149,7 +141,7 @@ class CoreDynamicsArguments:
         default=None, metadata={"help": "Budget of the ablation runs (default: the middle budget)."}
     )
     ablation_seeds: list[int] | None = field(
-        default=None, metadata={"help": "Seeds of the ablation runs (default: study_seeds)."}
+        default=None, metadata={"help": "Seeds of the ablation runs (default: seeds)."}
     )
     top_components: int = field(
         default=16, metadata={"help": "Principal components the random_off_top core's rows are orthogonal to."}
@@ -163,16 +155,12 @@ class CoreDynamicsArguments:
         check_ranges(self, ablation_budget=">= 1", top_components=">= 0", geometry_rows=">= 1", usage_rows=">= 1")
         if not self.budgets or min(self.budgets) < 1:
             raise ValueError(f"budgets={self.budgets} is invalid: give at least one positive budget")
-        if not self.study_seeds:
-            raise ValueError("study_seeds must not be empty")
         if unknown := set(self.cores) - set(CORE_KINDS):
             raise ValueError(f"cores={self.cores} is invalid: {sorted(unknown)} not of {CORE_KINDS}")
         if unknown := set(self.ablations) - set(ABLATIONS):
             raise ValueError(f"ablations={self.ablations} is invalid: {sorted(unknown)} not of {tuple(ABLATIONS)}")
         if self.ablation_budget is None:
             self.ablation_budget = sorted(self.budgets)[len(self.budgets) // 2]
-        if self.ablation_seeds is None:
-            self.ablation_seeds = list(self.study_seeds)
 
 
 @dataclass(frozen=True)
@@ -194,14 +182,17 @@ class CoreDynamics:
     def __init__(
         self,
         args: CoreDynamicsArguments,
+        source: StudySourceArguments,
+        study: StudyArguments,
         sae: SAEArguments,
         activations: ActivationArguments | None,
         synthetic: SyntheticArguments | None,
         training: DMSAETrainingArguments,
     ):
-        if args.study_source == "lm" and activations is None:
+        self.source, self.seeds = source.study_source, study.seeds
+        if self.source == "lm" and activations is None:
             raise ValueError("an lm study needs activation arguments (the LM and the text)")
-        if args.study_source == "lm" and activations.activation_cache is None:
+        if self.source == "lm" and activations.activation_cache is None:
             raise ValueError(
                 "an lm study reads one slice of max(budgets) rows in every run: give --activation_cache "
                 "(the slice is harvested from the stream once, into it)"
@@ -209,11 +200,13 @@ class CoreDynamics:
         training_steps(min(args.budgets), training)  # every budget holds the steps asked for
         self.args, self.sae_args, self.synthetic_args, self.training_args = args, sae, synthetic, training
         self.activation_args = None
-        if args.study_source == "lm":
+        if self.source == "lm":
             self.activation_args = dataclasses.replace(activations, num_tokens=max(args.budgets))
         self.k_noncore = k_noncore_for(sae, reference_core_size=0)  # as the distillation trains
+        self.ablation_seeds = self.seeds if args.ablation_seeds is None else args.ablation_seeds
         self.study_dir = Path(args.study_dir or Path(training.output_dir) / "core-dynamics")
-        self.world = SyntheticWorld(synthetic) if args.study_source == "synthetic" else None
+        self.results_dir = Path(study.results_dir or self.study_dir)
+        self.world = SyntheticWorld(synthetic) if self.source == "synthetic" else None
 
     # -- what the study trains ----------------------------------------------------------------------------------
     def plan(self, seed: int) -> list[PlannedRun]:
@@ -221,7 +214,7 @@ class CoreDynamics:
         planned twice (the `paper` ablation's random core at a study budget) runs once."""
         paper = ABLATIONS["paper"]
         runs = [PlannedRun(paper, core, budget) for budget in sorted(self.args.budgets) for core in self.args.cores]
-        if seed in self.args.ablation_seeds:
+        if seed in self.ablation_seeds:
             for name in self.args.ablations:
                 ablation = ABLATIONS[name]
                 for core in ("distilled", ablation.random_core):
@@ -230,7 +223,7 @@ class CoreDynamics:
         return list({run.name: run for run in runs}.values())
 
     def distillation_dir(self, seed: int) -> Path:
-        default = "{output_dir}" if self.args.study_source == "lm" else "{output_dir}/seed{seed}/distillation"
+        default = "{output_dir}" if self.source == "lm" else "{output_dir}/seed{seed}/distillation"
         pattern = self.args.distillation_dir or default
         return Path(pattern.format(seed=seed, output_dir=self.training_args.output_dir))
 
@@ -240,9 +233,9 @@ class CoreDynamics:
 
     def identity(self, seed: int) -> dict:
         given = [a for a in (self.sae_args, self.activation_args, self.synthetic_args, self.training_args) if a]
-        identity = arguments_identity(*given, exclude=("SyntheticArguments.seeds", "DMSAETrainingArguments.seed"))
+        identity = arguments_identity(*given, exclude=("DMSAETrainingArguments.seed",))
         identity |= {
-            "study.source": self.args.study_source,
+            "study.source": self.source,
             "study.seed": seed,
             "study.top_components": self.args.top_components,
             "study.geometry_rows": self.args.geometry_rows,
@@ -342,15 +335,15 @@ class CoreDynamics:
     def run(self) -> dict:
         """Every seed's runs (each resumes from its seed's state), then `results.json` written whole from them, under
         its lock all along: a second study on the same folder is refused rather than leaving only its own seeds."""
-        with StudyResults(self.study_dir / "results.json", None, CORE_DYNAMICS_RESULTS) as store:
+        with StudyResults(self.results_dir / "results.json", None, CORE_DYNAMICS_RESULTS) as store:
             store.data = self._results()
             store.save()
             return store.data
 
     def _results(self) -> dict:
-        runs = [r for seed in self.args.study_seeds for r in self.run_seed(seed)]
+        runs = [r for seed in self.seeds for r in self.run_seed(seed)]
         return {
-            "source": self.args.study_source,
+            "source": self.source,
             "sparsity": self.sae_args.sparsity,
             "budgets": sorted(self.args.budgets),
             "ablation_budget": self.args.ablation_budget,

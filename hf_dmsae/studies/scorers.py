@@ -20,7 +20,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from scipy.stats import spearmanr
@@ -35,6 +34,7 @@ from ..run.state import RunState, distilled_core_record
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model
 from ..utils.integrity import file_sha256
+from .arguments import StudyArguments, StudySourceArguments, study_identity
 from .synthetic import SyntheticBenchmark
 from .synthetic_world import SyntheticArguments
 
@@ -45,21 +45,11 @@ logger = logging.getLogger(__name__)
 class ScorerStudyArguments:
     """Which scorers, where, and on how many LM positions."""
 
-    study_source: Literal["lm", "synthetic"] = field(
-        default="synthetic",
-        metadata={
-            "help": "synthetic: a distillation per scorer and seed in the synthetic arguments' world; lm: the "
-            "finished distillation in output_dir, its last cycle's model scored by each scorer."
-        },
-    )
     scorers: list[str] = field(
         default_factory=lambda: ["gxa", "gxa:mean", "ablation", "ablation:mean", "integrated_gradients"],
         metadata={"help": f"Scorers, each `scorer` or `scorer:aggregation` (quantile or mean), of {SCORERS}."},
     )
     study_dir: str = field(default="runs/scorers", metadata={"help": "Folder of the synthetic distillations."})
-    results_dir: str = field(
-        default="reports/scorers", metadata={"help": "Folder of results.json (continued from) and the report."}
-    )
     lm_tokens: int = field(default=512, metadata={"help": "Attribution positions every scorer scores on the LM."})
 
     def __post_init__(self):
@@ -83,24 +73,30 @@ class ScorerStudy:
     def __init__(
         self,
         args: ScorerStudyArguments,
+        source: StudySourceArguments,
+        study: StudyArguments,
         sae: SAEArguments,
         activations: ActivationArguments,
         synthetic: SyntheticArguments,
         attribution: AttributionArguments,
         training: DMSAETrainingArguments,
     ):
-        self.args, self.sae_args, self.activation_args = args, sae, activations
-        self.synthetic_args, self.attribution_args, self.training_args = synthetic, attribution, training
-        self.results_path = Path(args.results_dir) / "results.json"
+        self.args, self.source, self.study = args, source.study_source, study
+        self.sae_args, self.activation_args, self.synthetic_args = sae, activations, synthetic
+        self.attribution_args, self.training_args = attribution, training
+        self.results_dir = Path(study.results_dir or args.study_dir)
+        self.results_path = self.results_dir / "results.json"
 
     def identity(self) -> dict:
         given = (self.sae_args, self.attribution_args)
-        given += (self.synthetic_args,) if self.args.study_source == "synthetic" else (self.activation_args,)
+        given += (self.synthetic_args,) if self.source == "synthetic" else (self.activation_args,)
         identity = {type(a).__name__: dataclasses.asdict(a) for a in given}
+        if self.source == "synthetic":  # the seeds of its distillations
+            identity["StudyArguments"] = study_identity(self.study)
         identity["AttributionArguments"] |= {"scorer": None, "aggregation": None}  # each run names its own
-        identity["study"] = {"source": self.args.study_source, "lm_tokens": self.args.lm_tokens}
+        identity["study"] = {"source": self.source, "lm_tokens": self.args.lm_tokens}
         identity["training"] = {k: getattr(self.training_args, k) for k in ("learning_rate", "seed")}
-        if self.args.study_source == "lm":  # the scored model: the distillation's folder and its weights' digest
+        if self.source == "lm":  # the scored model: the distillation's folder and its weights' digest
             folder = Path(self.training_args.output_dir)
             model = folder / f"cycle{distilled_core_record(folder)['last_cycle']}"
             identity["scored"] = {"model": str(model), "sha256": file_sha256(model / "model.safetensors")}
@@ -108,7 +104,7 @@ class ScorerStudy:
 
     def run(self) -> dict:
         with StudyResults(self.results_path, self.identity(), SCORERS_RESULTS) as self.store:
-            if self.args.study_source == "synthetic":
+            if self.source == "synthetic":
                 self._synthetic(self.store.data)
             else:
                 self._lm(self.store.data)
@@ -122,12 +118,14 @@ class ScorerStudy:
         runs = results.setdefault("synthetic", {})
         world = None
         for spec in self.args.scorers:
-            for seed in self.synthetic_args.seeds:
+            for seed in self.study.seeds:
                 if str(seed) in runs.get(spec, {}):
                     continue
                 training = dataclasses.replace(self.training_args, output_dir=f"{self.args.study_dir}/{spec}")
                 attribution = scorer_arguments(self.attribution_args, spec)
-                benchmark = SyntheticBenchmark(self.synthetic_args, self.sae_args, attribution, training, world)
+                benchmark = SyntheticBenchmark(
+                    self.study, self.synthetic_args, self.sae_args, attribution, training, world
+                )
                 world = benchmark.world
                 logger.info("Synthetic world, scorer %s, seed %d", spec, seed)
                 source = benchmark.source(seed)

@@ -30,6 +30,7 @@ from ..run.arguments import SAEArguments, initial_model, new_model
 from ..run.results import SYNTHETIC_RESULTS, StudyResults
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
+from .arguments import StudyArguments, study_identity
 from .claims import matched_differences
 from .consensus import consensus_members
 from .synthetic_world import (
@@ -61,6 +62,7 @@ class SyntheticBenchmark:
 
     def __init__(
         self,
+        study: StudyArguments,
         args: SyntheticArguments,
         sae: SAEArguments,
         attribution: AttributionArguments,
@@ -68,14 +70,15 @@ class SyntheticBenchmark:
         world: SyntheticWorld | None = None,
     ):
         """`world`: `SyntheticWorld(args)` when a caller has built it already (its probe is fit at construction)."""
-        self.args, self.sae_args, self.attribution_args, self.training_args = args, sae, attribution, training
-        if max(args.transfer_ks + args.matryoshka_ks) > sae.dict_size:
+        self.study, self.args, self.sae_args = study, args, sae
+        self.attribution_args, self.training_args = attribution, training
+        if max(study.ks + study.matryoshka_ks) > sae.dict_size:
             raise ValueError(
-                f"transfer_ks={args.transfer_ks} and matryoshka_ks={args.matryoshka_ks} are invalid: every k must be "
-                f"at most dict_size={sae.dict_size}"
+                f"ks={study.ks} and matryoshka_ks={study.matryoshka_ks} are invalid: every k must be at most "
+                f"dict_size={sae.dict_size}"
             )
         self.output_dir = Path(training.output_dir)
-        self.results_path = self.output_dir / "results.json"
+        self.results_path = Path(study.results_dir or self.output_dir) / "results.json"
         self.world = world or SyntheticWorld(args)
 
     def _training(self, folder: Path, seed: int) -> DMSAETrainingArguments:
@@ -100,7 +103,7 @@ class SyntheticBenchmark:
 
     def run_seed(self, seed: int) -> dict:
         """The shipped distillation and transfer for one seed, then their scores against the ground truth."""
-        a = self.args
+        a = self.study
         folder = self.output_dir / f"seed{seed}"
         source = self.source(seed)
         repo = f"synthetic/dmsae-seed{seed}"
@@ -108,7 +111,7 @@ class SyntheticBenchmark:
         transfer = Transfer(
             TransferArguments(
                 core=str(folder / "distillation" / "distilled-core"),
-                ks=a.transfer_ks,
+                ks=a.ks,
                 variants=a.variants,
                 model_repo=repo,
             ),
@@ -188,8 +191,8 @@ class SyntheticBenchmark:
         """Prefix FVU at the Matryoshka group boundaries: the Matryoshka SAE at the middle k in its own order and
         reordered by mean squared activation, and a plain BatchTopK SAE (one group, same k and budget) in its
         own order and reordered by mean squared activation."""
-        k = sorted(self.args.transfer_ks)[len(self.args.transfer_ks) // 2]
-        if "matryoshka" not in self.args.variants:
+        k = self.study.middle_k
+        if "matryoshka" not in self.study.variants:
             return {}
         matryoshka = load_trained_model(folder / "transfer" / model_name(k, "matryoshka"))
         plain_folder = folder / "plain-batchtopk"
@@ -218,15 +221,15 @@ class SyntheticBenchmark:
     def _run(self, store: StudyResults) -> dict:
         results = store.data
         started = time.perf_counter()
-        for seed in self.args.seeds:
+        for seed in self.study.seeds:
             if f"seed{seed}" not in results:
                 results[f"seed{seed}"] = self.run_seed(seed)
                 results.setdefault("seconds", {})[f"seed{seed}"] = time.perf_counter() - started
                 started = time.perf_counter()
                 store.save()
-        if "matryoshka" in self.args.variants:  # every variant against the Matryoshka curve at its measured L0
-            transfers = {f"seed{s}": results[f"seed{s}"]["transfer"] for s in self.args.seeds}
-            results["matched"] = matched_differences(transfers, self.args.variants, TRANSFER_METRICS)
+        if "matryoshka" in self.study.variants:  # every variant against the Matryoshka curve at its measured L0
+            transfers = {f"seed{s}": results[f"seed{s}"]["transfer"] for s in self.study.seeds}
+            results["matched"] = matched_differences(transfers, self.study.variants, TRANSFER_METRICS)
         results["consistency"] = self.consistency()
         results["latent_matches"] = self.latent_matches()
         results["consensus"] = self.consensus()
@@ -237,6 +240,7 @@ class SyntheticBenchmark:
 
     def identity(self) -> dict:
         identity = {
+            "study": study_identity(self.study),
             "synthetic": dataclasses.asdict(self.args),
             "sae": dataclasses.asdict(self.sae_args),
             "attribution": dataclasses.asdict(self.attribution_args),
@@ -246,9 +250,10 @@ class SyntheticBenchmark:
 
     def consistency(self) -> dict[str, list[float]]:
         """Per transferred SAE, the consistency of every pair of seeds' decoders."""
-        pairs = list(itertools.combinations(self.args.seeds, 2))
-        names = [f"k{k}-{v}" for k in self.args.transfer_ks for v in self.args.variants]
-        decoders = {(s, name): self.model(s, name).W_dec.detach() for s in self.args.seeds for name in names}
+        seeds = self.study.seeds
+        pairs = list(itertools.combinations(seeds, 2))
+        names = [model_name(k, v) for k in self.study.ks for v in self.study.variants]
+        decoders = {(s, name): self.model(s, name).W_dec.detach() for s in seeds for name in names}
         return {name: [consistency(decoders[a, name], decoders[b, name]) for a, b in pairs] for name in names}
 
     def consensus(self) -> dict[str, list[dict]]:
@@ -257,21 +262,21 @@ class SyntheticBenchmark:
         of the m seeds' cycle-0 cores (`consensus_members`, matched at `latent_match_cos`), scored against the useful
         features like the cycles' cores (`match_truth`)."""
         truth = self.world.directions[self.world.useful]
-        selected = {}
-        for seed in self.args.seeds:
+        selected, seeds = {}, self.study.seeds
+        for seed in seeds:
             folder = self.output_dir / f"seed{seed}" / "distillation"
             model = load_trained_model(folder / "cycle0")
             core = DMSAECore.from_pretrained(folder / "cycle0" / "core")
             ids = model.config.latent_ids()
             selected[seed] = model.W_dec.detach().float()[[ids.index(i) for i in core.latent_ids]]
         results = {}
-        for m in range(2, len(self.args.seeds) + 1):
+        for m in range(2, len(seeds) + 1):
             scores = []
-            for reference in self.args.seeds:
-                others = [s for s in self.args.seeds if s != reference]
+            for reference in seeds:
+                others = [s for s in seeds if s != reference]
                 for chosen in itertools.combinations(others, m - 1):
                     decoders = [selected[reference], *(selected[s] for s in chosen)]
-                    members = consensus_members(decoders, self.args.latent_match_cos, m // 2 + 1)
+                    members = consensus_members(decoders, self.study.latent_match_cos, m // 2 + 1)
                     if members:
                         scores.append(match_truth(selected[reference][members], truth, self.args.match_cos))
                     else:  # no latent selected in a majority
@@ -284,15 +289,14 @@ class SyntheticBenchmark:
 
     def latent_matches(self) -> dict:
         """The paper's claim 2 as the claims study measures it (`latent_matches` at `latent_match_cos`), across
-        `transfer_ks` from the smallest and across seeds at the middle k."""
-        a = self.args
-        middle = sorted(a.transfer_ks)[len(a.transfer_ks) // 2]
+        `ks` from the smallest and across seeds at the middle k."""
+        a = self.study
         return latent_matches(
             lambda seed, k, variant: self.model(seed, model_name(k, variant)),
             initial_model,
             a.seeds,
-            a.transfer_ks,
-            middle,
+            a.ks,
+            a.middle_k,
             a.variants,
             a.latent_match_cos,
         )

@@ -32,17 +32,20 @@ from ..data.objective import ObjectiveBatch
 from ..evaluation.consistency import abs_cosines
 from ..evaluation.progressive import order_by
 from ..method.attribution import AttributionArguments
+from ..method.distillation import DistillationArguments
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.trainer import DMSAETrainingArguments
-from ..run.variants import PAPER_VARIANTS, VARIANTS, check_variants
 from ..utils.checks import check_ranges
+from ..utils.fields import fields_of
 
 
 @dataclass
+@fields_of(DistillationArguments, "num_cycles")
 class SyntheticArguments:
-    """The synthetic world, its downstream task and the benchmark around the shipped distillation and transfer (the
-    SAEs, attribution and training take their own arguments)."""
+    """The synthetic world, its downstream task, the rows each SAE trains and is measured on, when a latent is a true
+    feature, and the distillation's cycles (the seeds and SAEs are `StudyArguments`; the SAEs, attribution and
+    training take their own arguments)."""
 
     num_features: int = field(default=256, metadata={"help": "Ground-truth features."})
     hidden_dim: int = field(default=128, metadata={"help": "Dimension of the synthetic activations."})
@@ -78,26 +81,10 @@ class SyntheticArguments:
     readout_off_weight: float = field(
         default=0.1, metadata={"help": "Readout scale of the other features, relative to the useful ones'."}
     )
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds, each a full run."})
-    num_cycles: int = field(default=2, metadata={"help": "Distillation cycles T after cycle 0."})
-    transfer_ks: list[int] = field(default_factory=lambda: [3, 6, 12], metadata={"help": "k of the transferred SAEs."})
-    matryoshka_ks: list[int] = field(
-        default_factory=list,
-        metadata={
-            "help": "Further k of the Matryoshka SAE alone, so that its curve in measured L0 spans the dense-core "
-            "models' (their core adds to k) for the comparison at matched L0."
-        },
-    )
-    variants: list[str] = field(
-        default_factory=lambda: list(PAPER_VARIANTS), metadata={"help": f"Transferred SAEs, of {VARIANTS}."}
-    )
     train_rows: int = field(default=1_000_000, metadata={"help": "Fresh rows per trained SAE."})
     eval_rows: int = field(default=65_536, metadata={"help": "Held-out rows (metrics, latent statistics)."})
     match_cos: float = field(
         default=0.8, metadata={"help": "|cos| at which a latent's decoder direction matches a true feature."}
-    )
-    latent_match_cos: float = field(
-        default=0.9, metadata={"help": "Decoder cosine at which two SAEs' latents match (consistency, claim 2)."}
     )
 
     def __post_init__(self):
@@ -116,25 +103,18 @@ class SyntheticArguments:
             readout_classes=">= 2",
             readout_scale="> 0",
             readout_off_weight=">= 0",
-            transfer_ks=">= 1",
             train_rows=">= 1",
             eval_rows=">= 1",
+            match_cos="(0, 1]",
         )
         if self.min_firing_probability > self.max_firing_probability:
             raise ValueError(
                 f"min_firing_probability={self.min_firing_probability} is invalid: must not exceed "
                 f"max_firing_probability={self.max_firing_probability}"
             )
-        check_variants(self.variants)
         if not 0 < self.useful_fraction < 1:
             raise ValueError(f"useful_fraction={self.useful_fraction} is invalid: must lie in (0, 1)")
-        for name in ("match_cos", "latent_match_cos"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid: must lie in (0, 1]")
-        if not self.seeds or not self.transfer_ks:
-            raise ValueError("seeds and transfer_ks must be non-empty")
-        if self.num_cycles < 1:
-            raise ValueError(f"num_cycles={self.num_cycles} is invalid: the distilled core needs at least 1 cycle")
+        DistillationArguments(num_cycles=self.num_cycles)  # the distillation's own check
 
 
 SAMPLE_CHUNK = 1_000_000

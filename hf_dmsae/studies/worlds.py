@@ -36,6 +36,7 @@ from ..run.results import RESULTS_REMEDY, SYNTHETIC_RESULTS, WORLDS_RESULTS, Stu
 from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae
 from ..utils.integrity import read_json
+from .arguments import StudyArguments, study_identity
 from .claims import matched_differences
 from .synthetic import TRANSFER_METRICS, SyntheticBenchmark
 from .synthetic_world import SyntheticArguments, SyntheticSource, SyntheticWorld, world_summary
@@ -87,9 +88,6 @@ class WorldFamilyArguments:
         },
     )
     family_dir: str = field(default="runs/worlds", metadata={"help": "Where every world's runs go."})
-    results_dir: str | None = field(
-        default=None, metadata={"help": "Where results.json, report.md and figures/ go (default: family_dir)."}
-    )
 
     def __post_init__(self):
         if self.num_worlds < 1:
@@ -293,23 +291,24 @@ class WorldFamily:
     def __init__(
         self,
         family: WorldFamilyArguments,
+        study: StudyArguments,
         base: SyntheticArguments,
         sae: SAEArguments,
         attribution: AttributionArguments,
         training: DMSAETrainingArguments,
     ):
-        if len(base.seeds) < 2:
-            raise ValueError(f"seeds={base.seeds} is invalid: every kept world runs at least 2 seeds")
-        self.family, self.base, self.sae_args = family, base, sae
+        if len(study.seeds) < 2:
+            raise ValueError(f"seeds={study.seeds} is invalid: every kept world runs at least 2 seeds")
+        self.family, self.study, self.base, self.sae_args = family, study, base, sae
         self.attribution_args, self.training_args = attribution, training
         self.family_dir = Path(family.family_dir)
-        self.results_path = Path(family.results_dir or family.family_dir) / "results.json"
+        self.results_path = Path(study.results_dir or family.family_dir) / "results.json"
 
     def identity(self) -> dict:
         """What the results depend on; worlds may be added (num_worlds) to a finished family."""
-        family = {k: v for k, v in dataclasses.asdict(self.family).items() if k not in ("num_worlds", "results_dir")}
-        family.pop("family_dir")
-        parts = {"family": family, "base": dataclasses.asdict(self.base), "sae": dataclasses.asdict(self.sae_args)}
+        family = {k: v for k, v in dataclasses.asdict(self.family).items() if k not in ("num_worlds", "family_dir")}
+        parts = {"family": family, "study": study_identity(self.study), "base": dataclasses.asdict(self.base)}
+        parts["sae"] = dataclasses.asdict(self.sae_args)
         parts |= {"attribution": dataclasses.asdict(self.attribution_args)}
         parts["training"] = {
             k: getattr(self.training_args, k) for k in ("learning_rate", "per_device_train_batch_size")
@@ -323,12 +322,11 @@ class WorldFamily:
 
     def screen(self, world: SyntheticWorld, sae: SAEArguments, folder: Path) -> float:
         """The MCC of a plain Matryoshka SAE at the middle transfer k (seed 0) against every true feature."""
-        ks = sorted(self.base.transfer_ks)
         source = SyntheticSource(world, self.base.train_rows, self.base.eval_rows, seed=0)
         if (folder / "checksums.json").is_file():
             model = load_trained_model(folder)
         else:
-            model = new_model(dataclasses.replace(sae, k=ks[len(ks) // 2]), source, seed=0)
+            model = new_model(dataclasses.replace(sae, k=self.study.middle_k), source, seed=0)
             training = dataclasses.replace(self.training_args, output_dir=str(folder), seed=0, push_to_hub=False)
             train_sae(model, source, source.training_slice("screen"), training)
         return source.downstream_metrics(model, 0)["mcc"]
@@ -344,7 +342,8 @@ class WorldFamily:
         record["kept"] = record["screen_mcc"] >= self.family.mcc_floor
         if record["kept"]:
             training = dataclasses.replace(self.training_args, output_dir=str(folder / "benchmark"))
-            SyntheticBenchmark(base, sae, self.attribution_args, training, world).run()
+            study = dataclasses.replace(self.study, results_dir=None)  # each world's beside its runs
+            SyntheticBenchmark(study, base, sae, self.attribution_args, training, world).run()
         else:
             logger.warning(
                 "World %d skipped: plain Matryoshka MCC %.3f < %s", index, record["screen_mcc"], self.family.mcc_floor
@@ -377,7 +376,7 @@ class WorldFamily:
                     benchmark = self.family_dir / f"world{index}" / "benchmark" / "results.json"
                     shutil.copyfile(benchmark, self.world_results(index))
                 world = read_json(self.world_results(index), {"identity": dict, **SYNTHETIC_RESULTS}, RESULTS_REMEDY)
-                record["summary"] = summarise(world, self.base.seeds, self.base.variants)
+                record["summary"] = summarise(world, self.study.seeds, self.study.variants)
         results["across_worlds"] = across_worlds(worlds)
         results["mcc_floor"] = self.family.mcc_floor
         store.save()
