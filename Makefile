@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium lint test demo study synthetic variants variants-lm worlds dynamics scorers paper-scale bench gpu-check clean
+.PHONY: setup chromium lint test demo study synthetic synthetic-sparse-core variants variants-synthetic \
+	variants-jumprelu variants-penalized variants-lm dynamics-lm-jumprelu dynamics-lm-penalized thresholds-lm worlds \
+	dynamics scorers browser paper-scale bench gpu-check clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,7 @@ $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements/no-deps.txt
 	touch $@
 
+# The virtual environment: torch, the package with its extras, and the packages pinned without their dependencies.
 setup: $(VENV)/.ready
 
 # The feature browser's test opens its pages in a real headless Chromium: Debian's package, installed if missing.
@@ -28,127 +31,136 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The suite (CONTRIBUTING.md, "Tests"), as CI runs it after `lint`.
 test: setup chromium
 	$(BIN)/python -m pytest
 
+# Every report in reports/ is written there by one target below (docs/results.md says what each shows).
+SYNTHETIC := $(BIN)/python scripts/synthetic.py configs/synthetic.json
+DYNAMICS := $(BIN)/python scripts/core_dynamics.py
+DEMO := runs/smollm2-135m-l15
+DEMO_REPORT := reports/demo-smollm2-135m
+SAEBENCH := --saebench_evals core sparse_probing_sae_probes meta_structure absorption --meta_structure_steps 500
+
+# The README's main job: the embedded default's distillation (~26 min on 2 CPU cores), its report in reports/.
 demo: setup
 	$(LAUNCH) scripts/distill.py configs/smollm2-135m.json
+	mkdir -p $(DEMO_REPORT) && cp -r $(DEMO)/report.md $(DEMO)/state.json $(DEMO)/figures $(DEMO_REPORT)/
 
-# The paper's claims on the embedded default (docs/results.md): the demo's distillation, then its distilled core
-# transferred at k 16, 32, 64 in every variant (dense and sparse core, Matryoshka, the random-init control in both
-# modes; Matryoshka also at k 128) over 3 seeds, with SAEBench's offline evals, compared at matched measured L0.
-# Runs under runs/study; results, report and figures in reports/study-smollm2-135m, which `make study` continues from
-# (commit them: a finished seed is never trained again).
+# The paper's claims on the demo's core: every variant and the random-core control at k 16/32/64, 3 seeds (~4 h).
 study: demo
-	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study \
-		--results_dir reports/study-smollm2-135m \
-		--saebench_evals core sparse_probing_sae_probes meta_structure absorption --meta_structure_steps 500
+	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study --results_dir reports/study-smollm2-135m \
+		--variants dense_core sparse_core matryoshka random_dense_core random_sparse_core --matryoshka_ks 128 $(SAEBENCH)
 
-# The ground-truth benchmark (configs/synthetic.json: 3 seeds; about 13 min on 2 CPU cores), into runs/synthetic.
+# The ground-truth benchmark (configs/synthetic.json: 3 seeds, dense-core cycles; ~13 min on 2 CPU cores).
 synthetic: setup
-	$(BIN)/python scripts/synthetic.py configs/synthetic.json
+	$(SYNTHETIC) --results_dir reports/synthetic
 
-# The core variants beyond the paper (penalized, JumpReLU, the learned dense linear block, their random-core
-# controls) beside the paper's, in the benchmark's world, with Matryoshka up to k 96 for the comparison at matched
-# measured L0 (docs/results.md), into runs/synthetic-variants (about 25 min on 2 CPU cores); then the distillation
-# itself with a JumpReLU core (its cycles' carry-over and cores), into runs/synthetic-jumprelu-cycles (about 30 min);
-# then the JumpReLU core's dynamics, into runs/synthetic/core-dynamics-jumprelu (about 8 min); then the penalized
-# core's transfers at 10x and 100x the default coefficient, into runs/synthetic-penalized-coef* (about 10 min each),
-# its dynamics and its own distillation at 0.1, into runs/synthetic/core-dynamics-penalized-coef0.1 and
-# runs/synthetic-penalized-cycles.
-# Copy each one's results.json, report.md and figures/ to reports/.
+# The same benchmark with sparse-core cycles (~13 min).
+synthetic-sparse-core: setup
+	$(SYNTHETIC) --sparsity sparse_core --output_dir runs/synthetic-sparse-core-cycles \
+		--results_dir reports/synthetic-sparse-core-cycles
+
+# The core modes beyond the paper in the benchmark's world: the three targets below (~1 h 30).
+variants: variants-synthetic variants-jumprelu variants-penalized
+
 VARIANTS_COMPARED := dense_core sparse_core matryoshka penalized_core jumprelu_core learned_linear_core \
 	random_dense_core random_penalized_core random_jumprelu_core
-PENALIZED_COEFS := 0.1 1.0
-variants: setup
-	$(BIN)/python scripts/synthetic.py configs/synthetic.json --output_dir runs/synthetic-variants \
-		--variants $(VARIANTS_COMPARED) --matryoshka_ks 24 48 96
-	$(BIN)/python scripts/synthetic.py configs/synthetic.json --sparsity jumprelu_core \
-		--output_dir runs/synthetic-jumprelu-cycles --variants jumprelu_core random_jumprelu_core matryoshka \
-		--matryoshka_ks 24 48 96
-	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic --sparsity jumprelu_core \
-		--budgets 250000 1000000 5000000 --cores distilled random_init --ablations paper \
-		--distillation_dir "runs/synthetic-variants/seed{seed}/distillation" \
-		--study_dir runs/synthetic/core-dynamics-jumprelu
-	for coef in $(PENALIZED_COEFS); do \
-		$(BIN)/python scripts/synthetic.py configs/synthetic.json --output_dir runs/synthetic-penalized-coef$$coef \
-			--core_sparsity_coef $$coef --variants penalized_core random_penalized_core matryoshka \
-			--matryoshka_ks 24 48 96 || exit 1; \
-	done
-	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic --sparsity penalized_core \
-		--core_sparsity_coef 0.1 --budgets 250000 1000000 5000000 --cores distilled random_init --ablations paper \
-		--distillation_dir "runs/synthetic-variants/seed{seed}/distillation" \
-		--study_dir runs/synthetic/core-dynamics-penalized-coef0.1
-	$(BIN)/python scripts/synthetic.py configs/synthetic.json --sparsity penalized_core --core_sparsity_coef 0.1 \
-		--output_dir runs/synthetic-penalized-cycles --variants penalized_core random_penalized_core matryoshka \
-		--matryoshka_ks 24 48 96
+WIDE := --matryoshka_ks 24 48 96
+SYNTHETIC_CORES := --study_source synthetic --distillation_dir "runs/synthetic-variants/seed{seed}/distillation" \
+	--budgets 250000 1000000 5000000 --seeds 0 1 --cores distilled random_init --ablations paper
 
-# The learned dense block on the embedded default: `make study` extended by it and by the Matryoshka SAE at k 256,
-# which the block's L0 (its rank, 121, + k) needs (only their models train; results in reports/study-smollm2-135m);
-# then the JumpReLU core's dynamics on the demo's core at three coefficients and the penalized core's at two, into
-# runs/smollm2-135m-l15/core-dynamics-{jumprelu,penalized}-coef* (about 8 min each after the first's harvest; copy
-# results.json, report.md and figures/ to reports/). The JumpReLU core's LM transfers wait for a coefficient at which it neither stays dense nor switches off
-# (docs/results.md).
-VARIANTS_LM := dense_core sparse_core matryoshka random_dense_core random_sparse_core learned_linear_core
-JUMPRELU_LM_COEFS := 0.01 0.001 0.0001
-PENALIZED_LM_COEFS := 0.01 0.03
-variants-lm: study
-	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study \
-		--results_dir reports/study-smollm2-135m --variants $(VARIANTS_LM) --matryoshka_ks 128 256 \
-		--saebench_evals core sparse_probing_sae_probes meta_structure absorption --meta_structure_steps 500
-	for coef in $(JUMPRELU_LM_COEFS); do \
-		$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --sparsity jumprelu_core \
-			--core_sparsity_coef $$coef --budgets 996352 --cores distilled random_init --ablations paper \
-			--study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu-coef$$coef || exit 1; \
-	done
-	for coef in $(PENALIZED_LM_COEFS); do \
-		$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --sparsity penalized_core \
-			--core_sparsity_coef $$coef --budgets 996352 --cores distilled random_init --ablations paper \
-			--study_dir runs/smollm2-135m-l15/core-dynamics-penalized-coef$$coef || exit 1; \
-	done
+# Every core mode's transfers beside the paper's, Matryoshka up to k 96 for matched L0 (~25 min).
+variants-synthetic: setup
+	$(SYNTHETIC) --output_dir runs/synthetic-variants --results_dir reports/synthetic-variants \
+		--variants $(VARIANTS_COMPARED) $(WIDE)
 
-# The ground-truth benchmark over a family of worlds (configs/worlds.json: 10 worlds drawn from stated ranges, 2 seeds
-# each, screened by a plain Matryoshka SAE), into runs/worlds; results and report in reports/worlds, which `make
-# worlds` continues from (commit them); about 55 min on 2 CPU cores. A larger family: docs/results.md.
+# The distillation with a JumpReLU core (its cycles and cores; ~30 min), then that core's dynamics (~8 min).
+variants-jumprelu: variants-synthetic
+	$(SYNTHETIC) --sparsity jumprelu_core --output_dir runs/synthetic-jumprelu-cycles $(WIDE) \
+		--results_dir reports/synthetic-jumprelu-cycles --variants jumprelu_core random_jumprelu_core matryoshka
+	$(DYNAMICS) configs/synthetic.json $(SYNTHETIC_CORES) --sparsity jumprelu_core \
+		--study_dir runs/synthetic/core-dynamics-jumprelu --results_dir reports/core-dynamics-synthetic-jumprelu
+
+# The penalized core's transfers at 10x and 100x the default coefficient, its dynamics and distillation at 0.1.
+variants-penalized: variants-synthetic
+	for coef in 0.1 1.0; do $(SYNTHETIC) --output_dir runs/synthetic-penalized-coef$$coef $(WIDE) \
+		--results_dir reports/synthetic-penalized-coef$$coef --core_sparsity_coef $$coef \
+		--variants penalized_core random_penalized_core matryoshka || exit 1; done
+	$(DYNAMICS) configs/synthetic.json $(SYNTHETIC_CORES) --sparsity penalized_core --core_sparsity_coef 0.1 \
+		--study_dir runs/synthetic/core-dynamics-penalized-coef0.1 \
+		--results_dir reports/core-dynamics-synthetic-penalized-coef0.1
+	$(SYNTHETIC) --sparsity penalized_core --core_sparsity_coef 0.1 --output_dir runs/synthetic-penalized-cycles \
+		--results_dir reports/synthetic-penalized-cycles --variants penalized_core random_penalized_core matryoshka $(WIDE)
+
+LM_CORES := --budgets 996352 --seeds 0 1 --cores distilled random_init --ablations paper
+
+# The learned dense block and Matryoshka at k 256 added to `make study`, then the LM's JumpReLU and penalized cores.
+variants-lm: study dynamics-lm-jumprelu dynamics-lm-penalized
+	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study --results_dir reports/study-smollm2-135m \
+		--variants dense_core sparse_core matryoshka random_dense_core random_sparse_core learned_linear_core \
+		--matryoshka_ks 128 256 $(SAEBENCH)
+
+# The JumpReLU core's dynamics on the demo's core at three coefficients (~8 min each after the first's harvest).
+dynamics-lm-jumprelu: demo
+	for coef in 0.01 0.001 0.0001; do $(DYNAMICS) configs/smollm2-135m.json $(LM_CORES) --sparsity jumprelu_core \
+		--core_sparsity_coef $$coef --study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu-coef$$coef \
+		--results_dir reports/core-dynamics-smollm2-jumprelu-coef$$coef || exit 1; done
+
+# The penalized core's dynamics on the demo's core at two coefficients (~8 min each).
+dynamics-lm-penalized: demo
+	for coef in 0.01 0.03; do $(DYNAMICS) configs/smollm2-135m.json $(LM_CORES) --sparsity penalized_core \
+		--core_sparsity_coef $$coef --study_dir runs/smollm2-135m-l15/core-dynamics-penalized-coef$$coef \
+		--results_dir reports/core-dynamics-smollm2-penalized-coef$$coef || exit 1; done
+
+# The negative result behind core_threshold_learning_rate: JumpReLU thresholds at the SAE's rate, 5e-4 (~8 min each).
+thresholds-lm: demo
+	for coef in 0.01 0.05 0.2; do $(DYNAMICS) configs/smollm2-135m.json $(LM_CORES) --sparsity jumprelu_core \
+		--core_sparsity_coef $$coef --core_threshold_learning_rate 5e-4 \
+		--study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu-threshold-lr5e-4-coef$$coef \
+		--results_dir reports/core-dynamics-smollm2-jumprelu-threshold-lr5e-4-coef$$coef || exit 1; done
+
+# The benchmark over 10 worlds drawn from stated ranges, 2 seeds each (configs/worlds.json; ~55 min).
 worlds: setup
 	$(BIN)/python scripts/worlds.py configs/worlds.json
 
-# The core's dynamics against Fig. 3 (distilled, random-init and no core; 3 budgets × 2 seeds; one ablation per
-# hypothesis): on the demo's distilled core (200k, 500k and 996 352 tokens: every usable row of the corpus's training
-# split; ablations at 500k, seed 0), then on the synthetic benchmark's (250k, 1M, 5M rows; ablations at 1M, 2 seeds),
-# into runs/…/core-dynamics; reports/core-dynamics-* hold the results (about 1 h 30 on 2 CPU cores).
+# The core's dynamics against Fig. 3 on the demo's core, then on the benchmark's (~1 h 30).
 dynamics: demo synthetic
-	$(BIN)/python scripts/core_dynamics.py configs/smollm2-135m.json --budgets 200000 500000 996352 \
-		--ablation_seeds 0
-	$(BIN)/python scripts/core_dynamics.py configs/synthetic.json --study_source synthetic \
-		--budgets 250000 1000000 5000000
+	$(DYNAMICS) configs/smollm2-135m.json --budgets 200000 500000 996352 --seeds 0 1 --ablation_seeds 0 \
+		--results_dir reports/core-dynamics-smollm2
+	$(DYNAMICS) configs/synthetic.json --study_source synthetic --budgets 250000 1000000 5000000 --seeds 0 1 \
+		--results_dir reports/core-dynamics-synthetic
 
-# The scorers compared (GxA and latent ablation, each as q-quantile and mean, and integrated gradients): a
-# distillation per scorer and seed in the synthetic benchmark's world, its cores against the useful features; then
-# the demo's last cycle scored by each on the first 512 positions of its attribution split, against GxA; into
-# reports/scorers-*, which `make scorers` continues from (commit them; about 35 min on 2 CPU cores).
+# The scorers compared: in the benchmark's world against the useful features, then on the demo's last cycle (~35 min).
 scorers: demo
-	$(BIN)/python scripts/scorers.py configs/synthetic.json --study_dir runs/scorers \
+	$(BIN)/python scripts/scorers.py configs/synthetic.json --study_source synthetic --study_dir runs/scorers \
 		--results_dir reports/scorers-synthetic
 	$(BIN)/python scripts/scorers.py configs/smollm2-135m.json --study_source lm --results_dir reports/scorers-smollm2
 
-# The paper config at its real shapes (Gemma-2-2B's architecture with random weights, 65 536 latents) through every
-# stage on this machine, and the real run's projected cost, into reports/paper-scale (about 45 min on 2 CPU cores;
-# builds runs/gemma-2-2b-random, 10 GB, once).
+SCREENSHOT := chromium --headless --no-sandbox --disable-gpu --window-size=1280,900 --screenshot
+
+# The demo's feature browser, and the screenshots of its index and first latent in reports/browser (Chromium).
+browser: demo chromium
+	$(BIN)/python scripts/browse.py configs/smollm2-135m.json --model $(DEMO)/cycle2 --site_dir runs/browser \
+		--cores $(DEMO)/distilled-core
+	mkdir -p reports/browser
+	$(SCREENSHOT)=reports/browser/index.png runs/browser/index.html
+	$(SCREENSHOT)=reports/browser/latent.png runs/browser/latents/0.html
+
+# The paper config at its real shapes (Gemma-2-2B's architecture, random weights) through every stage (~45 min).
 paper-scale: setup
 	$(BIN)/python scripts/paper_scale.py
+	$(BIN)/python scripts/bench.py --paper_memory --out reports/memory-paper-scale.json
 
-# Training-step speed against SAELens, dictionary_learning and the encoder limit, harvest and attribution speed, and
-# a distillation's stages (about 16 min on 2 CPU cores), into reports/bench.json.
+# Step speed against SAELens, dictionary_learning and the encoder limit, and a distillation's stages (~16 min).
 bench: setup
-	$(BIN)/python scripts/bench.py --out reports/bench.json
+	$(BIN)/python scripts/bench.py --out reports/bench.json | tee reports/bench.txt
 
-# On a GPU machine (set up with e.g. `make TORCH=torch setup`): the device tests (the sparse kernels against the
-# reference, bf16, the frozen rows, the Trainer's steps without a host sync) and the training steps' speed on CUDA,
-# up to 65 536 latents, into reports/bench-cuda.json.
+# On a GPU machine (`make TORCH=torch setup`): the device tests and the steps' speed on CUDA up to 65 536 latents.
 gpu-check: setup
 	$(BIN)/python -m pytest --device cuda tests/test_kernels.py tests/test_modeling.py tests/test_trainer.py
 	$(BIN)/python scripts/bench.py --device cuda --parts steps --sizes 4096 16384 65536 --out reports/bench-cuda.json
 
+# Everything this Makefile built: the environment and every run (reports/ stays).
 clean:
 	rm -rf $(VENV) runs

@@ -389,3 +389,39 @@ def test_a_setting_a_script_does_not_read_is_refused_before_it_runs(script, flag
     with pytest.raises(ValueError, match=refused):
         runpy.run_path(str(REPO / "scripts" / f"{script}.py"), run_name="__main__")
     assert not (tmp_path / "run").exists()
+
+
+STUDY_TARGETS = ("study", "synthetic", "synthetic-sparse-core", "variants", "variants-lm", "thresholds-lm")
+STUDY_TARGETS += ("worlds", "dynamics", "scorers")
+STUDIES = {"study": "PaperClaims", "synthetic": "SyntheticBenchmark", "core_dynamics": "CoreDynamics"}
+STUDIES |= {"scorers": "ScorerStudy", "worlds": "WorldFamily"}
+
+
+class Parsed(Exception):
+    """Raised by a study class stubbed out: its command parsed and checked its arguments."""
+
+
+def make_commands(*targets: str) -> list[list[str]]:
+    """The `scripts/<study>.py` command lines `make -n` prints for `targets`, a shell loop's at its first value."""
+    printed = subprocess.run(["make", "-s", "-n", *targets], cwd=REPO, capture_output=True, text=True, check=True)
+    commands = []
+    for line in printed.stdout.replace("\\\n", " ").splitlines():
+        loop = re.match(r"for (\w+) in (\S+) .*?; do (.*?)(\|\| exit 1)?; done", line)
+        command = loop[3].replace(f"${loop[1]}", loop[2]) if loop else line
+        words = command.split()
+        script = next((w for w in words if re.fullmatch(r"scripts/\w+\.py", w)), None)
+        if script and Path(script).stem in STUDIES:
+            commands.append([arg.strip("\"'") for arg in words[words.index(script) :]])
+    return commands
+
+
+def test_every_study_command_of_the_makefile_parses_with_its_shipped_config(monkeypatch):
+    """Each report's target runs for hours: its flags and config are checked here, up to building the study."""
+    commands = make_commands(*STUDY_TARGETS)
+    assert len(commands) == 18
+    for script, *argv in commands:
+        module = __import__(f"hf_dmsae.commands.{Path(script).stem}", fromlist=["main"])
+        monkeypatch.setattr(module, STUDIES[Path(script).stem], lambda *args: (_ for _ in ()).throw(Parsed()))
+        monkeypatch.setattr(sys, "argv", [script, *argv])
+        with pytest.raises(Parsed):
+            module.main()

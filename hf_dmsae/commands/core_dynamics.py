@@ -18,7 +18,7 @@ from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
 from hf_dmsae.reporting.core_dynamics import core_dynamics_report
-from hf_dmsae.run.arguments import SAEArguments, refuse_unread
+from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.studies.arguments import StudyArguments, StudySourceArguments
@@ -39,11 +39,6 @@ def main() -> None:
             DMSAETrainingArguments,
         ),
         shared=(DistillationArguments, AttributionArguments),
-    )
-    refuse_unread(
-        study,
-        ("ks", "variants", "matryoshka_ks", "latent_match_cos", "ce_batches"),
-        "the study trains its cores at budgets, not variants at ks",
     )
     lm = source.study_source == "lm"
     run = CoreDynamics(args, source, study, sae, activations if lm else None, None if lm else synthetic, training)

@@ -17,7 +17,7 @@ from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
 from hf_dmsae.reporting.scorers import scorers_report
-from hf_dmsae.run.arguments import SAEArguments, refuse_unread
+from hf_dmsae.run.arguments import SAEArguments
 from hf_dmsae.run.launch import parse_arguments
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.studies.arguments import StudyArguments, StudySourceArguments
@@ -39,11 +39,6 @@ def main() -> None:
             DMSAETrainingArguments,
         ),
         shared=(DistillationArguments,),
-    )
-    refuse_unread(
-        arguments[2],
-        ("ks", "variants", "matryoshka_ks", "latent_match_cos", "ce_batches"),
-        "the scorers are compared on distillations, not on transferred SAEs",
     )
     study = ScorerStudy(*arguments)
     study.run()

@@ -72,7 +72,10 @@ class SAEArguments:
 def refuse_unread(args, names: tuple[str, ...], why: str) -> None:
     """The one rule for settings a command does not read: given other than their defaults, they are refused, naming
     them and `why`, rather than silently ignored or recorded in the run's identity."""
-    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    defaults = {
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(args)
+    }
     if given := [f"--{name} {getattr(args, name)}" for name in names if getattr(args, name) != defaults[name]]:
         raise ValueError(f"{', '.join(given)}: not read here, {why}")
 
