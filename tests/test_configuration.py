@@ -66,7 +66,7 @@ def test_a_value_of_the_wrong_type_gets_an_error_naming_the_field(field, value):
 def test_sae_arguments_are_checked_when_parsed_before_any_harvesting():
     from hf_dmsae.run.arguments import SAEArguments
 
-    with pytest.raises(ValueError, match=r"k=5000 is invalid: must lie in \[1, dict_size=4096\]"):
+    with pytest.raises(ValueError, match=r"DMSAEConfig.k=5000 is invalid: must not exceed dict_size=4096"):
         SAEArguments(dict_size=4096, k=5000)
     with pytest.raises(ValueError, match="group_fractions=.* is invalid"):
         SAEArguments(group_fractions=[0.5, 0.6])

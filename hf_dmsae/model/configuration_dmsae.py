@@ -295,10 +295,10 @@ class DMSAEConfig(PreTrainedConfig):
             fail("group_sizes", "every Matryoshka group needs at least one latent")
         if sum(self.group_sizes) != self.num_noncore:
             fail("group_sizes", f"must sum to dict_size - core_size = {self.num_noncore}")
+        if self.k > self.dict_size:  # the L0 of a baseline of this width, in every mode
+            fail("k", f"must not exceed dict_size={self.dict_size}")
         if self.core_unmasked and self.k_noncore > self.num_noncore:
             fail("k_noncore", f"must not exceed the {self.num_noncore} non-core latents")
-        if not self.core_unmasked and self.k > self.dict_size:
-            fail("k", f"must not exceed dict_size={self.dict_size}")
         if len(self.core_ids) != self.core_size:
             fail("core_ids", f"needs one id per core latent ({self.core_size})")
         if len(set(self.core_ids)) != len(self.core_ids):

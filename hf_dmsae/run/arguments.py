@@ -56,15 +56,10 @@ class SAEArguments:
     )
 
     def __post_init__(self):
-        if self.dict_size < 2:
-            raise ValueError(f"dict_size={self.dict_size} is invalid: must be at least 2")
-        if not 1 <= self.k <= self.dict_size:
-            raise ValueError(f"k={self.k} is invalid: must lie in [1, dict_size={self.dict_size}]")
-        if self.k_noncore is not None and not 1 <= self.k_noncore < self.dict_size:
-            raise ValueError(f"k_noncore={self.k_noncore} is invalid: must lie in [1, dict_size={self.dict_size})")
         if any(f <= 0 for f in self.group_fractions) or sum(self.group_fractions) >= 1:
             raise ValueError(f"group_fractions={self.group_fractions} is invalid: positive, summing to less than 1")
-        # DMSAEConfig checks every field (types, choices, ranges); building one reports it now, before any harvesting.
+        # DMSAEConfig checks every field (types, choices, ranges: the one statement of its rules); building one
+        # without a core reports it now, before any harvesting (k_noncore is checked again against the real core).
         group_sizes = matryoshka_group_sizes(self.dict_size, tuple(self.group_fractions))
         DMSAEConfig(d_in=1, group_sizes=group_sizes, **{name: getattr(self, name) for name in SAE_FIELDS})
 
