@@ -14,7 +14,6 @@ from .sparsity import CORE_MODES, CoreMode
 Sparsity = Literal["dense_core", "sparse_core", "penalized_core", "jumprelu_core", "linear_core"]
 PrefixLossWeighting = Literal["sum", "dictionary_learning"]
 SPARSITY_MODES = get_args(Sparsity)
-PREFIX_LOSS_WEIGHTINGS = get_args(PrefixLossWeighting)
 
 # SAEBench's Matryoshka group fractions (1/32, 1/16, 1/8, 1/4, rest), applied to the non-core latents.
 SAEBENCH_GROUP_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
@@ -381,5 +380,4 @@ __all__ = [
     "noncore_k",
     "SAEBENCH_GROUP_FRACTIONS",
     "SPARSITY_MODES",
-    "PREFIX_LOSS_WEIGHTINGS",
 ]
