@@ -9,6 +9,7 @@ LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_proce
 
 .PHONY: setup chromium lint test demo study synthetic synthetic-sparse-core variants variants-synthetic \
 	variants-jumprelu variants-penalized variants-lm dynamics-lm-jumprelu dynamics-lm-penalized thresholds-lm worlds \
+	convergence \
 	dynamics scorers browser paper-scale bench gpu-check clean
 
 $(VENV)/.ready: pyproject.toml requirements/no-deps.txt
@@ -119,6 +120,12 @@ thresholds-lm: demo
 		--core_sparsity_coef $$coef --core_threshold_learning_rate 5e-4 \
 		--study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu-threshold-lr5e-4-coef$$coef \
 		--results_dir reports/core-dynamics-smollm2-jumprelu-threshold-lr5e-4-coef$$coef || exit 1; done
+
+# Which budget makes the embedded default's SAEs train: the sweep of configs/convergence.json (~3 h, resumable).
+convergence: setup
+	$(BIN)/python scripts/convergence.py configs/smollm2-135m.json --sweep configs/convergence.json --save_steps 500 \
+		--study_dir runs/convergence --results_dir reports/convergence --seeds 0 1 --ks 16 64 \
+		--variants matryoshka random_dense_core
 
 # The benchmark over 10 worlds drawn from stated ranges, 2 seeds each (configs/worlds.json; ~55 min).
 worlds: setup

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from hf_dmsae.reporting.claims import claims_report
+from hf_dmsae.reporting.convergence import convergence_report
 from hf_dmsae.reporting.core_dynamics import core_dynamics_report
 from hf_dmsae.reporting.scorers import scorers_report
 from hf_dmsae.reporting.synthetic import synthetic_report
@@ -16,6 +17,7 @@ PRODUCERS = (
     ("worlds", worlds_report),
     ("scorers-", scorers_report),
     ("study-", claims_report),
+    ("convergence", convergence_report),
 )
 """Which report writes each committed folder, by its name. Not here: `demo-smollm2-135m` (a distillation's report
 reads its cores, which are not committed), `paper-scale` (written by its own script), `browser` (screenshots)."""

@@ -306,13 +306,19 @@ def kill_after(command: list[str], marker: Path, env: dict) -> None:
     process.wait()
 
 
-@pytest.mark.parametrize("source", ["cached", "streamed"])
+KILLED_RUNS = {  # the settings of each run and the checkpoint after which it is killed
+    "cached": ({}, 40),
+    # Two passes of 40 steps over half the tokens, killed inside the second.
+    "cached, 2 passes": ({"num_tokens": 20000, "num_train_epochs": 2, "max_steps": -1}, 60),
+    # One pass over the budget (no max_steps), 20 steps of 500 rows, killed after step 8.
+    "streamed": ({"activation_cache": None, "max_steps": -1, "save_steps": 4, "num_tokens": 10000}, 8),
+}
+
+
+@pytest.mark.parametrize("source", list(KILLED_RUNS))
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_lm_dir, source):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # Streamed: one pass over the budget (no max_steps), 20 steps of 500 rows, killed after step 8.
-    overrides = (
-        {} if source == "cached" else {"activation_cache": None, "max_steps": -1, "save_steps": 4, "num_tokens": 10000}
-    )
+    overrides, step = KILLED_RUNS[source]
     subprocess.run(
         run_config(tmp_path, tiny_lm_dir, "straight", **overrides),
         check=True,
@@ -321,7 +327,6 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path,
         timeout=600,
     )
     command = run_config(tmp_path, tiny_lm_dir, "killed", **overrides)
-    step = 40 if source == "cached" else 8
     kill_after(command, tmp_path / "killed" / f"checkpoint-{step}" / "checksums.json", env)
     assert not (tmp_path / "killed" / "model.safetensors").exists(), "the run finished before it was killed"
 
@@ -334,6 +339,12 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path,
         torch.testing.assert_close(killed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     states = [json.loads((tmp_path / name / "state.json").read_text()) for name in ("straight", "killed")]
     assert states[0]["slices"] == states[1]["slices"], "the resumed run read the same tokens"
+    # What it measured of its convergence before the kill came back with the checkpoint: the same measurements.
+    curves = [state["convergence"]["curve"] for state in states]
+    assert [p["step"] for p in curves[1]] == [p["step"] for p in curves[0]]
+    for straight_point, killed_point in zip(*curves, strict=True):
+        assert killed_point["train_fvu"] == pytest.approx(straight_point["train_fvu"], abs=1e-5)
+        assert killed_point["share_near_init"] == pytest.approx(straight_point["share_near_init"], abs=1e-6)
 
 
 def test_a_rerun_with_other_arguments_is_refused_naming_them(tmp_path, tiny_lm_dir):

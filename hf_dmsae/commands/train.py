@@ -15,6 +15,7 @@ from hf_dmsae.data.activations import ActivationArguments
 from hf_dmsae.evaluation.held_out import activation_metrics
 from hf_dmsae.method.attribution import AttributionArguments
 from hf_dmsae.method.distillation import DistillationArguments
+from hf_dmsae.reporting.convergence import convergence_line
 from hf_dmsae.run.arguments import SAEArguments, new_model, refuse_unread
 from hf_dmsae.run.data import RunData
 from hf_dmsae.run.launch import end_processes, parse_arguments
@@ -37,11 +38,14 @@ def main() -> None:
     data = RunData(activation_args, training_args, state)
     model = new_model(sae_args, data, seed=training_args.seed)
     trainer = train_sae(model, data, data.training_slice("train"), training_args)
-    if trainer.is_world_process_zero() and data.eval_slice is not None:
-        metrics = activation_metrics(model, data.eval_batches(training_args.per_device_eval_batch_size))
-        state.data["metrics"] = metrics
+    if trainer.is_world_process_zero():
+        state.data["convergence"] = trainer.convergence
+        if data.eval_slice is not None:
+            metrics = activation_metrics(model, data.eval_batches(training_args.per_device_eval_batch_size))
+            state.data["metrics"] = metrics
+            print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
         state.save()
-        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+        print(convergence_line(trainer.convergence))
     end_processes()
 
 

@@ -231,7 +231,10 @@ class Distillation:
                 core = callback.core
                 metrics = self.held_out_metrics(model)
                 record.update(
-                    log_history=trainer.state.log_history, track=callback.track, steps=trainer.state.global_step
+                    log_history=trainer.state.log_history,
+                    track=callback.track,
+                    steps=trainer.state.global_step,
+                    convergence=trainer.convergence,
                 )
         record["stages"] = times.summary()
         carried = len(set(core.latent_ids) & set(previous.latent_ids)) if previous is not None else 0
@@ -319,6 +322,7 @@ class Distillation:
                     "seed": seed,
                     "metrics": self.held_out_metrics(model),
                     "l0_core_curve": curve,
+                    "convergence": trainer.convergence,
                 }
                 self.state.save()
 
@@ -366,7 +370,7 @@ class Distillation:
         )
         if has_model:
             last = load_trained_model(self.output_dir / f"cycle{self.last_cycle}")
-            metrics = self.state.record("cycles", str(self.last_cycle)).get("metrics", {})
+            record = self.state.record("cycles", str(self.last_cycle))
             items.append(
                 (
                     write_model_repo(
@@ -374,8 +378,9 @@ class Distillation:
                         repo_folder(self.output_dir, self.model_repo),
                         self.model_repo,
                         datasets=datasets,
-                        metrics=metrics,
+                        metrics=record.get("metrics", {}),
                         related=others(self.model_repo),
+                        convergence=record.get("convergence"),
                     ),
                     self.model_repo,
                 )

@@ -197,8 +197,9 @@ class Transfer:
         for name, k, variant in todo:
             model = self.new_model(k, variant)
             args = dataclasses.replace(self.training_args, output_dir=str(self.output_dir / name), push_to_hub=False)
-            train_sae(model, self.data, piece, args)
-            self.results[name] = {"k": k, "variant": variant, **self.evaluate(model.to(self.training_args.device))}
+            convergence = train_sae(model, self.data, piece, args).convergence
+            metrics = self.evaluate(model.to(self.training_args.device))
+            self.results[name] = {"k": k, "variant": variant, **metrics, "convergence": convergence}
             self.state.save()
             if after_each is not None:
                 after_each(name, self.results[name])
@@ -214,7 +215,12 @@ class Transfer:
             repo = f"{self.model_repo}-{name}"
             model = load_trained_model(self.output_dir / name)
             folder = write_model_repo(
-                model, repo_folder(self.output_dir, repo), repo, metrics=result, datasets=[self.data.dataset_name]
+                model,
+                repo_folder(self.output_dir, repo),
+                repo,
+                metrics=result,
+                datasets=[self.data.dataset_name],
+                convergence=result.get("convergence"),
             )
             items.append((folder, repo))
         publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)

@@ -162,8 +162,10 @@ def write_model_repo(
     datasets: list[str] | None = None,
     metrics: dict | None = None,
     related: dict[str, str] | None = None,
+    convergence: dict | None = None,
 ) -> Path:
-    """Save `model` (safetensors, config, remote code) with its model card into `folder`."""
+    """Save `model` (safetensors, config, remote code) with its model card into `folder`; the card says whether it
+    converged (`convergence`, the record `evaluation.convergence` writes), where that was recorded."""
     folder = Path(folder)
     model.save_pretrained(folder)
     metrics = card_metrics(metrics)
@@ -189,6 +191,7 @@ def write_model_repo(
         datasets=[describe(d) for d in datasets or []],
         metrics=metrics,
         related=related or {},
+        convergence=convergence,
     )
     card.save(folder / "README.md")
     return folder

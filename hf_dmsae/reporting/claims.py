@@ -12,6 +12,7 @@ from ..run.results import (
 from ..run.variants import VARIANTS
 from ..utils.integrity import read_json
 from . import figures
+from .convergence import converged_of, unconverged_warning
 from .tables import latent_matches_tables, markdown_table, matched_table, spread_cell, write_report
 
 
@@ -45,6 +46,15 @@ def claims_report(folder: str | Path) -> str:
         + [spread_cell(m.get(c, [])) for c in metrics]
         for m in models
     ]
+    records = {
+        name: [seed[name].get("convergence") for seed in results["models"].values() if name in seed]
+        for name in {n for seed in results["models"].values() for n in seed}
+    }
+    header = ["k", "variant", "L0", "L0 core", "L0 non-core", *metrics]
+    if any(r is not None for rs in records.values() for r in rs):  # recorded since convergence is
+        header.append("converged")
+        for row, m in zip(rows, models, strict=True):
+            row.append(converged_of(records[f"k{m['k']}-{m['variant']}"]))
     lines = [
         "# The paper's claims on the embedded default",
         "",
@@ -60,7 +70,8 @@ def claims_report(folder: str | Path) -> str:
         "",
         "## Every model",
         "",
-        *markdown_table(["k", "variant", "L0", "L0 core", "L0 non-core", *metrics], rows),
+        *markdown_table(header, rows),
+        *unconverged_warning([r for rs in records.values() for r in rs]),
         *matched_table(
             results["matched"], "Claim 3 at matched sparsity: each variant − the Matryoshka SAE at the same measured L0"
         ),

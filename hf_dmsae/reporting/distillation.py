@@ -8,6 +8,7 @@ from ..data.slices import SliceLayout
 from ..publishing import card_figures
 from ..run.state import carry_over, load_recorded_core, read_state
 from . import figures
+from .convergence import converged_cell, unconverged_warning
 from .tables import NAN, figure_lines, markdown_table, repo_lines, write_report
 
 
@@ -50,12 +51,13 @@ def distillation_report(folder: str | Path) -> str:
     distillation_figures(folder)
     state = read_state(folder, "distillation", "cycles", "distilled")
     last = state["distilled"]["last_cycle"]
-    rows = []
-    for t in range(last + 1):
-        c = state["cycles"][str(t)]
+    rows, cycles = [], [state["cycles"][str(t)] for t in range(last + 1)]
+    recorded = any("convergence" in c for c in cycles)  # since convergence is recorded
+    for t, c in enumerate(cycles):
         m = c.get("metrics", {})
         cells = [t, c["size"], f"{c['coverage']:.3f}", c["carried_over"] if t else "–"]
         rows.append(cells + [f"{m[k]:.4f}" if k in m else "–" for k in ("eval_fvu", "eval_l0_core", "eval_l0_noncore")])
+        rows[-1] += [converged_cell(c.get("convergence"))] if recorded else []
     lines = [
         f"# Distillation report: {state['model_repo']}",
         "",
@@ -71,9 +73,11 @@ def distillation_report(folder: str | Path) -> str:
                 "held-out FVU",
                 "L0 core",
                 "L0 non-core",
+                *(["converged"] if recorded else []),
             ],
             rows,
         ),
+        *unconverged_warning([c.get("convergence") for c in cycles]),
         "",
         f"Distilled core `C^({last}) ∩ C^({last - 1})`: **{state['distilled']['size']} latents**.",
         "",
@@ -98,6 +102,10 @@ def distillation_report(folder: str | Path) -> str:
                 ]
             )
         header = ["core", "seed", "E[L0 core] min", "E[L0 core] end", "held-out FVU", "held-out L0 core"]
+        if any("convergence" in r for r in control.values()):
+            header.append("converged")
+            for row, (_, result) in zip(rows, sorted(control.items()), strict=True):
+                row.append(converged_cell(result.get("convergence")))
         lines += [
             "## Controls (Fig. 3)",
             "",

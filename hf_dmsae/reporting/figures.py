@@ -210,3 +210,20 @@ def r_precision_against_properties(
     axes[0].set_ylabel("R-precision of the cycle-0 pool ranking")
     axes[0].legend(fontsize=8)
     return save(figure, path)
+
+
+def convergence_curves(models: dict[str, dict], path: Path) -> Path:
+    """Held-out FVU and the share of latents near their initialisation against optimiser steps, one curve per
+    setting, a column per variant (the screening models: `models` of one k and seed)."""
+    variants = sorted({m["variant"] for m in models.values()})
+    figure, axes = plt.subplots(2, len(variants), figsize=(5 * len(variants), 7), squeeze=False)
+    for column, variant in enumerate(variants):
+        for model in (m for m in models.values() if m["variant"] == variant):
+            curve = model["convergence"]["curve"]
+            steps = [point["step"] for point in curve]
+            for row, measured in enumerate(("heldout_fvu", "share_near_init")):
+                axes[row][column].plot(steps, [point[measured] for point in curve], marker=".", label=model["setting"])
+        axes[0][column].set(title=variant, ylabel="held-out FVU", xscale="log")
+        axes[1][column].set(xlabel="optimiser steps", ylabel="share of latents near init", xscale="log")
+    axes[0][0].legend(fontsize=7)
+    return save(figure, path)

@@ -8,6 +8,7 @@ from ..evaluation.saebench import HEADLINE_METRICS
 from ..run.state import read_state
 from ..run.variants import VARIANTS
 from . import figures
+from .convergence import converged_cell, unconverged_warning
 from .tables import markdown_table, repo_lines, write_report
 
 
@@ -19,8 +20,10 @@ def transfer_report(folder: str | Path) -> str:
     columns = ("fvu", "ce_loss_recovered", "l0", "l0_core", "l0_noncore", "dead_fraction")
     columns += tuple(c for _, _, c in HEADLINE_METRICS if any(c in r for r in results.values()))
     rows, skipped = [], {}
+    recorded = any("convergence" in r for r in results.values())  # since convergence is recorded
     for result in sorted(results.values(), key=lambda r: (r["k"], VARIANTS.index(r["variant"]))):
         rows.append([result["k"], result["variant"], *(f"{result[c]:.4f}" if c in result else "–" for c in columns)])
+        rows[-1] += [converged_cell(result.get("convergence"))] if recorded else []
         skipped |= {
             name: r.get("skipped") or r["failed"]
             for name, r in result.get("saebench", {}).items()
@@ -31,7 +34,8 @@ def transfer_report(folder: str | Path) -> str:
         "",
         "Own metrics on held-out text; `sb_*` columns are SAEBench's (`saebench/<eval>/` holds their JSON).",
         "",
-        *markdown_table(["k", "variant", *columns], rows),
+        *markdown_table(["k", "variant", *columns, *(["converged"] if recorded else [])], rows),
+        *unconverged_warning([r.get("convergence") for r in results.values()]),
     ]
     if skipped:
         lines += ["", "SAEBench evals not run:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()]

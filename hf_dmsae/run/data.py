@@ -53,6 +53,11 @@ class RunData:
     once and kept in the run's state; caches are written by the main process while the others wait."""
 
     def __init__(self, args: ActivationArguments, training_args: DMSAETrainingArguments, state: RunState):
+        if training_args.num_train_epochs > 1 and args.activation_cache is None:
+            raise ValueError(
+                f"num_train_epochs={training_args.num_train_epochs:g} is invalid for a streamed run: a stream reads "
+                "each training row once, as it harvests it; give --activation_cache to read a cached slice again"
+            )
         self.args, self.training_args, self.state = args, training_args, state
         self.lm, self.tokenizer = load_language_model(
             args.model_name_or_path,
@@ -106,8 +111,9 @@ class RunData:
         self.state.save()
         return piece
 
-    def training_slice(self, name: str) -> TokenSlice:
-        piece = self.state.slices.training(name, self.args.dataset_split, self.args.num_tokens)
+    def training_slice(self, name: str, tokens: int | None = None) -> TokenSlice:
+        """The training slice `name` of `tokens` rows (default: the run's budget, `num_tokens`), after the last."""
+        piece = self.state.slices.training(name, self.args.dataset_split, tokens or self.args.num_tokens)
         self.state.save()
         return piece
 

@@ -29,7 +29,14 @@ MODEL_METRICS = (
     *(f"ce_loss_{name}" for name in ("clean", "spliced", "zero_ablated", "recovered")),
     *(name for _, _, name in HEADLINE_METRICS),
 )
-MODEL = {"variant": str, "k": int, "l0": NUMBER, **{f"{name}?": NUMBER for name in MODEL_METRICS}, "saebench?": dict}
+MODEL = {
+    "variant": str,
+    "k": int,
+    "l0": NUMBER,
+    **{f"{name}?": NUMBER for name in MODEL_METRICS},
+    "saebench?": dict,
+    "convergence?": dict,
+}
 """A trained model's record in a study (a transfer's result): its variant, k, measured L0 and metrics."""
 
 CLAIMS_RESULTS = {
@@ -47,6 +54,16 @@ SYNTHETIC_RESULTS = {"seconds?": Each(NUMBER), "matched?": dict, "consistency?":
 SCORERS_RESULTS = {
     "synthetic?": Each(Each(dict)),
     "lm?": {"model": str, "pool": int, "scorers?": Each({"scores": list})},
+}
+CONVERGENCE_RESULTS = {
+    "models?": Each(
+        {"setting": str, "overrides": dict, "variant": str, "k": int, "seed": int, "fvu": NUMBER, "convergence": dict}
+    ),
+    "candidates?": list,
+    "matched?": Each(dict),
+    "twice?": Each({"fvu_gain": NUMBER}),
+    "chosen?": dict,
+    "screen_k?": int,
 }
 CORE_DYNAMICS_RESULTS = {
     "source": str,

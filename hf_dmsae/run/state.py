@@ -24,6 +24,7 @@ TRAINING_FIELDS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "max_steps",
+    "num_train_epochs",
     "seed",
     "weight_decay",
     "lr_scheduler_type",

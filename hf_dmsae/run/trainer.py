@@ -16,6 +16,7 @@ are read anyway; the dead latents found there serve AuxK until the next log.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -99,8 +100,9 @@ class DMSAETrainingArguments(TrainingArguments):
     num_train_epochs: float = field(
         default=1.0,
         metadata={
-            "help": "Passes over the training slice: one; a run's steps come from its token budget (num_tokens) "
-            "or max_steps, and another value is refused rather than ignored."
+            "help": "Passes over the training slice, a whole number, each in a new shuffled order: a run's steps are "
+            "its token budget (num_tokens) in optimiser steps times this, or max_steps within them. Several "
+            "passes read a cached slice (--activation_cache) again; a streamed run refuses them."
         },
     )
     batch_eval_metrics: bool = field(
@@ -137,10 +139,10 @@ class DMSAETrainingArguments(TrainingArguments):
             logging_steps="> 0",
             save_steps="> 0",
         )
-        if self.num_train_epochs != 1:
+        if self.num_train_epochs < 1 or self.num_train_epochs != int(self.num_train_epochs):
             raise ValueError(
-                f"num_train_epochs={self.num_train_epochs} is invalid: a run reads its training slice once (its steps "
-                "come from num_tokens or max_steps)"
+                f"num_train_epochs={self.num_train_epochs} is invalid: passes over the training slice are a whole "
+                "number, at least 1"
             )
         if self.use_cpu is None:
             self.use_cpu = not torch.accelerator.is_available()
@@ -203,10 +205,17 @@ class DMSAETrainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     def get_train_dataloader(self):
-        """A stream harvests this process's own rows, so its batches are not dispatched from the main process."""
+        """A stream harvests this process's own rows, so its batches are not dispatched from the main process. A
+        cache is read in whole batches: a pass over it is `rows // batch` steps, as `training_steps` counts them,
+        and a step never reads a short batch (evaluation still reads every row)."""
         if isinstance(self.train_dataset, ActivationStream):
             return torch.utils.data.DataLoader(self.train_dataset, batch_size=None, collate_fn=collate_activations)
-        return super().get_train_dataloader()
+        args, self.args = self.args, copy.copy(self.args)  # a copy, not a replace: that would set up devices again
+        self.args.dataloader_drop_last = True
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.args = args
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """As `Trainer.train`; a fresh run first sets `b_dec` to the geometric median of the dataset's first rows

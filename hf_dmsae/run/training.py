@@ -13,6 +13,7 @@ from ..data.slices import TokenSlice
 from ..model.modeling_dmsae import DMSAEModel
 from ..utils.integrity import IntegrityError, checksums, read_json, verify_checksums, write_json_atomically
 from ..utils.stages import stage
+from .convergence import ConvergenceCallback, run_convergence
 from .data import RunData
 from .trainer import CHECKSUMS, DMSAETrainer, DMSAETrainingArguments
 
@@ -37,6 +38,20 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 
 
 MODEL_FILES = ("config.json", "model.safetensors")
+CONVERGENCE = "convergence.json"
+CONVERGENCE_ROWS = 4096
+"""Held-out and training rows a run measures its convergence on (`run.convergence`)."""
+
+
+def first_rows(batches, rows: int) -> torch.Tensor:
+    """The first `rows` rows of `batches` (fewer if they hold fewer)."""
+    taken, count = [], 0
+    for batch in batches:
+        taken.append(batch[: rows - count])
+        count += len(taken[-1])
+        if count >= rows:
+            break
+    return torch.cat(taken) if taken else torch.empty(0)
 
 
 def load_trained_model(folder: str | Path) -> DMSAEModel:
@@ -50,22 +65,23 @@ def load_trained_model(folder: str | Path) -> DMSAEModel:
 
 
 def training_steps(rows: int, args: DMSAETrainingArguments) -> int:
-    """Optimiser steps that read a slice's `rows` (its token budget) over all processes, or `max_steps` if given,
-    which must fit in them: more would read rows twice from a cache, and past the slice (into the next one's tokens)
-    from a stream."""
+    """Optimiser steps that read a slice's `rows` (its token budget) over all processes `num_train_epochs` times, or
+    `max_steps` if given, which must fit in them: more would read rows once more than asked from a cache, and past
+    the slice (into the next one's tokens) from a stream."""
     per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-    steps = rows // per_step
-    if steps < 1:
+    per_pass, passes = rows // per_step, int(args.num_train_epochs)
+    if per_pass < 1:
         raise ValueError(
             f"num_tokens={rows} is less than one optimiser step's {per_step} rows "
             "(per_device_train_batch_size × processes × gradient_accumulation_steps)"
         )
-    if args.max_steps > steps:
+    if args.max_steps > per_pass * passes:
         raise ValueError(
-            f"max_steps={args.max_steps} is invalid: the token budget num_tokens={rows} holds {steps} "
-            f"optimiser steps of {per_step} rows; raise num_tokens or lower max_steps"
+            f"max_steps={args.max_steps} is invalid: the token budget num_tokens={rows} holds {per_pass} "
+            f"optimiser steps of {per_step} rows a pass, {passes} pass(es) asked for (num_train_epochs); raise "
+            "num_tokens or num_train_epochs, or lower max_steps"
         )
-    return args.max_steps if args.max_steps > 0 else steps
+    return args.max_steps if args.max_steps > 0 else per_pass * passes
 
 
 def train_sae(
@@ -89,6 +105,8 @@ def train_sae(
         callbacks=callbacks,
         core_usage_rows=core_usage_rows,
     )
+    held_out = first_rows(data.eval_batches(args.per_device_eval_batch_size), CONVERGENCE_ROWS)
+    trainer.add_callback(ConvergenceCallback(trainer, held_out, train.sample(CONVERGENCE_ROWS)))
     logger.info(
         "Training process %d of %d on %s: %d steps on slice %r",
         args.process_index,
@@ -107,8 +125,10 @@ def train_sae(
         trainer.train(resume_from_checkpoint=checkpoint)
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         timed.tokens = (trainer.state.global_step - first_step) * rows_per_step
+    trainer.convergence = run_convergence(trainer, piece.rows)
     trainer.save_model(args.output_dir)
     if args.should_save:
+        write_json_atomically(Path(args.output_dir) / CONVERGENCE, trainer.convergence)
         write_json_atomically(Path(args.output_dir) / CHECKSUMS, checksums(args.output_dir, list(MODEL_FILES)))
     trainer.accelerator.wait_for_everyone()
     data.finish_slice(piece, train)

@@ -296,6 +296,7 @@ class CoreDynamics:
                 "seed": seed,
                 "core_size": len(core) if core is not None else 0,
                 "steps": trainer.state.global_step,
+                "convergence": trainer.convergence,
                 "l0_core_curve": [(e["step"], e["l0_core"]) for e in history if "l0_core" in e and core is not None],
                 "fvu_curve": [(e["step"], e["fvu"]) for e in history if "fvu" in e],
                 "learning_rate_curve": [(e["step"], e["learning_rate"]) for e in history if "learning_rate" in e],

@@ -1,0 +1,76 @@
+"""Whether an SAE trained (docs/method.md §7): how many of its latents still point where they were initialised, how
+many died, whether its held-out FVU was still falling before the learning rate decayed (a decay lowers the loss
+whether or not a model has converged), and whether it fits its training rows better than held-out ones.
+
+`convergence_record` turns what a run measured (`run.convergence.ConvergenceCallback`) into the `convergence` object
+every trained model's record holds, `converged` judged against `CRITERIA`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CRITERIA = {"share_near_init": 0.10, "dead_fraction": 0.05, "fvu_gain_last_fifth": 0.02, "overfit_gap": 0.01}
+"""A model has converged when each of these is below its bound: the share of latents within `NEAR_INIT_COS` of
+their initial decoder direction, the share that did not fire over the last pass, the relative held-out FVU gain over
+the last fifth of training before the decay, and held-out minus training FVU."""
+NEAR_INIT_COS = 0.9
+INIT_SAMPLE = 4096
+"""Latents whose initial decoder rows a run keeps (all of a smaller dictionary; a fixed sample of a larger one)."""
+LAST_FIFTH = 0.2
+
+
+def init_sample(num_latents: int, sample: int = INIT_SAMPLE) -> torch.Tensor:
+    """The latents whose movement is measured: all, or the same `sample` of them for every run of this width."""
+    if num_latents <= sample:
+        return torch.arange(num_latents)
+    return torch.randperm(num_latents, generator=torch.Generator().manual_seed(0))[:sample].sort().values
+
+
+def share_near_init(initial: torch.Tensor, decoder: torch.Tensor) -> float:
+    """The share of rows of `decoder` (latents' directions) within cosine `NEAR_INIT_COS` of the same rows of
+    `initial`."""
+    cosines = F.cosine_similarity(initial.float(), decoder.float(), dim=1)
+    return float((cosines >= NEAR_INIT_COS).float().mean())
+
+
+def last_fifth_before_decay(steps: int, decay_fraction: float) -> tuple[int, int]:
+    """The steps that bound the last fifth of training before the learning rate's final decay."""
+    end = round(steps * (1 - decay_fraction))
+    return max(0, end - round(steps * LAST_FIFTH)), end
+
+
+def measured_steps(steps: int, decay_fraction: float, points: int = 10) -> list[int]:
+    """Where a run measures itself: `points` even fractions of training and the bounds of the last fifth."""
+    marks = {round(steps * i / points) for i in range(1, points + 1)} | set(
+        last_fifth_before_decay(steps, decay_fraction)
+    )
+    return sorted(s for s in marks if s >= 1)
+
+
+def convergence_record(
+    curve: list[dict], *, steps: int, tokens: int, epochs: int, decay_fraction: float, dead_fraction: float
+) -> dict:
+    """The `convergence` object of a model from its measurements `curve` (one `{"step", "heldout_fvu",
+    "train_fvu", "share_near_init"}` per measured step, the last at `steps`)."""
+    at = {point["step"]: point for point in curve}
+    start, end = last_fifth_before_decay(steps, decay_fraction)
+    before, after = (at.get(step, {}).get("heldout_fvu") for step in (start, end))
+    gain = None if start < 1 or start >= end or not before or after is None else (before - after) / before
+    last = at.get(steps, {})
+    record = {
+        "steps": steps,
+        "tokens": tokens,
+        "epochs": epochs,
+        "heldout_fvu": last.get("heldout_fvu"),
+        "train_fvu": last.get("train_fvu"),
+        "fvu_gain_last_fifth": gain,
+        "share_near_init": last.get("share_near_init"),
+        "dead_fraction": dead_fraction,
+        "overfit_gap": None
+        if last.get("heldout_fvu") is None or last.get("train_fvu") is None
+        else last["heldout_fvu"] - last["train_fvu"],
+    }
+    unmet = [name for name, bound in CRITERIA.items() if record[name] is None or not record[name] < bound]
+    return {**record, "converged": not unmet, "unmet": unmet, "criteria": dict(CRITERIA), "curve": curve}

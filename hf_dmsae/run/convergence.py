@@ -1,0 +1,93 @@
+"""`ConvergenceCallback`: a training run measures whether it converges while it trains (`evaluation.convergence`).
+
+At fixed steps (`measured_steps`: tenths of training and the bounds of the last fifth before the decay) it measures
+held-out FVU, FVU on rows of its own training slice and the share of latents near their initial decoder direction,
+into the Trainer's log history (`convergence_*`), which checkpoints keep, so a resumed run has every measurement an
+uninterrupted one has. The initial decoder rows it compares with are kept in the run folder from the first step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+from ..evaluation.convergence import convergence_record, init_sample, measured_steps, share_near_init
+from ..evaluation.held_out import activation_metrics
+from ..utils.integrity import saving
+
+INITIAL_DECODER = "initial_decoder.safetensors"
+MEASURED = ("heldout_fvu", "train_fvu", "share_near_init")
+
+
+class ConvergenceCallback(TrainerCallback):
+    """Measures `trainer`'s model on `held_out` and `train_rows` (raw activations; a run without held-out rows has
+    no held-out FVU) at `measured_steps`."""
+
+    def __init__(self, trainer, held_out: torch.Tensor, train_rows: torch.Tensor):
+        self.trainer, self.held_out, self.train_rows = trainer, held_out, train_rows
+        self.latents = self.initial = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        sae = self._model()
+        self.latents = init_sample(sae.config.dict_size)
+        path = Path(args.output_dir) / INITIAL_DECODER
+        if state.global_step == 0:
+            # Kept in half precision (a direction's cosine needs no more), the same whether resumed or not.
+            self.initial = sae.W_dec.detach()[self.latents].cpu().half()
+            if args.should_save:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with saving(path):
+                    save_file({"rows": self.initial, "latents": self.latents}, path)
+        elif path.is_file():  # resumed: the rows kept when it started
+            self.initial = load_file(path)["rows"]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in measured_steps(state.max_steps, args.decay_fraction):
+            state.log_history.append({"step": state.global_step, **self.measure()})
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, float | None]:
+        sae, size = self._model(), self.trainer.args.per_device_eval_batch_size
+        heldout, train = (
+            activation_metrics(sae, rows.split(size))["fvu"] if len(rows) else None
+            for rows in (self.held_out, self.train_rows)
+        )
+        near = None
+        if self.initial is not None:
+            near = share_near_init(self.initial, sae.W_dec.detach()[self.latents].cpu())
+        return {"convergence_heldout_fvu": heldout, "convergence_train_fvu": train, "convergence_share_near_init": near}
+
+    def _model(self):
+        from .trainer import whole_model
+
+        return whole_model(self.trainer.sae)
+
+
+def measurements(log_history: list[dict]) -> list[dict]:
+    """A run's convergence measurements, one per measured step, from its Trainer's log history."""
+    return [
+        {"step": entry["step"], **{name: entry[f"convergence_{name}"] for name in MEASURED}}
+        for entry in log_history
+        if "convergence_heldout_fvu" in entry
+    ]
+
+
+def run_convergence(trainer, rows_per_pass: int) -> dict:
+    """The `convergence` object of the model `trainer` trained (`evaluation.convergence.convergence_record`); its
+    dead fraction over the last pass (all of training when there is one)."""
+    args, state = trainer.args, trainer.state
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    tokens = state.global_step * per_step
+    window = min(tokens, rows_per_pass - rows_per_pass % per_step)
+    dead = float((trainer.sae.tokens_since_fired >= window).float().mean())
+    return convergence_record(
+        measurements(state.log_history),
+        steps=state.global_step,
+        tokens=tokens,
+        epochs=int(args.num_train_epochs),
+        decay_fraction=args.decay_fraction,
+        dead_fraction=dead,
+    )
