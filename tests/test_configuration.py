@@ -151,12 +151,20 @@ def test_a_core_penalty_setting_that_is_not_finite_is_refused_when_parsed(field,
         parse_arguments((SAEArguments,), ["--sparsity", "jumprelu_core", f"--{field}={value}"])
 
 
-def test_num_train_epochs_is_refused_rather_than_ignored(tmp_path):
+def test_num_train_epochs_is_read_as_whole_passes_over_the_slice_not_ignored(tmp_path):
+    import dataclasses
+
     from hf_dmsae.run.trainer import DMSAETrainingArguments
+    from hf_dmsae.run.training import training_steps
 
     assert DMSAETrainingArguments(output_dir=str(tmp_path)).num_train_epochs == 1  # what `--help` shows is done
-    with pytest.raises(ValueError, match="num_train_epochs=3.0 is invalid: a run reads its training slice once"):
-        DMSAETrainingArguments(output_dir=str(tmp_path), num_train_epochs=3.0)
+    args = DMSAETrainingArguments(output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=100)
+    assert training_steps(1050, args) == 30  # 10 whole batches a pass
+    with pytest.raises(ValueError, match="max_steps=31 is invalid: .* 10 optimiser steps of 100 rows a pass, 3 pass"):
+        training_steps(1050, dataclasses.replace(args, max_steps=31))
+    for passes in (0.5, 2.5):
+        with pytest.raises(ValueError, match=f"num_train_epochs={passes} is invalid: passes .* a whole number"):
+            DMSAETrainingArguments(output_dir=str(tmp_path), num_train_epochs=passes)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_once_naming_the_flag(tmp_path, monkeypatch, caplog):

@@ -127,7 +127,7 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
             results_dir=str(tmp_path / "report"),
         ),
         SAEArguments(dict_size=64, k=8),
-        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=2000),
+        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=1000),
         DMSAETrainingArguments(
             output_dir=str(tmp_path / "unused"),
             per_device_train_batch_size=100,
@@ -149,7 +149,7 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
     assert set(results["twice"]) == {"fast/k8-matryoshka", "fast/k8-random_dense_core"}
     gains = [t["fvu_gain"] for t in results["twice"].values()]
     assert results["chosen"]["setting"] == ("fast" if max(gains) < 0.03 else None)
-    assert models["fast/k4-random_dense_core/seed1"]["convergence"]["steps"] == 2 * (2000 // 100)
+    assert models["fast/k4-random_dense_core/seed1"]["convergence"]["steps"] == 2 * (1000 // 100)
     report = convergence_report(tmp_path / "report")
     assert "| fast | random_dense_core | 4 | 1 |" in report and "## Twice the passes" in report
     before = (tmp_path / "report" / "results.json").read_text()

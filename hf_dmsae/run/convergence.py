@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from ..evaluation.convergence import convergence_record, init_sample, measured_steps, share_near_init
-from ..evaluation.held_out import activation_metrics
+from ..evaluation.held_out import fraction_of_variance_unexplained
 from ..utils.integrity import saving
 
 INITIAL_DECODER = "initial_decoder.safetensors"
@@ -50,11 +50,8 @@ class ConvergenceCallback(TrainerCallback):
 
     @torch.no_grad()
     def measure(self) -> dict[str, float | None]:
-        sae, size = self._model(), self.trainer.args.per_device_eval_batch_size
-        heldout, train = (
-            activation_metrics(sae, rows.split(size))["fvu"] if len(rows) else None
-            for rows in (self.held_out, self.train_rows)
-        )
+        sae = self._model()
+        heldout, train = (inference_fvu(sae, rows) for rows in (self.held_out, self.train_rows))
         near = None
         if self.initial is not None:
             near = share_near_init(self.initial, sae.W_dec.detach()[self.latents].cpu())
@@ -64,6 +61,22 @@ class ConvergenceCallback(TrainerCallback):
         from .trainer import whole_model
 
         return whole_model(self.trainer.sae)
+
+
+@torch.no_grad()
+def inference_fvu(sae, rows: torch.Tensor, batch_size: int = 1024) -> float | None:
+    """FVU of `sae` in inference mode on raw activations `rows` (None for no rows), as `activation_metrics` has it,
+    encoded `batch_size` rows at a time (a batch's dense pre-activations are `batch_size × dict_size`)."""
+    if not len(rows):
+        return None
+    training = sae.training
+    sae.eval()
+    try:
+        x = rows.to(sae.device)
+        reconstruction = torch.cat([sae.decode_sparse(sae.encode_sparse(part)) for part in x.split(batch_size)])
+    finally:
+        sae.train(training)
+    return float(fraction_of_variance_unexplained(x.float(), reconstruction.float()))
 
 
 def measurements(log_history: list[dict]) -> list[dict]:

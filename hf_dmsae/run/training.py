@@ -105,7 +105,7 @@ def train_sae(
         callbacks=callbacks,
         core_usage_rows=core_usage_rows,
     )
-    held_out = first_rows(data.eval_batches(args.per_device_eval_batch_size), CONVERGENCE_ROWS)
+    held_out = first_rows(data.eval_batches(CONVERGENCE_ROWS), CONVERGENCE_ROWS)
     trainer.add_callback(ConvergenceCallback(trainer, held_out, train.sample(CONVERGENCE_ROWS)))
     logger.info(
         "Training process %d of %d on %s: %d steps on slice %r",
