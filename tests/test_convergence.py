@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import tiny_activation_args, tiny_run_data
 
+from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.data.cache import ActivationCache
 from hf_dmsae.evaluation.convergence import CRITERIA, convergence_record, measured_steps, share_near_init
 from hf_dmsae.reporting.convergence import convergence_report
 from hf_dmsae.run.arguments import SAEArguments, new_model
+from hf_dmsae.run.convergence import silent_share
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import train_sae
 from hf_dmsae.studies.arguments import StudyArguments
@@ -33,12 +35,25 @@ def test_a_record_judges_each_criterion_and_reads_the_last_fifth_before_the_deca
         {"step": s, "heldout_fvu": 1 - s / 200, "train_fvu": 1 - s / 200, "share_near_init": 0.0}
         for s in measured_steps(steps, decay)
     ]
-    record = convergence_record(falling, steps=100, tokens=1000, epochs=1, decay_fraction=decay, dead_fraction=0.0)
+    record = convergence_record(
+        falling, steps=100, tokens=1000, epochs=1, decay_fraction=decay, dead_fraction={"in_training": 0.0}
+    )
     assert record["fvu_gain_last_fifth"] == pytest.approx((0.7 - 0.6) / 0.7)  # steps 60 → 80, before the decay
     assert not record["converged"] and record["unmet"] == ["fvu_gain_last_fifth"]
     flat = [{**point, "heldout_fvu": 0.3, "train_fvu": 0.3} for point in falling]
-    record = convergence_record(flat, steps=100, tokens=1000, epochs=1, decay_fraction=decay, dead_fraction=0.2)
+    # A latent that fired early in training and died since is dead on the rows measured at the end: the larger counts.
+    dead = {"in_training": 0.0, "on_rows": 0.2}
+    record = convergence_record(flat, steps=100, tokens=1000, epochs=1, decay_fraction=decay, dead_fraction=dead)
     assert record["unmet"] == ["dead_fraction"] and record["criteria"] == CRITERIA
+    assert record["dead_fraction"] == 0.2 and record["dead_fraction_by"] == dead
+
+
+def test_a_latent_that_fires_on_no_row_is_silent():
+    model = DMSAEModel(DMSAEConfig(d_in=16, dict_size=64, k=4))
+    with torch.no_grad():
+        model.b_enc[:16] = -1e6  # these can never fire
+    assert silent_share(model, torch.randn(2000, 16)) == pytest.approx(16 / 64, abs=1 / 64)
+    assert silent_share(model, torch.empty(0)) is None
 
 
 def test_a_run_that_cannot_move_is_not_converged_and_one_that_trains_moves(tmp_path, tiny_lm_dir):

@@ -50,10 +50,11 @@ def measured_steps(steps: int, decay_fraction: float, points: int = 10) -> list[
 
 
 def convergence_record(
-    curve: list[dict], *, steps: int, tokens: int, epochs: int, decay_fraction: float, dead_fraction: float
+    curve: list[dict], *, steps: int, tokens: int, epochs: int, decay_fraction: float, dead_fraction: dict
 ) -> dict:
     """The `convergence` object of a model from its measurements `curve` (one `{"step", "heldout_fvu",
-    "train_fvu", "share_near_init"}` per measured step, the last at `steps`)."""
+    "train_fvu", "share_near_init"}` per measured step, the last at `steps`); `dead_fraction` holds the shares of
+    dead latents by each counting (None: not counted), the record's `dead_fraction` the largest."""
     at = {point["step"]: point for point in curve}
     start, end = last_fifth_before_decay(steps, decay_fraction)
     before, after = (at.get(step, {}).get("heldout_fvu") for step in (start, end))
@@ -67,7 +68,8 @@ def convergence_record(
         "train_fvu": last.get("train_fvu"),
         "fvu_gain_last_fifth": gain,
         "share_near_init": last.get("share_near_init"),
-        "dead_fraction": dead_fraction,
+        "dead_fraction": max((v for v in dead_fraction.values() if v is not None), default=None),
+        "dead_fraction_by": dead_fraction,
         "overfit_gap": None
         if last.get("heldout_fvu") is None or last.get("train_fvu") is None
         else last["heldout_fvu"] - last["train_fvu"],

@@ -57,10 +57,19 @@ class ConvergenceCallback(TrainerCallback):
             near = share_near_init(self.initial, sae.W_dec.detach()[self.latents].cpu())
         return {"convergence_heldout_fvu": heldout, "convergence_train_fvu": train, "convergence_share_near_init": near}
 
-    def _model(self):
-        from .trainer import whole_model
+    def rows(self) -> torch.Tensor:
+        """Every row it measures on, held-out and training."""
+        return torch.cat([rows for rows in (self.held_out, self.train_rows) if len(rows)])
 
-        return whole_model(self.trainer.sae)
+    def _model(self):
+        return whole_model_of(self.trainer)
+
+
+def whole_model_of(trainer):
+    """The trainer's model whole (an unsharded copy under FSDP)."""
+    from .trainer import whole_model
+
+    return whole_model(trainer.sae)
 
 
 @torch.no_grad()
@@ -88,19 +97,38 @@ def measurements(log_history: list[dict]) -> list[dict]:
     ]
 
 
-def run_convergence(trainer, rows_per_pass: int) -> dict:
-    """The `convergence` object of the model `trainer` trained (`evaluation.convergence.convergence_record`); its
-    dead fraction over the last pass (all of training when there is one)."""
+@torch.no_grad()
+def silent_share(sae, rows: torch.Tensor, batch_size: int = 1024) -> float | None:
+    """The share of `sae`'s latents that fire on none of `rows` in inference mode (None for no rows)."""
+    if not len(rows):
+        return None
+    training = sae.training
+    sae.eval()
+    fired = torch.zeros(sae.config.dict_size, dtype=torch.bool, device=sae.device)
+    try:
+        for part in rows.to(sae.device).split(batch_size):
+            fired[sae.encode_sparse(part).cols] = True
+    finally:
+        sae.train(training)
+    return float((~fired).float().mean())
+
+
+def run_convergence(trainer, rows_per_pass: int, rows: torch.Tensor) -> dict:
+    """The `convergence` object of the model `trainer` trained (`evaluation.convergence.convergence_record`). Its
+    dead fraction is the larger of two: latents that did not fire in training over the last pass (all of training
+    when there is one, so a latent that fired early and died since is not counted) and latents that fire on none of
+    `rows` (the held-out and training rows it was measured on) in inference mode now."""
     args, state = trainer.args, trainer.state
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     tokens = state.global_step * per_step
     window = min(tokens, rows_per_pass - rows_per_pass % per_step)
-    dead = float((trainer.sae.tokens_since_fired >= window).float().mean())
+    in_training = float((trainer.sae.tokens_since_fired >= window).float().mean())
+    on_rows = silent_share(whole_model_of(trainer), rows)
     return convergence_record(
         measurements(state.log_history),
         steps=state.global_step,
         tokens=tokens,
         epochs=int(args.num_train_epochs),
         decay_fraction=args.decay_fraction,
-        dead_fraction=dead,
+        dead_fraction={"in_training": in_training, "on_rows": on_rows},
     )

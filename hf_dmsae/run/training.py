@@ -106,7 +106,8 @@ def train_sae(
         core_usage_rows=core_usage_rows,
     )
     held_out = first_rows(data.eval_batches(CONVERGENCE_ROWS), CONVERGENCE_ROWS)
-    trainer.add_callback(ConvergenceCallback(trainer, held_out, train.sample(CONVERGENCE_ROWS)))
+    measured = ConvergenceCallback(trainer, held_out, train.sample(CONVERGENCE_ROWS))
+    trainer.add_callback(measured)
     logger.info(
         "Training process %d of %d on %s: %d steps on slice %r",
         args.process_index,
@@ -125,7 +126,7 @@ def train_sae(
         trainer.train(resume_from_checkpoint=checkpoint)
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         timed.tokens = (trainer.state.global_step - first_step) * rows_per_step
-    trainer.convergence = run_convergence(trainer, piece.rows)
+    trainer.convergence = run_convergence(trainer, piece.rows, measured.rows())
     trainer.save_model(args.output_dir)
     if args.should_save:
         write_json_atomically(Path(args.output_dir) / CONVERGENCE, trainer.convergence)
