@@ -122,6 +122,20 @@ def tiny_activation_args(tiny_lm_dir, **overrides):
     return ActivationArguments(**settings)
 
 
+def quiet_training_args(output_dir, **overrides):
+    """Training arguments for a test's run: batches of 200 rows, no checkpoints, reports or progress bars."""
+    from hf_dmsae.run.trainer import DMSAETrainingArguments
+
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=200,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    return DMSAETrainingArguments(**{**settings, **overrides})
+
+
 def tiny_run_data(folder, activation_args, **training_overrides):
     """A run state in `folder` and the data it reads (LM, statistics, slices) for `activation_args`."""
     from hf_dmsae.run.data import RunData

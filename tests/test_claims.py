@@ -5,12 +5,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import core_of_rows, results_written_by_another_study, tiny_activation_args
+from conftest import core_of_rows, quiet_training_args, results_written_by_another_study, tiny_activation_args
 
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.reporting.claims import claims_report
 from hf_dmsae.run.arguments import SAEArguments
-from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import load_trained_model
 from hf_dmsae.studies.arguments import StudyArguments
 from hf_dmsae.studies.claims import ClaimsArguments, PaperClaims, interpolate_in_log_l0, matched_differences
@@ -41,14 +40,7 @@ def study_arguments(tmp_path, tiny_lm_dir):
         ),
         SAEArguments(dict_size=128, k=8),
         tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=2000),
-        DMSAETrainingArguments(
-            output_dir=str(tmp_path / "unused"),
-            max_steps=4,
-            per_device_train_batch_size=200,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-        ),
+        quiet_training_args(tmp_path / "unused", max_steps=4),
         SAEBenchArguments(saebench_evals=["autointerp"]),
     )
 

@@ -3,17 +3,19 @@ cached slice, and the sweep that chooses the embedded default's budget (`studies
 
 import json
 from collections import Counter
+from unittest.mock import ANY
 
 import pytest
 import torch
-from conftest import tiny_activation_args, tiny_run_data
+from conftest import quiet_training_args, tiny_activation_args, tiny_run_data
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.data.cache import ActivationCache
 from hf_dmsae.evaluation.convergence import CRITERIA, convergence_record, measured_steps, share_near_init
+from hf_dmsae.evaluation.held_out import activation_metrics
 from hf_dmsae.reporting.convergence import convergence_report
 from hf_dmsae.run.arguments import SAEArguments, new_model
-from hf_dmsae.run.convergence import silent_share
+from hf_dmsae.run.convergence import inference_pass
 from hf_dmsae.run.trainer import DMSAETrainingArguments
 from hf_dmsae.run.training import train_sae
 from hf_dmsae.studies.arguments import StudyArguments
@@ -48,12 +50,16 @@ def test_a_record_judges_each_criterion_and_reads_the_last_fifth_before_the_deca
     assert record["dead_fraction"] == 0.2 and record["dead_fraction_by"] == dead
 
 
-def test_a_latent_that_fires_on_no_row_is_silent():
+def test_a_latent_that_fires_on_no_row_is_silent_and_the_pass_reconstructs_as_activation_metrics_does():
     model = DMSAEModel(DMSAEConfig(d_in=16, dict_size=64, k=4))
     with torch.no_grad():
         model.b_enc[:16] = -1e6  # these can never fire
-    assert silent_share(model, torch.randn(2000, 16)) == pytest.approx(16 / 64, abs=1 / 64)
-    assert silent_share(model, torch.empty(0)) is None
+    model.train()
+    rows = torch.randn(2000, 16)
+    fvu, fired = inference_pass(model, rows, batch_size=300)
+    assert (~fired).float().mean() == pytest.approx(16 / 64, abs=1 / 64) and model.training, "its mode given back"
+    assert fvu == pytest.approx(activation_metrics(model, rows.split(300))["fvu"], rel=1e-5)  # float32 vs 64 sums
+    assert inference_pass(model, torch.empty(0)) == (None, ANY)
 
 
 def test_a_run_that_cannot_move_is_not_converged_and_one_that_trains_moves(tmp_path, tiny_lm_dir):
@@ -61,15 +67,7 @@ def test_a_run_that_cannot_move_is_not_converged_and_one_that_trains_moves(tmp_p
     piece = data.training_slice("train")
     records = {}
     for name, rate in (("still", 1e-12), ("moving", 0.05)):
-        args = DMSAETrainingArguments(
-            output_dir=str(tmp_path / name),
-            learning_rate=rate,
-            per_device_train_batch_size=200,
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-            per_device_eval_batch_size=500,
-        )
+        args = quiet_training_args(tmp_path / name, learning_rate=rate, per_device_eval_batch_size=500)
         model = new_model(SAEArguments(dict_size=128, k=8), data, seed=0)
         records[name] = train_sae(model, data, piece, args).convergence
         assert json.loads((tmp_path / name / "convergence.json").read_text()) == records[name]
@@ -93,14 +91,7 @@ def test_a_run_asked_for_passes_reads_its_slice_that_many_times_and_no_other_sli
         "__getitems__",
         lambda cache, rows: reads.append((cache.path, list(rows))) or original(cache, rows),
     )
-    args = DMSAETrainingArguments(
-        output_dir=str(tmp_path / "passes"),
-        num_train_epochs=3,
-        per_device_train_batch_size=250,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = quiet_training_args(tmp_path / "passes", num_train_epochs=3, per_device_train_batch_size=250)
     trainer = train_sae(new_model(SAEArguments(dict_size=128, k=8), data, seed=0), data, piece, args)
     cache = data.training_data(piece, args)
     per_pass = piece.rows // 250
@@ -143,13 +134,7 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
         ),
         SAEArguments(dict_size=64, k=8),
         tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=1000),
-        DMSAETrainingArguments(
-            output_dir=str(tmp_path / "unused"),
-            per_device_train_batch_size=100,
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-        ),
+        quiet_training_args(tmp_path / "unused", per_device_train_batch_size=100),
     )
     results = ConvergenceSweep(*arguments).run()
     models = results["models"]

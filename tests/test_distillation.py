@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HUB, tiny_activation_args, token_positions
+from conftest import HUB, quiet_training_args, tiny_activation_args, token_positions
 from transformers import AutoModel
 
 from hf_dmsae import DMSAEModel
@@ -430,14 +430,7 @@ def test_a_cycle_zero_trained_by_dictionary_learning_grows_a_next_cycle_like_our
             SAEArguments(dict_size=512, k=16),
             tiny_activation_args(tiny_lm_dir, num_tokens=12_000, activation_cache=str(tmp_path / "cache")),
             AttributionArguments(attribution_tokens=2000, tau=0.8),
-            DMSAETrainingArguments(
-                output_dir=str(tmp_path / name.replace(" ", "-")),
-                per_device_train_batch_size=200,
-                learning_rate=3e-3,
-                report_to="none",
-                disable_tqdm=True,
-                save_strategy="no",
-            ),
+            quiet_training_args(tmp_path / name.replace(" ", "-"), learning_rate=3e-3),
         )
         run.run()
         fvu[name] = run.state.record("cycles", "1")["metrics"]["eval_fvu"]
@@ -459,13 +452,7 @@ def test_a_cycle_stops_once_its_tracked_selection_is_stable(tiny_lm_dir, tmp_pat
             stop_at_selection_overlap=0.05,
             selection_patience=2,
         ),
-        DMSAETrainingArguments(
-            output_dir=str(tmp_path / "run"),
-            per_device_train_batch_size=200,
-            report_to="none",
-            disable_tqdm=True,
-            save_strategy="no",
-        ),
+        quiet_training_args(tmp_path / "run"),
     )
     run.run()
     for t in ("0", "1"):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import core_of_rows, tiny_activation_args
+from conftest import core_of_rows, quiet_training_args, tiny_activation_args
 
 from hf_dmsae import DMSAEModel
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
@@ -26,14 +26,7 @@ def test_transfer_trains_every_variant_at_every_k_and_resumes(tiny_lm_dir, tmp_p
         TransferArguments(core=str(tmp_path / "core"), ks=[8, 16], ce_batches=2, model_repo="local/transfer"),
         SAEArguments(dict_size=256, k=8),
         tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=3000),
-        DMSAETrainingArguments(
-            output_dir=str(tmp_path / "run"),
-            max_steps=15,
-            per_device_train_batch_size=200,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-        ),
+        quiet_training_args(tmp_path / "run", max_steps=15),
         SAEBenchArguments(saebench_evals=["meta_structure", "autointerp"], meta_structure_steps=5),
     )
     first = Transfer(*arguments)

@@ -16,14 +16,14 @@ with the tokens evaluated. This module computes those sums and feeds them:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from ..data.activations import TrainingPositions
 from ..data.language_model import LayerActivations
-from ..model.modeling_dmsae import DMSAEModel
+from ..model.modeling_dmsae import DMSAEModel, SparseLatents
 from ..utils.stages import stage
 
 METRICS_DIR = Path(__file__).parents[1] / "metrics"
@@ -69,22 +69,33 @@ def l0_sums(counts: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def activation_metrics(sae: DMSAEModel, activations: Iterable[torch.Tensor]) -> dict[str, float]:
-    """FVU, L0s and dead fraction of `sae` (inference mode) over batches of raw activations `[N, d_in]`."""
+def in_inference_mode(
+    sae: DMSAEModel, activations: Iterable[torch.Tensor]
+) -> Iterator[tuple[torch.Tensor, SparseLatents]]:
+    """Each batch of raw activations (moved to the model's device) with its sparse latents in inference mode (the
+    learned threshold); the model's mode is restored when the batches end or the loop is left."""
     was_training = sae.training
     sae.eval()
+    try:
+        for x in activations:
+            x = x.to(sae.device)
+            yield x, sae.encode_sparse(x)
+    finally:
+        sae.train(was_training)
+
+
+@torch.no_grad()
+def activation_metrics(sae: DMSAEModel, activations: Iterable[torch.Tensor]) -> dict[str, float]:
+    """FVU, L0s and dead fraction of `sae` (inference mode) over batches of raw activations `[N, d_in]`."""
     fvu, l0, dead = load_metric("fvu"), load_metric("l0"), load_metric("dead_latents")
     fired = torch.zeros(sae.config.dict_size, dtype=torch.bool, device=sae.device)
     with stage("evaluation") as timed:
-        for x in activations:
-            x = x.to(sae.device)
-            latents = sae.encode_sparse(x)
+        for x, latents in in_inference_mode(sae, activations):
             fvu.add(**fvu_sums(x, sae.decode_sparse(latents)))
             l0.add(**l0_sums(latents.active_counts(sae.config.core_size)))
             fired[latents.cols] = True
             timed.tokens += len(x)
     dead.add(fired_latents=fired.nonzero().squeeze(1).tolist())
-    sae.train(was_training)
     return {**fvu.compute(), **l0.compute(), **dead.compute(dict_size=sae.config.dict_size)}
 
 

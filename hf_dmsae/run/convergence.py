@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from ..evaluation.convergence import convergence_record, init_sample, measured_steps, share_near_init
-from ..evaluation.held_out import fraction_of_variance_unexplained
+from ..evaluation.held_out import fraction_of_variance_unexplained, in_inference_mode
 from ..utils.integrity import saving
 
 INITIAL_DECODER = "initial_decoder.safetensors"
@@ -24,15 +24,18 @@ MEASURED = ("heldout_fvu", "train_fvu", "share_near_init")
 
 class ConvergenceCallback(TrainerCallback):
     """Measures `trainer`'s model on `held_out` and `train_rows` (raw activations; a run without held-out rows has
-    no held-out FVU) at `measured_steps`."""
+    no held-out FVU) at `measured_steps`; the latents that fired on them at the last measurement are kept for the
+    run's dead fraction."""
 
     def __init__(self, trainer, held_out: torch.Tensor, train_rows: torch.Tensor):
         self.trainer, self.held_out, self.train_rows = trainer, held_out, train_rows
-        self.latents = self.initial = None
+        self.latents = self.initial = self.fired = None
+        self.steps: list[int] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         sae = self._model()
         self.latents = init_sample(sae.config.dict_size)
+        self.steps = measured_steps(state.max_steps, args.decay_fraction)
         path = Path(args.output_dir) / INITIAL_DECODER
         if state.global_step == 0:
             # Kept in half precision (a direction's cosine needs no more), the same whether resumed or not.
@@ -45,21 +48,29 @@ class ConvergenceCallback(TrainerCallback):
             self.initial = load_file(path)["rows"]
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in measured_steps(state.max_steps, args.decay_fraction):
+        if state.global_step in self.steps:
             state.log_history.append({"step": state.global_step, **self.measure()})
 
     @torch.no_grad()
     def measure(self) -> dict[str, float | None]:
         sae = self._model()
-        heldout, train = (inference_fvu(sae, rows) for rows in (self.held_out, self.train_rows))
+        (heldout, heldout_fired), (train, train_fired) = (
+            inference_pass(sae, x) for x in (self.held_out, self.train_rows)
+        )
+        self.fired = heldout_fired | train_fired
         near = None
         if self.initial is not None:
             near = share_near_init(self.initial, sae.W_dec.detach()[self.latents].cpu())
         return {"convergence_heldout_fvu": heldout, "convergence_train_fvu": train, "convergence_share_near_init": near}
 
-    def rows(self) -> torch.Tensor:
-        """Every row it measures on, held-out and training."""
-        return torch.cat([rows for rows in (self.held_out, self.train_rows) if len(rows)])
+    def silent_share(self) -> float | None:
+        """The share of latents that fired on none of the measured rows in inference mode at the last measurement
+        (taken now if this process made none: a run resumed at its last step); None without rows."""
+        if self.fired is None:
+            self.measure()
+        if not len(self.held_out) + len(self.train_rows):
+            return None
+        return float((~self.fired).float().mean())
 
     def _model(self):
         return whole_model_of(self.trainer)
@@ -73,19 +84,20 @@ def whole_model_of(trainer):
 
 
 @torch.no_grad()
-def inference_fvu(sae, rows: torch.Tensor, batch_size: int = 1024) -> float | None:
+def inference_pass(sae, rows: torch.Tensor, batch_size: int = 1024) -> tuple[float | None, torch.Tensor]:
     """FVU of `sae` in inference mode on raw activations `rows` (None for no rows), as `activation_metrics` has it,
-    encoded `batch_size` rows at a time (a batch's dense pre-activations are `batch_size × dict_size`)."""
+    and which latents fired on any row; encoded `batch_size` rows at a time (a batch's dense pre-activations are
+    `batch_size × dict_size`)."""
+    fired = torch.zeros(sae.config.dict_size, dtype=torch.bool, device=sae.device)
     if not len(rows):
-        return None
-    training = sae.training
-    sae.eval()
-    try:
-        x = rows.to(sae.device)
-        reconstruction = torch.cat([sae.decode_sparse(sae.encode_sparse(part)) for part in x.split(batch_size)])
-    finally:
-        sae.train(training)
-    return float(fraction_of_variance_unexplained(x.float(), reconstruction.float()))
+        return None, fired
+    x, reconstruction = [], []
+    for part, latents in in_inference_mode(sae, rows.split(batch_size)):
+        x.append(part)
+        reconstruction.append(sae.decode_sparse(latents))
+        fired[latents.cols] = True
+    x, reconstruction = torch.cat(x), torch.cat(reconstruction)
+    return float(fraction_of_variance_unexplained(x.float(), reconstruction.float())), fired
 
 
 def measurements(log_history: list[dict]) -> list[dict]:
@@ -97,33 +109,17 @@ def measurements(log_history: list[dict]) -> list[dict]:
     ]
 
 
-@torch.no_grad()
-def silent_share(sae, rows: torch.Tensor, batch_size: int = 1024) -> float | None:
-    """The share of `sae`'s latents that fire on none of `rows` in inference mode (None for no rows)."""
-    if not len(rows):
-        return None
-    training = sae.training
-    sae.eval()
-    fired = torch.zeros(sae.config.dict_size, dtype=torch.bool, device=sae.device)
-    try:
-        for part in rows.to(sae.device).split(batch_size):
-            fired[sae.encode_sparse(part).cols] = True
-    finally:
-        sae.train(training)
-    return float((~fired).float().mean())
-
-
-def run_convergence(trainer, rows_per_pass: int, rows: torch.Tensor) -> dict:
+def run_convergence(trainer, rows_per_pass: int, measured: ConvergenceCallback) -> dict:
     """The `convergence` object of the model `trainer` trained (`evaluation.convergence.convergence_record`). Its
     dead fraction is the larger of two: latents that did not fire in training over the last pass (all of training
     when there is one, so a latent that fired early and died since is not counted) and latents that fire on none of
-    `rows` (the held-out and training rows it was measured on) in inference mode now."""
+    the held-out and training rows `measured` measured on, in inference mode at its last measurement."""
     args, state = trainer.args, trainer.state
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     tokens = state.global_step * per_step
     window = min(tokens, rows_per_pass - rows_per_pass % per_step)
     in_training = float((trainer.sae.tokens_since_fired >= window).float().mean())
-    on_rows = silent_share(whole_model_of(trainer), rows)
+    on_rows = measured.silent_share()
     return convergence_record(
         measurements(state.log_history),
         steps=state.global_step,
