@@ -235,7 +235,11 @@ def test_a_model_card_names_its_hook_and_data_and_its_snippet_runs(tmp_path, tin
     snippet = card.text.split("```python\n")[1].split("```")[0]
     namespace = {}
     exec(snippet, namespace)
-    assert namespace["latents"].shape[-1] == 128 and namespace["reconstruction"].shape == namespace["activations"].shape
+    record, ablated = namespace["record"], namespace["ablated"]
+    assert record.latents.shape[1] == 128 and len(record.tokens[0]) == len(ablated.tokens)
+    assert (
+        "saelens" in card.data.tags and 'SAE.from_pretrained("org/card-dmsae", "blocks.2.hook_resid_post")' in card.text
+    )
 
 
 def test_ctrl_c_during_a_set_removes_the_repos_created_before_and_stays_an_interrupt(tmp_path):

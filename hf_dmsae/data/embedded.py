@@ -102,6 +102,16 @@ def hub_name(name: str) -> str:
     return {EMBEDDED_LM: "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(name, name)
 
 
+def same_model(name: str, other: str) -> bool:
+    """Whether two names of an LM name the same one: compared by their last path component, case aside, so a local
+    copy of a Hub model is that model, and an `embedded:` name is the Hub model it is."""
+
+    def last_part(name: str) -> str:
+        return hub_name(str(name)).rstrip("/").split("/")[-1].lower()
+
+    return last_part(name) == last_part(other)
+
+
 def describe(name: str) -> str:
     """How a model card names a data source: the embedded corpus by what it is, other names as given."""
     return {

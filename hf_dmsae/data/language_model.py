@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -124,9 +125,16 @@ class LayerActivations:
         """The next-token loss summed over the batch (fp32) of a full forward with the activations at the hook
         replaced by `transform(hidden)`, or with `per_position` each position's `[B, T]` (`next_token_loss`); the
         vocabulary's logits are built a chunk of positions at a time."""
+        with self.replaced(transform):
+            return next_token_loss(self.lm, self._last_hidden(input_ids), input_ids, per_position=per_position)[0]
+
+    @contextmanager
+    def replaced(self, transform):
+        """Inside the block, every forward of the LM (`lm(...)`, each step of `lm.generate(...)`) has the activations
+        at the hook replaced by `transform(hidden)`; the hook is removed on leaving, also on an exception."""
         handle = self._hook(transform)
         try:
-            return next_token_loss(self.lm, self._last_hidden(input_ids), input_ids, per_position=per_position)[0]
+            yield self
         finally:
             handle.remove()
 

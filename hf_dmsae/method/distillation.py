@@ -381,6 +381,7 @@ class Distillation:
                         metrics=record.get("metrics", {}),
                         related=others(self.model_repo),
                         convergence=record.get("convergence"),
+                        activations=self.activation_args,
                     ),
                     self.model_repo,
                 )

@@ -221,6 +221,7 @@ class Transfer:
                 metrics=result,
                 datasets=[self.data.dataset_name],
                 convergence=result.get("convergence"),
+                activations=self.activation_args,
             )
             items.append((folder, repo))
         publish_all(items, push=self.training_args.push_to_hub, token=self.training_args.hub_token)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.embedded import hub_name, same_model
 from ..model.configuration_dmsae import DMSAEConfig
 from ..model.modeling_dmsae import DMSAEModel
 from ..utils.integrity import IntegrityError, check_finite, check_safetensors_size, read_json
@@ -110,7 +111,7 @@ def _checkpoint_target(folder: Path) -> tuple[int, int | None, str | None, str]:
 
 def check_checkpoint_fits(folder: str | Path, activations, d_in: int) -> None:
     """Refuse a checkpoint made for another LM, layer or width than the run's activations (`ActivationArguments`),
-    naming what differs. LM names are compared by their last path component (a local copy of a Hub model fits)."""
+    naming what differs. LM names are compared by `data.embedded.same_model`."""
     folder = Path(folder)
     differences = fit_differences(*_checkpoint_target(folder), activations, d_in)
     if differences:
@@ -121,7 +122,7 @@ def fit_differences(
     width: int, layer: int | None, hook: str | None, lm: str | None, activations, d_in: int
 ) -> list[str]:
     """What of an SAE's `(width, layer, hook, LM)` differs from the run's activations (`ActivationArguments`, of
-    width `d_in`); None is unrecorded. LMs compare by their last path component (a local copy of a Hub model fits)."""
+    width `d_in`); None is unrecorded. LMs compare by `data.embedded.same_model`."""
     differences = []
     if width != d_in:
         differences.append(f"width {width} (the run's activations: {d_in})")
@@ -129,8 +130,7 @@ def fit_differences(
         differences.append(f"layer {layer} (the run's hook_layer: {activations.hook_layer})")
     if hook is not None and hook != activations.hook_name:
         differences.append(f"hook {hook} (the run's hook_name: {activations.hook_name})")
-    run_lm = activations.model_name_or_path.rstrip("/").split("/")[-1].lower()
-    if lm and lm.rstrip("/").split("/")[-1].lower() != run_lm:
+    if lm and not same_model(lm, activations.model_name_or_path):
         differences.append(f"LM {lm!r} (the run's: {activations.model_name_or_path!r})")
     return differences
 
@@ -263,13 +263,16 @@ def _check_rectified(model: DMSAEModel, format_name: str) -> None:
         )
 
 
-def save_sae_lens(model: DMSAEModel, folder: str | Path) -> Path:
+def save_sae_lens(model: DMSAEModel, folder: str | Path, activations=None) -> Path:
     """Write `model` as the SAELens JumpReLU SAE it is at inference (`cfg.json` + `sae_weights.safetensors`, loaded
-    by `sae_lens.SAE.load_from_disk`): per-latent threshold 0 on the dense core (ReLU only; a `jumprelu_core`'s own
-    learned thresholds) and the calibrated threshold on every masked latent. The normalisation factor `s` is folded
-    in (`W_enc/s`, `s·W_dec`, `s·b_dec`), so it reads raw activations and gives the same latents and reconstructions
-    as the DMSAE; decoder rows then have norm `s`. The DMSAE's own settings (core, groups, sparsity, k) travel in the
-    config's metadata."""
+    by `sae_lens.SAE.load_from_disk`, or from a Hub repo's subfolder by `SAE.from_pretrained(repo, subfolder)`):
+    per-latent threshold 0 on the dense core (ReLU only; a `jumprelu_core`'s own learned thresholds) and the
+    calibrated threshold on every masked latent. The normalisation factor `s` is folded in (`W_enc/s`, `s·W_dec`,
+    `s·b_dec`), so it reads raw activations and gives the same latents and reconstructions as the DMSAE; decoder
+    rows then have norm `s`. The metadata names the LM as the Hub does (`data.embedded.hub_name`) and the hook as
+    TransformerLens does; with the run's `ActivationArguments` it also holds how the text was read
+    (`context_size`, `prepend_bos`, `dataset_path`). The DMSAE's own settings (core, groups, sparsity, k) travel in
+    it too."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
@@ -281,10 +284,18 @@ def save_sae_lens(model: DMSAEModel, folder: str | Path) -> Path:
     threshold[: config.first_masked_latent] = 0.0
     if model.core_log_threshold is not None:  # `jumprelu_core`: the core's own learned thresholds
         threshold[: config.core_size] = model.core_log_threshold.detach().float().exp()
+    read = {}
+    if activations is not None:
+        read = {
+            "context_size": activations.context_length,
+            "prepend_bos": activations.prepend_bos,
+            "dataset_path": hub_name(activations.dataset_name_or_path),
+        }
     metadata = SAEMetadata(
-        model_name=config.base_model,
+        model_name=hub_name(config.base_model) if config.base_model else None,
         hook_name=hook_point(config),
         hook_layer=config.hook_layer,
+        **read,
         dmsae={
             "core_size": config.core_size,
             "core_ids": list(config.core_ids),

@@ -20,7 +20,7 @@ from ..data.language_model import HOOK_POINTS
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from . import card_figures
-from .formats import hook_point
+from .formats import hook_point, save_sae_lens
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,11 @@ def _eval_results(metrics: dict[str, float], datasets: list[str] | None) -> list
     ] or None
 
 
-def _card_data(base_model: str | None, datasets: list[str] | None, **extra) -> ModelCardData:
+def _card_data(base_model: str | None, datasets: list[str] | None, tags=tuple(TAGS), **extra) -> ModelCardData:
     return ModelCardData(
         library_name="hf_dmsae",
         license=LICENSE,
-        tags=TAGS,
+        tags=list(tags),
         base_model=hub_name(base_model) if base_model else None,
         datasets=hub_dataset_ids(datasets) or None,
         **extra,
@@ -163,13 +163,22 @@ def write_model_repo(
     metrics: dict | None = None,
     related: dict[str, str] | None = None,
     convergence: dict | None = None,
+    activations=None,
 ) -> Path:
-    """Save `model` (safetensors, config, remote code) with its model card into `folder`; the card says whether it
-    converged (`convergence`, the record `evaluation.convergence` writes), where that was recorded."""
+    """Save `model` (safetensors, config, remote code) with its model card into `folder`, and its SAELens export in
+    the subfolder named by its hook (`blocks.{layer}.hook_{hook}`, which `SAE.from_pretrained(repo_id, sae_id)`
+    reads; `activations`: the run's `ActivationArguments`, for how it read the text), where the model has one
+    (`sae_lens_export`); the card says whether it converged (`convergence`, the record `evaluation.convergence`
+    writes), where that was recorded."""
     folder = Path(folder)
     model.save_pretrained(folder)
     metrics = card_metrics(metrics)
     config = model.config
+    sae_id, why_not = sae_lens_export(model)
+    if sae_id:
+        save_sae_lens(model, folder / sae_id, activations)
+    else:
+        logger.info("%s gets no SAELens export: %s", repo_id, why_not)
     card = ModelCard.from_template(
         _card_data(
             config.base_model,
@@ -177,16 +186,14 @@ def write_model_repo(
             metrics=sorted(metrics),
             model_name=repo_id,
             eval_results=_eval_results(metrics, datasets),
+            tags=[*TAGS, "saelens"] if sae_id else TAGS,
         ),
         template_path=str(TEMPLATES / "model.md"),
         repo_id=repo_id,
         config=config,
         base_model=hub_name(config.base_model) if config.base_model else None,
         hook_point=hook_point(config) if config.hook_layer is not None and config.hook_name else None,
-        # transformers' hidden_states[i] is the residual stream before block i (after block i−1)
-        hidden_state=config.hook_layer + (config.hook_name == "resid_post")
-        if config.hook_layer is not None and config.hook_name in HOOK_POINTS
-        else None,
+        sae_lens_id=sae_id,
         threshold=float(model.threshold),
         datasets=[describe(d) for d in datasets or []],
         metrics=metrics,
@@ -195,6 +202,19 @@ def write_model_repo(
     )
     card.save(folder / "README.md")
     return folder
+
+
+def sae_lens_export(model: DMSAEModel) -> tuple[str | None, str | None]:
+    """`(subfolder, None)` where `model` has a SAELens export in its repo, else `(None, why not)`: it needs its hook
+    and LM named, an inference threshold and rectified latents (not a `linear_core`)."""
+    config = model.config
+    if config.hook_layer is None or config.hook_name not in HOOK_POINTS or not config.base_model:
+        return None, "its config names no LM hook point (hook_layer, hook_name, base_model)"
+    if float(model.threshold) < 0:
+        return None, "it has no inference threshold"
+    if config.core_linear:
+        return None, "a linear core's signed latents are not a JumpReLU SAE's"
+    return hook_point(config), None
 
 
 def resolve_folder(name_or_path: str, *, token: str | None = None) -> Path:
