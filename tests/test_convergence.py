@@ -11,7 +11,7 @@ from conftest import quiet_training_args, tiny_activation_args, tiny_run_data
 
 from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.data.cache import ActivationCache
-from hf_dmsae.evaluation.convergence import CRITERIA, convergence_record, measured_steps, share_near_init
+from hf_dmsae.evaluation.convergence import CRITERIA, convergence_record, judged, measured_steps, share_near_init
 from hf_dmsae.evaluation.held_out import activation_metrics
 from hf_dmsae.reporting.convergence import convergence_report
 from hf_dmsae.run.arguments import SAEArguments, new_model
@@ -43,11 +43,16 @@ def test_a_record_judges_each_criterion_and_reads_the_last_fifth_before_the_deca
     assert record["fvu_gain_last_fifth"] == pytest.approx((0.7 - 0.6) / 0.7)  # steps 60 → 80, before the decay
     assert not record["converged"] and record["unmet"] == ["fvu_gain_last_fifth"]
     flat = [{**point, "heldout_fvu": 0.3, "train_fvu": 0.3} for point in falling]
-    # A latent that fired early in training and died since is dead on the rows measured at the end: the larger counts.
-    dead = {"in_training": 0.0, "on_rows": 0.2}
+    # A latent that fired early in training and died since is dead on the slice's rows at the end: the larger counts;
+    # silence on the few rows measured on (a window shorter than a pass) is kept beside, not counted.
+    dead = {"in_training": 0.0, "in_inference": 0.2, "on_rows": 0.5}
     record = convergence_record(flat, steps=100, tokens=1000, epochs=1, decay_fraction=decay, dead_fraction=dead)
     assert record["unmet"] == ["dead_fraction"] and record["criteria"] == CRITERIA
     assert record["dead_fraction"] == 0.2 and record["dead_fraction_by"] == dead
+    rare = convergence_record(
+        flat, steps=100, tokens=1000, epochs=1, decay_fraction=decay, dead_fraction={**dead, "in_inference": 0.01}
+    )
+    assert rare["converged"] and judged({**rare, "dead_fraction_by": dead}) == record
 
 
 def test_a_latent_that_fires_on_no_row_is_silent_and_the_pass_reconstructs_as_activation_metrics_does():
@@ -154,6 +159,12 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
     assert "| fast | random_dense_core | 4 | 1 |" in report and "## Twice the passes" in report
     before = (tmp_path / "report" / "results.json").read_text()
     assert ConvergenceSweep(*arguments).run() == json.loads(before)  # nothing trained again
+    # A record from before dead latents were counted in inference mode over a pass gets the count from its model.
+    recorded = json.loads(before)
+    for record in recorded["models"].values():
+        del record["convergence"]["dead_fraction_by"]["in_inference"]
+    (tmp_path / "report" / "results.json").write_text(json.dumps(recorded))
+    assert ConvergenceSweep(*arguments).run() == json.loads(before)
     settings[0]["learning_rate"] = 1e-3
     sweep.write_text(json.dumps(settings))
     with pytest.raises(ValueError, match="still/k8-matryoshka/seed0 was trained at"):

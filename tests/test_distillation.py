@@ -297,6 +297,23 @@ def test_cores_and_model_are_pushed_as_repos_that_reload(straight_run):
     assert "- model of cycle 2: [`org/tiny-dmsae`]" in files["README.md"].decode()
 
 
+def test_saelens_loads_the_pushed_model_from_its_hook_subfolder_with_the_same_latents(straight_run, tiny_lm_dir):
+    from sae_lens import SAE
+
+    tmp_path, _ = straight_run
+    local = DMSAEModel.from_pretrained(tmp_path / "straight" / "cycle2").eval()
+    sae = SAE.from_pretrained("org/tiny-dmsae", "blocks.2.hook_resid_post")
+    metadata = sae.cfg.metadata
+    assert (metadata.model_name, metadata.hook_name) == (str(tiny_lm_dir), "blocks.2.hook_resid_post")
+    assert (metadata.context_size, metadata.prepend_bos, metadata.dataset_path) == (32, True, "embedded:wiki-summaries")
+    cache = next(p for p in (tmp_path / "cache").glob("cycle2-*") if p.is_dir())
+    rows = ActivationCache(cache, verify=False).gather("activations", range(300))
+    with torch.no_grad():  # float32 both; the folded norm factor reorders the arithmetic
+        torch.testing.assert_close(sae.encode(rows), local.encode(rows), rtol=1e-4, atol=1e-5)
+    card = HUB.files("org/tiny-dmsae")["README.md"].decode()
+    assert "saelens" in card and 'SAE.from_pretrained("org/tiny-dmsae", "blocks.2.hook_resid_post")' in card
+
+
 def test_a_distillation_killed_during_a_cycle_finishes_with_the_same_cores(straight_run, tiny_lm_dir):
     tmp_path, _ = straight_run
     config = distill_config(tmp_path, tiny_lm_dir, "killed", random_core_control=False)  # the controls keep the cores

@@ -32,14 +32,14 @@ def latent_indices(config: DMSAEConfig, latents: Latents) -> torch.Tensor:
         return torch.arange(config.core_size)
     if isinstance(latents, int | str):
         latents = [latents]
-    ids = {latent_id: index for index, latent_id in enumerate(config.latent_ids)}
+    ids = {latent_id: index for index, latent_id in enumerate(config.latent_ids())}
     indices = []
     for latent in latents:
         if isinstance(latent, bool) or not isinstance(latent, int | str):
             raise ValueError(f"latent {latent!r} is neither an index nor a latent id")
         if isinstance(latent, str):
             if latent not in ids:
-                examples = ", ".join(repr(i) for i in config.latent_ids[:2])
+                examples = ", ".join(repr(i) for i in config.latent_ids()[:2])
                 raise ValueError(f"latent id {latent!r} is not one of this SAE's (e.g. {examples})")
             latent = ids[latent]
         if not 0 <= latent < config.dict_size:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 CRITERIA = {"share_near_init": 0.10, "dead_fraction": 0.05, "fvu_gain_last_fifth": 0.02, "overfit_gap": 0.01}
 """A model has converged when each of these is below its bound: the share of latents within `NEAR_INIT_COS` of
-their initial decoder direction, the share that did not fire over the last pass, the relative held-out FVU gain over
-the last fifth of training before the decay, and held-out minus training FVU."""
+their initial decoder direction, the share that did not fire over a pass (`DEAD_OVER_A_PASS`), the relative
+held-out FVU gain over the last fifth of training before the decay, and held-out minus training FVU."""
 NEAR_INIT_COS = 0.9
 INIT_SAMPLE = 4096
 """Latents whose initial decoder rows a run keeps (all of a smaller dictionary; a fixed sample of a larger one)."""
@@ -54,7 +54,7 @@ def convergence_record(
 ) -> dict:
     """The `convergence` object of a model from its measurements `curve` (one `{"step", "heldout_fvu",
     "train_fvu", "share_near_init"}` per measured step, the last at `steps`); `dead_fraction` holds the shares of
-    dead latents by each counting (None: not counted), the record's `dead_fraction` the largest."""
+    dead latents by each counting (`judged`)."""
     at = {point["step"]: point for point in curve}
     start, end = last_fifth_before_decay(steps, decay_fraction)
     before, after = (at.get(step, {}).get("heldout_fvu") for step in (start, end))
@@ -68,11 +68,27 @@ def convergence_record(
         "train_fvu": last.get("train_fvu"),
         "fvu_gain_last_fifth": gain,
         "share_near_init": last.get("share_near_init"),
-        "dead_fraction": max((v for v in dead_fraction.values() if v is not None), default=None),
         "dead_fraction_by": dead_fraction,
         "overfit_gap": None
         if last.get("heldout_fvu") is None or last.get("train_fvu") is None
         else last["heldout_fvu"] - last["train_fvu"],
+        "curve": curve,
     }
+    return judged(record)
+
+
+DEAD_OVER_A_PASS = ("in_training", "in_inference")
+"""The countings of dead latents a record's `dead_fraction` is the largest of, each over a window of a pass: not
+fired in training over the last pass (all of training for one pass), and firing on none of the slice's rows in
+inference mode at the end (a latent that fired early in a one-pass run and died since, or one that only BatchTopK
+lets fire). Other countings (a record's `on_rows`: fired on none of the 8192 rows it was measured on, a window of
+4% of a 200k-token pass) are kept beside them but do not count."""
+
+
+def judged(record: dict) -> dict:
+    """`record` with its `dead_fraction` (the largest of `DEAD_OVER_A_PASS` counted) and its verdict against
+    `CRITERIA`: `converged` and the `unmet` criteria."""
+    counted = [record["dead_fraction_by"].get(name) for name in DEAD_OVER_A_PASS]
+    record = {**record, "dead_fraction": max((v for v in counted if v is not None), default=None)}
     unmet = [name for name, bound in CRITERIA.items() if record[name] is None or not record[name] < bound]
-    return {**record, "converged": not unmet, "unmet": unmet, "criteria": dict(CRITERIA), "curve": curve}
+    return {**record, "converged": not unmet, "unmet": unmet, "criteria": dict(CRITERIA)}

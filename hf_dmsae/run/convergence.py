@@ -8,12 +8,14 @@ uninterrupted one has. The initial decoder rows it compares with are kept in the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
+from ..data.cache import ActivationCache
 from ..evaluation.convergence import convergence_record, init_sample, measured_steps, share_near_init
 from ..evaluation.held_out import fraction_of_variance_unexplained, in_inference_mode
 from ..utils.integrity import saving
@@ -109,22 +111,46 @@ def measurements(log_history: list[dict]) -> list[dict]:
     ]
 
 
-def run_convergence(trainer, rows_per_pass: int, measured: ConvergenceCallback) -> dict:
-    """The `convergence` object of the model `trainer` trained (`evaluation.convergence.convergence_record`). Its
-    dead fraction is the larger of two: latents that did not fire in training over the last pass (all of training
-    when there is one, so a latent that fired early and died since is not counted) and latents that fire on none of
-    the held-out and training rows `measured` measured on, in inference mode at its last measurement."""
+@torch.no_grad()
+def fired_latents(sae, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Which of `sae`'s latents fire, in inference mode, on any row of `batches` (raw activations)."""
+    fired = torch.zeros(sae.config.dict_size, dtype=torch.bool, device=sae.device)
+    for _, latents in in_inference_mode(sae, batches):
+        fired[latents.cols] = True
+    return fired
+
+
+def silent_over_a_pass(sae, train) -> float | None:
+    """The share of `sae`'s latents that fire on none of the rows of its training slice in inference mode, for a
+    cached slice (`ActivationCache`; None for a stream, which reads each row once)."""
+    if not isinstance(train, ActivationCache):
+        return None
+    return float((~fired_latents(sae, train.batches(PASS_BATCH_ROWS))).float().mean())
+
+
+PASS_BATCH_ROWS = 4096
+
+
+def run_convergence(trainer, rows_per_pass: int, measured: ConvergenceCallback, train) -> dict:
+    """The `convergence` object of the model `trainer` trained on `train` (its slice's rows, a cache or a stream;
+    `evaluation.convergence.convergence_record`). Its dead latents are counted over a pass two ways
+    (`DEAD_OVER_A_PASS`): not fired in training over the last pass (all of training when there is one), and fired
+    on none of the slice's rows in inference mode now; and, not counted, on none of the rows `measured` measured on."""
     args, state = trainer.args, trainer.state
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     tokens = state.global_step * per_step
     window = min(tokens, rows_per_pass - rows_per_pass % per_step)
     in_training = float((trainer.sae.tokens_since_fired >= window).float().mean())
-    on_rows = measured.silent_share()
+    dead = {
+        "in_training": in_training,
+        "in_inference": silent_over_a_pass(whole_model_of(trainer), train),
+        "on_rows": measured.silent_share(),
+    }
     return convergence_record(
         measurements(state.log_history),
         steps=state.global_step,
         tokens=tokens,
         epochs=int(args.num_train_epochs),
         decay_fraction=args.decay_fraction,
-        dead_fraction={"in_training": in_training, "on_rows": on_rows},
+        dead_fraction=dead,
     )

@@ -126,7 +126,7 @@ def train_sae(
         trainer.train(resume_from_checkpoint=checkpoint)
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         timed.tokens = (trainer.state.global_step - first_step) * rows_per_step
-    trainer.convergence = run_convergence(trainer, piece.rows, measured)
+    trainer.convergence = run_convergence(trainer, piece.rows, measured, train)
     trainer.save_model(args.output_dir)
     if args.should_save:
         write_json_atomically(Path(args.output_dir) / CONVERGENCE, trainer.convergence)

@@ -28,10 +28,12 @@ import torch
 
 from ..data.activations import ActivationArguments
 from ..evaluation.consistency import matched_latents
+from ..evaluation.convergence import judged
 from ..evaluation.held_out import activation_metrics
 from ..method.distillation import random_core
 from ..model.core import DMSAECore
 from ..run.arguments import SAEArguments, new_model
+from ..run.convergence import silent_over_a_pass
 from ..run.data import RunData
 from ..run.results import CONVERGENCE_RESULTS, StudyResults
 from ..run.state import RunState, arguments_identity
@@ -194,8 +196,35 @@ class ConvergenceSweep:
             self.store.save()
         return models[key]
 
+    def _recounted(self, results: dict) -> None:
+        """Records made before dead latents were counted in inference mode over a pass (`DEAD_OVER_A_PASS`) get
+        that count from their saved model and are judged again; one whose model is gone is trained again."""
+        models = results.get("models", {})
+        for key, record in list(models.items()):
+            if "in_inference" in record["convergence"]["dead_fraction_by"]:
+                continue
+            folder = (
+                self.study_dir / record["setting"] / f"k{record['k']}-{record['variant']}" / f"seed{record['seed']}"
+            )
+            if not (folder / "model.safetensors").is_file():
+                logger.warning("%s: its model is gone (%s), so it is trained again", key, folder)
+                del models[key]
+                continue
+            tokens = record["overrides"].get("train_tokens", self.activation_args.num_tokens)
+            slice_rows = self.data.training_data(
+                self.data.training_slice(f"train-{tokens}", tokens), self.training_args
+            )
+            silent = silent_over_a_pass(load_trained_model(folder), slice_rows)
+            convergence = record["convergence"]
+            record["convergence"] = judged(
+                {**convergence, "dead_fraction_by": {**convergence["dead_fraction_by"], "in_inference": silent}}
+            )
+            logger.info("Convergence sweep: %s recounted, %.3f silent over a pass", key, silent)
+            self.store.save()
+
     def _run(self, results: dict) -> dict:
         screen, first = self.args.screen_k, self.study.seeds[0]
+        self._recounted(results)
         results["screen_k"] = screen
         ordered = sorted(self.settings.items(), key=lambda item: self.cost(item[1]))
         passed = []
