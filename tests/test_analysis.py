@@ -1,6 +1,8 @@
 """A DMSAE on a live LM (`hf_dmsae.analysis`): capture, splice, intervene and steer on tiny random LMs of two
 architectures (a Llama and a Gemma-2, whose last block's output is not `hidden_states[-1]`)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -188,3 +190,16 @@ def test_the_intervene_command_prints_a_table_of_every_position(tiny_lm_dir, tmp
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(rows) == predicted + 1 and rows[0].startswith("| position | token")  # the header, a row per position
     assert "mean Δ loss" in out and out.count("promoted: ") == 1
+
+
+def test_every_code_block_of_the_analysis_walkthrough_runs(tiny_lm_dir, tmp_path):
+    """docs/analysis.md on a tiny LM: the demo's model path replaced by a tiny DMSAE with a core."""
+    lm, tokenizer = load_language_model(str(tiny_lm_dir))
+    calibrated(random_sae(tiny_lm_dir, lm, core_size=6), lm, tokenizer).save_pretrained(tmp_path / "sae")
+    page = (Path(__file__).parents[1] / "docs" / "analysis.md").read_text()
+    blocks = [block.split("```")[0] for block in page.split("```python\n")[1:]]
+    assert len(blocks) == 5 and "runs/smollm2-135m-l15/cycle2" in blocks[0]
+    namespace = {}
+    for block in blocks:
+        exec(block.replace("runs/smollm2-135m-l15/cycle2", str(tmp_path / "sae")), namespace)
+    assert namespace["record"].latents.shape[1] == 64 and namespace["ablated"].kl.mean() > 0

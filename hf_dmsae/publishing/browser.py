@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data.activations import ActivationArguments, Harvester
@@ -28,6 +29,7 @@ from ..model.core import DMSAECore
 from ..model.kernels import bag_bounds
 from ..model.modeling_dmsae import DMSAEModel, SparseLatents
 from ..utils.checks import check_ranges
+from ..utils.integrity import IntegrityError, read_json, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,19 @@ class BrowseArguments:
             "(default: all)."
         },
     )
+    statistics_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the statistics read from the text are saved (`FeatureStatistics.load` reads them) and, "
+            "when they were read by the same model from the same text with the same settings, read back instead of "
+            "the text (default: `<site_dir>/statistics`)."
+        },
+    )
+    neuronpedia_dir: str | None = field(
+        default=None,
+        metadata={"help": "Also write every latent's data for Neuronpedia there (`publishing.neuronpedia`)."},
+    )
+    neuronpedia_set: str = field(default="dmsae", metadata={"help": "The SAE set's name in the Neuronpedia export."})
 
     def __post_init__(self):
         if self.browse_tokens < 1 or self.top_contexts < 1 or self.logit_tokens < 1:
@@ -69,10 +84,14 @@ class BrowseArguments:
 
 # Log-spaced histogram bins of non-zero activations (the model's normalised units): 10^-3 … 10^2.
 BIN_EDGES = torch.logspace(-3, 2, 26)
+STATISTICS_FILE, ABOUT_FILE = "statistics.safetensors", "about.json"
 
 
 class FeatureStatistics:
-    """Per-latent top contexts, activation histogram and firing counts, updated batch by batch."""
+    """Per-latent top contexts, activation histogram and firing counts, updated batch by batch; `save` / `load`
+    keep them beside what they were read from (`about`), so the site, a notebook or an export reads the text once."""
+
+    TENSORS = ("values", "tokens", "window_acts", "histogram", "fired")
 
     def __init__(self, dict_size: int, top: int, width: int):
         self.top, self.width = top, width
@@ -81,7 +100,32 @@ class FeatureStatistics:
         self.window_acts = torch.zeros(0, dict_size, width)
         self.histogram = torch.zeros(dict_size, len(BIN_EDGES) - 1, dtype=torch.long)
         self.fired = torch.zeros(dict_size, dtype=torch.long)
-        self.rows = 0
+        self.rows = self.sequences = 0
+
+    def save(self, folder: str | Path, about: dict) -> Path:
+        """Write the statistics (`statistics.safetensors`) and `about.json`: `about` (the model's digest, the text,
+        the settings), the rows and sequences read and the histogram's bin edges."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).contiguous() for name in self.TENSORS}
+        save_file(tensors, folder / STATISTICS_FILE)
+        shape = {"top": self.top, "width": self.width, "rows": self.rows, "sequences": self.sequences}
+        write_json_atomically(folder / ABOUT_FILE, {**about, **shape, "bin_edges": BIN_EDGES.tolist()})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> tuple[FeatureStatistics, dict]:
+        """The statistics `save` wrote in `folder`, and their `about`."""
+        folder = Path(folder)
+        about = read_json(folder / ABOUT_FILE, {"top": int, "width": int, "rows": int, "sequences": int})
+        tensors = load_file(folder / STATISTICS_FILE)
+        if missing := [name for name in cls.TENSORS if name not in tensors]:
+            raise IntegrityError(f"{folder / STATISTICS_FILE} lacks {missing}: write the statistics again")
+        stats = cls(len(tensors["fired"]), about["top"], about["width"])
+        for name in cls.TENSORS:
+            setattr(stats, name, tensors[name])
+        stats.rows, stats.sequences = about["rows"], about["sequences"]
+        return stats, about
 
     def update(self, latents: SparseLatents, windows: torch.Tensor, window_rows: torch.Tensor) -> None:
         """`latents` of N positions (sparse: at 65 536 latents no `[N, n]` tensor is built), `windows [N, width]`
@@ -151,6 +195,7 @@ def collect(sae: DMSAEModel, harvester: Harvester, args: BrowseArguments) -> Fea
         windows, rows = context_windows(batch.input_ids, keep.cpu(), args.context_before, args.context_after)
         latents = sae.encode_sparse(acts[keep].to(sae.device)).to("cpu")
         stats.update(latents, windows, rows)
+        stats.sequences += len(batch.input_ids)
         progress.update(latents.shape[0])
         if stats.rows >= args.browse_tokens:
             break
@@ -158,20 +203,46 @@ def collect(sae: DMSAEModel, harvester: Harvester, args: BrowseArguments) -> Fea
     return stats
 
 
+@dataclass
+class LogitEffects:
+    """What latents' decoder directions do through the unembedding (`W_dec[j] · W_U`, the final norm left out): per
+    latent the `count` tokens promoted and suppressed most, with their logits, and with `bins` a histogram of its
+    logits over the whole vocabulary (counts and bin centres); rows of latents not asked for hold -1 and 0."""
+
+    promoted: torch.Tensor
+    promoted_logits: torch.Tensor
+    suppressed: torch.Tensor
+    suppressed_logits: torch.Tensor
+    histogram: torch.Tensor | None = None
+    histogram_centres: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def logit_effects(sae: DMSAEModel, unembedding: torch.Tensor, count: int, latents: list[int], chunk: int = 1024):
-    """`(promoted, suppressed)` token ids `[n, count]` of the decoder directions of `latents` through `unembedding`
-    (-1 in the rows of other latents): at 65 536 latents and a 256 000-token vocabulary all of them cost 77 TFLOP,
-    so the browser asks for the latents it writes pages for."""
-    promoted = torch.full((sae.config.dict_size, count), -1, dtype=torch.long)
-    suppressed = promoted.clone()
+def logit_effects(
+    sae: DMSAEModel, unembedding: torch.Tensor, count: int, latents: list[int], chunk: int = 1024, bins: int = 0
+) -> LogitEffects:
+    """`LogitEffects` of `latents` through `unembedding`: at 65 536 latents and a 256 000-token vocabulary all of
+    them cost 77 TFLOP, so the browser asks for the latents it writes pages (or exports) for."""
+    n = sae.config.dict_size
+    promoted = torch.full((n, count), -1, dtype=torch.long)
+    suppressed, promoted_logits = promoted.clone(), torch.zeros(n, count)
+    suppressed_logits = promoted_logits.clone()
+    histogram = torch.zeros(n, bins, dtype=torch.long) if bins else None
+    centres = torch.zeros(n, bins) if bins else None
     weights = unembedding.float()
     index = torch.tensor(latents, dtype=torch.long)
     for rows in index.split(chunk):
         logits = sae.W_dec[rows.to(sae.device)].float().to(weights.device) @ weights.T
-        promoted[rows] = logits.topk(count, dim=1).indices.cpu()
-        suppressed[rows] = (-logits).topk(count, dim=1).indices.cpu()
-    return promoted, suppressed
+        top, bottom = logits.topk(count, dim=1), (-logits).topk(count, dim=1)
+        promoted[rows], promoted_logits[rows] = top.indices.cpu(), top.values.cpu()
+        suppressed[rows], suppressed_logits[rows] = bottom.indices.cpu(), -bottom.values.cpu()
+        if not bins:
+            continue
+        for row, latent_logits in zip(rows.tolist(), logits.cpu(), strict=True):
+            low, high = float(latent_logits.min()), float(latent_logits.max())
+            histogram[row] = torch.histc(latent_logits, bins, low, high).long()
+            centres[row] = low + (high - low) / bins * (torch.arange(bins) + 0.5)
+    return LogitEffects(promoted, promoted_logits, suppressed, suppressed_logits, histogram, centres)
 
 
 @dataclass
@@ -383,10 +454,44 @@ def _latent_page(info: LatentInfo, tokenizer, stats: FeatureStatistics, promoted
     return _page(f"Latent {j} ({info.latent_id})", body)
 
 
+NEURONPEDIA_LOGIT_BINS = 20
+
+
+def statistics_about(sae: DMSAEModel, args: BrowseArguments, activations: ActivationArguments) -> dict:
+    """What a model's statistics depend on: its weights, the LM, hook and text, and the browser's settings."""
+    from ..data.language_model import weights_digest
+
+    return {
+        "model": weights_digest(sae),
+        "base_model": activations.model_name_or_path,
+        "hook_layer": activations.hook_layer,
+        "hook_name": activations.hook_name,
+        "dataset": activations.dataset_name_or_path,
+        "split": args.split,
+        "context_length": activations.context_length,
+        "prepend_bos": activations.prepend_bos,
+        **{name: getattr(args, name) for name in ("browse_tokens", "top_contexts", "context_before", "context_after")},
+    }
+
+
+def saved_statistics(folder: Path, about: dict) -> FeatureStatistics | None:
+    """The statistics saved in `folder` if they were read as `about` says; None if there are none or others."""
+    if not (folder / ABOUT_FILE).is_file():
+        return None
+    stats, saved = FeatureStatistics.load(folder)
+    if any(saved.get(key) != value for key, value in about.items()):
+        logger.info("%s holds statistics of another model, text or settings: the text is read again", folder)
+        return None
+    logger.info("Statistics read back from %s (%d positions); the text is not read again", folder, stats.rows)
+    return stats
+
+
 def browse(args: BrowseArguments, activations: ActivationArguments) -> Path:
-    """Read the text once and write the site (see the module docstring)."""
+    """Read the text once (or read the saved statistics back) and write the site, the statistics and, if asked,
+    the Neuronpedia export (see the module docstring)."""
     from ..data.language_model import load_language_model
     from .hub import resolve_folder
+    from .neuronpedia import write_neuronpedia
 
     check_site_dir(args.site_dir)  # before the text is read
     sae = DMSAEModel.from_pretrained(resolve_folder(args.model))
@@ -400,11 +505,29 @@ def browse(args: BrowseArguments, activations: ActivationArguments) -> Path:
     )
     if sae.config.hook_layer is not None and sae.config.hook_layer != activations.hook_layer:
         raise ValueError(f"the model reads layer {sae.config.hook_layer}; hook_layer={activations.hook_layer} given")
-    harvester = Harvester(activations, lm, tokenizer)
-    stats = collect(sae.to(lm.device), harvester, args)
+    about = statistics_about(sae, args, activations)
+    statistics_dir = Path(args.statistics_dir or Path(args.site_dir) / "statistics")
+    stats = saved_statistics(statistics_dir, about)
+    if stats is None:
+        stats = collect(sae.to(lm.device), Harvester(activations, lm, tokenizer), args)
     infos = latent_infos(sae, stats, cores)
     paged = [info.index for info in infos[: args.max_pages]]
-    promoted, suppressed = logit_effects(sae, lm.get_output_embeddings().weight, args.logit_tokens, paged)
-    folder = write_site(args.site_dir, sae, tokenizer, stats, infos, promoted, suppressed, max_pages=args.max_pages)
+    exported = list(range(sae.config.dict_size)) if args.neuronpedia_dir else paged
+    bins = NEURONPEDIA_LOGIT_BINS if args.neuronpedia_dir else 0
+    effects = logit_effects(sae, lm.get_output_embeddings().weight, args.logit_tokens, exported, bins=bins)
+    folder = write_site(
+        args.site_dir, sae, tokenizer, stats, infos, effects.promoted, effects.suppressed, max_pages=args.max_pages
+    )
+    stats.save(statistics_dir, about)  # after the site, which replaces its folder as a whole
+    if args.neuronpedia_dir:
+        read = {
+            "dataset": activations.dataset_name_or_path,
+            "n_prompts_total": stats.sequences,
+            "n_tokens_in_prompt": activations.context_length,
+        }
+        write_neuronpedia(
+            args.neuronpedia_dir, sae, tokenizer, stats, effects, read, args.context_before, args.neuronpedia_set
+        )
+        logger.info("Neuronpedia export written to %s", args.neuronpedia_dir)
     logger.info("Feature browser written to %s (%d positions read)", folder / "index.html", stats.rows)
     return folder
