@@ -123,6 +123,7 @@ def test_ablating_the_whole_core_is_splicing_the_sae_without_it_as_ce_loss_recov
     assert float(ablated.loss_edited.mean()) == pytest.approx(measured["ce_loss_spliced"], rel=1e-4)
     (kept,) = intervene(lm, tokenizer, sae, TEXT, "core")  # with the error term, only the core's part goes
     assert kept.kl.mean() > 0 and kept.promoted[0][1] > 0 > kept.suppressed[0][1]
+    assert len(kept.promoted_at) == len(kept.suppressed_at) == len(kept.tokens) - 1
 
 
 def test_steering_changes_greedy_generation_the_same_way_each_time_and_unhooks(live):

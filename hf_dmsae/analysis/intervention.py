@@ -20,13 +20,16 @@ from .splicing import EditMode, Latents, edit_latents, latent_indices, spliced
 class Intervention:
     """One text with an edit against without it. Entry `t` of the per-position tensors is the prediction of token
     `t + 1` from position `t`: the next-token loss clean and edited, and `kl`, `KL(clean ‖ edited)` of the two
-    next-token distributions. `promoted` / `suppressed`: the tokens whose log-probability the edit raised / lowered
-    most on average over the positions, with that mean change."""
+    next-token distributions, and the token whose log-probability the edit raised (`promoted_at`) and lowered
+    (`suppressed_at`) most there. `promoted` / `suppressed`: the tokens it raised / lowered most on average over
+    the positions, with that mean change."""
 
     tokens: list[str]
     loss_clean: torch.Tensor
     loss_edited: torch.Tensor
     kl: torch.Tensor
+    promoted_at: list[str]
+    suppressed_at: list[str]
     promoted: list[tuple[str, float]]
     suppressed: list[tuple[str, float]]
 
@@ -72,8 +75,8 @@ def intervene(
         clean = lm(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
         with spliced(lm, sae, error_term=error_term, edit=edit, positions=positions):
             edited = lm(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-        targets = ids[0, 1:]
-        change = (edited - clean).mean(0)
+        targets, change_at = ids[0, 1:], edited - clean
+        change = change_at.mean(0)
         up, down = change.topk(top), (-change).topk(top)
         results.append(
             Intervention(
@@ -81,6 +84,8 @@ def intervene(
                 loss_clean=F.nll_loss(clean, targets, reduction="none").cpu(),
                 loss_edited=F.nll_loss(edited, targets, reduction="none").cpu(),
                 kl=F.kl_div(edited, clean, log_target=True, reduction="none").sum(-1).cpu(),
+                promoted_at=[tokenizer.decode([i]) for i in change_at.argmax(-1).tolist()],
+                suppressed_at=[tokenizer.decode([i]) for i in change_at.argmin(-1).tolist()],
                 promoted=ranked_tokens(tokenizer, up),
                 suppressed=ranked_tokens(tokenizer, down, sign=-1.0),
             )

@@ -40,13 +40,21 @@ class InterveneArguments:
 
 def intervention_lines(result, top: int) -> list[str]:
     """A table of each predicted position, then the means and the tokens most promoted and suppressed."""
+    per_position = zip(
+        result.loss_clean.tolist(),
+        result.loss_change.tolist(),
+        result.kl.tolist(),
+        result.promoted_at,
+        result.suppressed_at,
+        strict=True,
+    )
     rows = [
         (t, repr(result.tokens[t]), repr(result.tokens[t + 1]), f"{clean:.3f}", f"{change:+.3f}", f"{kl:.4f}")
-        for t, (clean, change, kl) in enumerate(
-            zip(result.loss_clean.tolist(), result.loss_change.tolist(), result.kl.tolist(), strict=True)
-        )
+        + (repr(up), repr(down))
+        for t, (clean, change, kl, up, down) in enumerate(per_position)
     ]
-    lines = markdown_table(("position", "token", "next token", "loss clean", "Δ loss", "KL"), rows)
+    header = ("position", "token", "next token", "loss clean", "Δ loss", "KL", "most promoted", "most suppressed")
+    lines = markdown_table(header, rows)
     lines += [
         "",
         f"mean Δ loss {float(result.loss_change.mean()):+.4f}, mean KL {float(result.kl.mean()):.4f}",
