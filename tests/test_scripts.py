@@ -30,6 +30,7 @@ SCRIPTS = (
     "study",
     "convergence",
     "browse",
+    "intervene",
     "bench",
 )
 """Every script but `paper_scale` (its --help is checked in-process by test_paper_scale)."""
