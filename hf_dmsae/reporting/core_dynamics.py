@@ -10,6 +10,7 @@ from ..run.results import (
 )
 from ..utils.integrity import read_json
 from . import figures
+from .convergence import converged_cell, unconverged_warning
 from .tables import NAN, markdown_table, spread_cell, write_report
 
 
@@ -61,7 +62,9 @@ def core_dynamics_report(folder: str | Path) -> str:
 
 def _dynamics_curves(runs: list[dict]) -> list[str]:
     rows = []
-    for r in sorted((r for r in runs if r["ablation"] == "paper"), key=lambda r: (r["budget"], r["core"], r["seed"])):
+    paper = sorted((r for r in runs if r["ablation"] == "paper"), key=lambda r: (r["budget"], r["core"], r["seed"]))
+    recorded = any(r.get("convergence") for r in runs)  # runs from before convergence was recorded have none
+    for r in paper:
         curve = [(step, v / r["core_size"]) for step, v in r["l0_core_curve"]] if r["core_size"] else []
         m = r["metrics"]
         shares = ["–", "–", "–"]
@@ -70,12 +73,15 @@ def _dynamics_curves(runs: list[dict]) -> list[str]:
             shares = [f"{low[1]:.3f} ({low[0]})", f"{curve[-1][1]:.3f}", f"{m['eval_l0_core']:.1f}"]
         held_out = [f"{m['eval_l0_noncore']:.1f}", f"{m['eval_fvu']:.4f}"]
         rows.append([r["budget"], r["core"], r["seed"], r["steps"], *shares, *held_out])
+        rows[-1] += [converged_cell(r.get("convergence"))] if recorded else []
     header = ["budget", "core", "seed", "steps", "share min (at step)", "share end", "held-out L0 core"]
+    header += ["held-out L0 non-core", "held-out FVU", *(["converged"] if recorded else [])]
     return [
         "",
         "## Curves per budget and seed (the paper's settings)",
+        *unconverged_warning([r.get("convergence") for r in runs]),
         "",
-        *markdown_table([*header, "held-out L0 non-core", "held-out FVU"], rows),
+        *markdown_table(header, rows),
     ]
 
 

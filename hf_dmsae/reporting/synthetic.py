@@ -10,6 +10,7 @@ from ..run.results import (
 )
 from ..utils.integrity import read_json
 from . import figures
+from .convergence import converged_of, unconverged_warning
 from .tables import latent_matches_tables, markdown_table, matched_table, spread_cell, write_report
 
 
@@ -145,18 +146,23 @@ def _truth_cells(runs: list[dict]) -> list[str]:
 
 
 def _synthetic_transfer(results: dict, seeds: list[dict], names: list[tuple[int, str]]) -> list[str]:
-    rows = []
+    rows, records = [], []
+    recorded = any(run.get("convergence") for s in seeds for run in s["transfer"].values())
     for k, variant in names:
         runs = [s["transfer"][f"k{k}-{variant}"] for s in seeds]
+        records += [r.get("convergence") for r in runs]
         cells = [
             spread_cell([r[c] for r in runs], 2 if c.startswith("l0") else 3)
             for c in ("mcc", "fvu", "l0", "l0_core", "task_loss_recovered")
         ]
         rows.append([k, variant, *cells, spread_cell(results["consistency"][f"k{k}-{variant}"])])
+        rows[-1] += [converged_of([r.get("convergence") for r in runs])] if recorded else []
     header = ["k", "variant", "MCC", "FVU", "L0", "L0 core", "task loss recovered", "consistency"]
+    header += ["converged"] if recorded else []
     lines = [
         "",
         "## Transferred SAEs (MCC against all true features)",
+        *unconverged_warning(records),
         "",
         "`consistency`: mean best-match |cos| between two seeds' decoders, over every pair of seeds.",
         "",
