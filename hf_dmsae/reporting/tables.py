@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,6 +36,41 @@ def spread_cell(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
+"""Student's t 0.975 quantile at 1 … 15 degrees of freedom (beyond, 1.96 is within 8 %)."""
+LOWER_IS_BETTER = ("fvu", "dead_fraction")
+OPEN_DIRECTION = ("sb_meta_fve",)
+"""Metrics whose better direction is lower, and whose direction is left open (SAEBench's meta-SAE FVE)."""
+
+
+def t_interval(values: list[float]) -> tuple[float, float] | None:
+    """The 95 % t-interval of the mean of `values` (one per seed; None for fewer than two)."""
+    if len(values) < 2:
+        return None
+    mean, spread = mean_and_spread(values)
+    degrees = len(values) - 1
+    half = (T_975[degrees - 1] if degrees <= len(T_975) else 1.96) * spread / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def difference_cell(values: list[float], metric: str, digits: int = 3) -> str:
+    """A paired difference over seeds: `mean ± std [95 % t-interval] (n)`, and `win` or `loss` by the metric's
+    better direction only where the interval excludes 0 (`≠ 0` where the direction is open); `–` for none."""
+    if not values:
+        return "–"
+    cell = f"{spread_cell(values, digits)}"
+    interval = t_interval(values)
+    if interval is not None:
+        low, high = interval
+        cell += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
+        if low > 0 or high < 0:
+            if metric in OPEN_DIRECTION:
+                cell += " ≠ 0"
+            else:
+                cell += " win" if (high < 0) == (metric in LOWER_IS_BETTER) else " loss"
+    return f"{cell} ({len(values)})"
+
+
 def write_report(folder: Path, lines: list[str]) -> str:
     """Write `<folder>/report.md` from its lines and return its text."""
     text = "\n".join(lines) + "\n"
@@ -57,16 +93,17 @@ def matched_table(matched: dict, title: str = "Each variant − the Matryoshka S
     rows = []
     for variant in sorted(matched, key=VARIANTS.index):
         for k, row in sorted(matched[variant].items(), key=lambda item: int(item[0][1:])):
-            cells = [f"{spread_cell(row[m])} ({len(row[m])})" if row.get(m) else "–" for m in deltas]
+            cells = [difference_cell(row.get(m) or [], m) for m in deltas]
             rows.append([k[1:], variant, spread_cell(row["l0"], 1), *cells])
     return [
         "",
         f"## {title}",
         "",
         "The Matryoshka SAE's value at a model's measured global L0 is read off the same seed's Matryoshka curve "
-        "(its models at every k), linear in log L0; outside that curve's L0 range there is no difference. In "
-        "brackets: the seeds whose curve spans the model's L0. FVU and dead fraction: lower is better; the others: "
-        "higher is better"
+        "(its models at every k), linear in log L0; outside that curve's L0 range there is no difference. Each cell: "
+        "mean ± std of the paired differences, their 95 % t-interval, `win` or `loss` only where it excludes 0, and "
+        "in brackets the seeds whose curve spans the model's L0 (for n = 3 the interval's half-width is 2.48 × std). "
+        "FVU and dead fraction: lower is better; the others: higher is better"
         + (
             ", but for sb_meta_fve (the share of the decoder's variance a meta-SAE explains: how composed of shared "
             "parts the latents are), whose better direction SAEBench leaves open."
