@@ -190,7 +190,7 @@ def test_the_neuronpedia_export_is_saedashboards_batch_format(tmp_path, tiny_lm_
     input_ids = torch.randint(10, 1000, (3, 20), generator=torch.Generator().manual_seed(0))
     windows, rows = context_windows(input_ids, torch.ones(3, 20, dtype=torch.bool), before=2, after=1)
     stats.update(sae.eval().encode_sparse(torch.randn(60, 32)), windows, rows)
-    effects = logit_effects(sae, torch.randn(1000, 16), count=5, latents=list(range(128)), bins=10)
+    effects = logit_effects(sae, torch.randn(1000, 32), count=5, latents=list(range(128)), bins=10)
     read = {"dataset": "org/text", "n_prompts_total": 3, "n_tokens_in_prompt": 20}
     folder = write_neuronpedia(tmp_path / "np", sae, tokenizer, stats, effects, read, before=2, features_per_batch=50)
     batches = [json.loads((folder / f"batch-{i}.json").read_text()) for i in range(3)]
