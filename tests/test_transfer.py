@@ -5,11 +5,12 @@ import re
 
 import pytest
 import torch
-from conftest import core_of_rows, quiet_training_args, tiny_activation_args
+from conftest import core_of_rows, quiet_training_args, tiny_activation_args, tiny_model, tiny_run_data
 
 from hf_dmsae import DMSAEModel
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
-from hf_dmsae.method.distillation import random_core, random_core_generator
+from hf_dmsae.data.slices import SliceLayout
+from hf_dmsae.method.distillation import control_cores, random_core, random_core_generator
 from hf_dmsae.method.transfer import Transfer, TransferArguments
 from hf_dmsae.reporting.transfer import transfer_report
 from hf_dmsae.run.arguments import SAEArguments, initial_model
@@ -122,6 +123,63 @@ def test_a_random_core_variant_holds_the_distillation_controls_rows_in_either_sp
                 parameter.add_(1.0)
         rebuilt = initial_model(model, 3).state_dict()
         assert rebuilt.keys() == fresh.keys() and all(torch.equal(rebuilt[n], t) for n, t in fresh.items())
+
+
+def test_a_trained_core_variant_holds_the_distillation_controls_trained_rows(tiny_lm_dir, tmp_path):
+    core = core_of_rows(torch.randn(6, 32) / 6)
+    core.save_pretrained(tmp_path / "core")
+    last = tiny_model(d_in=32, dict_size=64, core_size=6, core_ids=core.latent_ids, cycle=4)  # the last cycle
+    last.save_pretrained(tmp_path / "last")
+    arguments = dict(core=str(tmp_path / "core"), ks=[8], variants=["trained_dense_core", "trained_sparse_core"])
+    with pytest.raises(ValueError, match="built around a distillation's trained latents: give control_model"):
+        TransferArguments(**arguments)
+    transfer = Transfer(
+        TransferArguments(**arguments, control_model=str(tmp_path / "last")),
+        SAEArguments(dict_size=256, k=8),
+        tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=3000),
+        quiet_training_args(tmp_path / "run", seed=3),
+    )
+    controls = control_cores(core, 32, 3, last)  # what the distillation's control of seed 3 trains around
+    assert torch.equal(
+        controls["random_init"].encoder_rows, random_core(core, 32, random_core_generator(3)).encoder_rows
+    )
+    for variant, sparsity in (("trained_dense_core", "dense_core"), ("trained_sparse_core", "sparse_core")):
+        model = transfer.new_model(8, variant)
+        assert torch.equal(model.W_enc_frozen, controls["random_trained"].encoder_rows)
+        assert model.config.sparsity == sparsity and len(model.config.core_ids) == 6
+        assert all(i.startswith("cycle4:") and i not in core.latent_ids for i in model.config.core_ids)
+
+
+def test_a_transfer_on_a_distillations_control_slice_reads_its_tokens_and_no_others(tiny_lm_dir, tmp_path):
+    activations = tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=2000)
+    data = tiny_run_data(tmp_path / "distillation", activations)  # a distillation's slices, its control last
+    for name in ("cycle0", "control"):
+        piece = data.training_slice(name, 2000)
+        data.finish_slice(piece, data.training_data(piece, None))
+    control = SliceLayout(json.loads((tmp_path / "distillation" / "state.json").read_text())["slices"]).get("control")
+    core = core_of_rows(torch.randn(6, 32) / 6)
+    core.save_pretrained(tmp_path / "core")
+
+    def transfer(num_tokens: int) -> Transfer:
+        return Transfer(
+            TransferArguments(
+                core=str(tmp_path / "core"),
+                ks=[8],
+                variants=["matryoshka"],
+                ce_batches=0,
+                control_slice_of=str(tmp_path / "distillation"),
+            ),
+            SAEArguments(dict_size=64, k=8),
+            tiny_activation_args(tiny_lm_dir, activation_cache=str(tmp_path / "cache"), num_tokens=num_tokens),
+            quiet_training_args(tmp_path / f"run{num_tokens}", max_steps=3),
+        )
+
+    transfer(2000).train()
+    layout = SliceLayout(json.loads((tmp_path / "run2000" / "state.json").read_text())["slices"])
+    assert layout.get("control").to_dict() == control.to_dict() and layout.get("train") is None
+    assert control.start.sequence > 0, "not the start of the training split, which the distillation read first"
+    with pytest.raises(ValueError, match="control slice holds 2000 rows a reader; num_tokens=3000"):
+        transfer(3000).train()
 
 
 def test_every_variant_name_parses_into_what_its_models_are_built_around():

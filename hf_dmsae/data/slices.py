@@ -102,6 +102,25 @@ class SliceLayout:
         self.records.append(piece.to_dict())
         return piece
 
+    def adopt(self, piece: TokenSlice) -> TokenSlice:
+        """Another run's finished slice, read by this one as it was laid out there (a transfer on a distillation's
+        control slice); refused if this run laid out a slice of that name otherwise, or one it overlaps."""
+        if piece.end is None:
+            raise ValueError(f"slice {piece.name!r} has not ended: only a finished slice is read by another run")
+        if (existing := self.get(piece.name)) is not None:
+            if existing.to_dict() != piece.to_dict():
+                raise ValueError(
+                    f"slice {piece.name!r} was laid out here as {existing.to_dict()}, not {piece.to_dict()}"
+                )
+            return existing
+        self.records.append(piece.to_dict())
+        try:
+            self.check_disjoint()
+        except RuntimeError:
+            self.records.pop()
+            raise
+        return piece
+
     def finish(self, name: str, end: StreamPosition) -> TokenSlice:
         """Record where slice `name` ended (the same end again is fine: a resumed reader finds it again)."""
         for record in self.records:

@@ -133,6 +133,28 @@ def random_core(
     )
 
 
+def control_cores(
+    distilled: DMSAECore, d_in: int, seed: int, last_model: DMSAEModel | None = None
+) -> dict[str, DMSAECore]:
+    """A seed's control cores, each as many rows as `distilled`: random unit rows (`random_init`, the paper's) and,
+    given the last cycle's model, as many of its trained latents outside the distilled core (`random_trained`),
+    drawn in that order from the seed's stream (`random_core_generator`), so that every run naming a seed's controls
+    (the distillation's, a transfer's) holds the same rows."""
+    generator = random_core_generator(seed)
+    cores = {"random_init": random_core(distilled, d_in, generator)}
+    if last_model is not None:
+        ids = last_model.config.latent_ids()
+        outside = [j for j, i in enumerate(ids) if i not in set(distilled.latent_ids)]
+        picked = [outside[j] for j in torch.randperm(len(outside), generator=generator)[: len(distilled)]]
+        cores["random_trained"] = dataclasses.replace(
+            distilled,
+            encoder_rows=last_model.W_enc[picked].detach().clone(),
+            latent_ids=[ids[j] for j in picked],
+            scores=torch.zeros(len(picked)),
+        )
+    return cores
+
+
 class Distillation:
     """One distillation run; `run()` does every remaining step and returns the distilled core."""
 
@@ -288,21 +310,9 @@ class Distillation:
 
     # -- the controls -------------------------------------------------------------------------------------------
     def control_cores(self, distilled: DMSAECore, last: int, seed: int) -> dict[str, DMSAECore]:
-        """The three cores of a control seed, all of `|C*|` rows: the distilled core, random unit rows and trained
-        latents of the last cycle outside the distilled core."""
-        generator = random_core_generator(seed)
-        random_init = random_core(distilled, self.data.d_in, generator)
+        """The three cores of a control seed, all of `|C*|` rows: the distilled core and `control_cores`'."""
         last_model = load_trained_model(self.output_dir / f"cycle{last}")
-        ids = last_model.config.latent_ids()
-        outside = [j for j, i in enumerate(ids) if i not in set(distilled.latent_ids)]
-        picked = [outside[j] for j in torch.randperm(len(outside), generator=generator)[: len(distilled)]]
-        random_trained = dataclasses.replace(
-            distilled,
-            encoder_rows=last_model.W_enc[picked].detach().clone(),
-            latent_ids=[ids[j] for j in picked],
-            scores=torch.zeros(len(picked)),
-        )
-        return {"distilled": distilled, "random_init": random_init, "random_trained": random_trained}
+        return {"distilled": distilled, **control_cores(distilled, self.data.d_in, seed, last_model)}
 
     def _control(self, distilled: DMSAECore, last: int) -> None:
         piece = self.data.training_slice("control")

@@ -18,7 +18,8 @@ from functools import cached_property
 from pathlib import Path
 
 from ..data.activations import ActivationArguments
-from ..data.language_model import lm_width
+from ..data.language_model import lm_width, weights_digest
+from ..data.slices import SliceLayout, TokenSlice
 from ..evaluation.held_out import activation_metrics
 from ..evaluation.saebench import SAEBenchArguments, headline_metrics
 from ..model.core import DMSAECore
@@ -40,7 +41,8 @@ from ..run.trainer import DMSAETrainingArguments
 from ..run.training import load_trained_model, train_sae, training_steps
 from ..run.variants import PAPER_VARIANTS, VARIANTS, Variant, check_variants, unread_settings
 from ..utils.checks import check_ranges
-from .distillation import random_core, random_core_generator
+from ..utils.integrity import read_json
+from .distillation import control_cores
 
 
 def model_name(k: int, variant: str) -> str:
@@ -61,6 +63,21 @@ class TransferArguments:
             "around as many latents trained from a fresh initialisation (the learned dense block)."
         },
     )
+    control_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The distillation's last-cycle model (folder or Hub id), whose trained latents outside the core "
+            "the `trained_*` variants are built around (as many as the core's, drawn as the distillation's "
+            "`random_trained` control of the same seed)."
+        },
+    )
+    control_slice_of: str | None = field(
+        default=None,
+        metadata={
+            "help": "A distillation's folder: the models train on its `control` slice, tokens disjoint from its "
+            "attribution split and from every cycle's slice, instead of the start of the training split."
+        },
+    )
     ce_batches: int = field(default=8, metadata={"help": "Held-out LM batches for CE loss recovered."})
     model_repo: str | None = field(
         default=None,
@@ -71,12 +88,25 @@ class TransferArguments:
     )
 
     def __post_init__(self):
-        check_variants(self.variants)
+        trained = [v.name for v in check_variants(self.variants) if v.core == "trained"]
+        if trained and self.control_model is None:
+            raise ValueError(
+                f"variants {trained} are built around a distillation's trained latents: give control_model"
+            )
         if not self.ks or not self.variants or min(self.ks) < 1:
             raise ValueError(f"ks={self.ks} and variants={self.variants} must be non-empty, with every k ≥ 1")
         check_ranges(self, ce_batches=">= 0")
         if self.model_repo is not None:
             check_repo_id(self.model_repo, "model_repo")
+
+
+def control_slice_of(distillation_dir: str | Path) -> TokenSlice:
+    """The `control` slice a distillation laid out (ended: its controls were trained)."""
+    state = read_json(Path(distillation_dir) / "state.json", {"slices": list}, "give a distillation's folder")
+    piece = SliceLayout(state["slices"]).get("control")
+    if piece is None or piece.end is None:
+        raise ValueError(f"{distillation_dir} has no finished control slice: run its distillation with its controls")
+    return piece
 
 
 def check_core_fits(core: DMSAECore, where: str, activations: ActivationArguments) -> None:
@@ -104,6 +134,8 @@ class Transfer:
         evaluates reconstructions (`downstream_metrics`). SAEBench needs an LM."""
         if (activations is None) == (source is None):
             raise ValueError("give either activations (an LM and a text dataset) or a source, not both")
+        if source is not None and args.control_slice_of:
+            raise ValueError("control_slice_of reads a distillation's LM slice: it needs activations, not a source")
         if source is not None and saebench is not None and saebench.saebench_evals:
             raise ValueError("SAEBench's evals run an LM: they need activations, not a source")
         self.args, self.sae_args, self.activation_args, self.training_args = args, sae, activations, training
@@ -136,6 +168,15 @@ class Transfer:
             ),
         )
         identity["inputs.core"] = self.core.digest()
+        self.control_model = None
+        if args.control_model is not None:
+            self.control_model = DMSAEModel.from_pretrained(
+                resolve_folder(args.control_model, token=training.hub_token)
+            )
+            identity["inputs.control_model"] = weights_digest(self.control_model)
+        self.control_slice = control_slice_of(args.control_slice_of) if args.control_slice_of else None
+        if self.control_slice is not None:
+            identity["inputs.control_slice"] = self.control_slice.to_dict()
         self.state = RunState(self.output_dir, "transfer", identity, writer=training.process_index == 0)
         self.results: dict = self.state.record("results")
         self.state.data["core"] = {"source": args.core, "size": len(self.core)}  # for the report
@@ -163,12 +204,13 @@ class Transfer:
     def new_model(self, k: int, variant: str) -> DMSAEModel:
         """The `variant` model at L0 `k`; a transfer sweeps `k`, so `k_noncore` always follows it (Eq. 4 at the core
         size, by `k_noncore_for`), whatever value was given for one run. A random core's rows are the distillation
-        control's of the run's seed (`random_core_generator`)."""
+        control's of the run's seed, a trained core's its `random_trained` control's (`control_cores`)."""
         built = Variant.parse(variant)
         core = self.core if built.core == "distilled" else None
-        if built.core == "random":
-            generator = random_core_generator(self.training_args.seed)
-            core = random_core(self.core, self.core.encoder_rows.shape[1], generator)
+        if built.core in ("random", "trained"):
+            d_in, seed = self.core.encoder_rows.shape[1], self.training_args.seed
+            controls = control_cores(self.core, d_in, seed, self.control_model if built.core == "trained" else None)
+            core = controls["random_init" if built.core == "random" else "random_trained"]
         learned = len(self.core) if built.core == "learned" else 0
         sae = dataclasses.replace(self.sae_args, k=k, k_noncore=None, sparsity=built.mode)
         sae = dataclasses.replace(sae, k_noncore=k_noncore_for(sae, reference_core_size=len(core or []) + learned))
@@ -193,7 +235,7 @@ class Transfer:
         recording each (and handing its name and record to `after_each`) as it finishes; the results."""
         done = set(self.results) | set(skip)
         todo = [(name, k, variant) for name, (k, variant) in self.models.items() if name not in done]
-        piece = self.data.training_slice("train") if todo else None  # a finished run opens no LM
+        piece = self._training_slice() if todo else None  # a finished run opens no LM
         for name, k, variant in todo:
             model = self.new_model(k, variant)
             args = dataclasses.replace(self.training_args, output_dir=str(self.output_dir / name), push_to_hub=False)
@@ -204,6 +246,17 @@ class Transfer:
             if after_each is not None:
                 after_each(name, self.results[name])
         return self.results
+
+    def _training_slice(self):
+        """The slice every model trains on: the start of the training split, or the distillation's control slice."""
+        if self.control_slice is None:
+            return self.data.training_slice("train")
+        if self.control_slice.rows != self.activation_args.num_tokens:
+            raise ValueError(
+                f"{self.args.control_slice_of}'s control slice holds {self.control_slice.rows} rows a reader; "
+                f"num_tokens={self.activation_args.num_tokens} asks for another budget"
+            )
+        return self.data.adopted_slice(self.control_slice)
 
     def publish(self) -> None:
         """Write every trained model as a repo with its card, named `<model_repo>-<name>`, and push them as one set

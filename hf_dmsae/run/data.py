@@ -117,6 +117,13 @@ class RunData:
         self.state.save()
         return piece
 
+    def adopted_slice(self, piece: TokenSlice) -> TokenSlice:
+        """Another run's finished training slice, read by this run as it was laid out there (`SliceLayout.adopt`):
+        its cache, where `activation_cache` is the other run's, is the same."""
+        piece = self.state.slices.adopt(piece)
+        self.state.save()
+        return piece
+
     def _eval_slice(self) -> TokenSlice | None:
         """The held-out split from its start, or, if the dataset has none, a slice of the training stream."""
         if not self.args.eval_tokens:

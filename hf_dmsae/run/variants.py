@@ -1,8 +1,10 @@
 """The SAEs a transfer trains and a study compares, by name, parsed once into a `Variant`.
 
 A variant is a DMSAE of any sparsity mode around the distilled core (`dense_core`, …), the Matryoshka SAE without one
-(`matryoshka`), the paper's control around random unit rows as many as the core's (`random_<mode>`, Fig. 3), or the
-dense baseline the paper lacks, a block of the core's size trained from a fresh initialisation (`learned_<mode>`).
+(`matryoshka`), the paper's control around random unit rows as many as the core's (`random_<mode>`, Fig. 3), the
+stronger control around as many trained latents of the distillation's last cycle outside the core
+(`trained_<mode>`, the distillation's `random_trained`), or the dense baseline the paper lacks, a block of the core's
+size trained from a fresh initialisation (`learned_<mode>`).
 The model's own vocabulary is its sparsity modes (`DMSAEConfig.sparsity`); the variants are the studies'.
 """
 
@@ -19,6 +21,7 @@ VARIANTS = (
     *SPARSITY_MODES,
     "matryoshka",
     *(f"random_{mode}" for mode in SPARSITY_MODES),
+    *(f"trained_{mode}" for mode in SPARSITY_MODES),
     *(f"learned_{mode}" for mode in LEARNED_MODES),
 )
 PAPER_VARIANTS = ("dense_core", "sparse_core", "matryoshka")
@@ -34,7 +37,7 @@ class Variant:
     Matryoshka SAE has no core, so `dense_core`'s masks are its)."""
 
     name: str
-    core: Literal["distilled", "random", "learned", "none"]
+    core: Literal["distilled", "random", "trained", "learned", "none"]
     mode: str
 
     @classmethod
@@ -43,7 +46,7 @@ class Variant:
             raise ValueError(f"variant {name!r} is not among {VARIANTS}")
         if name == "matryoshka":
             return cls(name, "none", "dense_core")
-        for prefix in ("random", "learned"):
+        for prefix in ("random", "trained", "learned"):
             if name.startswith(f"{prefix}_"):
                 return cls(name, prefix, name.removeprefix(f"{prefix}_"))
         return cls(name, "distilled", name)
