@@ -8,8 +8,8 @@ import torch
 from conftest import core_of_rows, quiet_training_args, tiny_activation_args, tiny_model, tiny_run_data
 
 from hf_dmsae import DMSAEModel
-from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.data.slices import SliceLayout
+from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.method.distillation import control_cores, random_core, random_core_generator
 from hf_dmsae.method.transfer import Transfer, TransferArguments
 from hf_dmsae.reporting.transfer import transfer_report
