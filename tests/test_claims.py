@@ -5,7 +5,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import core_of_rows, quiet_training_args, results_written_by_another_study, tiny_activation_args
+from conftest import (
+    core_of_rows,
+    quiet_training_args,
+    results_written_by_another_study,
+    tiny_activation_args,
+    tiny_model,
+)
 
 from hf_dmsae.evaluation.saebench import SAEBenchArguments
 from hf_dmsae.reporting.claims import claims_report
@@ -84,6 +90,41 @@ def test_each_variant_is_compared_with_its_own_seeds_matryoshka_curve_at_its_mea
     assert matched["dense_core"]["k16"]["fvu"] == pytest.approx([-0.05, -0.05], abs=1e-12)
     assert matched["dense_core"]["k64"]["fvu"] == pytest.approx([0.1 - (0.5 - 0.3 * math.log(90 / 16) / math.log(8))])
     assert set(matched) == {"dense_core"}
+
+
+def test_each_seed_transfers_its_own_distillations_core_and_the_cores_are_compared_across_seeds(tiny_lm_dir, tmp_path):
+    from hf_dmsae.method.distillation import control_cores
+    from hf_dmsae.run.trainer import CHECKSUMS
+    from hf_dmsae.run.training import MODEL_FILES
+    from hf_dmsae.utils.integrity import checksums, write_json_atomically
+
+    lasts = {}
+    for seed in (0, 1):
+        folder = tmp_path / f"distillation-seed{seed}"
+        finished_distillation(folder, seed)
+        core_ids = [f"cycle2:{i}" for i in range(6)]
+        lasts[seed] = tiny_model(seed, d_in=32, dict_size=64, core_size=6, core_ids=core_ids, cycle=2)
+        lasts[seed].save_pretrained(folder / "cycle2")  # the last cycle, as a finished run saves it
+        write_json_atomically(folder / "cycle2" / CHECKSUMS, checksums(folder / "cycle2", list(MODEL_FILES)))
+    claims, study, *rest = study_arguments(tmp_path, tiny_lm_dir)
+    claims = dataclasses.replace(claims, distillation_dir=str(tmp_path / "distillation-seed{seed}"))
+    study = dataclasses.replace(study, ks=[8], variants=["dense_core", "matryoshka", "trained_sparse_core"])
+    study = dataclasses.replace(study, matryoshka_ks=[])
+    results = PaperClaims(claims, study, *rest[:-1]).run()
+    assert set(results["cores"]) == {"seed0", "seed1"} and "core" not in results
+    for seed in (0, 1):
+        model = load_trained_model(tmp_path / "study" / f"seed{seed}" / "transfer" / "k8-dense_core")
+        core = PaperClaims(claims, study, *rest[:-1]).cores[seed][1]
+        assert torch.equal(model.W_enc_frozen, core.encoder_rows)
+        assert results["cores"][f"seed{seed}"]["digest"] == core.digest()
+        control = load_trained_model(tmp_path / "study" / f"seed{seed}" / "transfer" / "k8-trained_sparse_core")
+        expected = control_cores(core, 32, seed, lasts[seed])["random_trained"]
+        assert torch.equal(control.W_enc_frozen, expected.encoder_rows)
+    overlap = results["core_overlap"]
+    assert overlap["seeds"] == [0, 1] and overlap["sizes"] == [6, 6]
+    assert len(overlap["distilled"]) == len(overlap["random_trained"]) == 2
+    assert all(0 <= share <= 1 for share in overlap["distilled"] + overlap["random_trained"])
+    assert "## Claim 1: the same core from every seed" in claims_report(tmp_path / "results")
 
 
 def test_the_study_trains_every_variant_per_seed_on_the_same_tokens_compares_and_resumes(

@@ -37,6 +37,12 @@ def match_share(decoder_a: torch.Tensor, decoder_b: torch.Tensor, match_cos: flo
     return float((cosines(a, decoder_b).max(1).values >= match_cos).float().mean())
 
 
+def cores_overlap(cores: list[torch.Tensor], match_cos: float) -> list[float]:
+    """For every ordered pair of cores (their encoder rows, e.g. two seeds' distilled cores), the share of the
+    first's rows whose direction has a match in the second's (`match_share`): the first claim's consistency."""
+    return [match_share(a, b, match_cos) for a, b in itertools.permutations(cores, 2)]
+
+
 def matched_latents(first, second, match_cos: float) -> dict[str, float | None]:
     """The share of `first`'s core latents (its first `core_size`) and of its non-core latents whose decoder
     direction has a match in `second`'s decoder (`match_share`; a part `first` lacks: None). Models are

@@ -55,10 +55,15 @@ def claims_report(folder: str | Path) -> str:
         header.append("converged")
         for row, m in zip(rows, models, strict=True):
             row.append(converged_of(records[f"k{m['k']}-{m['variant']}"]))
+    if "cores" in results:  # each seed its own distillation's core
+        cores = ", ".join(f"{seed}'s `{c['source']}` ({c['size']} latents)" for seed, c in results["cores"].items())
+        moved = f"Each seed's distilled core ({cores}) transferred"
+    else:
+        moved = f"The distilled core `{results['core']['source']}` ({results['core']['size']} latents) transferred"
     lines = [
         "# The paper's claims on the embedded default",
         "",
-        f"The distilled core `{results['core']['source']}` ({results['core']['size']} latents) transferred at "
+        f"{moved} at "
         f"k {identity['StudyArguments.ks']} in every variant, and the Matryoshka SAE also at k "
         f"{wide}; {len(seeds)} seeds ({', '.join(seeds)}), each seed's models "
         "on the same tokens. `random_*`: the paper's control, a random-init core of the same size. Every cell is "
@@ -75,6 +80,7 @@ def claims_report(folder: str | Path) -> str:
         *matched_table(
             results["matched"], "Claim 3 at matched sparsity: each variant − the Matryoshka SAE at the same measured L0"
         ),
+        *(_core_overlap(results["core_overlap"]) if "core_overlap" in results else []),
         *(latent_matches_tables(results["latent_matches"]) if "latent_matches" in results else []),
     ]
     skipped = {}
@@ -88,3 +94,20 @@ def claims_report(folder: str | Path) -> str:
     plot = figures.metrics_against_l0(models, tuple(metrics), folder / "figures" / "metrics_vs_l0.png")
     lines += ["", f"![metrics against measured L0](figures/{plot.name})"]
     return write_report(folder, lines)
+
+
+def _core_overlap(overlap: dict) -> list[str]:
+    rows = [
+        [kind, spread_cell(overlap[key]), f"{min(overlap[key]):.3f} … {max(overlap[key]):.3f}"]
+        for kind, key in (("distilled cores", "distilled"), ("random trained latents (control)", "random_trained"))
+    ]
+    return [
+        "",
+        "## Claim 1: the same core from every seed",
+        "",
+        f"Seeds {overlap['seeds']}, distilled core sizes {overlap['sizes']}. For every ordered pair of seeds, the "
+        f"share of one seed's core whose encoder direction has a match (cosine ≥ {overlap['match_cos']}) in the "
+        "other's; the control: each seed's as many trained latents of its last cycle outside its core.",
+        "",
+        *markdown_table(["cores", "matched share (mean ± std over pairs)", "range"], rows),
+    ]

@@ -44,6 +44,8 @@ CLAIMS_RESULTS = {
     "matched?": Each(Each(dict)),
     "latent_matches?": {"seeds": list, "variants": dict},
     "core?": {"source": str, "size": int, "digest": str},
+    "cores?": Each({"source": str, "size": int, "digest": str}),
+    "core_overlap?": {"seeds": list, "match_cos": NUMBER, "sizes": list, "distilled": list, "random_trained": list},
     "variant_settings?": Each(dict),
 }
 WORLDS_RESULTS = {

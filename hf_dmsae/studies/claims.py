@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.activations import ActivationArguments
-from ..evaluation.consistency import latent_matches
+from ..evaluation.consistency import cores_overlap, latent_matches
 from ..evaluation.saebench import HEADLINE_METRICS, SAEBenchArguments
+from ..method.distillation import control_cores
 from ..method.transfer import Transfer, TransferArguments, model_name
+from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, initial_model
 from ..run.results import CLAIMS_RESULTS, StudyResults
@@ -51,10 +53,21 @@ class ClaimsArguments:
     `StudyArguments`)."""
 
     distillation_dir: str = field(
-        default="runs/smollm2-135m-l15", metadata={"help": "A finished distillation, whose distilled core is moved."}
+        default="runs/smollm2-135m-l15",
+        metadata={
+            "help": "A finished distillation, whose distilled core is moved; `{seed}` becomes the seed, so that each "
+            "seed transfers its own distillation's core, and the cores are compared across seeds."
+        },
     )
     study_dir: str = field(default="runs/study", metadata={"help": "Where the study's transfer runs go."})
     consistency_k: int = field(default=32, metadata={"help": "The k at which seeds are compared."})
+    on_control_slice: bool = field(
+        default=False,
+        metadata={
+            "help": "Train each seed's transfers on its distillation's control slice: tokens disjoint from its "
+            "attribution split and from every cycle's slice (`TransferArguments.control_slice_of`)."
+        },
+    )
 
     def __post_init__(self):
         check_ranges(self, consistency_k=">= 1")
@@ -80,10 +93,22 @@ class PaperClaims:
         self.training_args, self.saebench_args = training, saebench
         self.study_dir = Path(args.study_dir)
         self.results_dir = Path(study.results_dir or args.study_dir)
-        folder = Path(args.distillation_dir)
+        self.per_seed = "{seed}" in args.distillation_dir
+        self.cores = {seed: self.distilled(seed) for seed in study.seeds}  # seed: (its folder, the core)
+        self.core_path, self.core = self.cores[study.seeds[0]]
+
+    def distillation(self, seed: int) -> Path:
+        """The distillation whose core the seed's models are built around."""
+        return Path(self.args.distillation_dir.format(seed=seed))
+
+    def distilled(self, seed: int) -> tuple[Path, DMSAECore]:
+        folder = self.distillation(seed)
         record = distilled_core_record(folder)
-        self.core_path = folder / record["core"]
-        self.core = load_recorded_core(folder, record)
+        return folder / record["core"], load_recorded_core(folder, record)
+
+    def last_model_folder(self, seed: int) -> Path:
+        """The seed's distillation's last cycle, whose trained latents the `trained_*` controls are built around."""
+        return self.distillation(seed) / f"cycle{distilled_core_record(self.distillation(seed))['last_cycle']}"
 
     def transfers(self, seed: int) -> list[Transfer]:
         """The seed's transfer runs: every variant at the study's ks, and the Matryoshka SAE at `matryoshka_ks`."""
@@ -91,11 +116,17 @@ class PaperClaims:
         if self.study.matryoshka_ks:
             grids.append(("matryoshka-wide", self.study.matryoshka_ks, ["matryoshka"]))
         runs = []
+        trained = any(Variant.parse(v).core == "trained" for v in self.study.variants)
         for name, ks, variants in grids:
             folder = self.study_dir / f"seed{seed}" / name
             training = dataclasses.replace(self.training_args, seed=seed, output_dir=str(folder), push_to_hub=False)
             transfer = TransferArguments(
-                core=str(self.core_path), ks=ks, variants=variants, ce_batches=self.study.ce_batches
+                core=str(self.cores[seed][0]),
+                ks=ks,
+                variants=variants,
+                ce_batches=self.study.ce_batches,
+                control_model=str(self.last_model_folder(seed)) if trained else None,
+                control_slice_of=str(self.distillation(seed)) if self.args.on_control_slice else None,
             )
             runs.append(Transfer(transfer, self.sae_args, self.activation_args, training, self.saebench_args))
         return runs
@@ -109,7 +140,9 @@ class PaperClaims:
         arguments = tuple(a for a in arguments if a is not None)
         exclude = ("DMSAETrainingArguments.seed", "seeds", "variants", "matryoshka_ks")
         exclude += ("study_dir", "results_dir", "distillation_dir", *(f"SAEArguments.{n}" for n in VARIANT_SETTINGS))
-        identity = arguments_identity(*arguments, exclude=exclude) | {"inputs.core_size": len(self.core)}
+        identity = arguments_identity(*arguments, exclude=exclude)
+        if not self.per_seed:  # one core for every seed; each seed's own is checked by `check_same_core`
+            identity["inputs.core_size"] = len(self.core)
         return json.loads(json.dumps(identity, default=str))
 
     def run(self) -> dict:
@@ -127,8 +160,14 @@ class PaperClaims:
         results.setdefault("models", {})
         results["variant_settings"] = self.variant_settings(results, store.recorded_identity)
         self.check_same_core(results)
-        digest = results.get("core", {}).get("digest", self.core.digest())  # the core the study's models read
-        results["core"] = {"source": str(self.core_path), "size": len(self.core), "digest": digest}
+        for seed in self.study.seeds if self.per_seed else []:
+            recorded = results.setdefault("cores", {}).get(f"seed{seed}", {})
+            path, core = self.cores[seed]
+            digest = recorded.get("digest", core.digest())  # the core the seed's models read
+            results["cores"][f"seed{seed}"] = {"source": str(path), "size": len(core), "digest": digest}
+        if not self.per_seed:
+            digest = results.get("core", {}).get("digest", self.core.digest())  # the core the study's models read
+            results["core"] = {"source": str(self.core_path), "size": len(self.core), "digest": digest}
 
         def save() -> None:
             results["matched"] = matched_differences(results["models"], self.study.variants)
@@ -151,6 +190,9 @@ class PaperClaims:
                     transfer.state.close()
         if not main:
             return results
+        if self.per_seed and results.get("core_overlap", {}).get("seeds") != self.study.seeds:
+            results["core_overlap"] = self.core_overlap()
+            save()
         if unmatched := self.unmatched_variants(results):
             a, k = self.study, self.args.consistency_k
             matches = latent_matches(self.model, initial_model, a.seeds, a.ks, k, unmatched, a.latent_match_cos)
@@ -177,6 +219,24 @@ class PaperClaims:
                 transfer.state.close()
         return results
 
+    def core_overlap(self) -> dict:
+        """The first claim's consistency: for every ordered pair of seeds, the share of one seed's distilled core
+        whose encoder direction has a match (cosine ≥ `latent_match_cos`) in the other's, against the same share
+        for each seed's `random_trained` control core (as many trained latents of its last cycle outside its core)."""
+        seeds, cos = self.study.seeds, self.study.latent_match_cos
+        controls = []
+        for seed in seeds:
+            core = self.cores[seed][1]
+            last = load_trained_model(self.last_model_folder(seed))
+            controls.append(control_cores(core, core.encoder_rows.shape[1], seed, last)["random_trained"])
+        return {
+            "seeds": list(seeds),
+            "match_cos": cos,
+            "sizes": [len(self.cores[seed][1]) for seed in seeds],
+            "distilled": cores_overlap([self.cores[seed][1].encoder_rows for seed in seeds], cos),
+            "random_trained": cores_overlap([c.encoder_rows for c in controls], cos),
+        }
+
     @property
     def saebench_asked(self) -> bool:
         return self.saebench_args is not None and bool(self.saebench_args.saebench_evals)
@@ -196,23 +256,25 @@ class PaperClaims:
         )
 
     def check_same_core(self, results: dict) -> None:
-        """Refuse to train a model around the distilled core's rows if the study's models were built around another
+        """Refuse to train a model around a seed's distilled core's rows if its models were built around another
         core (a distillation run again need not select the same latents). The Matryoshka SAE, the random-core
         controls and the learned block read the core's size alone, so they may still be added."""
-        recorded, digest = results.get("core", {}).get("digest"), self.core.digest()
-        if recorded is None or recorded == digest:
-            return
-        reading = [
-            f"seed{seed}/{name}"
-            for seed in self.study.seeds
-            for name, variant in self.models_to_train(seed, results).items()
-            if Variant.parse(variant).core == "distilled"
-        ]
-        if reading:
-            raise ValueError(
-                f"the study's models were built around core {recorded}, and {self.core_path} is {digest}: "
-                f"{', '.join(reading)} would be trained around another core; use another --results_dir"
-            )
+        for seed in self.study.seeds:
+            path, core = self.cores[seed]
+            recorded = results.get("cores", {}).get(f"seed{seed}") if self.per_seed else results.get("core")
+            recorded, digest = (recorded or {}).get("digest"), core.digest()
+            if recorded is None or recorded == digest:
+                continue
+            reading = [
+                f"seed{seed}/{name}"
+                for name, variant in self.models_to_train(seed, results).items()
+                if Variant.parse(variant).core == "distilled"
+            ]
+            if reading:
+                raise ValueError(
+                    f"the study's models were built around core {recorded}, and {path} is {digest}: "
+                    f"{', '.join(reading)} would be trained around another core; use another --results_dir"
+                )
 
     def variant_settings(self, results: dict, recorded_identity: dict) -> dict[str, dict]:
         """The `VARIANT_SETTINGS` each variant's models read: those recorded (for models recorded before they were
