@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -108,6 +109,20 @@ def test_the_study_trains_every_core_budget_seed_and_ablation_as_planned(synthet
     )
     lr = {a: [v for _, v in runs[0, a, "distilled", 2048]["learning_rate_curve"]] for a in ("paper", "no_lr_decay")}
     assert lr["paper"][-1] < 0.5 * max(lr["paper"]) and lr["no_lr_decay"][-1] == max(lr["no_lr_decay"])
+
+
+def test_the_random_trained_core_holds_the_distillation_controls_trained_rows(synthetic_study):
+    from hf_dmsae.method.distillation import control_cores
+
+    root, arguments, _, _ = synthetic_study
+    study = dataclasses.replace(arguments[0], cores=["distilled", "random_trained"])
+    distilled = DMSAECore.from_pretrained(root / "seed0" / "distillation" / "distilled-core")
+    x = torch.randn(64, distilled.encoder_rows.shape[1])
+    cores = CoreDynamics(study, *arguments[1:]).cores(distilled, 0, x)
+    last = load_trained_model(root / "seed0" / "distillation" / "cycle1")
+    expected = control_cores(distilled, x.shape[1], 0, last)["random_trained"]
+    assert torch.equal(cores["random_trained"].encoder_rows, expected.encoder_rows)
+    assert not set(cores["random_trained"].latent_ids) & set(distilled.latent_ids)
 
 
 def test_the_off_top_random_core_is_orthogonal_to_the_top_principal_components(synthetic_study):

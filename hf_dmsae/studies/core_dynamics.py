@@ -29,7 +29,7 @@ import torch
 from ..data.activations import ActivationArguments
 from ..evaluation.core_usage import core_usage
 from ..evaluation.held_out import activation_metrics
-from ..method.distillation import random_core, random_core_generator
+from ..method.distillation import control_cores, random_core, random_core_generator
 from ..model.core import DMSAECore
 from ..model.modeling_dmsae import DMSAEModel
 from ..run.arguments import SAEArguments, k_noncore_for, new_model
@@ -37,14 +37,14 @@ from ..run.data import open_source
 from ..run.results import CORE_DYNAMICS_RESULTS, StudyResults
 from ..run.state import RunState, arguments_identity, distilled_core_record, load_recorded_core
 from ..run.trainer import DMSAETrainingArguments
-from ..run.training import train_sae, training_steps
+from ..run.training import load_trained_model, train_sae, training_steps
 from ..utils.checks import check_ranges
 from .arguments import StudyArguments, StudySourceArguments
 from .synthetic_world import SyntheticArguments, SyntheticSource, SyntheticWorld
 
 logger = logging.getLogger(__name__)
 
-CORE_KINDS = ("distilled", "random_init", "random_off_top", "none")
+CORE_KINDS = ("distilled", "random_init", "random_trained", "random_off_top", "none")
 CURVE_POINTS = 50
 """Training-log entries of each run (its logging interval: steps / 50)."""
 
@@ -321,13 +321,18 @@ class CoreDynamics:
         return data, data.training_slice(f"core-dynamics-b{budget}")
 
     def cores(self, distilled: DMSAECore, seed: int, x: torch.Tensor) -> dict[str, DMSAECore | None]:
-        """The seed's cores, all of `|C*|` rows: the distilled core, the control's random unit rows (the same rows
-        as the distillation's control of this seed), random unit rows orthogonal to the top principal components of
-        `x` (normalised held-out activations), and none."""
+        """The seed's cores, all of `|C*|` rows: the distilled core, the control's random unit rows and, if asked,
+        its trained latents of the last cycle outside the core (the same rows as the distillation's control of this
+        seed, `control_cores`), random unit rows orthogonal to the top principal components of `x` (normalised
+        held-out activations), and none."""
         top = principal_directions(x, self.args.top_components)
+        last = None
+        if "random_trained" in self.args.cores:
+            folder = self.distillation_dir(seed)
+            last = load_trained_model(folder / f"cycle{distilled_core_record(folder)['last_cycle']}")
         return {
             "distilled": distilled,
-            "random_init": random_core(distilled, x.shape[1], random_core_generator(seed)),
+            **control_cores(distilled, x.shape[1], seed, last),
             "random_off_top": random_core(distilled, x.shape[1], random_core_generator(seed), remove=top),
             "none": None,
         }
