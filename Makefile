@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # accelerate launch gives each process one CPU thread unless told otherwise; a single process takes every core.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup chromium lint test demo study synthetic synthetic-sparse-core variants variants-synthetic \
+.PHONY: setup chromium lint test demo study distill-seeds claims synthetic synthetic-sparse-core variants variants-synthetic \
 	variants-jumprelu variants-penalized variants-lm dynamics-lm-jumprelu dynamics-lm-penalized thresholds-lm worlds \
 	convergence \
 	dynamics scorers browser paper-scale bench gpu-check clean
@@ -52,6 +52,19 @@ demo: setup
 study: demo
 	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --study_dir runs/study --results_dir reports/study-smollm2-135m \
 		--variants dense_core sparse_core matryoshka random_dense_core random_sparse_core --matryoshka_ks 128 $(SAEBENCH)
+
+# The demo's distillation from seeds 1 and 2 too, each with its own cycle 0 and cycles (the demo is seed 0).
+distill-seeds: demo
+	ln -sfn smollm2-135m-l15 runs/smollm2-135m-l15-seed0
+	for seed in 1 2; do $(LAUNCH) scripts/distill.py configs/smollm2-135m.json --seed $$seed \
+		--output_dir runs/smollm2-135m-l15-seed$$seed --model_repo local/dmsae-smollm2-135m-l15-seed$$seed || exit 1; done
+
+# The paper's claims where SAEs train: each seed's own core, on its distillation's control slice, both controls.
+claims: distill-seeds
+	$(LAUNCH) scripts/study.py configs/smollm2-135m.json --distillation_dir "runs/smollm2-135m-l15-seed{seed}" \
+		--on_control_slice true --study_dir runs/claims --results_dir reports/claims-smollm2-135m \
+		--variants dense_core sparse_core matryoshka random_dense_core random_sparse_core trained_dense_core \
+		trained_sparse_core --matryoshka_ks 128 256 $(SAEBENCH)
 
 # The ground-truth benchmark (configs/synthetic.json: 3 seeds, dense-core cycles; ~13 min on 2 CPU cores).
 synthetic: setup

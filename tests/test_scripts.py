@@ -393,7 +393,7 @@ def test_a_setting_a_script_does_not_read_is_refused_before_it_runs(script, flag
     assert not (tmp_path / "run").exists()
 
 
-STUDY_TARGETS = ("study", "synthetic", "synthetic-sparse-core", "variants", "variants-lm", "thresholds-lm")
+STUDY_TARGETS = ("study", "claims", "synthetic", "synthetic-sparse-core", "variants", "variants-lm", "thresholds-lm")
 STUDY_TARGETS += ("worlds", "dynamics", "scorers", "convergence")
 STUDIES = {"study": "PaperClaims", "synthetic": "SyntheticBenchmark", "core_dynamics": "CoreDynamics"}
 STUDIES |= {"scorers": "ScorerStudy", "worlds": "WorldFamily", "convergence": "ConvergenceSweep"}
@@ -420,7 +420,7 @@ def make_commands(*targets: str) -> list[list[str]]:
 def test_every_study_command_of_the_makefile_parses_with_its_shipped_config(monkeypatch):
     """Each report's target runs for hours: its flags and config are checked here, up to building the study."""
     commands = make_commands(*STUDY_TARGETS)
-    assert len(commands) == 19
+    assert len(commands) == 20
     for script, *argv in commands:
         module = __import__(f"hf_dmsae.commands.{Path(script).stem}", fromlist=["main"])
         monkeypatch.setattr(module, STUDIES[Path(script).stem], lambda *args: (_ for _ in ()).throw(Parsed()))
