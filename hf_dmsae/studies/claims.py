@@ -259,22 +259,26 @@ class PaperClaims:
         """Refuse to train a model around a seed's distilled core's rows if its models were built around another
         core (a distillation run again need not select the same latents). The Matryoshka SAE, the random-core
         controls and the learned block read the core's size alone, so they may still be added."""
+        reading: dict[tuple, list[str]] = {}  # (recorded digest, core path, its digest now): the models reading it
         for seed in self.study.seeds:
             path, core = self.cores[seed]
             recorded = results.get("cores", {}).get(f"seed{seed}") if self.per_seed else results.get("core")
             recorded, digest = (recorded or {}).get("digest"), core.digest()
             if recorded is None or recorded == digest:
                 continue
-            reading = [
+            reading.setdefault((recorded, path, digest), []).extend(
                 f"seed{seed}/{name}"
                 for name, variant in self.models_to_train(seed, results).items()
                 if Variant.parse(variant).core == "distilled"
-            ]
-            if reading:
-                raise ValueError(
-                    f"the study's models were built around core {recorded}, and {path} is {digest}: "
-                    f"{', '.join(reading)} would be trained around another core; use another --results_dir"
-                )
+            )
+        problems = [
+            f"the study's models were built around core {recorded}, and {path} is {digest}: {', '.join(names)} "
+            "would be trained around another core"
+            for (recorded, path, digest), names in reading.items()
+            if names
+        ]
+        if problems:
+            raise ValueError(f"{'; '.join(problems)}; use another --results_dir")
 
     def variant_settings(self, results: dict, recorded_identity: dict) -> dict[str, dict]:
         """The `VARIANT_SETTINGS` each variant's models read: those recorded (for models recorded before they were
