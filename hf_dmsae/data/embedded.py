@@ -102,14 +102,15 @@ def hub_name(name: str) -> str:
     return {EMBEDDED_LM: "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(name, name)
 
 
+def short_name(name: str) -> str:
+    """An LM's name without its owner or folder, lower case, an `embedded:` name as the Hub model it is
+    (`HuggingFaceTB/SmolLM2-135M-Instruct`, `embedded:smollm2-135m` and a local copy: `smollm2-135m-instruct`)."""
+    return hub_name(str(name)).rstrip("/").split("/")[-1].lower()
+
+
 def same_model(name: str, other: str) -> bool:
-    """Whether two names of an LM name the same one: compared by their last path component, case aside, so a local
-    copy of a Hub model is that model, and an `embedded:` name is the Hub model it is."""
-
-    def last_part(name: str) -> str:
-        return hub_name(str(name)).rstrip("/").split("/")[-1].lower()
-
-    return last_part(name) == last_part(other)
+    """Whether two names of an LM name the same one (`short_name`): a local copy of a Hub model is that model."""
+    return short_name(name) == short_name(other)
 
 
 def describe(name: str) -> str:

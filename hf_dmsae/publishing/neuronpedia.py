@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.embedded import hub_name
+from ..data.embedded import short_name
 from ..model.modeling_dmsae import DMSAEModel
 from .browser import BIN_EDGES, FeatureStatistics, LogitEffects
 from .formats import hook_point
@@ -33,8 +33,8 @@ TOP_ACTIVATIONS_BIN = {"bin_min": -1, "bin_max": 99, "bin_contains": -1}
 
 
 def model_id(sae: DMSAEModel) -> str:
-    """Neuronpedia's id of the SAE's LM: its Hub name's last part, lower case (`gemma-2-2b`, `gpt2`)."""
-    return hub_name(sae.config.base_model).rstrip("/").split("/")[-1].lower()
+    """Neuronpedia's id of the SAE's LM: its `short_name` (`gemma-2-2b`, `gpt2`)."""
+    return short_name(sae.config.base_model)
 
 
 def _rounded(values) -> list[float]:
