@@ -1,5 +1,6 @@
 """Several processes over gloo on the CPU, spawned here: FSDP2 (accelerate turns FSDP into DDP without GPUs, so
-this drives torch's `fully_shard` directly, as accelerate does on GPUs) and the merge of attribution quantiles."""
+this drives torch's `fully_shard` directly, as accelerate does on GPUs), dead-latent resampling under DDP and the
+merge of attribution quantiles."""
 
 import os
 import socket
@@ -13,6 +14,7 @@ from torch.distributed.fsdp import fully_shard
 
 from hf_dmsae import DMSAEModel
 from hf_dmsae.method.attribution import StreamingQuantile
+from hf_dmsae.run.resampling import resample_dead_latents
 from hf_dmsae.run.trainer import whole_model
 
 
@@ -69,6 +71,24 @@ def test_fully_sharded_training_keeps_the_core_frozen_and_gathers_a_full_state_d
     reloaded = DMSAEModel(start.config)
     reloaded.load_state_dict(state)
     torch.testing.assert_close(reloaded.W_dec.norm(dim=1), torch.ones(128))
+
+
+def _resample_own_batch(rank: int, out: str) -> None:
+    model = tiny_model()
+    dead = torch.arange(100, 128)
+    model.tokens_since_fired[dead] = model.config.dead_tokens_threshold
+    batch = torch.randn(64, 16, generator=torch.Generator().manual_seed(rank))  # each process its own rows
+    resample_dead_latents(model, batch, None, torch.Generator().manual_seed(rank))
+    torch.save(model.state_dict(), f"{out}.{rank}")
+
+
+def test_resampling_on_each_process_s_own_batch_leaves_the_replicas_equal(tmp_path):
+    out = str(tmp_path / "state")
+    _spawn(_resample_own_batch, out)
+    first, second = (torch.load(f"{out}.{rank}") for rank in (0, 1))
+    assert not torch.equal(first["W_dec"][100:], tiny_model().W_dec[100:]), "nothing was resampled"
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
 
 
 def _quantile_share(rank: int, values: torch.Tensor, out: str) -> None:

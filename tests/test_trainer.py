@@ -18,6 +18,7 @@ from hf_dmsae import DMSAEConfig, DMSAEModel
 from hf_dmsae.evaluation.held_out import activation_metrics
 from hf_dmsae.model import kernels
 from hf_dmsae.run.arguments import SAEArguments
+from hf_dmsae.run.resampling import ENCODER_SCALE, resample_dead_latents
 from hf_dmsae.run.state import RunState, arguments_identity, distilled_core_record, load_recorded_core
 from hf_dmsae.run.trainer import DMSAETrainer, DMSAETrainingArguments, TrainingDivergedError
 from hf_dmsae.run.training import last_complete_checkpoint
@@ -310,6 +311,8 @@ KILLED_RUNS = {  # the settings of each run and the checkpoint after which it is
     "cached": ({}, 40),
     # Two passes of 40 steps over half the tokens, killed inside the second.
     "cached, 2 passes": ({"num_tokens": 20000, "num_train_epochs": 2, "max_steps": -1}, 60),
+    # Dead latents resampled every 10 steps (from the step's batch), killed between two resamplings.
+    "cached, resampling": ({"resample_dead_every": 10, "dead_tokens_threshold": 2000}, 40),
     # One pass over the budget (no max_steps), 20 steps of 500 rows, killed after step 8.
     "streamed": ({"activation_cache": None, "max_steps": -1, "save_steps": 4, "num_tokens": 10000}, 8),
 }
@@ -339,6 +342,9 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path,
         torch.testing.assert_close(killed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     states = [json.loads((tmp_path / name / "state.json").read_text()) for name in ("straight", "killed")]
     assert states[0]["slices"] == states[1]["slices"], "the resumed run read the same tokens"
+    if overrides.get("resample_dead_every"):
+        logs = json.loads((tmp_path / "killed" / "checkpoint-80" / "trainer_state.json").read_text())["log_history"]
+        assert sum(entry.get("resampled_latents", 0) for entry in logs if entry["step"] > step) > 0
     # What it measured of its convergence before the kill came back with the checkpoint: the same measurements.
     curves = [state["convergence"]["curve"] for state in states]
     assert [p["step"] for p in curves[1]] == [p["step"] for p in curves[0]]
@@ -432,6 +438,70 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, tiny_l
     assert last_complete_checkpoint(run) == str(run / "checkpoint-15")
     (run / "checkpoint-15" / "checksums.json").unlink()  # a checkpoint killed before its checksums were written
     assert last_complete_checkpoint(run) == str(run / "checkpoint-10")
+
+
+def test_resampling_restarts_dead_non_core_latents_along_residuals_and_their_adam_state(caches):
+    train, _ = caches
+    model = core_model(train.norm_factor)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    batch = train.__getitems__(list(range(200)))
+    model(batch).loss.backward()
+    optimizer.step()
+    before = copy.deepcopy(model.state_dict())
+    moments = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.state}
+    dead = torch.tensor([3, 20, 100, 255])  # a core latent (3), then three others
+    model.tokens_since_fired[dead] = model.config.dead_tokens_threshold
+
+    resampled = resample_dead_latents(model, batch, optimizer, torch.Generator().manual_seed(0))
+
+    assert resampled.tolist() == [20, 100, 255], "the core is never resampled"
+    kept = torch.ones(256, dtype=torch.bool)
+    kept[resampled] = False
+    assert torch.equal(model.W_enc_frozen, before["W_enc_frozen"])
+    for name in ("W_dec", "b_enc"):
+        assert torch.equal(getattr(model, name)[kept], before[name][kept]), name
+    assert torch.equal(model.W_enc_trainable[kept[16:]], before["W_enc_trainable"][kept[16:]])
+    # Each new decoder row is the unit residual of one batch row; its encoder row the same at the alive rows' norm.
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(before)
+    residual = batch - reference.decode(reference.encode(batch, batch_topk=True))
+    residual /= residual.norm(dim=1, keepdim=True)
+    new_rows = model.W_dec[resampled]
+    assert (new_rows @ residual.T).max(1).values.min() > 1 - 1e-5
+    alive_norm = before["W_enc_trainable"][kept[16:]].norm(dim=1).mean()
+    torch.testing.assert_close(model.W_enc_trainable[resampled - 16], ENCODER_SCALE * alive_norm * new_rows)
+    assert model.b_enc[resampled].eq(0).all() and model.tokens_since_fired[resampled].eq(0).all()
+    assert model.tokens_since_fired[3] == model.config.dead_tokens_threshold
+    for parameter, index in (
+        (model.W_dec, resampled),
+        (model.b_enc, resampled),
+        (model.W_enc_trainable, resampled - 16),
+    ):
+        state, old = optimizer.state[parameter], moments[id(parameter)]
+        untouched = torch.ones(len(parameter), dtype=torch.bool)
+        untouched[index] = False
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key][index].eq(0).all() and torch.equal(state[key][untouched], old[key][untouched])
+
+
+@pytest.mark.parametrize("every", [0, 10])
+def test_latents_that_can_never_fire_come_back_only_with_resampling(caches, tmp_path, every):
+    train, _ = caches
+    model = core_model(train.norm_factor)
+    silenced = torch.arange(192, 256)
+    with torch.no_grad():
+        model.b_enc[silenced] = -1e3  # no row, hence no gradient and no AuxK, reaches them
+    frozen = model.W_enc_frozen.clone()
+    trainer = DMSAETrainer(model=model, args=training_args(tmp_path, resample_dead_every=every), train_dataset=train)
+    trainer.train()
+
+    alive = model.tokens_since_fired[silenced] < model.config.dead_tokens_threshold
+    resampled = sum(entry.get("resampled_latents", 0) for entry in trainer.state.log_history)
+    assert torch.equal(model.W_enc_frozen, frozen)
+    if every:
+        assert resampled >= len(silenced) and alive.float().mean() > 0.5
+    else:
+        assert resampled == 0 and not alive.any()
 
 
 def test_a_diverging_run_stops_with_an_error(tmp_path, caches):

@@ -50,11 +50,20 @@ def measured_steps(steps: int, decay_fraction: float, points: int = 10) -> list[
 
 
 def convergence_record(
-    curve: list[dict], *, steps: int, tokens: int, epochs: int, decay_fraction: float, dead_fraction: dict
+    curve: list[dict],
+    *,
+    steps: int,
+    tokens: int,
+    epochs: int,
+    decay_fraction: float,
+    dead_fraction: dict,
+    resampled_latents: int = 0,
 ) -> dict:
     """The `convergence` object of a model from its measurements `curve` (one `{"step", "heldout_fvu",
     "train_fvu", "share_near_init"}` per measured step, the last at `steps`); `dead_fraction` holds the shares of
-    dead latents by each counting (`judged`)."""
+    dead latents by each counting (`judged`). `resampled_latents` counts the dead latents training restarted
+    (`run.resampling`): a restarted latent's decoder row is no longer near its first initialisation, so the dead
+    fraction, not the share near init, says whether it trained after."""
     at = {point["step"]: point for point in curve}
     start, end = last_fifth_before_decay(steps, decay_fraction)
     before, after = (at.get(step, {}).get("heldout_fvu") for step in (start, end))
@@ -69,6 +78,7 @@ def convergence_record(
         "fvu_gain_last_fifth": gain,
         "share_near_init": last.get("share_near_init"),
         "dead_fraction_by": dead_fraction,
+        "resampled_latents": resampled_latents,
         "overfit_gap": None
         if last.get("heldout_fvu") is None or last.get("train_fvu") is None
         else last["heldout_fvu"] - last["train_fvu"],

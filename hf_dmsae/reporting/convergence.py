@@ -73,12 +73,25 @@ def convergence_report(folder: str | Path) -> str:
             m["convergence"]["tokens"],
             *(_number(m["convergence"][c]) for c in columns),
             _number(m.get("ce_loss_recovered")),
+            m["convergence"].get("resampled_latents", 0),
             _number(m.get("seconds")),
             converged_cell(m["convergence"]),
         ]
         for m in models.values()
     ]
-    header = ["setting", "variant", "k", "seed", "steps", "tokens", *columns, "CE loss rec.", "seconds", "converged"]
+    header = [
+        "setting",
+        "variant",
+        "k",
+        "seed",
+        "steps",
+        "tokens",
+        *columns,
+        "CE loss rec.",
+        "resampled",
+        "seconds",
+        "converged",
+    ]
     bounds = ", ".join(f"{name} < {bound}" for name, bound in CRITERIA.items())
     lines = [
         "# Convergence sweep on the embedded default",

@@ -153,4 +153,5 @@ def run_convergence(trainer, rows_per_pass: int, measured: ConvergenceCallback, 
         epochs=int(args.num_train_epochs),
         decay_fraction=args.decay_fraction,
         dead_fraction=dead,
+        resampled_latents=sum(entry.get("resampled_latents", 0) for entry in state.log_history),
     )

@@ -30,6 +30,7 @@ TRAINING_FIELDS = (
     "lr_scheduler_type",
     "warmup_steps",
     "decay_fraction",
+    "resample_dead_every",
     "bf16",
     "fp16",
     "max_grad_norm",

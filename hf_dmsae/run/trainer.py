@@ -37,6 +37,7 @@ from ..model.kernels import release_reused_buffers
 from ..model.modeling_dmsae import DMSAEModel
 from ..utils.checks import check_ranges
 from ..utils.integrity import checksums, read_json, saving, write_json_atomically
+from .resampling import DeadLatentResampler
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,13 @@ class DMSAETrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="warmup_stable_decay", metadata={"help": "Learning-rate schedule."})
     decay_fraction: float = field(default=0.2, metadata={"help": "Share of steps in the final linear decay."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a fraction: of all steps)."})
+    resample_dead_every: int = field(
+        default=0,
+        metadata={
+            "help": "Resample the dead non-core latents every this many optimiser steps until the learning rate "
+            "decays (`hf_dmsae.run.resampling`; 0: never, AuxK alone revives them)."
+        },
+    )
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (0: none)."})
     num_train_epochs: float = field(
         default=1.0,
@@ -132,6 +140,7 @@ class DMSAETrainingArguments(TrainingArguments):
             init_decoder_bias_rows=">= 0",
             calibrate_threshold_rows=">= 0",
             max_grad_norm=">= 0",
+            resample_dead_every=">= 0",
             weight_decay=">= 0",
             adam_beta1="[0, 1)",
             adam_beta2="[0, 1)",
@@ -195,6 +204,14 @@ class DMSAETrainer(Trainer):
         model.b_dec.requires_grad_(args.train_decoder_bias)  # before the Trainer builds its optimiser
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(_SAEStepCallback(self))
+        self.resampler = None
+        if args.resample_dead_every:
+            if self.is_fsdp_enabled:
+                raise ValueError("resample_dead_every is not supported under FSDP (its rows are sharded); use DDP or 0")
+            self.resampler = DeadLatentResampler(self)
+            self.add_callback(self.resampler)
+        self.last_training_batch: torch.Tensor | None = None
+        """The activations of the last training batch (what resampling draws its rows from)."""
         # Training metric sums since the last log, their step count, and the input rows with NaN or inf in them.
         self._metric_sums = defaultdict(lambda: torch.zeros((), device=args.device))
         self._metric_steps = 0
@@ -289,6 +306,7 @@ class DMSAETrainer(Trainer):
         outputs = model(**inputs, return_latents=False)
         if model.training:
             self._accumulate_metrics(inputs["activations"], outputs)
+            self.last_training_batch = inputs["activations"]
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -357,6 +375,8 @@ class DMSAETrainer(Trainer):
             sae.refresh_dead_latents()
             logs["dead_fraction"] = len(sae.dead_latents) / sae.config.dict_size
             logs["threshold"] = float(sae.threshold)
+            if self.resampler is not None:
+                logs["resampled_latents"], self.resampler.resampled = self.resampler.resampled, 0
             if self.core_usage_rows is not None:
                 usage = core_usage(whole_model(sae), self.core_usage_rows)
                 logs.update({f"core_usage_{k}": v for k, v in usage.items() if v is not None})

@@ -48,7 +48,13 @@ logger = logging.getLogger(__name__)
 TWICE_GAIN = 0.03
 """The chosen setting's held-out FVU improves by less than this (relative) when its passes are doubled."""
 SAE_SETTINGS = ("dead_tokens_threshold", "aux_k", "aux_coef")
-TRAINING_SETTINGS = ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "warmup_steps")
+TRAINING_SETTINGS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "num_train_epochs",
+    "warmup_steps",
+    "resample_dead_every",
+)
 SETTINGS = (*SAE_SETTINGS, *TRAINING_SETTINGS, "train_tokens")
 """What a setting of the sweep file may set (`train_tokens`: the training slice's size)."""
 
