@@ -134,9 +134,11 @@ thresholds-lm: demo
 		--study_dir runs/smollm2-135m-l15/core-dynamics-jumprelu-threshold-lr5e-4-coef$$coef \
 		--results_dir reports/core-dynamics-smollm2-jumprelu-threshold-lr5e-4-coef$$coef || exit 1; done
 
-# Which budget makes the embedded default's SAEs train: the sweep of configs/convergence.json (~3 h, resumable).
+# Which budget makes the embedded default's SAEs train: the sweep of configs/convergence.json (~3 h, resumable). Its
+# settings are changes to the budget the embedded default had before it (pinned here: lr 5e-4, one pass, 100k window).
 convergence: setup
 	$(BIN)/python scripts/convergence.py configs/smollm2-135m.json --sweep configs/convergence.json --save_steps 500 \
+		--learning_rate 0.0005 --num_train_epochs 1 --dead_tokens_threshold 100000 \
 		--study_dir runs/convergence --results_dir reports/convergence --seeds 0 1 --ks 16 64 \
 		--variants matryoshka random_dense_core
 

@@ -50,6 +50,7 @@ def distill_config(tmp_path, tiny_lm_dir, name: str, **overrides) -> list[str]:
         "save_steps": 10,
         "logging_steps": 10,
         "learning_rate": 0.003,
+        "num_train_epochs": 2,  # the demo's passes, fewer
         "report_to": "none",
         "disable_tqdm": True,
         "track_selection_steps": 10,

@@ -101,7 +101,8 @@ class DMSAETrainingArguments(TrainingArguments):
         default=0,
         metadata={
             "help": "Resample the dead non-core latents every this many optimiser steps until the learning rate "
-            "decays (`hf_dmsae.run.resampling`; 0: never, AuxK alone revives them)."
+            "decays (`hf_dmsae.run.resampling`; 0: never, AuxK alone revives them). On the embedded default it "
+            "made dead latents worse (reports/convergence)."
         },
     )
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (0: none)."})
