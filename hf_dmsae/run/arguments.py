@@ -31,6 +31,7 @@ SAE_FIELDS = (
     "sparsity",
     "core_sparsity_coef",
     "jumprelu_bandwidth",
+    "aux_k",
     "aux_coef",
     "prefix_loss_weighting",
     "train_core_bias",
