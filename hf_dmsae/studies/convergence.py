@@ -54,6 +54,7 @@ TRAINING_SETTINGS = (
     "num_train_epochs",
     "warmup_steps",
     "resample_dead_every",
+    "adam_beta1",
 )
 SETTINGS = (*SAE_SETTINGS, *TRAINING_SETTINGS, "train_tokens")
 """What a setting of the sweep file may set (`train_tokens`: the training slice's size)."""
