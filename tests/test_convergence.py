@@ -125,7 +125,14 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
     sweep = tmp_path / "sweep.json"
     settings = [
         {"name": "still", "learning_rate": 1e-12},
-        {"name": "fast", "learning_rate": 0.01, "num_train_epochs": 2, "dead_tokens_threshold": 400, "aux_k": 3},
+        {
+            "name": "fast",
+            "learning_rate": 0.01,
+            "num_train_epochs": 2,
+            "dead_tokens_threshold": 400,
+            "aux_k": 3,
+            "adam_beta1": 0.5,
+        },
     ]
     sweep.write_text(json.dumps(settings))
     arguments = (
@@ -155,7 +162,9 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
     gains = [t["fvu_gain"] for t in results["twice"].values()]
     assert results["chosen"]["setting"] == ("fast" if max(gains) < 0.03 else None)
     assert models["fast/k4-random_dense_core/seed1"]["convergence"]["steps"] == 2 * (1000 // 100)
-    assert load_trained_model(tmp_path / "runs" / "fast" / "k8-matryoshka" / "seed0").config.aux_k == 3
+    fast = tmp_path / "runs" / "fast" / "k8-matryoshka" / "seed0"
+    assert load_trained_model(fast).config.aux_k == 3  # an SAE setting
+    assert torch.load(fast / "training_args.bin", weights_only=False).adam_beta1 == 0.5  # a training setting
     report = convergence_report(tmp_path / "report")
     assert "| fast | random_dense_core | 4 | 1 |" in report and "## Twice the passes" in report
     before = (tmp_path / "report" / "results.json").read_text()

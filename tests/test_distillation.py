@@ -257,13 +257,8 @@ def test_the_scorer_study_scores_the_last_cycle_on_the_runs_attribution_split(st
 def test_selection_is_tracked_during_training(straight_run):
     tmp_path, _ = straight_run
     cycle = json.loads((tmp_path / "straight" / "state.json").read_text())["cycles"]["2"]
-    assert [t["step"] for t in cycle["track"]] == [
-        10,
-        20,
-        30,
-        40,
-        50,
-    ]  # every 10 of 60 steps (two passes), not the last
+    # every 10 of 60 steps (two passes), not the last
+    assert [t["step"] for t in cycle["track"]] == [10, 20, 30, 40, 50]
     assert all(0 <= t["selection_overlap_previous_core"] <= 1 for t in cycle["track"])
     logged = [e for e in cycle["log_history"] if "selection_size" in e]
     assert [e["selection_size"] for e in logged] == [t["selection_size"] for t in cycle["track"]]
