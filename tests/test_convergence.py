@@ -130,6 +130,7 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
             "learning_rate": 0.01,
             "num_train_epochs": 2,
             "dead_tokens_threshold": 400,
+            "dead_latent_loss": "ghost_grads",
             "aux_k": 3,
             "adam_beta1": 0.5,
         },
@@ -163,7 +164,8 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
     assert results["chosen"]["setting"] == ("fast" if max(gains) < 0.03 else None)
     assert models["fast/k4-random_dense_core/seed1"]["convergence"]["steps"] == 2 * (1000 // 100)
     fast = tmp_path / "runs" / "fast" / "k8-matryoshka" / "seed0"
-    assert load_trained_model(fast).config.aux_k == 3  # an SAE setting
+    config = load_trained_model(fast).config
+    assert (config.aux_k, config.dead_latent_loss) == (3, "ghost_grads")  # SAE settings
     assert torch.load(fast / "training_args.bin", weights_only=False).adam_beta1 == 0.5  # a training setting
     report = convergence_report(tmp_path / "report")
     assert "| fast | random_dense_core | 4 | 1 |" in report and "## Twice the passes" in report

@@ -119,8 +119,9 @@ def paired_models(device: torch.device = CPU, **overrides):
         dict(sparsity="sparse_core", k=6),  # the core competes in the global BatchTopK
         dict(frozen_rows=3),  # a core with some trainable rows
         dict(sparsity="linear_core", frozen_rows=0),  # a learned linear block: signed, trained core latents
+        dict(dead_latent_loss="ghost_grads"),  # dead latents at exp of their pre-activations
     ],
-    ids=["dense-core", "no-core", "sparse-core", "partly-frozen-core", "learned-linear-core"],
+    ids=["dense-core", "no-core", "sparse-core", "partly-frozen-core", "learned-linear-core", "ghost-grads"],
 )
 def test_sparse_step_equals_the_reference_in_outputs_and_gradients(overrides, selection, decode_blocks, device):
     sparse, reference = paired_models(device, **overrides)

@@ -293,6 +293,33 @@ def test_aux_loss_is_zero_without_dead_latents_and_trains_only_dead_encoders(mod
     assert grad[: 100 - 8].abs().sum() == 0
 
 
+def test_ghost_grads_equal_the_reference_and_reach_latents_that_never_reach_zero():
+    """Ghost grads against their plain formula (SAELens 2.x's, without the row shift), and the reason to have them:
+    a dead latent whose pre-activation is below 0 on every row moves under ghost grads and not under AuxK."""
+    ghost, auxk = tiny_model(dead_latent_loss="ghost_grads"), tiny_model()
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        for m in (ghost, auxk):
+            m.b_enc[100:] = -3.0 - (x - m.b_dec).norm(dim=1).max()  # below 0 on every row: |w·x| ≤ ‖x‖
+    for m in (ghost, auxk):
+        m.eval()  # BatchTopK (no threshold yet) without updating the dead counters set here
+        m.tokens_since_fired[100:] = m.config.dead_tokens_threshold
+    out = ghost(x)
+    residual = (x - out.reconstruction).detach()
+    pre = (x - ghost.b_dec) @ ghost.W_enc[100:].T + ghost.b_enc[100:]
+    reference = pre.exp() @ ghost.W_dec[100:]
+    reference = reference * (residual.norm(dim=1, keepdim=True) / (2 * reference.norm(dim=1, keepdim=True))).detach()
+    variance = (residual - residual.mean(0)).pow(2).sum(1).mean()
+    torch.testing.assert_close(out.aux_loss, (residual - reference).pow(2).sum(1).mean() / variance, rtol=1e-4, atol=0)
+    out.aux_loss.backward()
+    assert ghost.W_enc_trainable.grad[100 - 8 :].abs().sum(1).min() > 0, "every dead encoder row is pulled"
+    assert ghost.b_enc.grad[100:].abs().min() > 0
+    auxk(x).aux_loss.backward()
+    assert auxk.b_enc.grad[100:].abs().sum() == 0, "AuxK's ReLU gives these latents no gradient"
+    with pytest.raises(ValueError, match="dead_latent_loss"):
+        tiny_model(dead_latent_loss="ghost")
+
+
 def test_dead_counters_count_tokens_since_each_latent_fired(model):
     model.train()
     with torch.no_grad():

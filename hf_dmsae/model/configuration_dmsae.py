@@ -13,6 +13,7 @@ from .sparsity import CORE_MODES, CoreMode
 
 Sparsity = Literal["dense_core", "sparse_core", "penalized_core", "jumprelu_core", "linear_core"]
 PrefixLossWeighting = Literal["sum", "dictionary_learning"]
+DeadLatentLoss = Literal["auxk", "ghost_grads"]
 SPARSITY_MODES = get_args(Sparsity)
 
 # SAEBench's Matryoshka group fractions (1/32, 1/16, 1/8, 1/4, rest), applied to the non-core latents.
@@ -185,12 +186,23 @@ class DMSAEConfig(PreTrainedConfig):
         metadata={"help": "Number of leading encoder rows (`0 … frozen_rows-1`) held frozen. `None`: the whole core."},
     )
 
+    dead_latent_loss: DeadLatentLoss = field(
+        default="auxk",
+        metadata={
+            "help": (
+                'How dead latents learn to reconstruct the residual: `"auxk"`, each row\'s top `aux_k` at their ReLU '
+                'pre-activations (no gradient to a latent below 0 on every row), or `"ghost_grads"`, all of them at '
+                "`exp` of their pre-activations, rescaled to half the residual's norm."
+            )
+        },
+    )
+
     aux_k: int | None = field(
         default=None,
         metadata={"help": "Number of dead latents the AuxK loss reconstructs the residual with. `None`: `d_in // 2`."},
     )
 
-    aux_coef: float = field(default=1 / 32, metadata={"help": "Weight `α` of the AuxK loss."})
+    aux_coef: float = field(default=1 / 32, metadata={"help": "Weight `α` of the dead latents' loss."})
 
     prefix_loss_weighting: PrefixLossWeighting = field(
         default="sum",
@@ -210,7 +222,9 @@ class DMSAEConfig(PreTrainedConfig):
 
     dead_tokens_threshold: int = field(
         default=10_000_000,
-        metadata={"help": "A latent that has not fired for this many training tokens counts as dead (feeds AuxK)."},
+        metadata={
+            "help": "A latent that has not fired for this many training tokens counts as dead (`dead_latent_loss`)."
+        },
     )
 
     kernels: Literal["sparse", "reference"] = field(

@@ -3,14 +3,14 @@
 Encoder `z = ReLU((x − b_dec) W_encᵀ + b_enc)`, decoder `x̂ = a W_dec + b_dec` with unit-norm rows. Encoder rows
 `0 … frozen_rows-1` are a buffer, not a parameter: no optimiser, weight decay, gradient or mixed-precision cast can
 move them. The loss sums one squared error per Matryoshka prefix (core plus the first i non-core groups), computed
-from one encode by decoding group after group, plus the AuxK loss for dead latents; there is no core-only term.
+from one encode by decoding group after group, plus a loss for dead latents (AuxK or ghost grads); there is no
+core-only term.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +48,8 @@ class DMSAEOutput(ModelOutput):
             `prefix_loss_weighting="dictionary_learning"`.
         prefix_losses: `[G]` mean squared error (summed over `d_in`, normalised units) of the reconstruction from
             the core and the first `i` non-core groups; the last one uses the full dictionary.
-        aux_loss: AuxK loss: how well the top `aux_k` dead latents reconstruct the residual, relative to its variance.
+        aux_loss: the dead latents' loss (AuxK or ghost grads, `dead_latent_loss`): how well they reconstruct the
+            residual, relative to its variance.
         core_sparsity: the core's sparsity penalty before its weight `core_sparsity_coef`: the mean over rows of the
             core's summed activations (normalised units), or in `jumprelu_core` mode of its active latents (with a
             straight-through gradient for the thresholds).
@@ -141,7 +142,6 @@ class _Pass:
     l0_core: torch.Tensor
     l0_noncore: torch.Tensor
     core_sparsity: torch.Tensor  # the core's sparsity penalty before its weight (`DMSAEOutput.core_sparsity`)
-    preactivations_of: Callable[[torch.Tensor], torch.Tensor]  # ReLU pre-activations of given latents, [B, len]
 
 
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
@@ -356,7 +356,7 @@ class DMSAEModel(PreTrainedModel):
         if self.training:
             self._update_statistics(step.fired, step.kept_values, len(x))
         prefix_losses = step.prefix_losses
-        aux_loss = self._aux_loss(x, step.reconstruction, step.preactivations_of)
+        aux_loss = self._aux_loss(x, step.reconstruction)
         loss = self._prefix_weight(len(prefix_losses)) * prefix_losses.sum() + self.config.aux_coef * aux_loss
         if self.config.core_penalty:
             loss = loss + self.config.core_penalty * step.core_sparsity
@@ -398,7 +398,6 @@ class DMSAEModel(PreTrainedModel):
             l0_core=active[:, :c].sum(1).mean(),
             l0_noncore=active[:, c:].sum(1).mean(),
             core_sparsity=core_sparsity,
-            preactivations_of=lambda index: z[:, index],
         )
 
     def _sparse_pass(self, x: torch.Tensor, return_latents: bool) -> _Pass:
@@ -438,23 +437,18 @@ class DMSAEModel(PreTrainedModel):
             l0_core=(torch.count_nonzero(core_active[:, :c]) + core_entries) / batch,
             l0_noncore=(torch.count_nonzero(active) - core_entries) / batch,
             core_sparsity=core_sparsity,
-            preactivations_of=lambda index: F.relu(
-                F.linear(x - self.b_dec, self.W_enc[index], self.encoder_bias[index])
-            ),
         )
 
-    def _aux_loss(self, x: torch.Tensor, reconstruction: torch.Tensor, preactivations_of) -> torch.Tensor:
-        """AuxK (as in dictionary_learning): the top `aux_k` dead latents of each row reconstruct the detached
-        residual `x − x̂`; the squared error is divided by the residual's variance. Zero when none is dead.
-        `preactivations_of(index)` gives the ReLU pre-activations `[B, len(index)]` of those latents."""
+    def _aux_loss(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """The dead latents' loss: their reconstruction of the detached residual `x − x̂` by the config's
+        `dead_latent_loss` rule, its squared error divided by the residual's variance. Zero when none is dead."""
         dead = self.dead_latents if self.dead_latents is not None else self._find_dead_latents()
         if len(dead) == 0:
             return x.new_zeros((), dtype=torch.float32)
         residual = (x - reconstruction).detach().float()
-        z_dead = preactivations_of(dead)
-        values, index = z_dead.topk(min(self.config.aux_k, len(dead)), dim=1, sorted=False)
-        aux_latents = torch.zeros_like(z_dead).scatter(1, index, values)
-        aux_error = squared_error(residual, aux_latents @ self.W_dec[dead])
+        preactivations = F.linear(x - self.b_dec, self.W_enc[dead], self.encoder_bias[dead])  # before any ReLU
+        reconstruct = DEAD_LATENT_RECONSTRUCTIONS[self.config.dead_latent_loss]
+        aux_error = squared_error(residual, reconstruct(preactivations, self.W_dec[dead], residual, self.config))
         residual_variance = squared_error(residual, residual.mean(0, keepdim=True))
         return (aux_error / residual_variance).nan_to_num(0.0)
 
@@ -552,6 +546,32 @@ class DMSAEModel(PreTrainedModel):
         threshold = float(self.threshold)
         self.config.threshold = threshold if threshold >= 0 else None
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def auxk_reconstruction(
+    preactivations: torch.Tensor, decoder_rows: torch.Tensor, residual: torch.Tensor, config: DMSAEConfig
+) -> torch.Tensor:
+    """AuxK (Gao et al. 2024, as dictionary_learning): each row's top `aux_k` dead latents at their ReLU
+    pre-activations. A latent whose pre-activation is below 0 on every row gets no gradient from it."""
+    values, index = preactivations.relu().topk(min(config.aux_k, preactivations.shape[1]), dim=1, sorted=False)
+    return torch.zeros_like(preactivations).scatter(1, index, values) @ decoder_rows
+
+
+def ghost_reconstruction(
+    preactivations: torch.Tensor, decoder_rows: torch.Tensor, residual: torch.Tensor, config: DMSAEConfig
+) -> torch.Tensor:
+    """Ghost grads (Anthropic, "Circuits Updates", January 2024): every dead latent at `exp` of its
+    pre-activation, the row's sum rescaled (without gradient) to half the residual's norm. `exp` has a gradient at
+    any pre-activation, so latents that never reach 0 are pulled towards the residual too. Each row's largest
+    pre-activation is subtracted first: the rescaling cancels it, and `exp` stays finite."""
+    shifted = preactivations.float() - preactivations.detach().float().amax(1, keepdim=True)
+    ghost = shifted.exp() @ decoder_rows.float()
+    scale = residual.norm(dim=1, keepdim=True) / (2 * ghost.norm(dim=1, keepdim=True)).clamp_min(1e-12)
+    return ghost * scale.detach()
+
+
+DEAD_LATENT_RECONSTRUCTIONS = {"auxk": auxk_reconstruction, "ghost_grads": ghost_reconstruction}
+"""How dead latents reconstruct the residual, by `DMSAEConfig.dead_latent_loss`."""
 
 
 def squared_error(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:

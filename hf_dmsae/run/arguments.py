@@ -31,6 +31,7 @@ SAE_FIELDS = (
     "sparsity",
     "core_sparsity_coef",
     "jumprelu_bandwidth",
+    "dead_latent_loss",
     "aux_k",
     "aux_coef",
     "prefix_loss_weighting",

@@ -2,11 +2,12 @@
 (docs/results.md, "Convergence").
 
 Every setting of the sweep file (a learning rate, batch size, passes over a cached slice, the dead-latent window,
-AuxK's `aux_k` / `aux_coef`, the slice's size) trains the Matryoshka SAE and the dense-core DMSAE at the screening k
-on seed 0. The settings whose every model converged (`evaluation.convergence.CRITERIA`) are candidates; the
-`candidates` cheapest (in training tokens) train at every k and seed, and once more at twice their passes. The chosen
-setting is the cheapest candidate whose every model converged and whose doubled budget improves held-out FVU by less
-than `TWICE_GAIN`: `results.json`'s `"chosen"`. The share of latents the two seeds' models share is recorded beside.
+the dead latents' loss and its `aux_k` / `aux_coef`, the slice's size) trains the Matryoshka SAE and the dense-core
+DMSAE at the screening k on seed 0. The settings whose every model converged (`evaluation.convergence.CRITERIA`)
+are candidates; the `candidates` cheapest (in training tokens) train at every k and seed, and once more at twice
+their passes. The chosen setting is the cheapest candidate whose every model converged and whose doubled budget
+improves held-out FVU by less than `TWICE_GAIN`: `results.json`'s `"chosen"`. The share of latents the two seeds'
+models share is recorded beside.
 
 The dense-core models are built around random unit rows as many as the demo's distilled core (`core_size`), the
 same rows for every seed: the sweep decides the budget a distillation then uses, so its core cannot come from a
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 TWICE_GAIN = 0.03
 """The chosen setting's held-out FVU improves by less than this (relative) when its passes are doubled."""
-SAE_SETTINGS = ("dead_tokens_threshold", "aux_k", "aux_coef")
+SAE_SETTINGS = ("dead_tokens_threshold", "dead_latent_loss", "aux_k", "aux_coef")
 TRAINING_SETTINGS = (
     "learning_rate",
     "per_device_train_batch_size",
