@@ -133,6 +133,7 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
             "dead_latent_loss": "ghost_grads",
             "aux_k": 3,
             "adam_beta1": 0.5,
+            "decay_fraction": 0.4,
         },
     ]
     sweep.write_text(json.dumps(settings))
@@ -166,7 +167,8 @@ def test_the_sweep_screens_confirms_the_candidates_and_chooses_resumably(tmp_pat
     fast = tmp_path / "runs" / "fast" / "k8-matryoshka" / "seed0"
     config = load_trained_model(fast).config
     assert (config.aux_k, config.dead_latent_loss) == (3, "ghost_grads")  # SAE settings
-    assert torch.load(fast / "training_args.bin", weights_only=False).adam_beta1 == 0.5  # a training setting
+    training = torch.load(fast / "training_args.bin", weights_only=False)
+    assert (training.adam_beta1, training.decay_fraction) == (0.5, 0.4)  # training settings
     report = convergence_report(tmp_path / "report")
     assert "| fast | random_dense_core | 4 | 1 |" in report and "## Twice the passes" in report
     before = (tmp_path / "report" / "results.json").read_text()

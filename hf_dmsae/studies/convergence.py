@@ -54,6 +54,7 @@ TRAINING_SETTINGS = (
     "per_device_train_batch_size",
     "num_train_epochs",
     "warmup_steps",
+    "decay_fraction",
     "resample_dead_every",
     "adam_beta1",
 )
